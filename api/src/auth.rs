@@ -1,0 +1,118 @@
+//! Bearer tokens: generation, hashing, the admin bootstrap, and the [`Caller`] extractor that
+//! authenticates every REST request.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use rand::Rng;
+use rand::distr::Alphanumeric;
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use crate::model::Role;
+use crate::storage::{self, tokens};
+
+/// Prefix of every Baton token, so leaked tokens are easy to recognise and scan for.
+pub const TOKEN_PREFIX: &str = "baton_";
+
+/// A new random token: the prefix and 40 alphanumerics (~238 bits).
+pub fn generate_token() -> String {
+    let body: String = rand::rng().sample_iter(&Alphanumeric).take(40).map(char::from).collect();
+    format!("{TOKEN_PREFIX}{body}")
+}
+
+pub fn hash_token(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+/// What is shown of a token to recognise it: its first 12 characters.
+pub fn display_prefix(token: &str) -> String {
+    token.chars().take(12).collect()
+}
+
+/// Stores a token of `role` and returns its secret.
+pub async fn create_token(
+    pool: &PgPool,
+    name: &str,
+    role: Role,
+    created_by: Option<Uuid>,
+) -> storage::Result<(crate::model::Token, String)> {
+    let secret = generate_token();
+    let info = tokens::insert_token(pool, name, role, &hash_token(&secret), &display_prefix(&secret), created_by).await?;
+    Ok((info, secret))
+}
+
+/// Makes sure an admin can log in: registers `configured` (BATON_ADMIN_TOKEN) if given and
+/// unknown, or generates a token when no admin exists. Returns a generated token, which the
+/// caller prints once; it is never shown again.
+pub async fn bootstrap_admin(pool: &PgPool, configured: Option<&str>) -> anyhow::Result<Option<String>> {
+    if let Some(token) = configured {
+        anyhow::ensure!(
+            token.len() >= 16,
+            "BATON_ADMIN_TOKEN must be at least 16 characters long"
+        );
+        let hash = hash_token(token);
+        if tokens::find_by_hash(pool, &hash).await?.is_none() {
+            tokens::insert_token(pool, "admin (BATON_ADMIN_TOKEN)", Role::Admin, &hash, &display_prefix(token), None)
+                .await?;
+        }
+        return Ok(None);
+    }
+    if tokens::admin_exists(pool).await? {
+        return Ok(None);
+    }
+    let (_, secret) = create_token(pool, "admin (generated)", Role::Admin, None).await?;
+    Ok(Some(secret))
+}
+
+/// The authenticated caller of a REST request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub token_id: Uuid,
+    pub name: String,
+    pub role: Role,
+}
+
+impl Caller {
+    /// Fails with 403 unless the caller's role allows `required`.
+    pub fn require(&self, required: Role) -> Result<(), ApiError> {
+        if self.role.allows(required) {
+            Ok(())
+        } else if self.role == Role::Worker {
+            Err(ApiError::Forbidden("worker tokens can only be used by workers".into()))
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "this needs the {required} role; the token {:?} has role {}",
+                self.name, self.role
+            )))
+        }
+    }
+}
+
+impl FromRequestParts<crate::AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &crate::AppState) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| ApiError::Unauthorized("missing Authorization: Bearer <token> header".into()))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| ApiError::Unauthorized("the Authorization header must be `Bearer <token>`".into()))?;
+        let info = tokens::find_by_hash(&state.pool, &hash_token(token))
+            .await?
+            .ok_or_else(|| ApiError::Unauthorized("unknown or revoked token".into()))?;
+        tokens::touch(&state.pool, info.id).await?;
+        Ok(Caller {
+            token_id: info.id,
+            name: info.name,
+            role: info.role,
+        })
+    }
+}

@@ -1,0 +1,58 @@
+//! The api's settings. The binary reads them from flags and `BATON_*` variables; tests and
+//! `baton dev` build them directly.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ApiConfig {
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "BATON_DATABASE_URL")]
+    pub database_url: String,
+    /// Address of the REST API.
+    #[arg(long, env = "BATON_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Address of the worker gRPC service.
+    #[arg(long, env = "BATON_GRPC_LISTEN", default_value = "127.0.0.1:8081")]
+    pub grpc_listen: SocketAddr,
+    /// The first admin token (≥ 16 characters). Without it, one is generated and printed once
+    /// when no admin token exists.
+    #[arg(long, env = "BATON_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "BATON_BODY_LIMIT", default_value_t = 4 * 1024 * 1024)]
+    pub body_limit_bytes: usize,
+    /// How long a claim's lease lasts without a heartbeat.
+    #[arg(long, env = "BATON_LEASE_SECONDS", default_value = "15", value_parser = parse_secs)]
+    pub lease: Duration,
+    /// How often this replica looks for expired leases.
+    #[arg(long, env = "BATON_REAPER_INTERVAL_SECONDS", default_value = "2", value_parser = parse_secs)]
+    pub reaper_interval: Duration,
+    /// Database connections of this replica.
+    #[arg(long, env = "BATON_DB_POOL", default_value_t = 20)]
+    pub db_pool_size: u32,
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(0.01..=86_400.0).contains(&secs) {
+        return Err(format!("{s} is out of range (0.01 to 86400 seconds)"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl ApiConfig {
+    /// Defaults for everything but the database (for tests and `baton dev`).
+    pub fn new(database_url: impl Into<String>) -> Self {
+        Self {
+            database_url: database_url.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            admin_token: None,
+            body_limit_bytes: 4 * 1024 * 1024,
+            lease: Duration::from_secs(15),
+            reaper_interval: Duration::from_secs(2),
+            db_pool_size: 20,
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! The one place where errors become HTTP statuses (and, for the worker protocol, gRPC codes).
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::model::FieldError;
+use crate::storage::StorageError;
+
+/// An error answered to an HTTP client as `{"error": {"code", "message", "field"?}}`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// A request field is invalid; the field is named.
+    #[error(transparent)]
+    Validation(#[from] FieldError),
+    /// The body is not JSON, or not of the expected shape.
+    #[error("{message}")]
+    BadBody {
+        status: StatusCode,
+        message: String,
+        field: Option<String>,
+    },
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// The error body, as documented in the OpenAPI spec.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+impl ApiError {
+    fn parts(&self) -> (StatusCode, &'static str, Option<String>) {
+        use StorageError as S;
+        match self {
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", None),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", None),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", None),
+            Self::Validation(e) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some(e.field.clone())),
+            Self::BadBody { status, field, .. } => {
+                let code = if *status == StatusCode::PAYLOAD_TOO_LARGE { "body_too_large" } else { "invalid_body" };
+                (*status, code, field.clone())
+            }
+            Self::Conflict { code, .. } => (StatusCode::CONFLICT, code, None),
+            Self::Storage(e) => match e {
+                S::EventNotFound(_) => (StatusCode::NOT_FOUND, "event_not_found", None),
+                S::JobNotFound(_) => (StatusCode::NOT_FOUND, "job_not_found", None),
+                S::TokenNotFound(_) => (StatusCode::NOT_FOUND, "token_not_found", None),
+                S::EventNameTaken(_) => (StatusCode::CONFLICT, "event_name_taken", Some("name".into())),
+                S::EventBusy(_) => (StatusCode::CONFLICT, "event_busy", None),
+                S::LeaseLost { .. } => (StatusCode::CONFLICT, "lease_lost", None),
+                S::JobFinished { .. } => (StatusCode::CONFLICT, "job_finished", None),
+                S::Database(sqlx::Error::PoolTimedOut) => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", None),
+                S::Database(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", None),
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, field) = self.parts();
+        let message = if status.is_server_error() {
+            // Details go to the log, not to the client.
+            tracing::error!(error = %self, "request failed");
+            "internal error; see the api log".to_owned()
+        } else {
+            self.to_string()
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: code.to_owned(),
+                message,
+                field,
+            },
+        };
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+/// The gRPC status for a storage error met while serving a worker.
+pub fn grpc_status(err: &StorageError) -> tonic::Status {
+    use StorageError as S;
+    match err {
+        S::LeaseLost { .. } => tonic::Status::failed_precondition(err.to_string()),
+        S::JobNotFound(_) | S::EventNotFound(_) | S::TokenNotFound(_) => tonic::Status::not_found(err.to_string()),
+        S::JobFinished { .. } | S::EventBusy(_) | S::EventNameTaken(_) => {
+            tonic::Status::failed_precondition(err.to_string())
+        }
+        S::Database(_) => {
+            tracing::error!(error = %err, "worker request failed");
+            tonic::Status::unavailable("database error")
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(err: sqlx::Error) -> Self {
+        Self::Storage(err.into())
+    }
+}

@@ -1,0 +1,178 @@
+//! `/api/v1/events`: define events and run them.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use super::extract::{JsonBody, page_limit, parse_uuid};
+use super::{Page, audit};
+use crate::AppState;
+use crate::auth::Caller;
+use crate::error::{ApiError, ErrorBody};
+use crate::model::{Event, EventPatch, NewEvent, Role, RunRequest};
+use crate::storage::{events, queue};
+
+#[utoipa::path(post, path = "/api/v1/events", tag = "events", request_body = NewEvent,
+    responses((status = 201, body = Event), (status = 422, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn create_event(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(mut spec): JsonBody<NewEvent>,
+) -> Result<(StatusCode, axum::Json<Event>), ApiError> {
+    caller.require(Role::Admin)?;
+    spec.validate()?;
+    let mut tx = state.pool.begin().await?;
+    let event = events::insert_event(&mut *tx, &spec).await?;
+    audit(&mut *tx, &caller, "event.create", "event", event.id, json!({"name": event.spec.name})).await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, axum::Json(event)))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListEventsQuery {
+    /// Page size, 1-500 (default 100).
+    limit: Option<String>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/v1/events", tag = "events", params(ListEventsQuery),
+    responses((status = 200, body = Page<Event>)))]
+pub async fn list_events(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<ListEventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::Json<Page<Event>>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let Query(q) = query.map_err(super::jobs::query_error)?;
+    let limit = page_limit(q.limit.as_deref(), 100, 500)?;
+    let items = events::list_events(&state.pool, q.cursor.as_deref(), limit).await?;
+    let next_cursor = (items.len() as i64 == limit)
+        .then(|| items.last().map(|e| e.spec.name.clone()))
+        .flatten();
+    Ok(axum::Json(Page { items, next_cursor }))
+}
+
+#[utoipa::path(get, path = "/api/v1/events/{id}", tag = "events", params(("id" = Uuid, Path)),
+    responses((status = 200, body = Event), (status = 404, body = ErrorBody)))]
+pub async fn get_event(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Event>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let id = parse_uuid("id", &id)?;
+    Ok(axum::Json(events::get_event(&state.pool, id).await?))
+}
+
+#[utoipa::path(patch, path = "/api/v1/events/{id}", tag = "events", params(("id" = Uuid, Path)),
+    request_body = EventPatch,
+    responses((status = 200, body = Event), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn patch_event(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    JsonBody(patch): JsonBody<EventPatch>,
+) -> Result<axum::Json<Event>, ApiError> {
+    caller.require(Role::Admin)?;
+    let id = parse_uuid("id", &id)?;
+    let mut tx = state.pool.begin().await?;
+    let current = events::get_event(&mut *tx, id).await?;
+    let mut spec = merge_patch(&current.spec, patch)?;
+    spec.validate()?;
+    let event = events::update_event(&mut *tx, id, &spec).await?;
+    audit(&mut *tx, &caller, "event.update", "event", id, json!({"name": event.spec.name})).await?;
+    tx.commit().await?;
+    Ok(axum::Json(event))
+}
+
+/// Applies a JSON merge patch to an event definition and parses the result, so a patch is
+/// checked exactly like a new event. `executor` is re-derived unless the patch sets it.
+fn merge_patch(current: &NewEvent, patch: EventPatch) -> Result<NewEvent, ApiError> {
+    let mut merged = serde_json::to_value(current).map_err(|e| ApiError::BadBody {
+        status: StatusCode::UNPROCESSABLE_ENTITY,
+        message: e.to_string(),
+        field: None,
+    })?;
+    let obj = merged.as_object_mut().expect("an event serializes to an object");
+    if patch.0.contains_key("server_id") && !patch.0.contains_key("executor") {
+        obj.remove("executor");
+    }
+    for (key, value) in patch.0 {
+        if value.is_null() {
+            obj.remove(&key);
+        } else {
+            obj.insert(key, value);
+        }
+    }
+    super::extract::parse_json(merged.to_string().as_bytes())
+}
+
+#[utoipa::path(delete, path = "/api/v1/events/{id}", tag = "events", params(("id" = Uuid, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn delete_event(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require(Role::Admin)?;
+    let id = parse_uuid("id", &id)?;
+    let mut tx = state.pool.begin().await?;
+    events::delete_event(&mut *tx, id).await?;
+    audit(&mut *tx, &caller, "event.delete", "event", id, json!({})).await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The answer to a run request.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunAccepted {
+    pub job_id: Uuid,
+    /// False when the idempotency key matched an earlier run (that job is returned).
+    pub created: bool,
+}
+
+#[utoipa::path(post, path = "/api/v1/events/{id}/run", tag = "events", params(("id" = Uuid, Path)),
+    request_body(content = Option<RunRequest>, description = "optional"),
+    responses((status = 202, body = RunAccepted), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn run_event(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    JsonBody(request): JsonBody<Option<RunRequest>>,
+) -> Result<(StatusCode, axum::Json<RunAccepted>), ApiError> {
+    caller.require(Role::Operator)?;
+    let id = parse_uuid("id", &id)?;
+    let request = request.unwrap_or_default();
+    request.validate()?;
+    let mut tx = state.pool.begin().await?;
+    let event = events::get_event(&mut *tx, id).await?;
+    let enqueued = queue::enqueue(
+        &mut *tx,
+        &queue::NewJob {
+            event: &event,
+            input: request.input.unwrap_or_else(|| json!({})),
+            priority: request.priority.unwrap_or(event.spec.priority),
+            run_at: request.run_at,
+            idempotency_key: request.idempotency_key.as_deref(),
+            parent: None,
+            created_by: Some(caller.token_id),
+        },
+    )
+    .await?;
+    if enqueued.created {
+        audit(&mut *tx, &caller, "event.run", "job", enqueued.job_id, json!({"event_id": id})).await?;
+    }
+    tx.commit().await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(RunAccepted {
+            job_id: enqueued.job_id,
+            created: enqueued.created,
+        }),
+    ))
+}

@@ -1,0 +1,123 @@
+//! The REST API (axum): routes, OpenAPI document, and the fallbacks that keep every answer
+//! JSON. Handlers are thin: they authenticate, validate, call `storage`, write the audit log.
+
+mod events;
+mod extract;
+mod health;
+mod jobs;
+mod tokens;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde::Serialize;
+use serde_json::Value;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::AppState;
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::storage::audit::{self, AuditEntry};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Baton API", description = "Queue, run and chain jobs on Baton's workers."),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    components(schemas(crate::error::ErrorBody))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The whole HTTP surface.
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.config.body_limit_bytes;
+    let (api, spec) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(events::create_event, events::list_events))
+        .routes(routes!(events::get_event, events::patch_event, events::delete_event))
+        .routes(routes!(events::run_event))
+        .routes(routes!(jobs::list_jobs))
+        .routes(routes!(jobs::get_job))
+        .routes(routes!(jobs::cancel_job))
+        .routes(routes!(jobs::get_logs))
+        .routes(routes!(tokens::create_token, tokens::list_tokens))
+        .routes(routes!(tokens::revoke_token))
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .split_for_parts();
+    let spec = std::sync::Arc::new(spec);
+    api.route(
+        "/api/v1/openapi.json",
+        axum::routing::get(move || {
+            let spec = spec.clone();
+            async move { axum::Json(spec.as_ref().clone()) }
+        }),
+    )
+    .fallback(not_found)
+    .method_not_allowed_fallback(method_not_allowed)
+    .layer(DefaultBodyLimit::max(body_limit))
+    .layer(TraceLayer::new_for_http())
+    .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route; see /api/v1/openapi.json".into())
+}
+
+async fn method_not_allowed() -> impl IntoResponse {
+    let body = crate::error::ErrorBody {
+        error: crate::error::ErrorDetail {
+            code: "method_not_allowed".into(),
+            message: "this route does not accept that method; see /api/v1/openapi.json".into(),
+            field: None,
+        },
+    };
+    (StatusCode::METHOD_NOT_ALLOWED, axum::Json(body))
+}
+
+/// A page of results and the cursor for the next one (absent on the last page).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+/// Records a mutating call in the audit log, in the caller's transaction.
+async fn audit(
+    db: impl sqlx::PgExecutor<'_>,
+    caller: &Caller,
+    action: &str,
+    target_type: &str,
+    target_id: impl ToString,
+    detail: Value,
+) -> Result<(), ApiError> {
+    audit::record(
+        db,
+        &AuditEntry {
+            token_id: Some(caller.token_id),
+            actor: &caller.name,
+            action,
+            target_type,
+            target_id: Some(target_id.to_string()),
+            detail,
+        },
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,44 @@
+//! # baton-api
+//!
+//! The api service owns PostgreSQL. It serves the REST API, the worker gRPC service, live
+//! logs, and runs the background loops (reaper; scheduler and action delivery as they land).
+//! Replicas are symmetric: they coordinate only through the database, so any number can run
+//! side by side and any one can die without losing state.
+//!
+//! ## Layout
+//! - [`model`]: the API's request/response types and their validation.
+//! - [`storage`]: every SQL statement, one module per table family; functions take
+//!   `impl PgExecutor` so handlers compose them in one transaction.
+//! - [`http`]: axum routes (thin: authenticate, validate, call storage, audit).
+//! - [`auth`]: bearer tokens and roles; [`error`]: the one mapping from errors to statuses.
+//! - [`server`]: start-up (migrations, admin bootstrap) and graceful shutdown; [`reaper`].
+//!
+//! ## Life of a job
+//! `POST /events/{id}/run` inserts a `queued` row (a trigger NOTIFYs dispatchers). A dispatcher
+//! claims due jobs in one statement (`FOR UPDATE SKIP LOCKED`, by priority, run_at, id), each
+//! under a lease with a fresh fencing token, and hands them to a worker. The worker renews the
+//! lease while it runs the job and reports the result with the token; a stale token is refused.
+//! A failed attempt is requeued with backoff until `max_attempts`, then it stays `failed` with
+//! `dead = true`. If the worker vanishes, the reaper requeues the job when its lease expires.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod model;
+pub mod reaper;
+pub mod server;
+pub mod storage;
+
+use std::sync::Arc;
+
+pub use config::ApiConfig;
+pub use server::{Api, MIGRATOR};
+
+/// What every request handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: sqlx::PgPool,
+    pub config: Arc<ApiConfig>,
+}

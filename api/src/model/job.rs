@@ -1,0 +1,146 @@
+//! Jobs: one run of an event, from queued to a terminal status, and its logs.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::{FieldError, text_enum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Queued,
+    Claimed,
+    Running,
+    Succeeded,
+    Failed,
+    TimedOut,
+    Cancelled,
+}
+text_enum!(JobStatus {
+    Queued => "queued", Claimed => "claimed", Running => "running", Succeeded => "succeeded",
+    Failed => "failed", TimedOut => "timed_out", Cancelled => "cancelled",
+});
+
+impl JobStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::TimedOut | Self::Cancelled)
+    }
+}
+
+/// Why a job did not succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The script ran and failed (non-zero exit, HTTP status ≥ 400).
+    Script,
+    /// Baton could not run it (interpreter or image missing, host unreachable...).
+    Infrastructure,
+    Timeout,
+    Cancelled,
+    /// The worker running it stopped renewing its lease (crashed, cut off).
+    LeaseLost,
+    /// The script's output was malformed or too large.
+    Output,
+}
+text_enum!(ErrorKind {
+    Script => "script", Infrastructure => "infrastructure", Timeout => "timeout",
+    Cancelled => "cancelled", LeaseLost => "lease_lost", Output => "output",
+});
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+/// A job as the API shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Job {
+    pub id: Uuid,
+    pub event_id: Uuid,
+    pub event_name: String,
+    pub status: JobStatus,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub dead: bool,
+    pub priority: i32,
+    pub run_at: DateTime<Utc>,
+    pub exit_code: Option<i32>,
+    pub exit_signal: Option<i32>,
+    pub error: Option<JobError>,
+    #[schema(value_type = Object)]
+    pub input: serde_json::Value,
+    #[schema(value_type = Option<Object>)]
+    pub output: Option<serde_json::Value>,
+    pub condition: Option<bool>,
+    pub progress: Option<i16>,
+    pub cancel_requested: bool,
+    pub parent_job_id: Option<Uuid>,
+    pub root_job_id: Uuid,
+    pub depth: i32,
+    pub idempotency_key: Option<String>,
+    pub worker_id: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+    pub claimed_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// The body of `POST /api/v1/events/{id}/run` (all optional).
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    /// Made available to the script as its input (`baton_input`).
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub input: Option<serde_json::Value>,
+    /// Overrides the event's priority for this run (higher runs first).
+    #[serde(default)]
+    pub priority: Option<i32>,
+    /// Do not start before this time.
+    #[serde(default)]
+    pub run_at: Option<DateTime<Utc>>,
+    /// A repeated key for the same event returns the job created the first time.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+impl RunRequest {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if let Some(p) = self.priority {
+            super::event::check_range("priority", p, -1000, 1000)?;
+        }
+        if let Some(key) = &self.idempotency_key
+            && (key.is_empty() || key.len() > 200 || key.chars().any(char::is_control))
+        {
+            return Err(FieldError::new("idempotency_key", "must be 1 to 200 printable characters"));
+        }
+        if let Some(at) = self.run_at
+            && at > Utc::now() + chrono::Duration::days(366)
+        {
+            return Err(FieldError::new("run_at", "must be within a year from now"));
+        }
+        Ok(())
+    }
+}
+
+/// One line of a job's output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LogLine {
+    pub seq: i64,
+    /// `stdout`, `stderr`, or `system` (Baton's own notes, such as a truncation marker).
+    pub stream: String,
+    pub text: String,
+    pub ts: DateTime<Utc>,
+}
+
+/// `GET /api/v1/jobs/{id}/logs?after=SEQ`: lines after `after`, the `after` to ask for next,
+/// and whether the job has finished (so no more lines will come).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct LogPage {
+    pub lines: Vec<LogLine>,
+    pub next: i64,
+    pub done: bool,
+}

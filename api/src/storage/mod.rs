@@ -1,0 +1,50 @@
+//! Every SQL statement of the api lives here, one file per table family.
+//!
+//! Functions take `impl PgExecutor` (a pool, a connection or `&mut *tx`) when they run one
+//! statement, and `&mut PgConnection` when they need several, so callers compose them into
+//! one transaction — the completion of a job, for example, writes the job, its logs' end
+//! and (later) its chained jobs and messages atomically.
+
+pub mod audit;
+pub mod events;
+pub mod logs;
+pub mod queue;
+pub mod tokens;
+
+use uuid::Uuid;
+
+/// What can go wrong in the storage layer, in domain terms. `crate::error` maps these to
+/// HTTP statuses and gRPC codes in one place.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("event {0} not found")]
+    EventNotFound(Uuid),
+    #[error("job {0} not found")]
+    JobNotFound(Uuid),
+    #[error("token {0} not found")]
+    TokenNotFound(Uuid),
+    #[error("an event named {0:?} already exists")]
+    EventNameTaken(String),
+    #[error("event {0} has queued or running jobs; cancel them first")]
+    EventBusy(Uuid),
+    /// The caller's fencing token is not the job's current one, or the lease expired: another
+    /// worker may own the job now, so nothing was written.
+    #[error("lease lost for job {job_id}: the fencing token is stale or the lease expired")]
+    LeaseLost { job_id: Uuid },
+    #[error("job {job_id} already finished with status {status}")]
+    JobFinished { job_id: Uuid, status: String },
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// True when `err` is a unique-constraint violation on the named constraint.
+pub(crate) fn is_unique_violation(err: &sqlx::Error, constraint: &str) -> bool {
+    match err {
+        sqlx::Error::Database(db) => {
+            db.code().as_deref() == Some("23505") && db.constraint() == Some(constraint)
+        }
+        _ => false,
+    }
+}

@@ -1,0 +1,625 @@
+//! The job queue: enqueue, batch claim under a lease, renew, complete, reap, cancel.
+//!
+//! Correctness rests on three rules:
+//! - a claim is one `UPDATE … FROM (SELECT … FOR UPDATE SKIP LOCKED)`: concurrent claimers skip
+//!   each other's rows instead of waiting or double-claiming;
+//! - every claim draws a new fencing token from `lease_token_seq`; every later write by the
+//!   worker names the token and is refused ([`StorageError::LeaseLost`]) if it is not current or
+//!   the lease has expired;
+//! - a row trigger sends `NOTIFY baton_job_queued` whenever a job becomes `queued`, in the
+//!   same transaction, so dispatchers wake on commit and never poll for work.
+
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use serde_json::Value;
+use sqlx::{PgConnection, PgExecutor, types::Json};
+use std::time::Duration;
+use uuid::Uuid;
+
+use super::{Result, StorageError};
+use crate::model::job::ErrorKind;
+use crate::model::{Event, Job, JobError, JobStatus};
+
+/// The channel the enqueue trigger notifies; the payload is the job's executor.
+pub const QUEUED_CHANNEL: &str = "baton_job_queued";
+
+/// Requeues after a lost lease allowed before the job is given up as dead.
+pub const MAX_LEASE_LOSSES: i32 = 5;
+
+/// A job to enqueue.
+#[derive(Debug, Clone)]
+pub struct NewJob<'a> {
+    pub event: &'a Event,
+    pub input: Value,
+    pub priority: i32,
+    pub run_at: Option<DateTime<Utc>>,
+    pub idempotency_key: Option<&'a str>,
+    /// The job whose completion created this one (chains).
+    pub parent: Option<ChainLink>,
+    pub created_by: Option<Uuid>,
+}
+
+/// Where a chained job sits in its chain.
+#[derive(Debug, Clone, Copy)]
+pub struct ChainLink {
+    pub parent_job_id: Uuid,
+    pub root_job_id: Uuid,
+    pub depth: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enqueued {
+    pub job_id: Uuid,
+    /// False when an idempotency key matched an existing job.
+    pub created: bool,
+}
+
+/// Queues a job. With an idempotency key, a repeat for the same event returns the first job.
+pub async fn enqueue(db: impl PgExecutor<'_>, job: &NewJob<'_>) -> Result<Enqueued> {
+    let id = Uuid::now_v7();
+    let (parent, root, depth) = match job.parent {
+        Some(link) => (Some(link.parent_job_id), link.root_job_id, link.depth),
+        None => (None, id, 0),
+    };
+    let spec = serde_json::to_value(job.event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    // The no-op DO UPDATE makes a conflicting insert wait for and return the existing row
+    // (DO NOTHING would return nothing under a race); `xmax = 0` tells a fresh insert apart.
+    let row: (Uuid, bool) = sqlx::query_as(
+        "INSERT INTO jobs (id, event_id, status, priority, run_at, max_attempts, idempotency_key,
+                           executor, labels, spec, input, parent_job_id, root_job_id, depth, created_by)
+         VALUES ($1, $2, 'queued', $3, coalesce($4, now()), $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+         ON CONFLICT (event_id, idempotency_key) DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key
+         RETURNING id, (xmax = 0)",
+    )
+    .bind(id)
+    .bind(job.event.id)
+    .bind(job.priority)
+    .bind(job.run_at)
+    .bind(job.event.spec.max_attempts)
+    .bind(job.idempotency_key)
+    .bind(job.event.spec.executor.resolved().as_str())
+    .bind(Json(&job.event.spec.labels))
+    .bind(spec)
+    .bind(Json(&job.input))
+    .bind(parent)
+    .bind(root)
+    .bind(depth)
+    .bind(job.created_by)
+    .fetch_one(db)
+    .await?;
+    Ok(Enqueued {
+        job_id: row.0,
+        created: row.1,
+    })
+}
+
+/// What a worker offers when it asks for work.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest<'a> {
+    pub worker_id: Uuid,
+    pub executors: &'a [String],
+    pub labels: &'a serde_json::Map<String, Value>,
+    pub limit: i64,
+    pub lease: Duration,
+}
+
+/// A job handed to a worker: everything it needs to run it, and the lease to report under.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ClaimedJob {
+    pub id: Uuid,
+    pub event_id: Uuid,
+    pub attempt: i32,
+    pub priority: i32,
+    pub run_at: DateTime<Utc>,
+    pub lease_token: i64,
+    pub lease_expires_at: DateTime<Utc>,
+    pub spec: Json<Value>,
+    pub input: Json<Value>,
+    pub parent_job_id: Option<Uuid>,
+    pub root_job_id: Uuid,
+}
+
+/// Claims up to `limit` due jobs that the worker can run, highest priority first, each under
+/// a fresh lease. Concurrent claimers never get the same job.
+pub async fn claim_batch(db: impl PgExecutor<'_>, req: &ClaimRequest<'_>) -> Result<Vec<ClaimedJob>> {
+    let mut jobs: Vec<ClaimedJob> = sqlx::query_as(
+        "WITH picked AS (
+             SELECT id FROM jobs
+             WHERE status = 'queued' AND run_at <= now()
+               AND executor = ANY($2) AND labels <@ $3
+             ORDER BY priority DESC, run_at, id
+             LIMIT $4
+             FOR UPDATE SKIP LOCKED
+         )
+         UPDATE jobs j
+         SET status = 'claimed', worker_id = $1, lease_token = nextval('lease_token_seq'),
+             lease_expires_at = now() + $5 * interval '1 millisecond', claimed_at = now(),
+             heartbeat_at = now()
+         FROM picked WHERE j.id = picked.id
+         RETURNING j.id, j.event_id, j.attempt, j.priority, j.run_at, j.lease_token,
+                   j.lease_expires_at, j.spec, j.input, j.parent_job_id, j.root_job_id",
+    )
+    .bind(req.worker_id)
+    .bind(req.executors)
+    .bind(Json(req.labels))
+    .bind(req.limit)
+    .bind(millis(req.lease))
+    .fetch_all(db)
+    .await?;
+    // RETURNING does not keep the CTE's order.
+    jobs.sort_by(|a, b| {
+        b.priority
+            .cmp(&a.priority)
+            .then(a.run_at.cmp(&b.run_at))
+            .then(a.id.cmp(&b.id))
+    });
+    Ok(jobs)
+}
+
+/// When the next queued job that is not yet due becomes due, so a dispatcher can sleep
+/// exactly until then instead of polling.
+pub async fn next_due_at(db: impl PgExecutor<'_>) -> Result<Option<DateTime<Utc>>> {
+    Ok(
+        sqlx::query_scalar("SELECT min(run_at) FROM jobs WHERE status = 'queued' AND run_at > now()")
+            .fetch_one(db)
+            .await?,
+    )
+}
+
+/// Marks a claimed job as running (the worker started the process).
+pub async fn mark_running(db: impl PgExecutor<'_>, job_id: Uuid, token: i64) -> Result<()> {
+    let done = sqlx::query(
+        "UPDATE jobs SET status = 'running', started_at = coalesce(started_at, now()), heartbeat_at = now()
+         WHERE id = $1 AND lease_token = $2 AND lease_expires_at > now()
+           AND status IN ('claimed', 'running')",
+    )
+    .bind(job_id)
+    .bind(token)
+    .execute(db)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Err(StorageError::LeaseLost { job_id });
+    }
+    Ok(())
+}
+
+/// A lease a worker still holds after renewing, and whether someone asked to cancel its job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct HeldLease {
+    pub id: Uuid,
+    pub cancel_requested: bool,
+}
+
+/// Extends the leases a worker holds. Jobs missing from the answer are lost: the worker must
+/// stop running them.
+pub async fn renew_leases(
+    db: impl PgExecutor<'_>,
+    worker_id: Uuid,
+    leases: &[(Uuid, i64)],
+    lease: Duration,
+) -> Result<Vec<HeldLease>> {
+    let (ids, tokens): (Vec<Uuid>, Vec<i64>) = leases.iter().copied().unzip();
+    Ok(sqlx::query_as(
+        "UPDATE jobs j SET lease_expires_at = now() + $4 * interval '1 millisecond', heartbeat_at = now()
+         FROM unnest($2::uuid[], $3::bigint[]) AS held(id, token)
+         WHERE j.id = held.id AND j.lease_token = held.token AND j.worker_id = $1
+           AND j.lease_expires_at > now()
+         RETURNING j.id, j.cancel_requested",
+    )
+    .bind(worker_id)
+    .bind(ids)
+    .bind(tokens)
+    .bind(millis(lease))
+    .fetch_all(db)
+    .await?)
+}
+
+/// How a run ended, as the worker reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub exit_code: Option<i32>,
+    pub exit_signal: Option<i32>,
+    /// `None` means success.
+    pub error: Option<JobError>,
+    /// Whether another attempt could help (false for e.g. an auth failure).
+    pub retryable: bool,
+    pub output: Option<Value>,
+    pub condition: Option<bool>,
+}
+
+impl Outcome {
+    pub fn success() -> Self {
+        Self {
+            exit_code: Some(0),
+            exit_signal: None,
+            error: None,
+            retryable: false,
+            output: None,
+            condition: None,
+        }
+    }
+
+    pub fn failure(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            exit_code: None,
+            exit_signal: None,
+            error: Some(JobError {
+                kind,
+                message: message.into(),
+            }),
+            retryable: matches!(kind, ErrorKind::Script | ErrorKind::Infrastructure | ErrorKind::Timeout),
+            output: None,
+            condition: None,
+        }
+    }
+}
+
+/// What completing a job did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    Finished { status: JobStatus, dead: bool },
+    /// Another attempt was queued for `run_at`.
+    Retrying { attempt: i32, run_at: DateTime<Utc> },
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct LeasedState {
+    attempt: i32,
+    max_attempts: i32,
+    lease_losses: i32,
+    cancel_requested: bool,
+    backoff_seconds: Option<i32>,
+    backoff_max_seconds: Option<i32>,
+}
+
+/// Records how a run ended — or queues its next attempt — if `token` still holds the lease.
+/// Runs inside the caller's transaction so the actions a completion triggers commit with it.
+pub async fn complete(conn: &mut PgConnection, job_id: Uuid, token: i64, outcome: &Outcome) -> Result<Completion> {
+    let state: Option<LeasedState> = sqlx::query_as(
+        "SELECT attempt, max_attempts, lease_losses, cancel_requested,
+                (spec->>'retry_backoff_seconds')::int AS backoff_seconds,
+                (spec->>'retry_backoff_max_seconds')::int AS backoff_max_seconds
+         FROM jobs
+         WHERE id = $1 AND lease_token = $2 AND lease_expires_at > now() AND status IN ('claimed', 'running')
+         FOR UPDATE",
+    )
+    .bind(job_id)
+    .bind(token)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(state) = state else {
+        return Err(lease_lost_or_missing(conn, job_id).await);
+    };
+
+    let error = outcome.error.as_ref();
+    let own_attempts = state.attempt - state.lease_losses;
+    if let Some(err) = error
+        && outcome.retryable
+        && !state.cancel_requested
+        && own_attempts < state.max_attempts
+    {
+        let delay = retry_delay(
+            own_attempts,
+            state.backoff_seconds.unwrap_or(10),
+            state.backoff_max_seconds.unwrap_or(3600),
+        );
+        let run_at: DateTime<Utc> = sqlx::query_scalar(
+            "UPDATE jobs SET status = 'queued', attempt = attempt + 1,
+                 run_at = now() + $2 * interval '1 millisecond',
+                 lease_token = NULL, lease_expires_at = NULL, worker_id = NULL,
+                 exit_code = $3, exit_signal = $4, error_kind = $5, error_message = $6, progress = NULL
+             WHERE id = $1 RETURNING run_at",
+        )
+        .bind(job_id)
+        .bind(millis(delay))
+        .bind(outcome.exit_code)
+        .bind(outcome.exit_signal)
+        .bind(err.kind.as_str())
+        .bind(&err.message)
+        .fetch_one(&mut *conn)
+        .await?;
+        return Ok(Completion::Retrying {
+            attempt: state.attempt + 1,
+            run_at,
+        });
+    }
+
+    let status = match error.map(|e| e.kind) {
+        None => JobStatus::Succeeded,
+        Some(ErrorKind::Timeout) => JobStatus::TimedOut,
+        Some(ErrorKind::Cancelled) => JobStatus::Cancelled,
+        Some(_) => JobStatus::Failed,
+    };
+    let dead = matches!(status, JobStatus::Failed | JobStatus::TimedOut);
+    sqlx::query(
+        "UPDATE jobs SET status = $2, dead = $3, finished_at = now(),
+             lease_token = NULL, lease_expires_at = NULL,
+             exit_code = $4, exit_signal = $5, error_kind = $6, error_message = $7,
+             output = $8, condition = $9,
+             progress = CASE WHEN $2 = 'succeeded' THEN 100 ELSE progress END
+         WHERE id = $1",
+    )
+    .bind(job_id)
+    .bind(status.as_str())
+    .bind(dead)
+    .bind(outcome.exit_code)
+    .bind(outcome.exit_signal)
+    .bind(error.map(|e| e.kind.as_str()))
+    .bind(error.map(|e| e.message.as_str()))
+    .bind(outcome.output.as_ref().map(Json))
+    .bind(outcome.condition)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Completion::Finished { status, dead })
+}
+
+/// Exponential backoff with "equal jitter": half the capped delay, plus a random part of the
+/// other half, so retries of many jobs failing together spread out.
+pub fn retry_delay(attempts_done: i32, base_seconds: i32, max_seconds: i32) -> Duration {
+    let exp = attempts_done.saturating_sub(1).clamp(0, 30) as u32;
+    let capped_ms = (i64::from(base_seconds.max(0)) * 1000)
+        .saturating_mul(1_i64 << exp)
+        .min(i64::from(max_seconds.max(0)) * 1000)
+        .max(0) as u64;
+    let half = capped_ms / 2;
+    let jitter = if half > 0 { rand::rng().random_range(0..=half) } else { 0 };
+    Duration::from_millis(capped_ms - half + jitter)
+}
+
+async fn lease_lost_or_missing(conn: &mut PgConnection, job_id: Uuid) -> StorageError {
+    match sqlx::query_scalar::<_, bool>("SELECT true FROM jobs WHERE id = $1")
+        .bind(job_id)
+        .fetch_optional(conn)
+        .await
+    {
+        Ok(Some(_)) => StorageError::LeaseLost { job_id },
+        Ok(None) => StorageError::JobNotFound(job_id),
+        Err(e) => e.into(),
+    }
+}
+
+/// A job the reaper took back from a worker whose lease expired.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ReapedJob {
+    pub id: Uuid,
+    #[sqlx(try_from = "String")]
+    pub status: JobStatus,
+    pub attempt: i32,
+}
+
+/// Returns jobs whose lease expired to the queue (attempt + 1), or finishes them when they
+/// were being cancelled or have lost too many leases. Safe to run on every replica at once:
+/// rows are locked with SKIP LOCKED and the lease condition is rechecked by the UPDATE.
+pub async fn reap_expired(db: impl PgExecutor<'_>) -> Result<Vec<ReapedJob>> {
+    Ok(sqlx::query_as(
+        "WITH expired AS (
+             SELECT id, cancel_requested, lease_losses + 1 > $1 AS exhausted FROM jobs
+             WHERE lease_token IS NOT NULL AND lease_expires_at < now()
+             ORDER BY lease_expires_at
+             LIMIT 1000
+             FOR UPDATE SKIP LOCKED
+         )
+         UPDATE jobs j SET
+             status = CASE WHEN e.cancel_requested THEN 'cancelled'
+                           WHEN e.exhausted THEN 'failed' ELSE 'queued' END,
+             attempt = CASE WHEN e.cancel_requested OR e.exhausted THEN j.attempt ELSE j.attempt + 1 END,
+             lease_losses = j.lease_losses + 1,
+             dead = e.exhausted AND NOT e.cancel_requested,
+             run_at = now(),
+             finished_at = CASE WHEN e.cancel_requested OR e.exhausted THEN now() END,
+             worker_id = CASE WHEN e.cancel_requested OR e.exhausted THEN j.worker_id END,
+             lease_token = NULL, lease_expires_at = NULL,
+             error_kind = CASE WHEN e.cancel_requested THEN 'cancelled' ELSE 'lease_lost' END,
+             error_message = CASE
+                 WHEN e.cancel_requested THEN 'cancelled; the worker running it stopped responding'
+                 WHEN e.exhausted THEN 'the worker running it stopped renewing its lease ' || $1 || ' times; giving up'
+                 ELSE 'the worker running it stopped renewing its lease; requeued' END
+         FROM expired e WHERE j.id = e.id
+         RETURNING j.id, j.status, j.attempt",
+    )
+    .bind(MAX_LEASE_LOSSES)
+    .fetch_all(db)
+    .await?)
+}
+
+/// What a cancel request did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The job was queued and is now cancelled.
+    Cancelled,
+    /// A worker holds it; it was asked to stop (see [`CANCEL_CHANNEL`]).
+    Requested { worker_id: Option<Uuid> },
+}
+
+/// The channel that tells the replica holding a worker's stream to pass a cancel on.
+pub const CANCEL_CHANNEL: &str = "baton_job_cancel";
+
+/// Cancels a queued job at once, or flags a claimed/running one and notifies its worker.
+pub async fn request_cancel(conn: &mut PgConnection, job_id: Uuid) -> Result<CancelOutcome> {
+    let row: Option<(String, Option<Uuid>)> = sqlx::query_as(
+        "UPDATE jobs SET
+             cancel_requested = true,
+             status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
+             finished_at = CASE WHEN status = 'queued' THEN now() END,
+             error_kind = CASE WHEN status = 'queued' THEN 'cancelled' ELSE error_kind END,
+             error_message = CASE WHEN status = 'queued' THEN 'cancelled before it started' ELSE error_message END
+         WHERE id = $1 AND status IN ('queued', 'claimed', 'running')
+         RETURNING status, worker_id",
+    )
+    .bind(job_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match row {
+        Some((status, _)) if status == "cancelled" => Ok(CancelOutcome::Cancelled),
+        Some((_, worker_id)) => {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CANCEL_CHANNEL)
+                .bind(job_id.to_string())
+                .execute(&mut *conn)
+                .await?;
+            Ok(CancelOutcome::Requested { worker_id })
+        }
+        None => {
+            let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
+                .bind(job_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+            Err(match status {
+                Some(status) => StorageError::JobFinished { job_id, status },
+                None => StorageError::JobNotFound(job_id),
+            })
+        }
+    }
+}
+
+/// The columns behind [`Job`], joined with the event's name.
+const JOB_COLUMNS: &str = "j.id, j.event_id, coalesce(j.spec->>'name', '') AS event_name, j.status, j.attempt,
+    j.max_attempts, j.dead, j.priority, j.run_at, j.exit_code, j.exit_signal, j.error_kind, j.error_message,
+    j.input, j.output, j.condition, j.progress, j.cancel_requested, j.parent_job_id, j.root_job_id, j.depth,
+    j.idempotency_key, j.worker_id, j.created_at, j.claimed_at, j.started_at, j.finished_at";
+
+#[derive(Debug, sqlx::FromRow)]
+struct JobRow {
+    id: Uuid,
+    event_id: Uuid,
+    event_name: String,
+    #[sqlx(try_from = "String")]
+    status: JobStatus,
+    attempt: i32,
+    max_attempts: i32,
+    dead: bool,
+    priority: i32,
+    run_at: DateTime<Utc>,
+    exit_code: Option<i32>,
+    exit_signal: Option<i32>,
+    error_kind: Option<String>,
+    error_message: Option<String>,
+    input: Json<Value>,
+    output: Option<Json<Value>>,
+    condition: Option<bool>,
+    progress: Option<i16>,
+    cancel_requested: bool,
+    parent_job_id: Option<Uuid>,
+    root_job_id: Uuid,
+    depth: i32,
+    idempotency_key: Option<String>,
+    worker_id: Option<Uuid>,
+    created_at: DateTime<Utc>,
+    claimed_at: Option<DateTime<Utc>>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+impl From<JobRow> for Job {
+    fn from(r: JobRow) -> Self {
+        let error = match (r.error_kind.as_deref().map(str::parse::<ErrorKind>), r.error_message) {
+            (Some(Ok(kind)), Some(message)) => Some(JobError { kind, message }),
+            _ => None,
+        };
+        Job {
+            id: r.id,
+            event_id: r.event_id,
+            event_name: r.event_name,
+            status: r.status,
+            attempt: r.attempt,
+            max_attempts: r.max_attempts,
+            dead: r.dead,
+            priority: r.priority,
+            run_at: r.run_at,
+            exit_code: r.exit_code,
+            exit_signal: r.exit_signal,
+            error,
+            input: r.input.0,
+            output: r.output.map(|o| o.0),
+            condition: r.condition,
+            progress: r.progress,
+            cancel_requested: r.cancel_requested,
+            parent_job_id: r.parent_job_id,
+            root_job_id: r.root_job_id,
+            depth: r.depth,
+            idempotency_key: r.idempotency_key,
+            worker_id: r.worker_id,
+            created_at: r.created_at,
+            claimed_at: r.claimed_at,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+        }
+    }
+}
+
+pub async fn get_job(db: impl PgExecutor<'_>, job_id: Uuid) -> Result<Job> {
+    let sql = format!("SELECT {JOB_COLUMNS} FROM jobs j WHERE j.id = $1");
+    let row: Option<JobRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(job_id)
+        .fetch_optional(db)
+        .await?;
+    row.map(Job::from).ok_or(StorageError::JobNotFound(job_id))
+}
+
+/// Filters of `GET /api/v1/jobs`; results are newest first, `before` is the cursor.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub status: Option<JobStatus>,
+    pub event_id: Option<Uuid>,
+    pub root_job_id: Option<Uuid>,
+    pub dead: Option<bool>,
+    pub before: Option<Uuid>,
+    pub limit: i64,
+}
+
+pub async fn list_jobs(db: impl PgExecutor<'_>, filter: &JobFilter) -> Result<Vec<Job>> {
+    let sql = format!(
+        "SELECT {JOB_COLUMNS} FROM jobs j
+         WHERE ($1::text IS NULL OR j.status = $1)
+           AND ($2::uuid IS NULL OR j.event_id = $2)
+           AND ($3::uuid IS NULL OR j.root_job_id = $3)
+           AND ($4::bool IS NULL OR j.dead = $4)
+           AND ($5::uuid IS NULL OR j.id < $5)
+         ORDER BY j.id DESC
+         LIMIT $6"
+    );
+    let rows: Vec<JobRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(filter.status.map(JobStatus::as_str))
+        .bind(filter.event_id)
+        .bind(filter.root_job_id)
+        .bind(filter.dead)
+        .bind(filter.before)
+        .bind(filter.limit)
+        .fetch_all(db)
+        .await?;
+    Ok(rows.into_iter().map(Job::from).collect())
+}
+
+/// Whether a job has reached a terminal status (used by log readers to know when to stop).
+pub async fn job_status(db: impl PgExecutor<'_>, job_id: Uuid) -> Result<JobStatus> {
+    let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
+        .bind(job_id)
+        .fetch_optional(db)
+        .await?;
+    let status = status.ok_or(StorageError::JobNotFound(job_id))?;
+    status
+        .parse()
+        .map_err(|e: String| StorageError::Database(sqlx::Error::Decode(e.into())))
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_grows_and_caps() {
+        for _ in 0..100 {
+            let first = retry_delay(1, 10, 3600);
+            assert!((5_000..=10_000).contains(&(first.as_millis() as u64)), "{first:?}");
+            let third = retry_delay(3, 10, 3600);
+            assert!((20_000..=40_000).contains(&(third.as_millis() as u64)), "{third:?}");
+            let capped = retry_delay(30, 10, 60);
+            assert!((30_000..=60_000).contains(&(capped.as_millis() as u64)), "{capped:?}");
+        }
+        assert_eq!(retry_delay(1, 0, 3600), Duration::ZERO);
+    }
+}

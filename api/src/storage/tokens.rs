@@ -1,0 +1,79 @@
+//! API tokens, stored as sha256 hashes.
+
+use sqlx::PgExecutor;
+use uuid::Uuid;
+
+use super::{Result, StorageError};
+use crate::model::{Role, Token};
+
+const TOKEN_COLUMNS: &str = "id, name, role, token_prefix, created_at, last_used_at, revoked_at";
+
+pub async fn insert_token(
+    db: impl PgExecutor<'_>,
+    name: &str,
+    role: Role,
+    hash: &[u8],
+    prefix: &str,
+    created_by: Option<Uuid>,
+) -> Result<Token> {
+    let sql = format!(
+        "INSERT INTO api_tokens (id, name, role, token_hash, token_prefix, created_by)
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING {TOKEN_COLUMNS}"
+    );
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(Uuid::now_v7())
+        .bind(name)
+        .bind(role.as_str())
+        .bind(hash)
+        .bind(prefix)
+        .bind(created_by)
+        .fetch_one(db)
+        .await?)
+}
+
+/// The live (not revoked) token with this hash.
+pub async fn find_by_hash(db: impl PgExecutor<'_>, hash: &[u8]) -> Result<Option<Token>> {
+    let sql = format!("SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL");
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(hash)
+        .fetch_optional(db)
+        .await?)
+}
+
+/// Records use at most once a minute per token, so reads stay reads.
+pub async fn touch(db: impl PgExecutor<'_>, id: Uuid) -> Result<()> {
+    sqlx::query(
+        "UPDATE api_tokens SET last_used_at = now()
+         WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')",
+    )
+    .bind(id)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+pub async fn list_tokens(db: impl PgExecutor<'_>) -> Result<Vec<Token>> {
+    let sql = format!("SELECT {TOKEN_COLUMNS} FROM api_tokens ORDER BY created_at, id");
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(db).await?)
+}
+
+/// Revokes a token (kept for the audit trail).
+pub async fn revoke_token(db: impl PgExecutor<'_>, id: Uuid) -> Result<()> {
+    let done = sqlx::query("UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1")
+        .bind(id)
+        .execute(db)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Err(StorageError::TokenNotFound(id));
+    }
+    Ok(())
+}
+
+/// Whether any live admin token exists (the bootstrap generates one when none does).
+pub async fn admin_exists(db: impl PgExecutor<'_>) -> Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM api_tokens WHERE role = 'admin' AND revoked_at IS NULL)",
+    )
+    .fetch_one(db)
+    .await?)
+}

@@ -1,0 +1,166 @@
+//! The `http` runtime: one request made by the executor itself with `reqwest`.
+//!
+//! The response body is streamed as [`OutputStream::Stdout`] lines (same splitting and
+//! `PROGRESS: N` handling as process output). A status ≥ 400 fails the run as a script error
+//! ([`ExecError::HttpStatus`]); no response at all (DNS, connect, TLS, broken body) is an
+//! infrastructure error ([`ExecError::HttpTransport`]). The run's timeout and cancellation
+//! abort the request.
+
+use std::error::Error as _;
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::output::{LineSink, LineSplitter, finish_chunk, push_chunk};
+use super::{
+    ExecError, ExecEvent, HttpRequestSpec, OutputStream, RunOutcome, RunSpec, sleep_until_opt,
+};
+
+/// Builds the HTTP client used for `http` runs (connection pooling is per client, so keep one).
+pub fn default_client() -> Result<reqwest::Client, ExecError> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(30))
+        .user_agent(concat!("baton-worker/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| ExecError::HttpTransport {
+            message: format!("cannot build HTTP client: {}", error_chain(&e)),
+        })
+}
+
+/// Runs `spec.request` with `client`, streaming the response body to `events`.
+pub async fn run_http(
+    client: &reqwest::Client,
+    spec: &RunSpec,
+    events: &mpsc::Sender<ExecEvent>,
+    cancel: &CancellationToken,
+    max_line_bytes: usize,
+) -> RunOutcome {
+    let started = Instant::now();
+    let Some(request) = spec.request.as_ref() else {
+        return RunOutcome::from_error(
+            ExecError::invalid_spec("http runtime needs a request"),
+            started.elapsed(),
+        );
+    };
+    let builder = match build_request(client, request) {
+        Ok(b) => b,
+        Err(e) => return RunOutcome::from_error(e, started.elapsed()),
+    };
+    if cancel.is_cancelled() {
+        return RunOutcome::from_error(ExecError::Cancelled, started.elapsed());
+    }
+    // Receiver gone is fine: the request still runs.
+    let _ = events.send(ExecEvent::Started { pid: None }).await;
+
+    let deadline = started.checked_add(spec.timeout);
+    let exchange = exchange(builder, events, max_line_bytes);
+    let stopped = tokio::select! {
+        result = exchange => Ok(result),
+        _ = cancel.cancelled() => Err(ExecError::Cancelled),
+        _ = sleep_until_opt(deadline) => Err(ExecError::TimedOut { after: spec.timeout }),
+    };
+    let mut outcome = match stopped {
+        Ok((status, error)) => RunOutcome {
+            exit_code: match (&error, status) {
+                (None, Some(s)) if s < 400 => Some(0),
+                _ => None,
+            },
+            http_status: status,
+            error,
+            ..RunOutcome::default()
+        },
+        Err(error) => RunOutcome::from_error(error, Duration::ZERO),
+    };
+    outcome.duration = started.elapsed();
+    outcome
+}
+
+/// Sends the request and streams the body. Returns the status (if a response arrived) and the
+/// error, if any.
+async fn exchange(
+    builder: reqwest::RequestBuilder,
+    events: &mpsc::Sender<ExecEvent>,
+    max_line_bytes: usize,
+) -> (Option<u16>, Option<ExecError>) {
+    let mut response = match builder.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                None,
+                Some(ExecError::HttpTransport {
+                    message: error_chain(&e),
+                }),
+            );
+        }
+    };
+    let status = response.status().as_u16();
+    let mut splitter = LineSplitter::new(max_line_bytes);
+    let mut sink = LineSink::new(events, OutputStream::Stdout, 0);
+    let mut body_error = None;
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => push_chunk(&mut splitter, &mut sink, &chunk).await,
+            Ok(None) => break,
+            Err(e) => {
+                body_error = Some(ExecError::HttpTransport {
+                    message: format!("reading response body: {}", error_chain(&e)),
+                });
+                break;
+            }
+        }
+    }
+    finish_chunk(&mut splitter, &mut sink).await;
+    let error = if status >= 400 {
+        Some(ExecError::HttpStatus { status })
+    } else {
+        body_error
+    };
+    (Some(status), error)
+}
+
+fn build_request(
+    client: &reqwest::Client,
+    request: &HttpRequestSpec,
+) -> Result<reqwest::RequestBuilder, ExecError> {
+    let method = reqwest::Method::from_bytes(request.method.trim().to_ascii_uppercase().as_bytes())
+        .map_err(|_| ExecError::invalid_spec(format!("invalid HTTP method `{}`", request.method)))?;
+    let url = reqwest::Url::parse(&request.url)
+        .map_err(|e| ExecError::invalid_spec(format!("invalid URL `{}`: {e}", request.url)))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(ExecError::invalid_spec(format!(
+            "unsupported URL scheme `{}` (expected http or https)",
+            url.scheme()
+        )));
+    }
+    let mut headers = HeaderMap::new();
+    for (name, value) in &request.headers {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| ExecError::invalid_spec(format!("invalid header name `{name}`")))?;
+        let value = HeaderValue::from_str(value)
+            .map_err(|_| ExecError::invalid_spec(format!("invalid value for header `{name}`")))?;
+        headers.append(name, value);
+    }
+    let mut builder = client.request(method, url);
+    match &request.body {
+        None => {}
+        Some(serde_json::Value::String(text)) => builder = builder.body(text.clone()),
+        Some(json) => builder = builder.json(json),
+    }
+    // Headers last, replacing: an explicit content-type wins over the one `json` sets.
+    Ok(builder.headers(headers))
+}
+
+/// `error: cause: cause` — reqwest's top-level message alone hides the useful part.
+fn error_chain(error: &reqwest::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}

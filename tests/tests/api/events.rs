@@ -1,0 +1,248 @@
+//! `/api/v1/events`: CRUD, validation that names the field, and running.
+
+use baton_tests::{bash_event, send, spawn_app};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn create_get_list_patch_delete() {
+    let app = spawn_app().await;
+    let spec = json!({
+        "name": "nightly-report", "runtime": "bash", "content": "echo hello", "executor": "local",
+        "env": {"REGION": "eu-west-1"}, "timeout_seconds": 60, "max_attempts": 3, "priority": 5,
+        "labels": {"zone": "a"}
+    });
+    let created = app.create_event(&spec).await;
+    let id = created["id"].as_str().expect("id").to_owned();
+    for (key, value) in spec.as_object().expect("object") {
+        assert_eq!(&created[key], value, "field {key} stored as sent");
+    }
+    assert_eq!(created["image"], Value::Null);
+    assert_eq!(created["server_id"], Value::Null);
+
+    let (status, got) = app.get(&format!("/api/v1/events/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(got, created);
+
+    app.create_event(&bash_event("another")).await;
+    let (status, list) = app.get("/api/v1/events").await;
+    assert_eq!(status, StatusCode::OK);
+    let names: Vec<&str> = list["items"].as_array().expect("items").iter().map(|e| e["name"].as_str().expect("name")).collect();
+    assert_eq!(names, vec!["another", "nightly-report"]);
+    assert_eq!(list["next_cursor"], Value::Null);
+    // Paging.
+    let (_, page) = app.get("/api/v1/events?limit=1").await;
+    assert_eq!(page["items"].as_array().expect("items").len(), 1);
+    let cursor = page["next_cursor"].as_str().expect("cursor").to_owned();
+    let (_, page2) = app.get(&format!("/api/v1/events?limit=1&cursor={cursor}")).await;
+    assert_eq!(page2["items"][0]["name"], "nightly-report");
+
+    // PATCH merges; null resets to the default.
+    let (status, patched) = app
+        .patch(&format!("/api/v1/events/{id}"), &json!({"content": "echo bye", "priority": null}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{patched}");
+    assert_eq!(patched["content"], "echo bye");
+    assert_eq!(patched["priority"], 0);
+    assert_eq!(patched["env"], json!({"REGION": "eu-west-1"}));
+    // A patch is validated like a new event.
+    let (status, err) = app.patch(&format!("/api/v1/events/{id}"), &json!({"runtime": "exec"})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(err["error"]["field"], "content");
+
+    let (status, _) = app.delete(&format!("/api/v1/events/{id}")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, err) = app.get(&format!("/api/v1/events/{id}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(err["error"]["code"], "event_not_found");
+    let (status, _) = app.delete(&format!("/api/v1/events/{id}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn every_runtime_shape_is_accepted() {
+    let app = spawn_app().await;
+    for (i, spec) in [
+        json!({"runtime": "sh", "content": "echo $0"}),
+        json!({"runtime": "python", "content": "print(1)"}),
+        json!({"runtime": "node", "content": "console.log(1)"}),
+        json!({"runtime": "exec", "command": ["echo", "a b"]}),
+        json!({"runtime": "http", "request": {"method": "POST", "url": "https://example.invalid/hook",
+                "headers": {"X-Token": "t"}, "body": {"a": 1}}}),
+        json!({"runtime": "bash", "content": "true", "image": "debian:bookworm"}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut spec = spec;
+        spec["name"] = json!(format!("ev{i}"));
+        let created = app.create_event(&spec).await;
+        let expected_executor = "container";
+        assert_eq!(created["executor"], expected_executor, "default executor for {spec}");
+    }
+}
+
+/// Each case: a body and the field the 4xx must name.
+#[tokio::test]
+async fn bad_fields_get_a_4xx_naming_the_field() {
+    let app = spawn_app().await;
+    let base = bash_event("x");
+    let with = |key: &str, value: Value| {
+        let mut spec = base.clone();
+        spec[key] = value;
+        spec
+    };
+    let without = |key: &str| {
+        let mut spec = base.clone();
+        spec.as_object_mut().expect("object").remove(key);
+        spec
+    };
+    let cases: Vec<(Value, &str)> = vec![
+        (without("name"), "name"),
+        (with("name", json!("")), "name"),
+        (with("name", json!(42)), "name"),
+        (with("name", json!("a".repeat(201))), "name"),
+        (without("runtime"), "runtime"),
+        (with("runtime", json!("cobol")), "runtime"),
+        (without("content"), "content"),
+        (with("content", json!("   ")), "content"),
+        (with("command", json!(["ls"])), "command"),
+        (json!({"name": "e", "runtime": "exec", "command": []}), "command"),
+        (json!({"name": "e", "runtime": "exec", "command": "ls -l"}), "command"),
+        (json!({"name": "h", "runtime": "http"}), "request"),
+        (json!({"name": "h", "runtime": "http", "request": {"url": "ftp://x"}}), "request.url"),
+        (json!({"name": "h", "runtime": "http", "request": {"url": "http://x", "method": "BREW"}}), "request.method"),
+        (json!({"name": "h", "runtime": "http", "request": {"url": "http://x", "headers": {"bad header": "v"}}}), "request.headers.bad header"),
+        (with("executor", json!("mainframe")), "executor"),
+        (with("executor", json!("ssh")), "server_id"),
+        (with("server_id", json!("not-a-uuid")), "server_id"),
+        (with("server_id", json!("0190a0a0-0000-7000-8000-000000000000")), "server_id"),
+        (with("image", json!("has space")), "image"),
+        (with("env", json!({"1BAD": "x"})), "env.1BAD"),
+        (with("env", json!({"BATON_DIR": "x"})), "env.BATON_DIR"),
+        (with("env", json!({"A": 1})), "env.A"),
+        (with("timeout_seconds", json!(0)), "timeout_seconds"),
+        (with("timeout_seconds", json!("soon")), "timeout_seconds"),
+        (with("timeout_seconds", json!(1e12)), "timeout_seconds"),
+        (with("max_attempts", json!(0)), "max_attempts"),
+        (with("max_attempts", json!(101)), "max_attempts"),
+        (with("priority", json!(5000)), "priority"),
+        (with("labels", json!({"a b": "c"})), "labels.a b"),
+        (with("labels", json!({"zone": 3})), "labels.zone"),
+        (with("colour", json!("blue")), "colour"),
+    ];
+    for (body, field) in cases {
+        let (status, err) = app.post("/api/v1/events", &body).await;
+        assert!(status.is_client_error(), "{body} gave {status}");
+        let named = err["error"]["field"].as_str().unwrap_or_default().to_owned();
+        let message = err["error"]["message"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            named == field || message.contains(field),
+            "{body}: expected field {field}, got {err}"
+        );
+    }
+    let (status, _) = app.get("/api/v1/events").await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, list) = app.get("/api/v1/events").await;
+    assert_eq!(list["items"], json!([]), "nothing was stored");
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_bodies_are_clean_4xx() {
+    let app = spawn_app_small_limit().await;
+    let raw = |body: &'static str| app.request(Method::POST, "/api/v1/events").header("content-type", "application/json").body(body);
+    let (status, err) = send(raw("{not json")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(err["error"]["code"], "invalid_body");
+    let (status, _) = send(raw("")).await;
+    assert!(status.is_client_error());
+    let (status, _) = send(raw("[1,2,3]")).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, _) = send(raw("{\"name\": \"a\", \"runtime\": \"bash\", \"content\": \"x\"} trailing")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let huge = json!({"name": "big", "runtime": "bash", "content": "x".repeat(200_000)});
+    let (status, err) = app.post("/api/v1/events", &huge).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{err}");
+    assert_eq!(err["error"]["code"], "body_too_large");
+}
+
+async fn spawn_app_small_limit() -> baton_tests::TestApp {
+    baton_tests::spawn_app_with(|c| c.body_limit_bytes = 64 * 1024).await
+}
+
+#[tokio::test]
+async fn unknown_ids_routes_and_methods() {
+    let app = spawn_app().await;
+    let missing = "0190a0a0-0000-7000-8000-000000000000";
+    let (status, err) = app.get(&format!("/api/v1/events/{missing}")).await;
+    assert_eq!((status, err["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("event_not_found")));
+    let (status, err) = app.get("/api/v1/events/not-a-uuid").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(err["error"]["field"], "id");
+    let (status, _) = app.post(&format!("/api/v1/events/{missing}/run"), &json!({})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, err) = app.get("/api/v1/nothing-here").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(err["error"]["code"], "not_found");
+    let (status, err) = send(app.request(Method::PUT, "/api/v1/events")).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(err["error"]["code"], "method_not_allowed");
+    let (status, err) = app.get("/api/v1/events?limit=0").await;
+    assert_eq!((status, err["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("limit")));
+    let (status, err) = app.get("/api/v1/events?bogus=1").await;
+    assert_eq!((status, err["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("bogus")));
+}
+
+#[tokio::test]
+async fn duplicate_names_conflict_and_busy_events_cannot_be_deleted() {
+    let app = spawn_app().await;
+    let ev = app.create_event(&bash_event("dup")).await;
+    let (status, err) = app.post("/api/v1/events", &bash_event("dup")).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(err["error"]["field"], "name");
+    let id = ev["id"].as_str().expect("id");
+    app.run_event(id, &json!({})).await;
+    let (status, err) = app.delete(&format!("/api/v1/events/{id}")).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(err["error"]["code"], "event_busy");
+}
+
+#[tokio::test]
+async fn run_takes_input_priority_run_at_and_idempotency_keys() {
+    let app = spawn_app().await;
+    let ev = app.create_event(&bash_event("runner")).await;
+    let id = ev["id"].as_str().expect("id");
+    // No body at all is fine.
+    let (status, answer) = send(app.request(Method::POST, &format!("/api/v1/events/{id}/run"))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+
+    let run_at = (chrono::Utc::now() + chrono::Duration::hours(2)).to_rfc3339();
+    let body = json!({"input": {"rows": [1, 2]}, "priority": 7, "run_at": run_at, "idempotency_key": "k1"});
+    let (status, first) = app.post(&format!("/api/v1/events/{id}/run"), &body).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(first["created"], true);
+    let (_, second) = app.post(&format!("/api/v1/events/{id}/run"), &body).await;
+    assert_eq!(second["job_id"], first["job_id"]);
+    assert_eq!(second["created"], false);
+
+    let (status, job) = app.get(&format!("/api/v1/jobs/{}", first["job_id"].as_str().expect("id"))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(job["input"], json!({"rows": [1, 2]}));
+    assert_eq!(job["priority"], 7);
+    assert_eq!(job["status"], "queued");
+    assert_eq!(job["idempotency_key"], "k1");
+    assert_eq!(job["root_job_id"], job["id"]);
+    let stored: chrono::DateTime<chrono::Utc> = job["run_at"].as_str().expect("run_at").parse().expect("time");
+    assert_eq!(stored.timestamp(), run_at.parse::<chrono::DateTime<chrono::Utc>>().expect("t").timestamp());
+
+    for (body, field) in [
+        (json!({"priority": 10_000}), "priority"),
+        (json!({"run_at": "tomorrow"}), "run_at"),
+        (json!({"idempotency_key": ""}), "idempotency_key"),
+        (json!({"inptu": {}}), "inptu"),
+    ] {
+        let (status, err) = app.post(&format!("/api/v1/events/{id}/run"), &body).await;
+        assert!(status.is_client_error(), "{body}");
+        assert_eq!(err["error"]["field"], field, "{body}: {err}");
+    }
+}

@@ -1,0 +1,39 @@
+//! Probes and the OpenAPI document.
+
+use baton_tests::{send, spawn_app};
+use reqwest::{Method, StatusCode};
+
+#[tokio::test]
+async fn probes_answer_without_a_token() {
+    let app = spawn_app().await;
+    let (status, body) = send(app.anonymous(Method::GET, "/healthz")).await;
+    assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("ok")));
+    let (status, body) = send(app.anonymous(Method::GET, "/readyz")).await;
+    assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("ready")));
+}
+
+#[tokio::test]
+async fn readyz_fails_when_the_database_is_gone() {
+    let app = spawn_app().await;
+    app.pool.close().await;
+    let (status, body) = send(app.anonymous(Method::GET, "/readyz")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+}
+
+#[tokio::test]
+async fn openapi_documents_every_route() {
+    let app = spawn_app().await;
+    let (status, spec) = send(app.anonymous(Method::GET, "/api/v1/openapi.json")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(spec["openapi"].as_str().expect("version").starts_with("3."));
+    let paths = spec["paths"].as_object().expect("paths");
+    for path in [
+        "/api/v1/events", "/api/v1/events/{id}", "/api/v1/events/{id}/run", "/api/v1/jobs", "/api/v1/jobs/{id}",
+        "/api/v1/jobs/{id}/cancel", "/api/v1/jobs/{id}/logs", "/api/v1/tokens", "/api/v1/tokens/{id}",
+        "/healthz", "/readyz",
+    ] {
+        assert!(paths.contains_key(path), "{path} missing from the OpenAPI document");
+    }
+    assert!(spec["components"]["schemas"]["NewEvent"].is_object());
+    assert!(spec["components"]["securitySchemes"]["bearer"].is_object());
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests of the api against a real PostgreSQL: the queue's guarantees, and every
+//! REST endpoint including authentication, authorization and bad input.
+//! One binary (modules below) so the suite links once and shares one cluster.
+
+mod auth;
+mod events;
+mod health;
+mod jobs;
+mod queue;

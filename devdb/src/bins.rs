@@ -75,7 +75,10 @@ impl PgBinaries {
         let out = Command::new(&postgres)
             .arg("--version")
             .output()
-            .map_err(DevDbError::io(format!("running {} --version", show(&postgres))))?;
+            .map_err(DevDbError::io(format!(
+                "running {} --version",
+                show(&postgres)
+            )))?;
         let text = String::from_utf8_lossy(&out.stdout);
         // "postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"
         let version = text

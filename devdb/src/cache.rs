@@ -26,7 +26,13 @@ pub(crate) fn pristine_data_dir(
     let version: String = bins
         .version()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let name = format!("baton-devdb-initdb-{version}-{}", geteuid());
     let dir = base.join(&name);

@@ -317,7 +317,11 @@ impl Cluster {
                     )),
                 });
             }
-            tracing::debug!(name, remaining, "terminating sessions left in template database");
+            tracing::debug!(
+                name,
+                remaining,
+                "terminating sessions left in template database"
+            );
             sqlx::query(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
                  WHERE datname = $1 AND pid <> pg_backend_pid()",
@@ -343,36 +347,42 @@ impl Cluster {
             return Ok(());
         }
         state.watchdog.disarm();
-        let pid_file = self.data_dir.join("postmaster.pid");
-        if !pid_file.exists() {
-            state.running = false;
+        let Some(pid) = live_postmaster(&self.data_dir) else {
+            state.running = false; // already gone (crashed, or stopped behind our back)
             return Ok(());
-        }
+        };
         let mode = if self.temp.is_some() {
             "immediate"
         } else {
             "fast"
         };
+        // -W and our own 5 ms polling: pg_ctl's -w polls at 100 ms.
         let out = self
             .owner
             .command(self.bins.bin("pg_ctl"))
             .arg("stop")
             .arg("-D")
             .arg(&self.data_dir)
-            .args(["-m", mode, "-w", "-t", "60"])
+            .args(["-m", mode, "-W"])
             .stdin(Stdio::null())
             .output()
             .map_err(DevDbError::io("running pg_ctl stop"))?;
-        if out.status.success() || !pid_file.exists() {
-            state.running = false;
-            tracing::debug!(data_dir = %self.data_dir.display(), "private PostgreSQL cluster stopped");
-            Ok(())
-        } else {
-            Err(DevDbError::Stop {
-                dir: self.data_dir.clone(),
-                output: output_text(&out),
-            })
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while process_alive(pid) {
+            if !out.status.success() || Instant::now() > deadline {
+                return Err(DevDbError::Stop {
+                    dir: self.data_dir.clone(),
+                    output: format!(
+                        "{} (postmaster pid {pid} is still running)",
+                        output_text(&out)
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
+        state.running = false;
+        tracing::debug!(data_dir = %self.data_dir.display(), "private PostgreSQL cluster stopped");
+        Ok(())
     }
 
     async fn admin_connection(&self) -> Result<PgConnection, DevDbError> {
@@ -424,9 +434,10 @@ pub(crate) fn initdb(
     if !sync {
         cmd.arg("--no-sync");
     }
-    let out = cmd
-        .output()
-        .map_err(DevDbError::io(format!("running {}", show(&bins.bin("initdb")))))?;
+    let out = cmd.output().map_err(DevDbError::io(format!(
+        "running {}",
+        show(&bins.bin("initdb"))
+    )))?;
     if out.status.success() {
         Ok(())
     } else {
@@ -471,7 +482,13 @@ fn start_server(
             // pg_ctl said it started, so the server is ours: don't leave it behind.
             stop_immediately(bins, owner, data_dir);
             return Err(match e {
-                None => start_error(data_dir, port, log_file, 0, "server did not accept connections within 30 s".into()),
+                None => start_error(
+                    data_dir,
+                    port,
+                    log_file,
+                    0,
+                    "server did not accept connections within 30 s".into(),
+                ),
                 Some(e) => e,
             });
         }
@@ -498,9 +515,8 @@ fn pg_ctl_start(
     } else {
         "''".to_owned()
     };
-    let mut opts = format!(
-        "-c listen_addresses=127.0.0.1 -p {port} -k {socket_dir} -c max_connections=200"
-    );
+    let mut opts =
+        format!("-c listen_addresses=127.0.0.1 -p {port} -k {socket_dir} -c max_connections=200");
     if !durable {
         opts.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
     }
@@ -613,26 +629,26 @@ fn rotate_log(log_file: &Path) {
 /// Fail with [`DevDbError::AlreadyRunning`] if a live postmaster owns `data_dir`.
 ///
 /// A `postmaster.pid` whose process is gone is left to PostgreSQL (it replaces stale ones). One
-/// whose pid now belongs to some other program (pid reuse after a reboot or in a fresh
-/// container) would make PostgreSQL refuse to start, so that file is removed.
+/// whose pid is an unreaped zombie, or now belongs to some other program (pid reuse after a
+/// reboot or in a fresh container), would make PostgreSQL refuse to start, so that file is
+/// removed.
 fn check_not_running(data_dir: &Path) -> Result<(), DevDbError> {
     let pid_file = data_dir.join("postmaster.pid");
-    let Ok(text) = std::fs::read_to_string(&pid_file) else {
+    let Some(pid) = pid_in_file(&pid_file) else {
         return Ok(());
     };
-    let Some(pid) = text
-        .lines()
-        .next()
-        .and_then(|l| l.trim().parse::<i32>().ok())
-        .map(i32::abs)
-        .filter(|pid| *pid > 0)
-    else {
-        return Ok(());
-    };
-    let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) else {
-        return Ok(()); // process gone: stale, PostgreSQL handles it
-    };
-    if matches!(comm.trim(), "postgres" | "postmaster") {
+    if !process_alive(pid) {
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            // An unreaped zombie: PostgreSQL's own kill(pid, 0) check would think it alive.
+            std::fs::remove_file(&pid_file).map_err(DevDbError::io(format!(
+                "removing stale {}",
+                show(&pid_file)
+            )))?;
+        }
+        return Ok(()); // stale: PostgreSQL replaces it
+    }
+    let comm = process_name(pid);
+    if matches!(comm.as_deref(), Some("postgres" | "postmaster")) {
         return Err(DevDbError::AlreadyRunning {
             dir: data_dir.to_path_buf(),
             pid,
@@ -640,7 +656,7 @@ fn check_not_running(data_dir: &Path) -> Result<(), DevDbError> {
     }
     tracing::warn!(
         pid,
-        program = comm.trim(),
+        program = comm.as_deref().unwrap_or("?"),
         file = %pid_file.display(),
         "removing stale postmaster.pid whose pid now belongs to another program"
     );
@@ -648,6 +664,48 @@ fn check_not_running(data_dir: &Path) -> Result<(), DevDbError> {
         "removing stale {}",
         show(&pid_file)
     )))
+}
+
+/// The pid of a live postgres process named in `data_dir/postmaster.pid`.
+fn live_postmaster(data_dir: &Path) -> Option<i32> {
+    let pid = pid_in_file(&data_dir.join("postmaster.pid"))?;
+    let postgres = matches!(
+        process_name(pid).as_deref(),
+        Some("postgres" | "postmaster")
+    );
+    (postgres && process_alive(pid)).then_some(pid)
+}
+
+/// First line of a `postmaster.pid` (negative for a single-user backend).
+fn pid_in_file(pid_file: &Path) -> Option<i32> {
+    std::fs::read_to_string(pid_file)
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse::<i32>()
+        .ok()
+        .map(i32::abs)
+        .filter(|pid| *pid > 0)
+}
+
+/// Whether `pid` exists and is not a zombie (a dead postmaster whose parent has not reaped it
+/// yet has released its port and files). Read from /proc: `kill(pid, 0)` would fail with
+/// EPERM across users.
+fn process_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // "pid (comm) S ...": the state follows the last ')'.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next());
+        !matches!(state, None | Some("Z" | "X"))
+    })
+}
+
+fn process_name(pid: i32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|c| c.trim().to_owned())
 }
 
 /// pg_ctl builds `sh -c 'exec postgres -D "DIR" ... >> "LOG"'`: characters special inside
@@ -659,7 +717,10 @@ fn check_path(dir: &Path) -> Result<(), DevDbError> {
             reason: "the path is not valid UTF-8".into(),
         });
     };
-    if let Some(c) = text.chars().find(|c| matches!(c, '"' | '$' | '`' | '\\' | '\n' | '\r')) {
+    if let Some(c) = text
+        .chars()
+        .find(|c| matches!(c, '"' | '$' | '`' | '\\' | '\n' | '\r'))
+    {
         return Err(DevDbError::InvalidDataDir {
             dir: dir.to_path_buf(),
             reason: format!("the path contains {c:?}, which pg_ctl cannot quote; choose another"),

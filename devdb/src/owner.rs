@@ -93,7 +93,8 @@ impl Owner {
                 Err(e) => return Err(DevDbError::io(format!("creating {}", show(path)))(e)),
             }
         }
-        let meta = std::fs::metadata(dir).map_err(DevDbError::io(format!("reading {}", show(dir))))?;
+        let meta =
+            std::fs::metadata(dir).map_err(DevDbError::io(format!("reading {}", show(dir))))?;
         if !meta.is_dir() {
             return Err(DevDbError::InvalidDataDir {
                 dir: dir.to_path_buf(),

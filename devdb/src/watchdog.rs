@@ -76,7 +76,9 @@ impl Watchdog {
             .stderr(Stdio::null())
             .process_group(0)
             .spawn()
-            .map_err(DevDbError::io("starting the baton-devdb watchdog (/bin/sh)"))?;
+            .map_err(DevDbError::io(
+                "starting the baton-devdb watchdog (/bin/sh)",
+            ))?;
         Ok(Self { child: Some(child) })
     }
 

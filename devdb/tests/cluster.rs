@@ -44,7 +44,11 @@ async fn throwaway_cluster_serves_and_deletes_itself_on_drop() {
     let cluster = Cluster::throwaway().await.expect("throwaway cluster");
     eprintln!("throwaway cluster ready in {:?}", started.elapsed());
     assert!(!cluster.is_durable());
-    assert!(cluster.url("x").starts_with("postgres://postgres@127.0.0.1:"));
+    assert!(
+        cluster
+            .url("x")
+            .starts_with("postgres://postgres@127.0.0.1:")
+    );
 
     let mut conn = connect(&cluster, "postgres").await;
     let (fsync, max_conn, listen): (String, String, String) = sqlx::query_as(
@@ -226,8 +230,10 @@ async fn durable_cluster_keeps_its_data_across_restarts() {
         "unexpected: {err}"
     );
     assert!(
-        err.to_string()
-            .contains(&format!("another baton dev is using {}", data_dir.display())),
+        err.to_string().contains(&format!(
+            "another baton dev is using {}",
+            data_dir.display()
+        )),
         "{err}"
     );
     // ...and that refusal did not disturb the running one.
@@ -349,7 +355,12 @@ fn watchdog_cleans_up_when_owner_exits_without_drop() {
     let scratch = tempfile::tempdir().expect("tempdir");
     let report = scratch.path().join("report");
     let mut child = Command::new(std::env::current_exe().expect("current exe"))
-        .args(["--exact", "watchdog_child", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "watchdog_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, &report)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -379,4 +390,48 @@ fn watchdog_cleans_up_when_owner_exits_without_drop() {
         "{} not deleted after its owner exited",
         temp_root.display()
     );
+}
+
+#[tokio::test]
+async fn restart_after_a_postmaster_crash_recovers() {
+    let base = reachable_tempdir();
+    let opts = ClusterOptions {
+        data_dir: base.path().join("pg"),
+        port: None,
+        durable: true,
+    };
+    let cluster = Cluster::start(opts.clone()).await.expect("start");
+    cluster.create_database("app", None).await.expect("create");
+    let port = cluster.port();
+
+    let pid_text =
+        std::fs::read_to_string(cluster.data_dir().join("postmaster.pid")).expect("pid file");
+    let pid: i32 = pid_text
+        .lines()
+        .next()
+        .expect("pid line")
+        .parse()
+        .expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill postmaster");
+    assert!(eventually(Duration::from_secs(10), || !accepts(port)));
+    assert!(
+        cluster.data_dir().join("postmaster.pid").exists(),
+        "a crash leaves postmaster.pid behind"
+    );
+    // Stopping what already died is not an error.
+    cluster.stop().expect("stop after crash");
+    drop(cluster);
+
+    let cluster = Cluster::start(opts).await.expect("start after crash");
+    let mut conn = connect(&cluster, "app").await;
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&mut conn)
+        .await
+        .expect("query");
+    assert_eq!(one, 1);
+    conn.close().await.expect("close");
 }

@@ -7,11 +7,11 @@
 # (dash has no `source` builtin: use `.` there.) It is also in $BATON_HELPERS.
 #
 # The whole file is POSIX sh, so every function works the same in bash, dash,
-# busybox ash and ksh. Each public function runs in a subshell, so it never
-# changes the caller's variables or shell options; it works the same whatever
-# the caller's options (set -e, -u, -C), and its internals stay out of a
-# `set -x` trace. Functions return a status and never exit the script: use
-# `set -e` or `|| exit` to stop on an error.
+# busybox sh and ksh (all four pass test.sh). Each public function runs in a
+# subshell, so it never changes the caller's variables or shell options; it
+# works the same whatever the caller's options (set -e, -u, -C), and its
+# internals stay out of a `set -x` trace. Functions return a status and never
+# exit the script: use `set -e` or `|| exit` to stop on an error.
 #
 #   baton_input                    print the run's input JSON ("{}" when there is none)
 #   baton_output [JSON]            set the run's output JSON (reads stdin with no argument)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Tests for baton.sh. Plain bash, no dependencies beyond coreutils.
 #
-#   bash runtime-helpers/bash/test.sh            # every shell found: bash, dash, busybox sh
-#   BATON_TEST_SHELLS=dash bash runtime-helpers/bash/test.sh
+#   bash runtime-helpers/bash/test.sh            # bash, plus dash and busybox sh if installed
+#   BATON_TEST_SHELLS="dash,busybox sh,ksh" bash runtime-helpers/bash/test.sh
 #
 # Every case runs a small script in a fresh shell (the way Baton runs a user's
 # script) with BATON_DIR set to a fresh directory and the helper directory on
@@ -16,7 +16,7 @@ TMP=$(mktemp -d "${TMPDIR:-/tmp}/baton-bash-test.XXXXXX")
 trap 'rm -rf "$TMP"' EXIT
 
 if [ -n "${BATON_TEST_SHELLS:-}" ]; then
-    read -r -a SHELLS <<<"$BATON_TEST_SHELLS"
+    IFS=, read -r -a SHELLS <<<"$BATON_TEST_SHELLS"
 else
     SHELLS=(bash)
     command -v dash >/dev/null 2>&1 && SHELLS+=(dash)

@@ -1,6 +1,6 @@
 "use strict";
 /**
- * Baton runtime helpers for Node.js (CommonJS, no packages, Node 16+).
+ * Baton runtime helpers for Node.js (CommonJS, no packages; tested on Node 20).
  *
  *   const baton = require("baton");
  *

@@ -126,7 +126,9 @@ fn build_request(
     request: &HttpRequestSpec,
 ) -> Result<reqwest::RequestBuilder, ExecError> {
     let method = reqwest::Method::from_bytes(request.method.trim().to_ascii_uppercase().as_bytes())
-        .map_err(|_| ExecError::invalid_spec(format!("invalid HTTP method `{}`", request.method)))?;
+        .map_err(|_| {
+            ExecError::invalid_spec(format!("invalid HTTP method `{}`", request.method))
+        })?;
     let url = reqwest::Url::parse(&request.url)
         .map_err(|e| ExecError::invalid_spec(format!("invalid URL `{}`: {e}", request.url)))?;
     if !matches!(url.scheme(), "http" | "https") {

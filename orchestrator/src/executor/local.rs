@@ -223,7 +223,15 @@ impl LocalExecutor {
         };
         let ((status, stop, exited), out, err) = tokio::join!(
             supervise,
-            pump_opt(stdout, OutputStream::Stdout, &events, exit_rx.clone(), limits, max_line, 0),
+            pump_opt(
+                stdout,
+                OutputStream::Stdout,
+                &events,
+                exit_rx.clone(),
+                limits,
+                max_line,
+                0
+            ),
             pump_opt(
                 stderr,
                 OutputStream::Stderr,
@@ -366,10 +374,7 @@ impl LocalExecutor {
             .prefix("baton-run-")
             .tempdir_in(&root)
             .map_err(|e| {
-                ExecError::io(
-                    format!("creating a run directory in {}", root.display()),
-                    e,
-                )
+                ExecError::io(format!("creating a run directory in {}", root.display()), e)
             })?;
         fs::set_permissions(files.path(), fs::Permissions::from_mode(0o700))
             .map_err(|e| ExecError::io("restricting the run directory", e))?;

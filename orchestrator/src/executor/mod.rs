@@ -63,8 +63,8 @@
 
 pub mod http;
 pub mod local;
-pub mod output;
 mod outcome;
+pub mod output;
 mod process;
 mod spec;
 

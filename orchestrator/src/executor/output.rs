@@ -318,7 +318,12 @@ mod tests {
         let out = split(64, &[b"ab", b"c\nde", b"f\r\n\n", b"tail"]);
         assert_eq!(
             out,
-            vec![b"abc".to_vec(), b"def".to_vec(), b"".to_vec(), b"tail".to_vec()]
+            vec![
+                b"abc".to_vec(),
+                b"def".to_vec(),
+                b"".to_vec(),
+                b"tail".to_vec()
+            ]
         );
     }
 
@@ -326,9 +331,15 @@ mod tests {
     fn caps_long_lines() {
         let long = vec![b'x'; 25];
         let out = split(10, &[&long[..7], &long[7..], b"\n"]);
-        assert_eq!(out.iter().map(Vec::len).collect::<Vec<_>>(), vec![10, 10, 5]);
+        assert_eq!(
+            out.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![10, 10, 5]
+        );
         let out = split(10, &[&long, b"\n"]);
-        assert_eq!(out.iter().map(Vec::len).collect::<Vec<_>>(), vec![10, 10, 5]);
+        assert_eq!(
+            out.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![10, 10, 5]
+        );
         // exactly the cap: one line, no empty continuation
         let out = split(10, &[&long[..10], b"\n"]);
         assert_eq!(out.iter().map(Vec::len).collect::<Vec<_>>(), vec![10]);

@@ -1,0 +1,284 @@
+//! The REST subcommands: events, run, jobs, logs, tokens.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::client::{Client, Connection};
+
+#[derive(Debug, Subcommand)]
+pub enum ApiCommand {
+    /// Define and inspect events.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Run an event (by id or name).
+    Run {
+        event: String,
+        /// The run's input, as JSON.
+        #[arg(long)]
+        input: Option<String>,
+        #[arg(long)]
+        priority: Option<i32>,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Follow the logs and exit with the job's outcome.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Inspect and cancel jobs.
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Manage API and worker tokens (admin).
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCommand,
+        #[command(flatten)]
+        conn: Connection,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    List,
+    Get { event: String },
+    /// Create an event from a JSON file (`-` for stdin).
+    Create { file: String },
+    Delete { event: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        event: Option<String>,
+    },
+    Get { id: String },
+    Cancel { id: String },
+    /// Print a job's output; `--follow` keeps printing until it finishes.
+    Logs {
+        id: String,
+        #[arg(long, short)]
+        follow: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokensCommand {
+    List,
+    Create {
+        name: String,
+        /// admin, operator, viewer or worker.
+        #[arg(long)]
+        role: String,
+    },
+}
+
+pub async fn run(cmd: ApiCommand) -> anyhow::Result<()> {
+    match cmd {
+        ApiCommand::Events { command, conn } => events(&Client::new(&conn)?, command).await,
+        ApiCommand::Run { event, input, priority, idempotency_key, wait, conn } => {
+            let client = Client::new(&conn)?;
+            let id = resolve_event(&client, &event).await?;
+            let input: Option<Value> = input
+                .map(|s| serde_json::from_str(&s).context("--input is not valid JSON"))
+                .transpose()?;
+            let answer = client
+                .post(
+                    &format!("/api/v1/events/{id}/run"),
+                    &json!({"input": input, "priority": priority, "idempotency_key": idempotency_key}),
+                )
+                .await?;
+            let job_id = answer["job_id"].as_str().context("no job_id in the answer")?.to_owned();
+            if !wait {
+                println!("{job_id}");
+                return Ok(());
+            }
+            eprintln!("job {job_id}");
+            follow_logs(&client, &job_id).await?;
+            let job = client.get(&format!("/api/v1/jobs/{job_id}")).await?;
+            eprintln!("status: {}", job["status"].as_str().unwrap_or("?"));
+            if job["status"] != "succeeded" {
+                bail!("job {job_id} ended {}: {}", job["status"], job["error"]["message"].as_str().unwrap_or(""));
+            }
+            Ok(())
+        }
+        ApiCommand::Jobs { command, conn } => jobs(&Client::new(&conn)?, command).await,
+        ApiCommand::Tokens { command, conn } => {
+            let client = Client::new(&conn)?;
+            let out = match command {
+                TokensCommand::List => client.get("/api/v1/tokens").await?,
+                TokensCommand::Create { name, role } => client.post("/api/v1/tokens", &json!({"name": name, "role": role})).await?,
+            };
+            print_json(&out)
+        }
+    }
+}
+
+async fn events(client: &Client, command: EventsCommand) -> anyhow::Result<()> {
+    let out = match command {
+        EventsCommand::List => {
+            let mut all = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let path = match &cursor {
+                    Some(c) => format!("/api/v1/events?limit=500&cursor={}", urlencode(c)),
+                    None => "/api/v1/events?limit=500".to_owned(),
+                };
+                let page = client.get(&path).await?;
+                all.extend(page["items"].as_array().cloned().unwrap_or_default());
+                match page["next_cursor"].as_str() {
+                    Some(c) => cursor = Some(c.to_owned()),
+                    None => break,
+                }
+            }
+            for e in &all {
+                println!("{}  {:<30} {:<7} {}", e["id"].as_str().unwrap_or(""), e["name"].as_str().unwrap_or(""),
+                    e["runtime"].as_str().unwrap_or(""), e["executor"].as_str().unwrap_or(""));
+            }
+            return Ok(());
+        }
+        EventsCommand::Get { event } => {
+            let id = resolve_event(client, &event).await?;
+            client.get(&format!("/api/v1/events/{id}")).await?
+        }
+        EventsCommand::Create { file } => {
+            let text = if file == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(&file).with_context(|| format!("cannot read {file}"))?
+            };
+            let spec: Value = serde_json::from_str(&text).with_context(|| format!("{file} is not valid JSON"))?;
+            client.post("/api/v1/events", &spec).await?
+        }
+        EventsCommand::Delete { event } => {
+            let id = resolve_event(client, &event).await?;
+            client.call(Method::DELETE, &format!("/api/v1/events/{id}"), None).await?;
+            println!("deleted {id}");
+            return Ok(());
+        }
+    };
+    print_json(&out)
+}
+
+async fn jobs(client: &Client, command: JobsCommand) -> anyhow::Result<()> {
+    match command {
+        JobsCommand::List { status, event } => {
+            let mut query = vec!["limit=100".to_owned()];
+            if let Some(s) = status {
+                query.push(format!("status={}", urlencode(&s)));
+            }
+            if let Some(e) = event {
+                query.push(format!("event_id={}", resolve_event(client, &e).await?));
+            }
+            let page = client.get(&format!("/api/v1/jobs?{}", query.join("&"))).await?;
+            for j in page["items"].as_array().cloned().unwrap_or_default() {
+                println!("{}  {:<10} attempt {:<2} {:<30} {}", j["id"].as_str().unwrap_or(""), j["status"].as_str().unwrap_or(""),
+                    j["attempt"], j["event_name"].as_str().unwrap_or(""), j["created_at"].as_str().unwrap_or(""));
+            }
+            Ok(())
+        }
+        JobsCommand::Get { id } => print_json(&client.get(&format!("/api/v1/jobs/{id}")).await?),
+        JobsCommand::Cancel { id } => print_json(&client.post(&format!("/api/v1/jobs/{id}/cancel"), &Value::Null).await?),
+        JobsCommand::Logs { id, follow } => {
+            if follow {
+                follow_logs(client, &id).await
+            } else {
+                print_logs_once(client, &id).await.map(|_| ())
+            }
+        }
+    }
+}
+
+/// Prints all stored lines; returns the last sequence number and whether the job is done.
+async fn print_logs_once(client: &Client, id: &str) -> anyhow::Result<(i64, bool)> {
+    let mut after = 0;
+    loop {
+        let page = client.get(&format!("/api/v1/jobs/{id}/logs?after={after}&limit=10000")).await?;
+        let lines = page["lines"].as_array().cloned().unwrap_or_default();
+        print_lines(&lines);
+        after = page["next"].as_i64().unwrap_or(after);
+        if lines.len() < 10_000 {
+            return Ok((after, page["done"].as_bool().unwrap_or(false)));
+        }
+    }
+}
+
+fn print_lines(lines: &[Value]) {
+    for line in lines {
+        let text = line["text"].as_str().unwrap_or("");
+        if line["stream"] == "stderr" {
+            eprintln!("{text}");
+        } else {
+            println!("{text}");
+        }
+    }
+}
+
+/// Prints lines as they arrive until the job finishes.
+async fn follow_logs(client: &Client, id: &str) -> anyhow::Result<()> {
+    let mut after = 0;
+    loop {
+        let page = client.get(&format!("/api/v1/jobs/{id}/logs?after={after}&limit=10000")).await?;
+        let lines = page["lines"].as_array().cloned().unwrap_or_default();
+        print_lines(&lines);
+        after = page["next"].as_i64().unwrap_or(after);
+        if page["done"].as_bool().unwrap_or(false) {
+            return Ok(());
+        }
+        if lines.is_empty() {
+            // Between pages of a live job; the SSE stream is the push alternative.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+}
+
+/// An event id from an id or a name.
+async fn resolve_event(client: &Client, event: &str) -> anyhow::Result<String> {
+    if uuid::Uuid::parse_str(event).is_ok() {
+        return Ok(event.to_owned());
+    }
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/v1/events?limit=500&cursor={}", urlencode(c)),
+            None => "/api/v1/events?limit=500".to_owned(),
+        };
+        let page = client.get(&path).await?;
+        if let Some(found) = page["items"].as_array().into_iter().flatten().find(|e| e["name"] == event) {
+            return Ok(found["id"].as_str().unwrap_or_default().to_owned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => bail!("no event named {event:?}"),
+        }
+    }
+}
+
+fn print_json(value: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

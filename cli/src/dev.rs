@@ -1,0 +1,122 @@
+//! `baton dev`: everything on one machine, in one command. PostgreSQL runs from the installed
+//! binaries with its data under `BATON_DATA_DIR/pg` (durable: running again reuses it), the
+//! api listens on `BATON_LISTEN`, and Ctrl-C stops all of it, PostgreSQL included.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use baton_devdb::{Cluster, ClusterOptions};
+use sqlx::Connection;
+
+#[derive(Debug, clap::Args)]
+pub struct DevArgs {
+    /// Where the database and the generated secrets live.
+    #[arg(long, env = "BATON_DATA_DIR", default_value = "./.baton")]
+    data_dir: PathBuf,
+    /// Address of the REST API.
+    #[arg(long, env = "BATON_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Admin token to use; otherwise one is generated on the first run and kept in the data dir.
+    #[arg(long, env = "BATON_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,baton_api=info".into()),
+        )
+        .init();
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create the data directory {}", args.data_dir.display()))?;
+    let data_dir = args.data_dir.canonicalize()?;
+    // Bind first: a busy port should fail before anything is started.
+    let http = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (set BATON_LISTEN to another address)", args.listen))?;
+
+    eprintln!("Starting PostgreSQL in {} ...", data_dir.join("pg").display());
+    let cluster = Cluster::start(ClusterOptions {
+        data_dir: data_dir.join("pg"),
+        port: None,
+        durable: true,
+    })
+    .await?;
+    let result = serve(&args, &data_dir, &cluster, http).await;
+    eprintln!("Stopping PostgreSQL ...");
+    cluster.stop()?;
+    result
+}
+
+async fn serve(args: &DevArgs, data_dir: &std::path::Path, cluster: &Cluster, http: tokio::net::TcpListener) -> anyhow::Result<()> {
+    ensure_database(cluster, "baton").await?;
+    let admin_token = match &args.admin_token {
+        Some(token) => token.clone(),
+        None => stored_admin_token(data_dir)?,
+    };
+    let mut config = baton_api::ApiConfig::new(cluster.url("baton"));
+    config.listen = args.listen;
+    config.admin_token = Some(admin_token.clone());
+    let (api, _) = baton_api::Api::start(config).await?;
+
+    let url = format!("http://{}", http.local_addr()?);
+    println!("Baton is running.");
+    println!("  API:         {url}/api/v1  (OpenAPI: {url}/api/v1/openapi.json)");
+    println!("  Admin token: {admin_token}");
+    println!("  Data:        {}", data_dir.display());
+    println!("Try it:");
+    println!("  export BATON_URL={url} BATON_TOKEN={admin_token}");
+    println!(
+        "  curl -s -H \"Authorization: Bearer $BATON_TOKEN\" -d '{{\"name\":\"hello\",\"runtime\":\"bash\",\"content\":\"echo hello\",\"executor\":\"local\"}}' $BATON_URL/api/v1/events"
+    );
+    println!("Press Ctrl-C to stop.");
+    api.serve(http, shutdown_signal()).await
+}
+
+/// Creates `name` unless it exists (`baton dev` run again reuses the data).
+async fn ensure_database(cluster: &Cluster, name: &str) -> anyhow::Result<()> {
+    let mut conn = sqlx::PgConnection::connect(&cluster.url("postgres")).await?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(name)
+        .fetch_one(&mut conn)
+        .await?;
+    conn.close().await?;
+    if !exists {
+        cluster.create_database(name, None).await?;
+    }
+    Ok(())
+}
+
+/// The admin token generated on the first run, kept (mode 0600) so later runs print it again.
+fn stored_admin_token(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("admin-token");
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let token = baton_api::auth::generate_token();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(file, "{token}")?;
+    Ok(token)
+}
+
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+    eprintln!("Shutting down ...");
+}

@@ -1,0 +1,30 @@
+# Installs (as root on Debian) or names (otherwise) what Baton needs on this machine.
+# Usage: ensure_prereqs run|test
+
+pg_bin_dir() {
+  if [ -n "${BATON_PG_BIN:-}" ]; then echo "$BATON_PG_BIN"; return; fi
+  ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1
+}
+
+ensure_prereqs() {
+  local purpose="$1" missing=() hint=()
+  local pg; pg="$(pg_bin_dir)"
+  if [ -z "$pg" ] || [ ! -x "$pg/initdb" ]; then missing+=(postgresql); hint+=("PostgreSQL server binaries (initdb, pg_ctl)"); fi
+  command -v cargo >/dev/null 2>&1 || { echo "cargo is not installed: install Rust (https://rustup.rs) first" >&2; exit 1; }
+  if [ "$purpose" = test ]; then
+    command -v python3 >/dev/null 2>&1 || { missing+=(python3); hint+=("python3 (runtime helper tests)"); }
+    command -v node >/dev/null 2>&1 || { missing+=(nodejs); hint+=("node (runtime helper tests)"); }
+  fi
+  command -v runuser >/dev/null 2>&1 || { missing+=(util-linux); hint+=("runuser"); }
+  if [ "${#missing[@]}" -eq 0 ]; then return 0; fi
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "==> installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "Missing: ${hint[*]}." >&2
+    echo "Install the Debian packages: ${missing[*]} (as root: apt-get install -y ${missing[*]})" >&2
+    exit 1
+  fi
+}

@@ -18,7 +18,11 @@ pub const TOKEN_PREFIX: &str = "baton_";
 
 /// A new random token: the prefix and 40 alphanumerics (~238 bits).
 pub fn generate_token() -> String {
-    let body: String = rand::rng().sample_iter(&Alphanumeric).take(40).map(char::from).collect();
+    let body: String = rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(40)
+        .map(char::from)
+        .collect();
     format!("{TOKEN_PREFIX}{body}")
 }
 
@@ -39,14 +43,25 @@ pub async fn create_token(
     created_by: Option<Uuid>,
 ) -> storage::Result<(crate::model::Token, String)> {
     let secret = generate_token();
-    let info = tokens::insert_token(pool, name, role, &hash_token(&secret), &display_prefix(&secret), created_by).await?;
+    let info = tokens::insert_token(
+        pool,
+        name,
+        role,
+        &hash_token(&secret),
+        &display_prefix(&secret),
+        created_by,
+    )
+    .await?;
     Ok((info, secret))
 }
 
 /// Makes sure an admin can log in: registers `configured` (BATON_ADMIN_TOKEN) if given and
 /// unknown, or generates a token when no admin exists. Returns a generated token, which the
 /// caller prints once; it is never shown again.
-pub async fn bootstrap_admin(pool: &PgPool, configured: Option<&str>) -> anyhow::Result<Option<String>> {
+pub async fn bootstrap_admin(
+    pool: &PgPool,
+    configured: Option<&str>,
+) -> anyhow::Result<Option<String>> {
     if let Some(token) = configured {
         anyhow::ensure!(
             token.len() >= 16,
@@ -54,8 +69,15 @@ pub async fn bootstrap_admin(pool: &PgPool, configured: Option<&str>) -> anyhow:
         );
         let hash = hash_token(token);
         if tokens::find_by_hash(pool, &hash).await?.is_none() {
-            tokens::insert_token(pool, "admin (BATON_ADMIN_TOKEN)", Role::Admin, &hash, &display_prefix(token), None)
-                .await?;
+            tokens::insert_token(
+                pool,
+                "admin (BATON_ADMIN_TOKEN)",
+                Role::Admin,
+                &hash,
+                &display_prefix(token),
+                None,
+            )
+            .await?;
         }
         return Ok(None);
     }
@@ -80,7 +102,9 @@ impl Caller {
         if self.role.allows(required) {
             Ok(())
         } else if self.role == Role::Worker {
-            Err(ApiError::Forbidden("worker tokens can only be used by workers".into()))
+            Err(ApiError::Forbidden(
+                "worker tokens can only be used by workers".into(),
+            ))
         } else {
             Err(ApiError::Forbidden(format!(
                 "this needs the {required} role; the token {:?} has role {}",
@@ -93,18 +117,28 @@ impl Caller {
 impl FromRequestParts<crate::AppState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &crate::AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &crate::AppState,
+    ) -> Result<Self, Self::Rejection> {
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| ApiError::Unauthorized("missing Authorization: Bearer <token> header".into()))?;
+            .ok_or_else(|| {
+                ApiError::Unauthorized("missing Authorization: Bearer <token> header".into())
+            })?;
         let token = header
             .to_str()
             .ok()
-            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
             .map(str::trim)
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| ApiError::Unauthorized("the Authorization header must be `Bearer <token>`".into()))?;
+            .ok_or_else(|| {
+                ApiError::Unauthorized("the Authorization header must be `Bearer <token>`".into())
+            })?;
         let info = tokens::find_by_hash(&state.pool, &hash_token(token))
             .await?
             .ok_or_else(|| ApiError::Unauthorized("unknown or revoked token".into()))?;

@@ -34,7 +34,9 @@ pub struct ApiConfig {
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
     if !(0.01..=86_400.0).contains(&secs) {
         return Err(format!("{s} is out of range (0.01 to 86400 seconds)"));
     }

@@ -54,9 +54,17 @@ impl ApiError {
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", None),
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", None),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", None),
-            Self::Validation(e) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some(e.field.clone())),
+            Self::Validation(e) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_field",
+                Some(e.field.clone()),
+            ),
             Self::BadBody { status, field, .. } => {
-                let code = if *status == StatusCode::PAYLOAD_TOO_LARGE { "body_too_large" } else { "invalid_body" };
+                let code = if *status == StatusCode::PAYLOAD_TOO_LARGE {
+                    "body_too_large"
+                } else {
+                    "invalid_body"
+                };
                 (*status, code, field.clone())
             }
             Self::Conflict { code, .. } => (StatusCode::CONFLICT, code, None),
@@ -64,11 +72,19 @@ impl ApiError {
                 S::EventNotFound(_) => (StatusCode::NOT_FOUND, "event_not_found", None),
                 S::JobNotFound(_) => (StatusCode::NOT_FOUND, "job_not_found", None),
                 S::TokenNotFound(_) => (StatusCode::NOT_FOUND, "token_not_found", None),
-                S::EventNameTaken(_) => (StatusCode::CONFLICT, "event_name_taken", Some("name".into())),
+                S::EventNameTaken(_) => (
+                    StatusCode::CONFLICT,
+                    "event_name_taken",
+                    Some("name".into()),
+                ),
                 S::EventBusy(_) => (StatusCode::CONFLICT, "event_busy", None),
                 S::LeaseLost { .. } => (StatusCode::CONFLICT, "lease_lost", None),
                 S::JobFinished { .. } => (StatusCode::CONFLICT, "job_finished", None),
-                S::Database(sqlx::Error::PoolTimedOut) => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", None),
+                S::Database(sqlx::Error::PoolTimedOut) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_unavailable",
+                    None,
+                ),
                 S::Database(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", None),
             },
         }
@@ -101,7 +117,9 @@ pub fn grpc_status(err: &StorageError) -> tonic::Status {
     use StorageError as S;
     match err {
         S::LeaseLost { .. } => tonic::Status::failed_precondition(err.to_string()),
-        S::JobNotFound(_) | S::EventNotFound(_) | S::TokenNotFound(_) => tonic::Status::not_found(err.to_string()),
+        S::JobNotFound(_) | S::EventNotFound(_) | S::TokenNotFound(_) => {
+            tonic::Status::not_found(err.to_string())
+        }
         S::JobFinished { .. } | S::EventBusy(_) | S::EventNameTaken(_) => {
             tonic::Status::failed_precondition(err.to_string())
         }

@@ -4,7 +4,11 @@ use anyhow::Context;
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(name = "baton-api", version, about = "Baton's API service (REST + worker gRPC)")]
+#[command(
+    name = "baton-api",
+    version,
+    about = "Baton's API service (REST + worker gRPC)"
+)]
 struct Cli {
     #[command(flatten)]
     config: baton_api::ApiConfig,
@@ -14,7 +18,8 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
         )
         .init();
     let cli = Cli::parse();

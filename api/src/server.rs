@@ -23,8 +23,16 @@ pub async fn connect(config: &ApiConfig) -> anyhow::Result<PgPool> {
         .acquire_timeout(std::time::Duration::from_secs(10))
         .connect(&config.database_url)
         .await
-        .with_context(|| format!("cannot connect to PostgreSQL at {}", redact_url(&config.database_url)))?;
-    MIGRATOR.run(&pool).await.context("running database migrations")?;
+        .with_context(|| {
+            format!(
+                "cannot connect to PostgreSQL at {}",
+                redact_url(&config.database_url)
+            )
+        })?;
+    MIGRATOR
+        .run(&pool)
+        .await
+        .context("running database migrations")?;
     Ok(pool)
 }
 
@@ -65,9 +73,17 @@ impl Api {
 
     /// Serves the REST API on `http` until `shutdown` resolves, then drains in-flight requests
     /// and stops the background tasks.
-    pub async fn serve(self, http: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn serve(
+        self,
+        http: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let stop = CancellationToken::new();
-        let reaper = tokio::spawn(reaper::run(self.state.pool.clone(), self.state.config.reaper_interval, stop.clone()));
+        let reaper = tokio::spawn(reaper::run(
+            self.state.pool.clone(),
+            self.state.config.reaper_interval,
+            stop.clone(),
+        ));
         let app = crate::http::router(self.state.clone());
         let addr = http.local_addr().ok();
         tracing::info!(?addr, "REST API listening");

@@ -53,10 +53,16 @@ pub enum ApiCommand {
 #[derive(Debug, Subcommand)]
 pub enum EventsCommand {
     List,
-    Get { event: String },
+    Get {
+        event: String,
+    },
     /// Create an event from a JSON file (`-` for stdin).
-    Create { file: String },
-    Delete { event: String },
+    Create {
+        file: String,
+    },
+    Delete {
+        event: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -67,8 +73,12 @@ pub enum JobsCommand {
         #[arg(long)]
         event: Option<String>,
     },
-    Get { id: String },
-    Cancel { id: String },
+    Get {
+        id: String,
+    },
+    Cancel {
+        id: String,
+    },
     /// Print a job's output; `--follow` keeps printing until it finishes.
     Logs {
         id: String,
@@ -91,7 +101,14 @@ pub enum TokensCommand {
 pub async fn run(cmd: ApiCommand) -> anyhow::Result<()> {
     match cmd {
         ApiCommand::Events { command, conn } => events(&Client::new(&conn)?, command).await,
-        ApiCommand::Run { event, input, priority, idempotency_key, wait, conn } => {
+        ApiCommand::Run {
+            event,
+            input,
+            priority,
+            idempotency_key,
+            wait,
+            conn,
+        } => {
             let client = Client::new(&conn)?;
             let id = resolve_event(&client, &event).await?;
             let input: Option<Value> = input
@@ -103,7 +120,10 @@ pub async fn run(cmd: ApiCommand) -> anyhow::Result<()> {
                     &json!({"input": input, "priority": priority, "idempotency_key": idempotency_key}),
                 )
                 .await?;
-            let job_id = answer["job_id"].as_str().context("no job_id in the answer")?.to_owned();
+            let job_id = answer["job_id"]
+                .as_str()
+                .context("no job_id in the answer")?
+                .to_owned();
             if !wait {
                 println!("{job_id}");
                 return Ok(());
@@ -113,7 +133,11 @@ pub async fn run(cmd: ApiCommand) -> anyhow::Result<()> {
             let job = client.get(&format!("/api/v1/jobs/{job_id}")).await?;
             eprintln!("status: {}", job["status"].as_str().unwrap_or("?"));
             if job["status"] != "succeeded" {
-                bail!("job {job_id} ended {}: {}", job["status"], job["error"]["message"].as_str().unwrap_or(""));
+                bail!(
+                    "job {job_id} ended {}: {}",
+                    job["status"],
+                    job["error"]["message"].as_str().unwrap_or("")
+                );
             }
             Ok(())
         }
@@ -122,7 +146,11 @@ pub async fn run(cmd: ApiCommand) -> anyhow::Result<()> {
             let client = Client::new(&conn)?;
             let out = match command {
                 TokensCommand::List => client.get("/api/v1/tokens").await?,
-                TokensCommand::Create { name, role } => client.post("/api/v1/tokens", &json!({"name": name, "role": role})).await?,
+                TokensCommand::Create { name, role } => {
+                    client
+                        .post("/api/v1/tokens", &json!({"name": name, "role": role}))
+                        .await?
+                }
             };
             print_json(&out)
         }
@@ -147,8 +175,13 @@ async fn events(client: &Client, command: EventsCommand) -> anyhow::Result<()> {
                 }
             }
             for e in &all {
-                println!("{}  {:<30} {:<7} {}", e["id"].as_str().unwrap_or(""), e["name"].as_str().unwrap_or(""),
-                    e["runtime"].as_str().unwrap_or(""), e["executor"].as_str().unwrap_or(""));
+                println!(
+                    "{}  {:<30} {:<7} {}",
+                    e["id"].as_str().unwrap_or(""),
+                    e["name"].as_str().unwrap_or(""),
+                    e["runtime"].as_str().unwrap_or(""),
+                    e["executor"].as_str().unwrap_or("")
+                );
             }
             return Ok(());
         }
@@ -162,12 +195,15 @@ async fn events(client: &Client, command: EventsCommand) -> anyhow::Result<()> {
             } else {
                 std::fs::read_to_string(&file).with_context(|| format!("cannot read {file}"))?
             };
-            let spec: Value = serde_json::from_str(&text).with_context(|| format!("{file} is not valid JSON"))?;
+            let spec: Value =
+                serde_json::from_str(&text).with_context(|| format!("{file} is not valid JSON"))?;
             client.post("/api/v1/events", &spec).await?
         }
         EventsCommand::Delete { event } => {
             let id = resolve_event(client, &event).await?;
-            client.call(Method::DELETE, &format!("/api/v1/events/{id}"), None).await?;
+            client
+                .call(Method::DELETE, &format!("/api/v1/events/{id}"), None)
+                .await?;
             println!("deleted {id}");
             return Ok(());
         }
@@ -185,15 +221,27 @@ async fn jobs(client: &Client, command: JobsCommand) -> anyhow::Result<()> {
             if let Some(e) = event {
                 query.push(format!("event_id={}", resolve_event(client, &e).await?));
             }
-            let page = client.get(&format!("/api/v1/jobs?{}", query.join("&"))).await?;
+            let page = client
+                .get(&format!("/api/v1/jobs?{}", query.join("&")))
+                .await?;
             for j in page["items"].as_array().cloned().unwrap_or_default() {
-                println!("{}  {:<10} attempt {:<2} {:<30} {}", j["id"].as_str().unwrap_or(""), j["status"].as_str().unwrap_or(""),
-                    j["attempt"], j["event_name"].as_str().unwrap_or(""), j["created_at"].as_str().unwrap_or(""));
+                println!(
+                    "{}  {:<10} attempt {:<2} {:<30} {}",
+                    j["id"].as_str().unwrap_or(""),
+                    j["status"].as_str().unwrap_or(""),
+                    j["attempt"],
+                    j["event_name"].as_str().unwrap_or(""),
+                    j["created_at"].as_str().unwrap_or("")
+                );
             }
             Ok(())
         }
         JobsCommand::Get { id } => print_json(&client.get(&format!("/api/v1/jobs/{id}")).await?),
-        JobsCommand::Cancel { id } => print_json(&client.post(&format!("/api/v1/jobs/{id}/cancel"), &Value::Null).await?),
+        JobsCommand::Cancel { id } => print_json(
+            &client
+                .post(&format!("/api/v1/jobs/{id}/cancel"), &Value::Null)
+                .await?,
+        ),
         JobsCommand::Logs { id, follow } => {
             if follow {
                 follow_logs(client, &id).await
@@ -208,7 +256,9 @@ async fn jobs(client: &Client, command: JobsCommand) -> anyhow::Result<()> {
 async fn print_logs_once(client: &Client, id: &str) -> anyhow::Result<(i64, bool)> {
     let mut after = 0;
     loop {
-        let page = client.get(&format!("/api/v1/jobs/{id}/logs?after={after}&limit=10000")).await?;
+        let page = client
+            .get(&format!("/api/v1/jobs/{id}/logs?after={after}&limit=10000"))
+            .await?;
         let lines = page["lines"].as_array().cloned().unwrap_or_default();
         print_lines(&lines);
         after = page["next"].as_i64().unwrap_or(after);
@@ -233,7 +283,9 @@ fn print_lines(lines: &[Value]) {
 async fn follow_logs(client: &Client, id: &str) -> anyhow::Result<()> {
     let mut after = 0;
     loop {
-        let page = client.get(&format!("/api/v1/jobs/{id}/logs?after={after}&limit=10000")).await?;
+        let page = client
+            .get(&format!("/api/v1/jobs/{id}/logs?after={after}&limit=10000"))
+            .await?;
         let lines = page["lines"].as_array().cloned().unwrap_or_default();
         print_lines(&lines);
         after = page["next"].as_i64().unwrap_or(after);
@@ -259,7 +311,12 @@ async fn resolve_event(client: &Client, event: &str) -> anyhow::Result<String> {
             None => "/api/v1/events?limit=500".to_owned(),
         };
         let page = client.get(&path).await?;
-        if let Some(found) = page["items"].as_array().into_iter().flatten().find(|e| e["name"] == event) {
+        if let Some(found) = page["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == event)
+        {
             return Ok(found["id"].as_str().unwrap_or_default().to_owned());
         }
         match page["next_cursor"].as_str() {
@@ -277,7 +334,9 @@ fn print_json(value: &Value) -> anyhow::Result<()> {
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()

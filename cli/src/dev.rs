@@ -25,18 +25,31 @@ pub struct DevArgs {
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,baton_api=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,baton_api=info".into()),
         )
         .init();
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("cannot create the data directory {}", args.data_dir.display()))?;
+    std::fs::create_dir_all(&args.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            args.data_dir.display()
+        )
+    })?;
     let data_dir = args.data_dir.canonicalize()?;
     // Bind first: a busy port should fail before anything is started.
     let http = tokio::net::TcpListener::bind(args.listen)
         .await
-        .with_context(|| format!("cannot listen on {} (set BATON_LISTEN to another address)", args.listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (set BATON_LISTEN to another address)",
+                args.listen
+            )
+        })?;
 
-    eprintln!("Starting PostgreSQL in {} ...", data_dir.join("pg").display());
+    eprintln!(
+        "Starting PostgreSQL in {} ...",
+        data_dir.join("pg").display()
+    );
     let cluster = Cluster::start(ClusterOptions {
         data_dir: data_dir.join("pg"),
         port: None,
@@ -49,7 +62,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     result
 }
 
-async fn serve(args: &DevArgs, data_dir: &std::path::Path, cluster: &Cluster, http: tokio::net::TcpListener) -> anyhow::Result<()> {
+async fn serve(
+    args: &DevArgs,
+    data_dir: &std::path::Path,
+    cluster: &Cluster,
+    http: tokio::net::TcpListener,
+) -> anyhow::Result<()> {
     ensure_database(cluster, "baton").await?;
     let admin_token = match &args.admin_token {
         Some(token) => token.clone(),
@@ -77,10 +95,11 @@ async fn serve(args: &DevArgs, data_dir: &std::path::Path, cluster: &Cluster, ht
 /// Creates `name` unless it exists (`baton dev` run again reuses the data).
 async fn ensure_database(cluster: &Cluster, name: &str) -> anyhow::Result<()> {
     let mut conn = sqlx::PgConnection::connect(&cluster.url("postgres")).await?;
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(name)
-        .fetch_one(&mut conn)
-        .await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(name)
+            .fetch_one(&mut conn)
+            .await?;
     conn.close().await?;
     if !exists {
         cluster.create_database(name, None).await?;

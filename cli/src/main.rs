@@ -9,7 +9,11 @@ mod dev;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "baton", version, about = "Baton: queue, run and chain jobs on your workers")]
+#[command(
+    name = "baton",
+    version,
+    about = "Baton: queue, run and chain jobs on your workers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

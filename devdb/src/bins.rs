@@ -5,14 +5,14 @@ use std::process::Command;
 
 use crate::error::{DevDbError, show};
 
-/// Environment variable that names the directory holding `initdb`, `pg_ctl`, `postgres` and
-/// `pg_isready`; when set (and not empty) it is the only place looked at.
+/// Environment variable that names the directory holding `initdb`, `pg_ctl` and `postgres`;
+/// when set (and not empty) it is the only place looked at.
 pub const ENV_PG_BIN: &str = "BATON_PG_BIN";
 
 /// Where Debian/Ubuntu install the server binaries, one directory per major version.
 const DEBIAN_ROOT: &str = "/usr/lib/postgresql";
 
-const REQUIRED: [&str; 4] = ["initdb", "pg_ctl", "postgres", "pg_isready"];
+const REQUIRED: [&str; 3] = ["initdb", "pg_ctl", "postgres"];
 
 /// A directory of PostgreSQL server binaries and the version they report.
 #[derive(Debug, Clone)]
@@ -22,7 +22,7 @@ pub struct PgBinaries {
 }
 
 impl PgBinaries {
-    /// Find the binaries: `$BATON_PG_BIN` if set; otherwise the newest
+    /// Find the binaries (`initdb`, `pg_ctl`, `postgres`): `$BATON_PG_BIN` if set; otherwise the newest
     /// `/usr/lib/postgresql/<version>/bin`; otherwise a `PATH` directory that has all of them.
     pub fn find() -> Result<Self, DevDbError> {
         if let Some(dir) = std::env::var_os(ENV_PG_BIN).filter(|v| !v.is_empty()) {

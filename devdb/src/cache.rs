@@ -82,12 +82,12 @@ const MIN_SHM_FREE: u64 = 2 << 30;
 /// is 5-10x slower than in memory); else [`std::env::temp_dir`].
 pub(crate) fn scratch_root() -> PathBuf {
     if let Some(dir) = std::env::var_os(ENV_DEVDB_TMPDIR).filter(|v| !v.is_empty()) {
-        return PathBuf::from(dir);
+        let dir = PathBuf::from(dir);
+        return std::path::absolute(&dir).unwrap_or(dir);
     }
     let shm = Path::new("/dev/shm");
-    let roomy = nix::sys::statvfs::statvfs(shm).is_ok_and(|st| {
-        u64::from(st.blocks_available()).saturating_mul(st.fragment_size()) >= MIN_SHM_FREE
-    });
+    let roomy = nix::sys::statvfs::statvfs(shm)
+        .is_ok_and(|st| st.blocks_available().saturating_mul(st.fragment_size()) >= MIN_SHM_FREE);
     if shm.is_dir() && roomy && access(shm, AccessFlags::W_OK | AccessFlags::X_OK).is_ok() {
         return shm.to_path_buf();
     }

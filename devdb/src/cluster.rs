@@ -42,7 +42,8 @@ pub struct ClusterOptions {
 }
 
 /// A running private PostgreSQL server: superuser `postgres`, trust authentication, listening on
-/// `127.0.0.1:`[`port`](Self::port) only (and a unix socket inside the data directory).
+/// `127.0.0.1:`[`port`](Self::port) only (and a unix socket inside the data directory, when its
+/// path is short enough for one).
 ///
 /// Stopped by [`stop`](Self::stop) or on drop. If the owning process exits without either (a
 /// `static`, `std::process::exit`, a crash), a watchdog process stops it (and deletes a
@@ -95,8 +96,9 @@ impl Cluster {
     ///
     /// The data directory is a copy of a pristine `initdb` result cached once per machine (as
     /// `baton-devdb-initdb-<version>-<uid>`, next to the cluster directories: see the crate
-    /// docs on where that is), so this takes a few hundred milliseconds rather than seconds. The cluster is stopped and its directory deleted on
-    /// drop, or by the watchdog when the process exits: keeping it in a `static` is fine.
+    /// docs on where that is), so this takes a couple of hundred milliseconds rather than
+    /// seconds. The cluster is stopped and its directory deleted on drop, or by the watchdog
+    /// when the process exits: keeping it in a `static` is fine.
     pub async fn throwaway() -> Result<Cluster, DevDbError> {
         run_blocking(Self::throwaway_blocking).await
     }
@@ -148,8 +150,7 @@ impl Cluster {
         if data_dir.join("PG_VERSION").exists() {
             check_not_running(&data_dir)?;
         } else {
-            owner.create_data_dir(&data_dir)?;
-            initdb(&bins, &owner, &data_dir, durable)?;
+            initdb_into_place(&bins, &owner, &data_dir, durable)?;
         }
 
         // Armed before the server exists, so there is no moment where the owner can die and
@@ -448,6 +449,46 @@ pub(crate) fn initdb(
     }
 }
 
+/// `initdb` into `DIR.initdb-partial`, then rename it to `DIR`: an interrupted first run (Ctrl-C
+/// during the seconds initdb takes) must not leave a half-made cluster that later fails to start.
+fn initdb_into_place(
+    bins: &PgBinaries,
+    owner: &Owner,
+    data_dir: &Path,
+    durable: bool,
+) -> Result<(), DevDbError> {
+    let not_empty = std::fs::read_dir(data_dir).is_ok_and(|mut entries| entries.next().is_some());
+    if not_empty {
+        return Err(DevDbError::InvalidDataDir {
+            dir: data_dir.to_path_buf(),
+            reason: "it is not empty but holds no cluster (no PG_VERSION); remove it, or choose \
+                     another directory"
+                .into(),
+        });
+    }
+    let mut staging = data_dir.as_os_str().to_owned();
+    staging.push(".initdb-partial");
+    let staging = PathBuf::from(staging);
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(DevDbError::io(format!(
+            "removing the leftover {}",
+            show(&staging)
+        )))?;
+    }
+    owner.create_data_dir(&staging)?;
+    initdb(bins, owner, &staging, durable)?;
+    if data_dir.exists() {
+        // Empty (checked above); rename(2) cannot replace it portably.
+        std::fs::remove_dir(data_dir)
+            .map_err(DevDbError::io(format!("removing empty {}", show(data_dir))))?;
+    }
+    std::fs::rename(&staging, data_dir).map_err(DevDbError::io(format!(
+        "renaming {} to {}",
+        show(&staging),
+        show(data_dir)
+    )))
+}
+
 /// `pg_ctl start` with our settings, retrying on another free port if an automatically chosen
 /// one was taken in the meantime; then wait until the server accepts TCP connections.
 fn start_server(
@@ -466,37 +507,27 @@ fn start_server(
             Some(port) => port,
             None => free_port()?,
         };
-        match pg_ctl_start(bins, owner, data_dir, log_file, port, durable, deadline) {
-            Ok(()) => {}
+        match start_once(bins, owner, data_dir, log_file, port, durable, deadline) {
+            Ok(()) => return Ok(port),
             Err(DevDbError::Start { log_tail, .. })
                 if requested_port.is_none()
                     && attempts < 5
                     && log_tail.contains("could not bind") =>
             {
                 tracing::debug!(port, "port taken meanwhile; retrying on another");
-                continue;
             }
             Err(e) => return Err(e),
         }
-        if let Err(e) = wait_ready(bins, owner, port, deadline) {
-            // pg_ctl said it started, so the server is ours: don't leave it behind.
-            stop_immediately(bins, owner, data_dir);
-            return Err(match e {
-                None => start_error(
-                    data_dir,
-                    port,
-                    log_file,
-                    0,
-                    "server did not accept connections within 30 s".into(),
-                ),
-                Some(e) => e,
-            });
-        }
-        return Ok(port);
     }
 }
 
-fn pg_ctl_start(
+/// One `pg_ctl start` on `port`, then wait (polling every 5 ms) until `postmaster.pid` says the
+/// server is ready and its port takes TCP connections, or it died, or `deadline` passed.
+///
+/// `pg_ctl start -w` does the same wait, but polls every 100 ms, which was most of the time to
+/// a ready throwaway cluster. A `postmaster.pid` left by a crashed server is told apart from
+/// the new one by its (pid, start time) line pair.
+fn start_once(
     bins: &PgBinaries,
     owner: &Owner,
     data_dir: &Path,
@@ -507,6 +538,7 @@ fn pg_ctl_start(
 ) -> Result<(), DevDbError> {
     rotate_log(log_file);
     let log_offset = std::fs::metadata(log_file).map(|m| m.len()).unwrap_or(0);
+    let stale = PidFile::read(data_dir).map(|f| f.identity());
     let dir_text = data_dir.to_string_lossy();
     // pg_ctl hands -o to `sh -c`, so the socket dir is shell-quoted; an over-long data dir path
     // cannot hold a socket, and then we simply go without one (we connect over TCP).
@@ -520,10 +552,6 @@ fn pg_ctl_start(
     if !durable {
         opts.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
     }
-    let seconds = deadline
-        .saturating_duration_since(Instant::now())
-        .as_secs()
-        .max(1);
     let out = owner
         .command(bins.bin("pg_ctl"))
         .arg("start")
@@ -531,45 +559,96 @@ fn pg_ctl_start(
         .arg(data_dir)
         .arg("-l")
         .arg(log_file)
-        .args(["-w", "-t", &seconds.to_string(), "-o", &opts])
+        .args(["-W", "-o", &opts])
         .stdin(Stdio::null())
         .output()
         .map_err(DevDbError::io("running pg_ctl start"))?;
-    if out.status.success() {
-        return Ok(());
+    let error = |what: &str| {
+        let mut reason = what.to_owned();
+        if !out.status.success() {
+            reason = format!("{reason}; pg_ctl said: {}", output_text(&out));
+        }
+        start_error(data_dir, port, log_file, log_offset, reason)
+    };
+    if !out.status.success() {
+        return Err(error("pg_ctl start failed"));
     }
-    let text = output_text(&out);
-    if text.contains("did not start in time") {
-        // Still starting (e.g. long crash recovery) after the deadline: it is ours, stop it.
-        stop_immediately(bins, owner, data_dir);
-    }
-    Err(start_error(data_dir, port, log_file, log_offset, text))
-}
 
-/// Poll `pg_isready` until the server accepts connections. `Err(None)` on timeout.
-fn wait_ready(
-    bins: &PgBinaries,
-    owner: &Owner,
-    port: u16,
-    deadline: Instant,
-) -> Result<(), Option<DevDbError>> {
+    let port_text = port.to_string();
     loop {
-        let status = owner
-            .command(bins.bin("pg_isready"))
-            .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
-            .args(["-U", "postgres", "-d", "postgres", "-t", "2"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map_err(|e| Some(DevDbError::io("running pg_isready")(e)))?;
-        if status.success() {
-            return Ok(());
+        let ours = PidFile::read(data_dir).filter(|f| Some(f.identity()) != stale);
+        match &ours {
+            Some(f) if !process_alive(f.pid) => {
+                return Err(error("the server exited during startup"));
+            }
+            Some(f) if f.port == port_text && f.status == "ready" && accepts_tcp(port) => {
+                return Ok(());
+            }
+            Some(_) => {}
+            // Not (yet) written, or already removed by a server that gave up.
+            None if log_has_fatal(log_file, log_offset) => {
+                return Err(error("the server exited during startup"));
+            }
+            None => {}
         }
         if Instant::now() >= deadline {
-            return Err(None);
+            if ours.is_some() {
+                // Still starting (e.g. a long crash recovery): it is ours, don't leave it.
+                stop_immediately(bins, owner, data_dir);
+            }
+            return Err(error(&format!(
+                "the server did not accept connections within {} s",
+                START_DEADLINE.as_secs()
+            )));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The fields of `postmaster.pid` we look at.
+#[derive(Debug)]
+struct PidFile {
+    pid: i32,
+    started: String,
+    port: String,
+    /// `starting`, `ready`, `stopping` or `standby`; empty until written.
+    status: String,
+}
+
+impl PidFile {
+    fn read(data_dir: &Path) -> Option<Self> {
+        let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        let pid = lines.first()?.parse::<i32>().ok()?.abs();
+        (pid > 0).then(|| PidFile {
+            pid,
+            started: lines.get(2).copied().unwrap_or_default().to_owned(),
+            port: lines.get(3).copied().unwrap_or_default().to_owned(),
+            status: lines.get(7).copied().unwrap_or_default().to_owned(),
+        })
+    }
+
+    fn identity(&self) -> (i32, String) {
+        (self.pid, self.started.clone())
+    }
+}
+
+fn accepts_tcp(port: u16) -> bool {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    // A connection that sends nothing is dropped silently by PostgreSQL (no log line).
+    std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+}
+
+/// Whether the server log since `offset` reports a fatal error.
+fn log_has_fatal(log_file: &Path, offset: u64) -> bool {
+    let mut text = Vec::new();
+    let read = std::fs::File::open(log_file).and_then(|mut f| {
+        f.seek(SeekFrom::Start(offset))?;
+        f.read_to_end(&mut text)
+    });
+    read.is_ok() && {
+        let text = String::from_utf8_lossy(&text);
+        text.contains("FATAL:") || text.contains("PANIC:")
     }
 }
 
@@ -589,13 +668,13 @@ fn start_error(
     port: u16,
     log_file: &Path,
     log_offset: u64,
-    pg_ctl: String,
+    reason: String,
 ) -> DevDbError {
     DevDbError::Start {
         dir: data_dir.to_path_buf(),
         port,
         log_file: log_file.to_path_buf(),
-        pg_ctl: pg_ctl.trim().to_owned(),
+        reason: reason.trim().to_owned(),
         log_tail: log_tail(log_file, log_offset, 30),
     }
 }
@@ -634,7 +713,7 @@ fn rotate_log(log_file: &Path) {
 /// removed.
 fn check_not_running(data_dir: &Path) -> Result<(), DevDbError> {
     let pid_file = data_dir.join("postmaster.pid");
-    let Some(pid) = pid_in_file(&pid_file) else {
+    let Some(pid) = PidFile::read(data_dir).map(|f| f.pid) else {
         return Ok(());
     };
     if !process_alive(pid) {
@@ -668,25 +747,12 @@ fn check_not_running(data_dir: &Path) -> Result<(), DevDbError> {
 
 /// The pid of a live postgres process named in `data_dir/postmaster.pid`.
 fn live_postmaster(data_dir: &Path) -> Option<i32> {
-    let pid = pid_in_file(&data_dir.join("postmaster.pid"))?;
+    let pid = PidFile::read(data_dir)?.pid;
     let postgres = matches!(
         process_name(pid).as_deref(),
         Some("postgres" | "postmaster")
     );
     (postgres && process_alive(pid)).then_some(pid)
-}
-
-/// First line of a `postmaster.pid` (negative for a single-user backend).
-fn pid_in_file(pid_file: &Path) -> Option<i32> {
-    std::fs::read_to_string(pid_file)
-        .ok()?
-        .lines()
-        .next()?
-        .trim()
-        .parse::<i32>()
-        .ok()
-        .map(i32::abs)
-        .filter(|pid| *pid > 0)
 }
 
 /// Whether `pid` exists and is not a zombie (a dead postmaster whose parent has not reaped it

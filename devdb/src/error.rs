@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 /// a caller can also react programmatically.
 #[derive(Debug, thiserror::Error)]
 pub enum DevDbError {
-    /// No directory with `initdb`, `pg_ctl`, `postgres` and `pg_isready` was found.
+    /// No directory with `initdb`, `pg_ctl` and `postgres` was found.
     #[error(
-        "PostgreSQL binaries (initdb, pg_ctl, postgres, pg_isready) not found; searched: {}. \
+        "PostgreSQL binaries (initdb, pg_ctl, postgres) not found; searched: {}. \
          Install PostgreSQL (apt-get install -y postgresql) or set {env} to the directory that \
          contains them",
         paths(.searched),
@@ -54,8 +54,8 @@ pub enum DevDbError {
 
     /// The server did not start, or did not accept connections within the deadline.
     #[error(
-        "PostgreSQL in {} failed to start on 127.0.0.1:{port} (full server log: {}); \
-         pg_ctl said: {pg_ctl}\nlast lines of the server log:\n{log_tail}",
+        "PostgreSQL in {} failed to start on 127.0.0.1:{port}: {reason}\n\
+         last lines of the server log ({}):\n{log_tail}",
         .dir.display(),
         .log_file.display()
     )]
@@ -66,8 +66,8 @@ pub enum DevDbError {
         port: u16,
         /// The server log file.
         log_file: PathBuf,
-        /// What `pg_ctl start` printed.
-        pg_ctl: String,
+        /// What went wrong: pg_ctl's output and/or what we observed.
+        reason: String,
         /// The end of the server log, from this start attempt.
         log_tail: String,
     },
@@ -162,4 +162,31 @@ fn paths(list: &[PathBuf]) -> String {
 /// `path.display()` as an owned string, for error contexts.
 pub(crate) fn show(path: &Path) -> String {
     path.display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_say_what_to_do() {
+        let err = DevDbError::BinariesNotFound {
+            searched: vec![PathBuf::from("/usr/lib/postgresql/*/bin"), "$PATH".into()],
+        };
+        assert_eq!(
+            err.to_string(),
+            "PostgreSQL binaries (initdb, pg_ctl, postgres) not found; searched: \
+             /usr/lib/postgresql/*/bin, $PATH. Install PostgreSQL (apt-get install -y \
+             postgresql) or set BATON_PG_BIN to the directory that contains them"
+        );
+        let err = DevDbError::AlreadyRunning {
+            dir: PathBuf::from("/w/.baton/pg"),
+            pid: 42,
+        };
+        assert!(
+            err.to_string()
+                .starts_with("another baton dev is using /w/.baton/pg (postmaster pid 42"),
+            "{err}"
+        );
+    }
 }

@@ -16,7 +16,7 @@
 //!
 //! # Binaries
 //!
-//! `initdb`, `pg_ctl`, `postgres` and `pg_isready` are taken from `$BATON_PG_BIN` if set, else
+//! `initdb`, `pg_ctl` and `postgres` are taken from `$BATON_PG_BIN` if set, else
 //! the newest `/usr/lib/postgresql/<version>/bin` (Debian/Ubuntu), else the first `PATH`
 //! directory that has them all ([`PgBinaries::find`]).
 //!

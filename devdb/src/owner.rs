@@ -46,7 +46,7 @@ impl Owner {
     }
 
     /// A command that runs `program` as the owner, from `/`, without the caller's `PG*`
-    /// environment (which could redirect initdb/pg_ctl/pg_isready elsewhere).
+    /// environment (which could redirect initdb/pg_ctl elsewhere).
     pub(crate) fn command(&self, program: impl AsRef<OsStr>) -> Command {
         let mut cmd = Command::new(program);
         // LC_ALL=C: we recognise some pg_ctl messages, and the cluster's locale is C anyway.

@@ -308,6 +308,7 @@ async fn fixed_port_in_use_is_a_clear_start_error() {
     .await
     .expect_err("port is taken");
     let text = err.to_string();
+    eprintln!("{text}");
     assert!(matches!(err, DevDbError::Start { .. }), "{text}");
     assert!(text.contains("Address already in use"), "{text}");
     assert!(text.contains("baton-devdb.log"), "{text}");
@@ -434,4 +435,58 @@ async fn restart_after_a_postmaster_crash_recovers() {
         .expect("query");
     assert_eq!(one, 1);
     conn.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn data_dir_too_long_for_a_unix_socket_still_works_over_tcp() {
+    let base = reachable_tempdir();
+    let data_dir = base.path().join("a".repeat(60)).join("b".repeat(60));
+    let cluster = Cluster::start(ClusterOptions {
+        data_dir,
+        port: None,
+        durable: false,
+    })
+    .await
+    .expect("start");
+    let mut conn = connect(&cluster, "postgres").await;
+    let sockets: String = sqlx::query_scalar("SELECT current_setting('unix_socket_directories')")
+        .fetch_one(&mut conn)
+        .await
+        .expect("setting");
+    assert_eq!(sockets, "");
+    conn.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn first_start_survives_a_leftover_from_an_interrupted_initdb() {
+    let base = reachable_tempdir();
+    let data_dir = base.path().join("pg");
+    // What a Ctrl-C during a first `baton dev`'s initdb leaves behind.
+    let leftover = base.path().join("pg.initdb-partial");
+    std::fs::create_dir_all(leftover.join("base")).expect("leftover");
+    std::fs::write(leftover.join("PG_VERSION"), "15\n").expect("leftover file");
+
+    let cluster = Cluster::start(ClusterOptions {
+        data_dir: data_dir.clone(),
+        port: None,
+        durable: false,
+    })
+    .await
+    .expect("start");
+    assert!(!leftover.exists());
+    assert!(data_dir.join("PG_VERSION").exists());
+    drop(cluster);
+
+    // A non-empty directory that is not a cluster is refused, not initdb'd over.
+    let other = base.path().join("not-a-cluster");
+    std::fs::create_dir_all(&other).expect("dir");
+    std::fs::write(other.join("notes.txt"), "mine").expect("file");
+    let err = Cluster::start(ClusterOptions {
+        data_dir: other,
+        port: None,
+        durable: false,
+    })
+    .await
+    .expect_err("non-empty");
+    assert!(matches!(err, DevDbError::InvalidDataDir { .. }), "{err}");
 }

@@ -100,10 +100,6 @@ _baton_write() {
     _baton_fail "cannot write $_baton_w_dest"
 }
 
-# Whitespace that does not make a JSON text non-empty.
-_baton_ws=' 	
-'
-
 # ---- public functions -------------------------------------------------------
 
 # baton_input: print the input JSON exactly as stored; "{}" when absent.
@@ -138,6 +134,8 @@ baton_output() (
         1) _baton_data=$1 ;;
         *) _baton_usage "usage: baton_output [JSON]  (quote the JSON: it must be one argument)" ;;
     esac
+    # JSON whitespace: space, tab, CR, LF (LF not last: $(...) would strip it).
+    _baton_ws=$(printf ' \t\n\r')
     case $_baton_data in
         *[!$_baton_ws]*) ;;
         *) _baton_usage "baton_output: the output is empty; pass a JSON text (e.g. '{}' or 'null')" ;;

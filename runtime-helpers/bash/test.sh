@@ -189,7 +189,7 @@ t_output_empty_rejected() {
     run 'baton_output ""'
     expect_status 2
     expect_stderr_has "empty"
-    run $'baton_output " \t\n"'
+    run $'baton_output " \t\r\n"'
     expect_status 2
     run 'baton_output' $'  \n'
     expect_status 2

@@ -27,10 +27,15 @@ fn cluster() -> &'static Cluster {
         std::thread::spawn(|| {
             let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
             runtime.block_on(async {
-                let cluster = Cluster::throwaway().await.expect("start the test PostgreSQL cluster");
+                let cluster = Cluster::throwaway()
+                    .await
+                    .expect("start the test PostgreSQL cluster");
                 cluster
                     .create_template(TEMPLATE, |url| async move {
-                        let pool = PgPoolOptions::new().max_connections(1).connect(&url).await?;
+                        let pool = PgPoolOptions::new()
+                            .max_connections(1)
+                            .connect(&url)
+                            .await?;
                         baton_api::MIGRATOR.run(&pool).await?;
                         pool.close().await;
                         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
@@ -93,7 +98,9 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut baton_api::ApiConfig)) -> T
     adjust(&mut config);
     let (api, _) = baton_api::Api::start(config).await.expect("start the api");
     let pool = api.state.pool.clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind port 0");
     let address = format!("http://{}", listener.local_addr().expect("local addr"));
     let (tx, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(api.serve(listener, async move {
@@ -126,7 +133,8 @@ impl TestApp {
 
     /// A request without credentials.
     pub fn anonymous(&self, method: Method, path: &str) -> RequestBuilder {
-        self.client.request(method, format!("{}{path}", self.address))
+        self.client
+            .request(method, format!("{}{path}", self.address))
     }
 
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
@@ -148,7 +156,10 @@ impl TestApp {
     /// Creates a token with `role` through the API and returns its secret.
     pub async fn token(&self, role: Role) -> String {
         let (status, body) = self
-            .post("/api/v1/tokens", &serde_json::json!({"name": format!("test {role}"), "role": role}))
+            .post(
+                "/api/v1/tokens",
+                &serde_json::json!({"name": format!("test {role}"), "role": role}),
+            )
             .await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         body["token"].as_str().expect("token in answer").to_owned()
@@ -163,7 +174,9 @@ impl TestApp {
 
     /// Runs an event and returns the job id.
     pub async fn run_event(&self, event_id: &str, body: &Value) -> String {
-        let (status, answer) = self.post(&format!("/api/v1/events/{event_id}/run"), body).await;
+        let (status, answer) = self
+            .post(&format!("/api/v1/events/{event_id}/run"), body)
+            .await;
         assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
         answer["job_id"].as_str().expect("job_id").to_owned()
     }
@@ -187,7 +200,8 @@ pub async fn send(request: RequestBuilder) -> (StatusCode, Value) {
     let body = if bytes.is_empty() {
         Value::Null
     } else {
-        serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
     };
     (status, body)
 }

@@ -26,7 +26,15 @@ pub async fn create_event(
     spec.validate()?;
     let mut tx = state.pool.begin().await?;
     let event = events::insert_event(&mut *tx, &spec).await?;
-    audit(&mut *tx, &caller, "event.create", "event", event.id, json!({"name": event.spec.name})).await?;
+    audit(
+        &mut *tx,
+        &caller,
+        "event.create",
+        "event",
+        event.id,
+        json!({"name": event.spec.name}),
+    )
+    .await?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, axum::Json(event)))
 }
@@ -85,7 +93,15 @@ pub async fn patch_event(
     let mut spec = merge_patch(&current.spec, patch)?;
     spec.validate()?;
     let event = events::update_event(&mut *tx, id, &spec).await?;
-    audit(&mut *tx, &caller, "event.update", "event", id, json!({"name": event.spec.name})).await?;
+    audit(
+        &mut *tx,
+        &caller,
+        "event.update",
+        "event",
+        id,
+        json!({"name": event.spec.name}),
+    )
+    .await?;
     tx.commit().await?;
     Ok(axum::Json(event))
 }
@@ -98,7 +114,9 @@ fn merge_patch(current: &NewEvent, patch: EventPatch) -> Result<NewEvent, ApiErr
         message: e.to_string(),
         field: None,
     })?;
-    let obj = merged.as_object_mut().expect("an event serializes to an object");
+    let obj = merged
+        .as_object_mut()
+        .expect("an event serializes to an object");
     if patch.0.contains_key("server_id") && !patch.0.contains_key("executor") {
         obj.remove("executor");
     }
@@ -165,7 +183,15 @@ pub async fn run_event(
     )
     .await?;
     if enqueued.created {
-        audit(&mut *tx, &caller, "event.run", "job", enqueued.job_id, json!({"event_id": id})).await?;
+        audit(
+            &mut *tx,
+            &caller,
+            "event.run",
+            "job",
+            enqueued.job_id,
+            json!({"event_id": id}),
+        )
+        .await?;
     }
     tx.commit().await?;
     Ok((

@@ -18,11 +18,14 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| ApiError::BadBody {
-            status: rejection.status(),
-            message: rejection.body_text(),
-            field: None,
-        })?;
+        let bytes =
+            Bytes::from_request(req, state)
+                .await
+                .map_err(|rejection| ApiError::BadBody {
+                    status: rejection.status(),
+                    message: rejection.body_text(),
+                    field: None,
+                })?;
         parse_json(&bytes).map(JsonBody)
     }
 }
@@ -30,7 +33,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 /// Parses `bytes` as `T`; an empty body parses as JSON `null` (so `Option<T>` bodies may be
 /// omitted).
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"null" } else { bytes };
+    let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"null"
+    } else {
+        bytes
+    };
     let mut de = serde_json::Deserializer::from_slice(text);
     let parsed: Result<T, _> = serde_path_to_error::deserialize(&mut de);
     let value = parsed.map_err(|err| {
@@ -48,7 +55,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             (Some(f), _) => format!("{f}: {inner}"),
             (None, _) => format!("invalid JSON body: {inner}"),
         };
-        ApiError::BadBody { status, message, field }
+        ApiError::BadBody {
+            status,
+            message,
+            field,
+        }
     })?;
     de.end().map_err(|e| ApiError::BadBody {
         status: StatusCode::BAD_REQUEST,
@@ -60,16 +71,23 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 
 /// Parses a UUID from a path or query parameter, naming it on failure.
 pub fn parse_uuid(field: &str, raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| FieldError::new(field, format!("{raw:?} is not a valid UUID")).into())
+    Uuid::parse_str(raw)
+        .map_err(|_| FieldError::new(field, format!("{raw:?} is not a valid UUID")).into())
 }
 
 /// Parses an optional query parameter with `FromStr`, naming it on failure.
-pub fn parse_param<T: std::str::FromStr>(field: &str, raw: Option<&str>) -> Result<Option<T>, ApiError>
+pub fn parse_param<T: std::str::FromStr>(
+    field: &str,
+    raw: Option<&str>,
+) -> Result<Option<T>, ApiError>
 where
     T::Err: std::fmt::Display,
 {
     raw.filter(|s| !s.is_empty())
-        .map(|s| s.parse::<T>().map_err(|e| FieldError::new(field, format!("{s:?}: {e}")).into()))
+        .map(|s| {
+            s.parse::<T>()
+                .map_err(|e| FieldError::new(field, format!("{s:?}: {e}")).into())
+        })
         .transpose()
 }
 

@@ -25,7 +25,9 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<Va
         ),
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"status": "unavailable", "reason": "database did not answer within 2 s"})),
+            axum::Json(
+                json!({"status": "unavailable", "reason": "database did not answer within 2 s"}),
+            ),
         ),
     }
 }

@@ -51,7 +51,9 @@ pub async fn list_jobs(
 ) -> Result<axum::Json<Page<Job>>, ApiError> {
     caller.require(Role::Viewer)?;
     let Query(q) = query.map_err(query_error)?;
-    let uuid = |field: &str, raw: &Option<String>| raw.as_deref().map(|r| parse_uuid(field, r)).transpose();
+    let uuid = |field: &str, raw: &Option<String>| {
+        raw.as_deref().map(|r| parse_uuid(field, r)).transpose()
+    };
     let filter = queue::JobFilter {
         status: parse_param::<JobStatus>("status", q.status.as_deref())?,
         event_id: uuid("event_id", &q.event_id)?,
@@ -92,7 +94,15 @@ pub async fn cancel_job(
     let mut tx = state.pool.begin().await?;
     let outcome = queue::request_cancel(&mut tx, id).await?;
     let immediate = outcome == queue::CancelOutcome::Cancelled;
-    audit(&mut *tx, &caller, "job.cancel", "job", id, json!({"immediate": immediate})).await?;
+    audit(
+        &mut *tx,
+        &caller,
+        "job.cancel",
+        "job",
+        id,
+        json!({"immediate": immediate}),
+    )
+    .await?;
     let job = queue::get_job(&mut *tx, id).await?;
     tx.commit().await?;
     Ok((axum::http::StatusCode::ACCEPTED, axum::Json(job)))
@@ -130,4 +140,3 @@ pub async fn get_logs(
     let done = status.is_terminal() && (lines.len() as i64) < limit;
     Ok(axum::Json(LogPage { lines, next, done }))
 }
-

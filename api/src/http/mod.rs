@@ -50,7 +50,11 @@ pub fn router(state: AppState) -> Router {
     let body_limit = state.config.body_limit_bytes;
     let (api, spec) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(events::create_event, events::list_events))
-        .routes(routes!(events::get_event, events::patch_event, events::delete_event))
+        .routes(routes!(
+            events::get_event,
+            events::patch_event,
+            events::delete_event
+        ))
         .routes(routes!(events::run_event))
         .routes(routes!(jobs::list_jobs))
         .routes(routes!(jobs::get_job))

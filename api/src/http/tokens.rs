@@ -22,13 +22,28 @@ pub async fn create_token(
 ) -> Result<(StatusCode, axum::Json<TokenCreated>), ApiError> {
     caller.require(Role::Admin)?;
     new.validate()?;
-    let (info, token) = auth::create_token(&state.pool, &new.name, new.role, Some(caller.token_id)).await?;
-    audit(&state.pool, &caller, "token.create", "token", info.id, json!({"name": info.name, "role": info.role})).await?;
-    Ok((StatusCode::CREATED, axum::Json(TokenCreated { info, token })))
+    let (info, token) =
+        auth::create_token(&state.pool, &new.name, new.role, Some(caller.token_id)).await?;
+    audit(
+        &state.pool,
+        &caller,
+        "token.create",
+        "token",
+        info.id,
+        json!({"name": info.name, "role": info.role}),
+    )
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(TokenCreated { info, token }),
+    ))
 }
 
 #[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens", responses((status = 200, body = Vec<Token>)))]
-pub async fn list_tokens(State(state): State<AppState>, caller: Caller) -> Result<axum::Json<Vec<Token>>, ApiError> {
+pub async fn list_tokens(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<axum::Json<Vec<Token>>, ApiError> {
     caller.require(Role::Admin)?;
     Ok(axum::Json(tokens::list_tokens(&state.pool).await?))
 }

@@ -170,29 +170,51 @@ impl NewEvent {
     pub fn validate(&mut self) -> Result<(), FieldError> {
         check_name("name", &self.name)?;
         if self.description.len() > 10_000 {
-            return Err(FieldError::new("description", "must be at most 10000 bytes"));
+            return Err(FieldError::new(
+                "description",
+                "must be at most 10000 bytes",
+            ));
         }
         self.check_payload()?;
         self.check_placement()?;
         for (key, value) in &self.env {
             check_env_key(key)?;
             if value.contains('\0') {
-                return Err(FieldError::new(format!("env.{key}"), "must not contain NUL bytes"));
+                return Err(FieldError::new(
+                    format!("env.{key}"),
+                    "must not contain NUL bytes",
+                ));
             }
         }
         if self.env.len() > MAX_ENV {
-            return Err(FieldError::new("env", format!("at most {MAX_ENV} variables")));
+            return Err(FieldError::new(
+                "env",
+                format!("at most {MAX_ENV} variables"),
+            ));
         }
         for (key, value) in &self.labels {
             check_label(key, value)?;
         }
         if self.labels.len() > MAX_LABELS {
-            return Err(FieldError::new("labels", format!("at most {MAX_LABELS} labels")));
+            return Err(FieldError::new(
+                "labels",
+                format!("at most {MAX_LABELS} labels"),
+            ));
         }
         check_range("timeout_seconds", self.timeout_seconds, 1, 604_800)?;
         check_range("max_attempts", self.max_attempts, 1, 100)?;
-        check_range("retry_backoff_seconds", self.retry_backoff_seconds, 0, 86_400)?;
-        check_range("retry_backoff_max_seconds", self.retry_backoff_max_seconds, 0, 604_800)?;
+        check_range(
+            "retry_backoff_seconds",
+            self.retry_backoff_seconds,
+            0,
+            86_400,
+        )?;
+        check_range(
+            "retry_backoff_max_seconds",
+            self.retry_backoff_max_seconds,
+            0,
+            604_800,
+        )?;
         check_range("priority", self.priority, -1000, 1000)?;
         Ok(())
     }
@@ -201,34 +223,69 @@ impl NewEvent {
         let rt = self.runtime;
         if rt.is_script() {
             match &self.content {
-                None => return Err(FieldError::new("content", format!("is required for runtime {rt}"))),
-                Some(c) if c.trim().is_empty() => return Err(FieldError::new("content", "must not be empty")),
-                Some(c) if c.len() > MAX_CONTENT => {
-                    return Err(FieldError::new("content", format!("must be at most {MAX_CONTENT} bytes")));
+                None => {
+                    return Err(FieldError::new(
+                        "content",
+                        format!("is required for runtime {rt}"),
+                    ));
                 }
-                Some(c) if c.contains('\0') => return Err(FieldError::new("content", "must not contain NUL bytes")),
+                Some(c) if c.trim().is_empty() => {
+                    return Err(FieldError::new("content", "must not be empty"));
+                }
+                Some(c) if c.len() > MAX_CONTENT => {
+                    return Err(FieldError::new(
+                        "content",
+                        format!("must be at most {MAX_CONTENT} bytes"),
+                    ));
+                }
+                Some(c) if c.contains('\0') => {
+                    return Err(FieldError::new("content", "must not contain NUL bytes"));
+                }
                 Some(_) => {}
             }
         } else if self.content.is_some() {
-            return Err(FieldError::new("content", format!("is not used by runtime {rt}; remove it")));
+            return Err(FieldError::new(
+                "content",
+                format!("is not used by runtime {rt}; remove it"),
+            ));
         }
         match (rt, &self.command) {
-            (Runtime::Exec, None) => return Err(FieldError::new("command", "is required for runtime exec")),
+            (Runtime::Exec, None) => {
+                return Err(FieldError::new("command", "is required for runtime exec"));
+            }
             (Runtime::Exec, Some(argv)) => {
                 if argv.first().is_none_or(|p| p.is_empty()) {
-                    return Err(FieldError::new("command", "must start with a non-empty program name"));
+                    return Err(FieldError::new(
+                        "command",
+                        "must start with a non-empty program name",
+                    ));
                 }
                 if argv.len() > 1000 || argv.iter().any(|a| a.contains('\0')) {
-                    return Err(FieldError::new("command", "at most 1000 arguments, without NUL bytes"));
+                    return Err(FieldError::new(
+                        "command",
+                        "at most 1000 arguments, without NUL bytes",
+                    ));
                 }
             }
-            (_, Some(_)) => return Err(FieldError::new("command", format!("is not used by runtime {rt}; remove it"))),
+            (_, Some(_)) => {
+                return Err(FieldError::new(
+                    "command",
+                    format!("is not used by runtime {rt}; remove it"),
+                ));
+            }
             (_, None) => {}
         }
         match (rt, &self.request) {
-            (Runtime::Http, None) => return Err(FieldError::new("request", "is required for runtime http")),
+            (Runtime::Http, None) => {
+                return Err(FieldError::new("request", "is required for runtime http"));
+            }
             (Runtime::Http, Some(req)) => check_request(req)?,
-            (_, Some(_)) => return Err(FieldError::new("request", format!("is not used by runtime {rt}; remove it"))),
+            (_, Some(_)) => {
+                return Err(FieldError::new(
+                    "request",
+                    format!("is not used by runtime {rt}; remove it"),
+                ));
+            }
             (_, None) => {}
         }
         Ok(())
@@ -239,7 +296,10 @@ impl NewEvent {
             (None, Some(_)) | (Some(Executor::Ssh), Some(_)) => Executor::Ssh,
             (None, None) => Executor::Container,
             (Some(Executor::Ssh), None) => {
-                return Err(FieldError::new("server_id", "is required when executor is ssh"));
+                return Err(FieldError::new(
+                    "server_id",
+                    "is required when executor is ssh",
+                ));
             }
             (Some(other), Some(_)) => {
                 return Err(FieldError::new(
@@ -259,11 +319,20 @@ impl NewEvent {
         }
         self.executor = ExecutorChoice(Some(executor));
         if let Some(image) = &self.image {
-            if image.is_empty() || image.len() > 255 || image.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(FieldError::new("image", "must be an image reference of 1 to 255 characters without spaces"));
+            if image.is_empty()
+                || image.len() > 255
+                || image.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(FieldError::new(
+                    "image",
+                    "must be an image reference of 1 to 255 characters without spaces",
+                ));
             }
             if executor != Executor::Container {
-                return Err(FieldError::new("image", format!("is only used by the container executor, not {executor}")));
+                return Err(FieldError::new(
+                    "image",
+                    format!("is only used by the container executor, not {executor}"),
+                ));
             }
         }
         Ok(())
@@ -283,17 +352,31 @@ fn check_request(req: &HttpRequestSpec) -> Result<(), FieldError> {
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("https://"))
         .ok_or_else(|| FieldError::new("request.url", "must be an http:// or https:// URL"))?;
-    if rest.is_empty() || rest.starts_with('/') || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(FieldError::new("request.url", "must name a host and contain no spaces"));
+    if rest.is_empty()
+        || rest.starts_with('/')
+        || url.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(FieldError::new(
+            "request.url",
+            "must name a host and contain no spaces",
+        ));
     }
     for (name, value) in &req.headers {
         let valid_name = !name.is_empty()
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
         if !valid_name {
-            return Err(FieldError::new(format!("request.headers.{name}"), "is not a valid header name"));
+            return Err(FieldError::new(
+                format!("request.headers.{name}"),
+                "is not a valid header name",
+            ));
         }
         if value.chars().any(|c| c == '\r' || c == '\n' || c == '\0') {
-            return Err(FieldError::new(format!("request.headers.{name}"), "must not contain line breaks"));
+            return Err(FieldError::new(
+                format!("request.headers.{name}"),
+                "must not contain line breaks",
+            ));
         }
     }
     Ok(())
@@ -304,17 +387,26 @@ pub(crate) fn check_name(field: &str, name: &str) -> Result<(), FieldError> {
         return Err(FieldError::new(field, "must not be empty"));
     }
     if name.chars().count() > MAX_NAME {
-        return Err(FieldError::new(field, format!("must be at most {MAX_NAME} characters")));
+        return Err(FieldError::new(
+            field,
+            format!("must be at most {MAX_NAME} characters"),
+        ));
     }
     if name.chars().any(char::is_control) {
-        return Err(FieldError::new(field, "must not contain control characters"));
+        return Err(FieldError::new(
+            field,
+            "must not contain control characters",
+        ));
     }
     Ok(())
 }
 
 fn check_env_key(key: &str) -> Result<(), FieldError> {
     let valid = key.len() <= 128
-        && key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && key
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !valid {
         return Err(FieldError::new(
@@ -323,20 +415,31 @@ fn check_env_key(key: &str) -> Result<(), FieldError> {
         ));
     }
     if key.starts_with("BATON_") {
-        return Err(FieldError::new(format!("env.{key}"), "BATON_ variables are reserved for Baton"));
+        return Err(FieldError::new(
+            format!("env.{key}"),
+            "BATON_ variables are reserved for Baton",
+        ));
     }
     Ok(())
 }
 
 pub(crate) fn check_label(key: &str, value: &str) -> Result<(), FieldError> {
     let ok = |s: &str, max: usize| {
-        s.len() <= max && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        s.len() <= max
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
     };
     if key.is_empty() || !ok(key, 63) {
-        return Err(FieldError::new(format!("labels.{key}"), "label keys are 1-63 of [A-Za-z0-9-_./]"));
+        return Err(FieldError::new(
+            format!("labels.{key}"),
+            "label keys are 1-63 of [A-Za-z0-9-_./]",
+        ));
     }
     if !ok(value, 255) {
-        return Err(FieldError::new(format!("labels.{key}"), "label values are 0-255 of [A-Za-z0-9-_./]"));
+        return Err(FieldError::new(
+            format!("labels.{key}"),
+            "label values are 0-255 of [A-Za-z0-9-_./]",
+        ));
     }
     Ok(())
 }
@@ -345,6 +448,9 @@ pub(crate) fn check_range(field: &str, value: i32, min: i32, max: i32) -> Result
     if (min..=max).contains(&value) {
         Ok(())
     } else {
-        Err(FieldError::new(field, format!("must be between {min} and {max}")))
+        Err(FieldError::new(
+            field,
+            format!("must be between {min} and {max}"),
+        ))
     }
 }

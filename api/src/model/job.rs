@@ -25,7 +25,10 @@ text_enum!(JobStatus {
 
 impl JobStatus {
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Failed | Self::TimedOut | Self::Cancelled)
+        matches!(
+            self,
+            Self::Succeeded | Self::Failed | Self::TimedOut | Self::Cancelled
+        )
     }
 }
 
@@ -115,7 +118,10 @@ impl RunRequest {
         if let Some(key) = &self.idempotency_key
             && (key.is_empty() || key.len() > 200 || key.chars().any(char::is_control))
         {
-            return Err(FieldError::new("idempotency_key", "must be 1 to 200 printable characters"));
+            return Err(FieldError::new(
+                "idempotency_key",
+                "must be 1 to 200 printable characters",
+            ));
         }
         if let Some(at) = self.run_at
             && at > Utc::now() + chrono::Duration::days(366)

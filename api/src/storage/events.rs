@@ -19,10 +19,13 @@ pub async fn insert_event(db: impl PgExecutor<'_>, spec: &NewEvent) -> Result<Ev
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
          RETURNING {EVENT_COLUMNS}"
     );
-    bind_spec(sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(Uuid::now_v7()), spec)
-        .fetch_one(db)
-        .await
-        .map_err(|e| name_taken_or(e, spec))
+    bind_spec(
+        sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(Uuid::now_v7()),
+        spec,
+    )
+    .fetch_one(db)
+    .await
+    .map_err(|e| name_taken_or(e, spec))
 }
 
 /// Replaces an event's definition (PATCH merges on the caller's side, then validates).
@@ -82,7 +85,11 @@ pub async fn get_event(db: impl PgExecutor<'_>, id: Uuid) -> Result<Event> {
 }
 
 /// Events by name, paged by name (`after` is the last name of the previous page).
-pub async fn list_events(db: impl PgExecutor<'_>, after: Option<&str>, limit: i64) -> Result<Vec<Event>> {
+pub async fn list_events(
+    db: impl PgExecutor<'_>,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<Event>> {
     let sql = format!(
         "SELECT {EVENT_COLUMNS} FROM events WHERE ($1::text IS NULL OR name > $1) ORDER BY name LIMIT $2"
     );

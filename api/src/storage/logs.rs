@@ -8,7 +8,11 @@ use crate::model::LogLine;
 
 /// Stores one batch of lines. A batch the worker re-sends after a reconnect has the same
 /// `first_seq` and is ignored, so no line is stored twice. Returns whether it was new.
-pub async fn append_chunk(db: impl PgExecutor<'_>, job_id: Uuid, lines: &[LogLine]) -> Result<bool> {
+pub async fn append_chunk(
+    db: impl PgExecutor<'_>,
+    job_id: Uuid,
+    lines: &[LogLine],
+) -> Result<bool> {
     let (Some(first), Some(last)) = (lines.first(), lines.last()) else {
         return Ok(false);
     };
@@ -28,7 +32,12 @@ pub async fn append_chunk(db: impl PgExecutor<'_>, job_id: Uuid, lines: &[LogLin
 }
 
 /// Up to about `max_lines` lines with `seq > after`, in order.
-pub async fn lines_after(db: impl PgExecutor<'_>, job_id: Uuid, after: i64, max_lines: usize) -> Result<Vec<LogLine>> {
+pub async fn lines_after(
+    db: impl PgExecutor<'_>,
+    job_id: Uuid,
+    after: i64,
+    max_lines: usize,
+) -> Result<Vec<LogLine>> {
     // Chunks hold many lines each, so fetching max_lines chunks is always enough.
     let chunks: Vec<Json<Vec<LogLine>>> = sqlx::query_scalar(
         "SELECT lines FROM job_logs WHERE job_id = $1 AND last_seq > $2 ORDER BY first_seq LIMIT $3",

@@ -121,7 +121,10 @@ pub struct ClaimedJob {
 
 /// Claims up to `limit` due jobs that the worker can run, highest priority first, each under
 /// a fresh lease. Concurrent claimers never get the same job.
-pub async fn claim_batch(db: impl PgExecutor<'_>, req: &ClaimRequest<'_>) -> Result<Vec<ClaimedJob>> {
+pub async fn claim_batch(
+    db: impl PgExecutor<'_>,
+    req: &ClaimRequest<'_>,
+) -> Result<Vec<ClaimedJob>> {
     let mut jobs: Vec<ClaimedJob> = sqlx::query_as(
         "WITH picked AS (
              SELECT id FROM jobs
@@ -159,11 +162,11 @@ pub async fn claim_batch(db: impl PgExecutor<'_>, req: &ClaimRequest<'_>) -> Res
 /// When the next queued job that is not yet due becomes due, so a dispatcher can sleep
 /// exactly until then instead of polling.
 pub async fn next_due_at(db: impl PgExecutor<'_>) -> Result<Option<DateTime<Utc>>> {
-    Ok(
-        sqlx::query_scalar("SELECT min(run_at) FROM jobs WHERE status = 'queued' AND run_at > now()")
-            .fetch_one(db)
-            .await?,
+    Ok(sqlx::query_scalar(
+        "SELECT min(run_at) FROM jobs WHERE status = 'queued' AND run_at > now()",
     )
+    .fetch_one(db)
+    .await?)
 }
 
 /// Marks a claimed job as running (the worker started the process).
@@ -247,7 +250,10 @@ impl Outcome {
                 kind,
                 message: message.into(),
             }),
-            retryable: matches!(kind, ErrorKind::Script | ErrorKind::Infrastructure | ErrorKind::Timeout),
+            retryable: matches!(
+                kind,
+                ErrorKind::Script | ErrorKind::Infrastructure | ErrorKind::Timeout
+            ),
             output: None,
             condition: None,
         }
@@ -257,9 +263,15 @@ impl Outcome {
 /// What completing a job did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Completion {
-    Finished { status: JobStatus, dead: bool },
+    Finished {
+        status: JobStatus,
+        dead: bool,
+    },
     /// Another attempt was queued for `run_at`.
-    Retrying { attempt: i32, run_at: DateTime<Utc> },
+    Retrying {
+        attempt: i32,
+        run_at: DateTime<Utc>,
+    },
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -274,7 +286,12 @@ struct LeasedState {
 
 /// Records how a run ended — or queues its next attempt — if `token` still holds the lease.
 /// Runs inside the caller's transaction so the actions a completion triggers commit with it.
-pub async fn complete(conn: &mut PgConnection, job_id: Uuid, token: i64, outcome: &Outcome) -> Result<Completion> {
+pub async fn complete(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    token: i64,
+    outcome: &Outcome,
+) -> Result<Completion> {
     let state: Option<LeasedState> = sqlx::query_as(
         "SELECT attempt, max_attempts, lease_losses, cancel_requested,
                 (spec->>'retry_backoff_seconds')::int AS backoff_seconds,
@@ -362,7 +379,11 @@ pub fn retry_delay(attempts_done: i32, base_seconds: i32, max_seconds: i32) -> D
         .min(i64::from(max_seconds.max(0)) * 1000)
         .max(0) as u64;
     let half = capped_ms / 2;
-    let jitter = if half > 0 { rand::rng().random_range(0..=half) } else { 0 };
+    let jitter = if half > 0 {
+        rand::rng().random_range(0..=half)
+    } else {
+        0
+    };
     Duration::from_millis(capped_ms - half + jitter)
 }
 
@@ -460,10 +481,11 @@ pub async fn request_cancel(conn: &mut PgConnection, job_id: Uuid) -> Result<Can
             Ok(CancelOutcome::Requested { worker_id })
         }
         None => {
-            let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
-                .bind(job_id)
-                .fetch_optional(&mut *conn)
-                .await?;
+            let status: Option<String> =
+                sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
+                    .bind(job_id)
+                    .fetch_optional(&mut *conn)
+                    .await?;
             Err(match status {
                 Some(status) => StorageError::JobFinished { job_id, status },
                 None => StorageError::JobNotFound(job_id),
@@ -512,7 +534,10 @@ struct JobRow {
 
 impl From<JobRow> for Job {
     fn from(r: JobRow) -> Self {
-        let error = match (r.error_kind.as_deref().map(str::parse::<ErrorKind>), r.error_message) {
+        let error = match (
+            r.error_kind.as_deref().map(str::parse::<ErrorKind>),
+            r.error_message,
+        ) {
             (Some(Ok(kind)), Some(message)) => Some(JobError { kind, message }),
             _ => None,
         };
@@ -614,11 +639,20 @@ mod tests {
     fn retry_delay_grows_and_caps() {
         for _ in 0..100 {
             let first = retry_delay(1, 10, 3600);
-            assert!((5_000..=10_000).contains(&(first.as_millis() as u64)), "{first:?}");
+            assert!(
+                (5_000..=10_000).contains(&(first.as_millis() as u64)),
+                "{first:?}"
+            );
             let third = retry_delay(3, 10, 3600);
-            assert!((20_000..=40_000).contains(&(third.as_millis() as u64)), "{third:?}");
+            assert!(
+                (20_000..=40_000).contains(&(third.as_millis() as u64)),
+                "{third:?}"
+            );
             let capped = retry_delay(30, 10, 60);
-            assert!((30_000..=60_000).contains(&(capped.as_millis() as u64)), "{capped:?}");
+            assert!(
+                (30_000..=60_000).contains(&(capped.as_millis() as u64)),
+                "{capped:?}"
+            );
         }
         assert_eq!(retry_delay(1, 0, 3600), Duration::ZERO);
     }

@@ -33,7 +33,9 @@ pub async fn insert_token(
 
 /// The live (not revoked) token with this hash.
 pub async fn find_by_hash(db: impl PgExecutor<'_>, hash: &[u8]) -> Result<Option<Token>> {
-    let sql = format!("SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL");
+    let sql = format!(
+        "SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL"
+    );
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(hash)
         .fetch_optional(db)
@@ -54,15 +56,18 @@ pub async fn touch(db: impl PgExecutor<'_>, id: Uuid) -> Result<()> {
 
 pub async fn list_tokens(db: impl PgExecutor<'_>) -> Result<Vec<Token>> {
     let sql = format!("SELECT {TOKEN_COLUMNS} FROM api_tokens ORDER BY created_at, id");
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(db).await?)
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .fetch_all(db)
+        .await?)
 }
 
 /// Revokes a token (kept for the audit trail).
 pub async fn revoke_token(db: impl PgExecutor<'_>, id: Uuid) -> Result<()> {
-    let done = sqlx::query("UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1")
-        .bind(id)
-        .execute(db)
-        .await?;
+    let done =
+        sqlx::query("UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1")
+            .bind(id)
+            .execute(db)
+            .await?;
     if done.rows_affected() == 0 {
         return Err(StorageError::TokenNotFound(id));
     }

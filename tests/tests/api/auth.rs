@@ -11,7 +11,11 @@ async fn missing_malformed_unknown_and_revoked_tokens_get_401() {
     let (status, err) = send(app.anonymous(Method::GET, "/api/v1/events")).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(err["error"]["code"], "unauthorized");
-    let (status, _) = send(app.anonymous(Method::GET, "/api/v1/events").header("authorization", "Basic abc")).await;
+    let (status, _) = send(
+        app.anonymous(Method::GET, "/api/v1/events")
+            .header("authorization", "Basic abc"),
+    )
+    .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, _) = send(app.request_as("baton_wrong", Method::GET, "/api/v1/events")).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
@@ -20,11 +24,19 @@ async fn missing_malformed_unknown_and_revoked_tokens_get_401() {
     let (status, _) = send(app.request_as(&viewer, Method::GET, "/api/v1/events")).await;
     assert_eq!(status, StatusCode::OK);
     let (_, tokens) = app.get("/api/v1/tokens").await;
-    let id = tokens.as_array().expect("tokens").iter().find(|t| t["role"] == "viewer").expect("viewer")["id"]
+    let id = tokens
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .find(|t| t["role"] == "viewer")
+        .expect("viewer")["id"]
         .as_str()
         .expect("id")
         .to_owned();
-    assert!(tokens.to_string().find(&viewer).is_none(), "secrets are never listed");
+    assert!(
+        tokens.to_string().find(&viewer).is_none(),
+        "secrets are never listed"
+    );
     let (status, _) = app.delete(&format!("/api/v1/tokens/{id}")).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, _) = send(app.request_as(&viewer, Method::GET, "/api/v1/events")).await;
@@ -45,35 +57,87 @@ async fn roles_allow_what_they_should_and_nothing_more() {
     // (method, path, body, lowest role allowed)
     let calls = [
         (Method::GET, "/api/v1/events".to_owned(), None, Role::Viewer),
-        (Method::GET, format!("/api/v1/events/{ev_id}"), None, Role::Viewer),
+        (
+            Method::GET,
+            format!("/api/v1/events/{ev_id}"),
+            None,
+            Role::Viewer,
+        ),
         (Method::GET, "/api/v1/jobs".to_owned(), None, Role::Viewer),
-        (Method::GET, format!("/api/v1/jobs/{job_id}"), None, Role::Viewer),
-        (Method::GET, format!("/api/v1/jobs/{job_id}/logs"), None, Role::Viewer),
-        (Method::POST, format!("/api/v1/events/{ev_id}/run"), Some(json!({})), Role::Operator),
-        (Method::POST, "/api/v1/events".to_owned(), Some(bash_event("new")), Role::Admin),
-        (Method::PATCH, format!("/api/v1/events/{ev_id}"), Some(json!({"priority": 1})), Role::Admin),
+        (
+            Method::GET,
+            format!("/api/v1/jobs/{job_id}"),
+            None,
+            Role::Viewer,
+        ),
+        (
+            Method::GET,
+            format!("/api/v1/jobs/{job_id}/logs"),
+            None,
+            Role::Viewer,
+        ),
+        (
+            Method::POST,
+            format!("/api/v1/events/{ev_id}/run"),
+            Some(json!({})),
+            Role::Operator,
+        ),
+        (
+            Method::POST,
+            "/api/v1/events".to_owned(),
+            Some(bash_event("new")),
+            Role::Admin,
+        ),
+        (
+            Method::PATCH,
+            format!("/api/v1/events/{ev_id}"),
+            Some(json!({"priority": 1})),
+            Role::Admin,
+        ),
         (Method::GET, "/api/v1/tokens".to_owned(), None, Role::Admin),
-        (Method::POST, "/api/v1/tokens".to_owned(), Some(json!({"name": "t", "role": "viewer"})), Role::Admin),
+        (
+            Method::POST,
+            "/api/v1/tokens".to_owned(),
+            Some(json!({"name": "t", "role": "viewer"})),
+            Role::Admin,
+        ),
     ];
     for (method, path, body, needed) in calls {
-        for (token, role) in [(&viewer, Role::Viewer), (&operator, Role::Operator), (&worker, Role::Worker)] {
+        for (token, role) in [
+            (&viewer, Role::Viewer),
+            (&operator, Role::Operator),
+            (&worker, Role::Worker),
+        ] {
             let mut req = app.request_as(token, method.clone(), &path);
             if let Some(b) = &body {
                 req = req.json(b);
             }
             let (status, answer) = send(req).await;
             if role.allows(needed) {
-                assert!(status.is_success(), "{role} {method} {path}: {status} {answer}");
+                assert!(
+                    status.is_success(),
+                    "{role} {method} {path}: {status} {answer}"
+                );
             } else {
-                assert_eq!(status, StatusCode::FORBIDDEN, "{role} {method} {path}: {answer}");
+                assert_eq!(
+                    status,
+                    StatusCode::FORBIDDEN,
+                    "{role} {method} {path}: {answer}"
+                );
                 assert_eq!(answer["error"]["code"], "forbidden");
             }
         }
     }
     // Operators cancel.
-    let (status, _) = send(app.request_as(&operator, Method::POST, &format!("/api/v1/jobs/{job_id}/cancel"))).await;
+    let (status, _) = send(app.request_as(
+        &operator,
+        Method::POST,
+        &format!("/api/v1/jobs/{job_id}/cancel"),
+    ))
+    .await;
     assert_eq!(status, StatusCode::ACCEPTED);
-    let (status, _) = send(app.request_as(&viewer, Method::DELETE, &format!("/api/v1/events/{ev_id}"))).await;
+    let (status, _) =
+        send(app.request_as(&viewer, Method::DELETE, &format!("/api/v1/events/{ev_id}"))).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
 
@@ -88,9 +152,14 @@ async fn token_requests_are_validated() {
         let (status, err) = app.post("/api/v1/tokens", &body).await;
         assert!(status.is_client_error(), "{body}");
         let text = err.to_string();
-        assert!(err["error"]["field"] == field || text.contains(field), "{body}: {err}");
+        assert!(
+            err["error"]["field"] == field || text.contains(field),
+            "{body}: {err}"
+        );
     }
-    let (status, _) = app.delete("/api/v1/tokens/0190a0a0-0000-7000-8000-000000000000").await;
+    let (status, _) = app
+        .delete("/api/v1/tokens/0190a0a0-0000-7000-8000-000000000000")
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
@@ -99,9 +168,11 @@ async fn every_mutating_call_is_audited() {
     let app = spawn_app().await;
     let ev = app.create_event(&bash_event("audited")).await;
     let id = ev["id"].as_str().expect("id");
-    app.patch(&format!("/api/v1/events/{id}"), &json!({"priority": 3})).await;
+    app.patch(&format!("/api/v1/events/{id}"), &json!({"priority": 3}))
+        .await;
     let job = app.run_event(id, &json!({})).await;
-    app.post(&format!("/api/v1/jobs/{job}/cancel"), &json!(null)).await;
+    app.post(&format!("/api/v1/jobs/{job}/cancel"), &json!(null))
+        .await;
     app.token(Role::Viewer).await;
     // A refused call is not audited as done.
     app.post("/api/v1/events", &json!({"name": ""})).await;
@@ -112,7 +183,16 @@ async fn every_mutating_call_is_audited() {
             .await
             .expect("audit rows");
     let actions: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
-    assert_eq!(actions, vec!["event.create", "event.update", "event.run", "job.cancel", "token.create"]);
+    assert_eq!(
+        actions,
+        vec![
+            "event.create",
+            "event.update",
+            "event.run",
+            "job.cancel",
+            "token.create"
+        ]
+    );
     assert!(rows.iter().all(|r| r.0 == "admin (BATON_ADMIN_TOKEN)"));
     assert_eq!(rows[0].3.as_deref(), Some(id));
     assert_eq!(rows[2].3.as_deref(), Some(job.as_str()));

@@ -27,26 +27,38 @@ async fn create_get_list_patch_delete() {
     app.create_event(&bash_event("another")).await;
     let (status, list) = app.get("/api/v1/events").await;
     assert_eq!(status, StatusCode::OK);
-    let names: Vec<&str> = list["items"].as_array().expect("items").iter().map(|e| e["name"].as_str().expect("name")).collect();
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|e| e["name"].as_str().expect("name"))
+        .collect();
     assert_eq!(names, vec!["another", "nightly-report"]);
     assert_eq!(list["next_cursor"], Value::Null);
     // Paging.
     let (_, page) = app.get("/api/v1/events?limit=1").await;
     assert_eq!(page["items"].as_array().expect("items").len(), 1);
     let cursor = page["next_cursor"].as_str().expect("cursor").to_owned();
-    let (_, page2) = app.get(&format!("/api/v1/events?limit=1&cursor={cursor}")).await;
+    let (_, page2) = app
+        .get(&format!("/api/v1/events?limit=1&cursor={cursor}"))
+        .await;
     assert_eq!(page2["items"][0]["name"], "nightly-report");
 
     // PATCH merges; null resets to the default.
     let (status, patched) = app
-        .patch(&format!("/api/v1/events/{id}"), &json!({"content": "echo bye", "priority": null}))
+        .patch(
+            &format!("/api/v1/events/{id}"),
+            &json!({"content": "echo bye", "priority": null}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{patched}");
     assert_eq!(patched["content"], "echo bye");
     assert_eq!(patched["priority"], 0);
     assert_eq!(patched["env"], json!({"REGION": "eu-west-1"}));
     // A patch is validated like a new event.
-    let (status, err) = app.patch(&format!("/api/v1/events/{id}"), &json!({"runtime": "exec"})).await;
+    let (status, err) = app
+        .patch(&format!("/api/v1/events/{id}"), &json!({"runtime": "exec"}))
+        .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(err["error"]["field"], "content");
 
@@ -107,16 +119,34 @@ async fn bad_fields_get_a_4xx_naming_the_field() {
         (without("content"), "content"),
         (with("content", json!("   ")), "content"),
         (with("command", json!(["ls"])), "command"),
-        (json!({"name": "e", "runtime": "exec", "command": []}), "command"),
-        (json!({"name": "e", "runtime": "exec", "command": "ls -l"}), "command"),
+        (
+            json!({"name": "e", "runtime": "exec", "command": []}),
+            "command",
+        ),
+        (
+            json!({"name": "e", "runtime": "exec", "command": "ls -l"}),
+            "command",
+        ),
         (json!({"name": "h", "runtime": "http"}), "request"),
-        (json!({"name": "h", "runtime": "http", "request": {"url": "ftp://x"}}), "request.url"),
-        (json!({"name": "h", "runtime": "http", "request": {"url": "http://x", "method": "BREW"}}), "request.method"),
-        (json!({"name": "h", "runtime": "http", "request": {"url": "http://x", "headers": {"bad header": "v"}}}), "request.headers.bad header"),
+        (
+            json!({"name": "h", "runtime": "http", "request": {"url": "ftp://x"}}),
+            "request.url",
+        ),
+        (
+            json!({"name": "h", "runtime": "http", "request": {"url": "http://x", "method": "BREW"}}),
+            "request.method",
+        ),
+        (
+            json!({"name": "h", "runtime": "http", "request": {"url": "http://x", "headers": {"bad header": "v"}}}),
+            "request.headers.bad header",
+        ),
         (with("executor", json!("mainframe")), "executor"),
         (with("executor", json!("ssh")), "server_id"),
         (with("server_id", json!("not-a-uuid")), "server_id"),
-        (with("server_id", json!("0190a0a0-0000-7000-8000-000000000000")), "server_id"),
+        (
+            with("server_id", json!("0190a0a0-0000-7000-8000-000000000000")),
+            "server_id",
+        ),
         (with("image", json!("has space")), "image"),
         (with("env", json!({"1BAD": "x"})), "env.1BAD"),
         (with("env", json!({"BATON_DIR": "x"})), "env.BATON_DIR"),
@@ -134,8 +164,14 @@ async fn bad_fields_get_a_4xx_naming_the_field() {
     for (body, field) in cases {
         let (status, err) = app.post("/api/v1/events", &body).await;
         assert!(status.is_client_error(), "{body} gave {status}");
-        let named = err["error"]["field"].as_str().unwrap_or_default().to_owned();
-        let message = err["error"]["message"].as_str().unwrap_or_default().to_owned();
+        let named = err["error"]["field"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let message = err["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         assert!(
             named == field || message.contains(field),
             "{body}: expected field {field}, got {err}"
@@ -150,7 +186,11 @@ async fn bad_fields_get_a_4xx_naming_the_field() {
 #[tokio::test]
 async fn malformed_and_oversized_bodies_are_clean_4xx() {
     let app = spawn_app_small_limit().await;
-    let raw = |body: &'static str| app.request(Method::POST, "/api/v1/events").header("content-type", "application/json").body(body);
+    let raw = |body: &'static str| {
+        app.request(Method::POST, "/api/v1/events")
+            .header("content-type", "application/json")
+            .body(body)
+    };
     let (status, err) = send(raw("{not json")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(err["error"]["code"], "invalid_body");
@@ -158,7 +198,10 @@ async fn malformed_and_oversized_bodies_are_clean_4xx() {
     assert!(status.is_client_error());
     let (status, _) = send(raw("[1,2,3]")).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
-    let (status, _) = send(raw("{\"name\": \"a\", \"runtime\": \"bash\", \"content\": \"x\"} trailing")).await;
+    let (status, _) = send(raw(
+        "{\"name\": \"a\", \"runtime\": \"bash\", \"content\": \"x\"} trailing",
+    ))
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let huge = json!({"name": "big", "runtime": "bash", "content": "x".repeat(200_000)});
     let (status, err) = app.post("/api/v1/events", &huge).await;
@@ -175,11 +218,16 @@ async fn unknown_ids_routes_and_methods() {
     let app = spawn_app().await;
     let missing = "0190a0a0-0000-7000-8000-000000000000";
     let (status, err) = app.get(&format!("/api/v1/events/{missing}")).await;
-    assert_eq!((status, err["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("event_not_found")));
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("event_not_found"))
+    );
     let (status, err) = app.get("/api/v1/events/not-a-uuid").await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(err["error"]["field"], "id");
-    let (status, _) = app.post(&format!("/api/v1/events/{missing}/run"), &json!({})).await;
+    let (status, _) = app
+        .post(&format!("/api/v1/events/{missing}/run"), &json!({}))
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, err) = app.get("/api/v1/nothing-here").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
@@ -188,9 +236,15 @@ async fn unknown_ids_routes_and_methods() {
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(err["error"]["code"], "method_not_allowed");
     let (status, err) = app.get("/api/v1/events?limit=0").await;
-    assert_eq!((status, err["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("limit")));
+    assert_eq!(
+        (status, err["error"]["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("limit"))
+    );
     let (status, err) = app.get("/api/v1/events?bogus=1").await;
-    assert_eq!((status, err["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("bogus")));
+    assert_eq!(
+        (status, err["error"]["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("bogus"))
+    );
 }
 
 #[tokio::test]
@@ -213,7 +267,8 @@ async fn run_takes_input_priority_run_at_and_idempotency_keys() {
     let ev = app.create_event(&bash_event("runner")).await;
     let id = ev["id"].as_str().expect("id");
     // No body at all is fine.
-    let (status, answer) = send(app.request(Method::POST, &format!("/api/v1/events/{id}/run"))).await;
+    let (status, answer) =
+        send(app.request(Method::POST, &format!("/api/v1/events/{id}/run"))).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
 
     let run_at = (chrono::Utc::now() + chrono::Duration::hours(2)).to_rfc3339();
@@ -225,15 +280,30 @@ async fn run_takes_input_priority_run_at_and_idempotency_keys() {
     assert_eq!(second["job_id"], first["job_id"]);
     assert_eq!(second["created"], false);
 
-    let (status, job) = app.get(&format!("/api/v1/jobs/{}", first["job_id"].as_str().expect("id"))).await;
+    let (status, job) = app
+        .get(&format!(
+            "/api/v1/jobs/{}",
+            first["job_id"].as_str().expect("id")
+        ))
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(job["input"], json!({"rows": [1, 2]}));
     assert_eq!(job["priority"], 7);
     assert_eq!(job["status"], "queued");
     assert_eq!(job["idempotency_key"], "k1");
     assert_eq!(job["root_job_id"], job["id"]);
-    let stored: chrono::DateTime<chrono::Utc> = job["run_at"].as_str().expect("run_at").parse().expect("time");
-    assert_eq!(stored.timestamp(), run_at.parse::<chrono::DateTime<chrono::Utc>>().expect("t").timestamp());
+    let stored: chrono::DateTime<chrono::Utc> = job["run_at"]
+        .as_str()
+        .expect("run_at")
+        .parse()
+        .expect("time");
+    assert_eq!(
+        stored.timestamp(),
+        run_at
+            .parse::<chrono::DateTime<chrono::Utc>>()
+            .expect("t")
+            .timestamp()
+    );
 
     for (body, field) in [
         (json!({"priority": 10_000}), "priority"),

@@ -7,9 +7,15 @@ use reqwest::{Method, StatusCode};
 async fn probes_answer_without_a_token() {
     let app = spawn_app().await;
     let (status, body) = send(app.anonymous(Method::GET, "/healthz")).await;
-    assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("ok")));
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("ok"))
+    );
     let (status, body) = send(app.anonymous(Method::GET, "/readyz")).await;
-    assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("ready")));
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("ready"))
+    );
 }
 
 #[tokio::test]
@@ -28,11 +34,22 @@ async fn openapi_documents_every_route() {
     assert!(spec["openapi"].as_str().expect("version").starts_with("3."));
     let paths = spec["paths"].as_object().expect("paths");
     for path in [
-        "/api/v1/events", "/api/v1/events/{id}", "/api/v1/events/{id}/run", "/api/v1/jobs", "/api/v1/jobs/{id}",
-        "/api/v1/jobs/{id}/cancel", "/api/v1/jobs/{id}/logs", "/api/v1/tokens", "/api/v1/tokens/{id}",
-        "/healthz", "/readyz",
+        "/api/v1/events",
+        "/api/v1/events/{id}",
+        "/api/v1/events/{id}/run",
+        "/api/v1/jobs",
+        "/api/v1/jobs/{id}",
+        "/api/v1/jobs/{id}/cancel",
+        "/api/v1/jobs/{id}/logs",
+        "/api/v1/tokens",
+        "/api/v1/tokens/{id}",
+        "/healthz",
+        "/readyz",
     ] {
-        assert!(paths.contains_key(path), "{path} missing from the OpenAPI document");
+        assert!(
+            paths.contains_key(path),
+            "{path} missing from the OpenAPI document"
+        );
     }
     assert!(spec["components"]["schemas"]["NewEvent"].is_object());
     assert!(spec["components"]["securitySchemes"]["bearer"].is_object());

@@ -20,12 +20,19 @@ async fn list_filters_and_pages_through_jobs() {
         a_jobs.push(app.run_event(a, &json!({})).await);
     }
     let b_job = app.run_event(b, &json!({})).await;
-    let (status, _) = app.post(&format!("/api/v1/jobs/{b_job}/cancel"), &json!({})).await;
+    let (status, _) = app
+        .post(&format!("/api/v1/jobs/{b_job}/cancel"), &json!({}))
+        .await;
     assert_eq!(status, StatusCode::ACCEPTED);
 
     let (status, page) = app.get(&format!("/api/v1/jobs?event_id={a}")).await;
     assert_eq!(status, StatusCode::OK);
-    let ids: Vec<&str> = page["items"].as_array().expect("items").iter().map(|j| j["id"].as_str().expect("id")).collect();
+    let ids: Vec<&str> = page["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|j| j["id"].as_str().expect("id"))
+        .collect();
     let newest_first: Vec<&str> = a_jobs.iter().rev().map(String::as_str).collect();
     assert_eq!(ids, newest_first);
 
@@ -76,12 +83,29 @@ async fn list_filters_and_pages_through_jobs() {
 async fn job_view_has_the_contract_fields() {
     let app = spawn_app().await;
     let ev = app.create_event(&bash_event("shape")).await;
-    let job_id = app.run_event(ev["id"].as_str().expect("id"), &json!({"input": {"x": 1}})).await;
+    let job_id = app
+        .run_event(ev["id"].as_str().expect("id"), &json!({"input": {"x": 1}}))
+        .await;
     let (status, job) = app.get(&format!("/api/v1/jobs/{job_id}")).await;
     assert_eq!(status, StatusCode::OK);
     for field in [
-        "id", "event_id", "status", "attempt", "dead", "exit_code", "error", "input", "output", "condition",
-        "progress", "parent_job_id", "root_job_id", "worker_id", "created_at", "started_at", "finished_at",
+        "id",
+        "event_id",
+        "status",
+        "attempt",
+        "dead",
+        "exit_code",
+        "error",
+        "input",
+        "output",
+        "condition",
+        "progress",
+        "parent_job_id",
+        "root_job_id",
+        "worker_id",
+        "created_at",
+        "started_at",
+        "finished_at",
     ] {
         assert!(job.get(field).is_some(), "job lacks {field}: {job}");
     }
@@ -90,22 +114,36 @@ async fn job_view_has_the_contract_fields() {
     assert_eq!(job["dead"], false);
     assert_eq!(job["event_name"], "shape");
     let (status, err) = app.get(&format!("/api/v1/jobs/{}", Uuid::now_v7())).await;
-    assert_eq!((status, err["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("job_not_found")));
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("job_not_found"))
+    );
 }
 
 #[tokio::test]
 async fn cancel_queued_then_conflict_when_finished() {
     let app = spawn_app().await;
     let ev = app.create_event(&bash_event("c")).await;
-    let job_id = app.run_event(ev["id"].as_str().expect("id"), &json!({})).await;
-    let (status, job) = app.post(&format!("/api/v1/jobs/{job_id}/cancel"), &Value::Null).await;
+    let job_id = app
+        .run_event(ev["id"].as_str().expect("id"), &json!({}))
+        .await;
+    let (status, job) = app
+        .post(&format!("/api/v1/jobs/{job_id}/cancel"), &Value::Null)
+        .await;
     assert_eq!(status, StatusCode::ACCEPTED);
     assert_eq!(job["status"], "cancelled");
     assert_eq!(job["error"]["kind"], "cancelled");
-    let (status, err) = app.post(&format!("/api/v1/jobs/{job_id}/cancel"), &Value::Null).await;
+    let (status, err) = app
+        .post(&format!("/api/v1/jobs/{job_id}/cancel"), &Value::Null)
+        .await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(err["error"]["code"], "job_finished");
-    let (status, _) = app.post(&format!("/api/v1/jobs/{}/cancel", Uuid::now_v7()), &Value::Null).await;
+    let (status, _) = app
+        .post(
+            &format!("/api/v1/jobs/{}/cancel", Uuid::now_v7()),
+            &Value::Null,
+        )
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
@@ -113,36 +151,81 @@ async fn cancel_queued_then_conflict_when_finished() {
 async fn logs_page_by_sequence_and_say_when_done() {
     let app = spawn_app().await;
     let ev = app.create_event(&bash_event("logs")).await;
-    let job_id = app.run_event(ev["id"].as_str().expect("id"), &json!({})).await;
+    let job_id = app
+        .run_event(ev["id"].as_str().expect("id"), &json!({}))
+        .await;
     let id: Uuid = job_id.parse().expect("uuid");
-    let line = |seq: i64| LogLine { seq, stream: if seq % 2 == 0 { "stderr" } else { "stdout" }.into(), text: format!("line {seq}"), ts: chrono::Utc::now() };
+    let line = |seq: i64| LogLine {
+        seq,
+        stream: if seq % 2 == 0 { "stderr" } else { "stdout" }.into(),
+        text: format!("line {seq}"),
+        ts: chrono::Utc::now(),
+    };
     let chunk1: Vec<LogLine> = (1..=3).map(line).collect();
     let chunk2: Vec<LogLine> = (4..=5).map(line).collect();
-    assert!(logs::append_chunk(&app.pool, id, &chunk1).await.expect("append"));
-    assert!(logs::append_chunk(&app.pool, id, &chunk2).await.expect("append"));
-    assert!(!logs::append_chunk(&app.pool, id, &chunk2).await.expect("append"), "a re-sent chunk is ignored");
+    assert!(
+        logs::append_chunk(&app.pool, id, &chunk1)
+            .await
+            .expect("append")
+    );
+    assert!(
+        logs::append_chunk(&app.pool, id, &chunk2)
+            .await
+            .expect("append")
+    );
+    assert!(
+        !logs::append_chunk(&app.pool, id, &chunk2)
+            .await
+            .expect("append"),
+        "a re-sent chunk is ignored"
+    );
 
     let (status, page) = app.get(&format!("/api/v1/jobs/{job_id}/logs")).await;
     assert_eq!(status, StatusCode::OK);
-    let texts: Vec<&str> = page["lines"].as_array().expect("lines").iter().map(|l| l["text"].as_str().expect("text")).collect();
-    assert_eq!(texts, vec!["line 1", "line 2", "line 3", "line 4", "line 5"]);
+    let texts: Vec<&str> = page["lines"]
+        .as_array()
+        .expect("lines")
+        .iter()
+        .map(|l| l["text"].as_str().expect("text"))
+        .collect();
+    assert_eq!(
+        texts,
+        vec!["line 1", "line 2", "line 3", "line 4", "line 5"]
+    );
     assert_eq!(page["lines"][1]["stream"], "stderr");
     assert_eq!(page["next"], 5);
     assert_eq!(page["done"], false, "the job is still queued");
 
-    let (_, page) = app.get(&format!("/api/v1/jobs/{job_id}/logs?after=2&limit=2")).await;
-    let seqs: Vec<i64> = page["lines"].as_array().expect("lines").iter().map(|l| l["seq"].as_i64().expect("seq")).collect();
+    let (_, page) = app
+        .get(&format!("/api/v1/jobs/{job_id}/logs?after=2&limit=2"))
+        .await;
+    let seqs: Vec<i64> = page["lines"]
+        .as_array()
+        .expect("lines")
+        .iter()
+        .map(|l| l["seq"].as_i64().expect("seq"))
+        .collect();
     assert_eq!(seqs, vec![3, 4]);
     assert_eq!(page["next"], 4);
 
-    app.post(&format!("/api/v1/jobs/{job_id}/cancel"), &Value::Null).await;
-    let (_, page) = app.get(&format!("/api/v1/jobs/{job_id}/logs?after=5")).await;
+    app.post(&format!("/api/v1/jobs/{job_id}/cancel"), &Value::Null)
+        .await;
+    let (_, page) = app
+        .get(&format!("/api/v1/jobs/{job_id}/logs?after=5"))
+        .await;
     assert_eq!(page["lines"], json!([]));
     assert_eq!(page["next"], 5);
     assert_eq!(page["done"], true);
 
-    let (status, err) = app.get(&format!("/api/v1/jobs/{job_id}/logs?after=-1")).await;
-    assert_eq!((status, err["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("after")));
-    let (status, _) = app.get(&format!("/api/v1/jobs/{}/logs", Uuid::now_v7())).await;
+    let (status, err) = app
+        .get(&format!("/api/v1/jobs/{job_id}/logs?after=-1"))
+        .await;
+    assert_eq!(
+        (status, err["error"]["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("after"))
+    );
+    let (status, _) = app
+        .get(&format!("/api/v1/jobs/{}/logs", Uuid::now_v7()))
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }

@@ -21,7 +21,9 @@ async fn event(pool: &PgPool, name: &str, max_attempts: i32) -> Event {
     }))
     .expect("spec");
     spec.validate().expect("valid");
-    events::insert_event(pool, &spec).await.expect("insert event")
+    events::insert_event(pool, &spec)
+        .await
+        .expect("insert event")
 }
 
 fn new_job(event: &Event) -> NewJob<'_> {
@@ -36,15 +38,45 @@ fn new_job(event: &Event) -> NewJob<'_> {
     }
 }
 
-fn offer(worker_id: Uuid, limit: i64, lease: Duration) -> (Vec<String>, serde_json::Map<String, serde_json::Value>, Uuid, i64, Duration) {
-    (vec!["local".to_owned()], serde_json::Map::new(), worker_id, limit, lease)
+fn offer(
+    worker_id: Uuid,
+    limit: i64,
+    lease: Duration,
+) -> (
+    Vec<String>,
+    serde_json::Map<String, serde_json::Value>,
+    Uuid,
+    i64,
+    Duration,
+) {
+    (
+        vec!["local".to_owned()],
+        serde_json::Map::new(),
+        worker_id,
+        limit,
+        lease,
+    )
 }
 
-async fn claim(pool: &PgPool, worker_id: Uuid, limit: i64, lease: Duration) -> Vec<queue::ClaimedJob> {
+async fn claim(
+    pool: &PgPool,
+    worker_id: Uuid,
+    limit: i64,
+    lease: Duration,
+) -> Vec<queue::ClaimedJob> {
     let (executors, labels, worker_id, limit, lease) = offer(worker_id, limit, lease);
-    queue::claim_batch(pool, &ClaimRequest { worker_id, executors: &executors, labels: &labels, limit, lease })
-        .await
-        .expect("claim")
+    queue::claim_batch(
+        pool,
+        &ClaimRequest {
+            worker_id,
+            executors: &executors,
+            labels: &labels,
+            limit,
+            lease,
+        },
+    )
+    .await
+    .expect("claim")
 }
 
 #[tokio::test]
@@ -53,7 +85,12 @@ async fn concurrent_claimers_never_claim_a_job_twice() {
     let ev = event(&pool, "many", 1).await;
     let mut all = HashSet::new();
     for _ in 0..400 {
-        all.insert(queue::enqueue(&pool, &new_job(&ev)).await.expect("enqueue").job_id);
+        all.insert(
+            queue::enqueue(&pool, &new_job(&ev))
+                .await
+                .expect("enqueue")
+                .job_id,
+        );
     }
     const CLAIMERS: usize = 8;
     let barrier = Arc::new(Barrier::new(CLAIMERS));
@@ -92,7 +129,11 @@ async fn claims_by_priority_then_run_at_then_id() {
         let pool = pool.clone();
         let ev = ev.clone();
         async move {
-            let job = NewJob { priority, run_at: Some(now - chrono::Duration::seconds(secs_ago)), ..new_job(&ev) };
+            let job = NewJob {
+                priority,
+                run_at: Some(now - chrono::Duration::seconds(secs_ago)),
+                ..new_job(&ev)
+            };
             queue::enqueue(&pool, &job).await.expect("enqueue").job_id
         }
     };
@@ -101,21 +142,43 @@ async fn claims_by_priority_then_run_at_then_id() {
     let high_old = enqueue(10, 50).await;
     let low_new = enqueue(0, 2).await;
     let future = {
-        let job = NewJob { priority: 100, run_at: Some(now + chrono::Duration::hours(1)), ..new_job(&ev) };
+        let job = NewJob {
+            priority: 100,
+            run_at: Some(now + chrono::Duration::hours(1)),
+            ..new_job(&ev)
+        };
         queue::enqueue(&pool, &job).await.expect("enqueue").job_id
     };
-    let claimed: Vec<Uuid> = claim(&pool, Uuid::now_v7(), 10, Duration::from_secs(60)).await.into_iter().map(|j| j.id).collect();
-    assert_eq!(claimed, vec![high_old, high_new, low_old, low_new], "not yet due jobs wait");
+    let claimed: Vec<Uuid> = claim(&pool, Uuid::now_v7(), 10, Duration::from_secs(60))
+        .await
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(
+        claimed,
+        vec![high_old, high_new, low_old, low_new],
+        "not yet due jobs wait"
+    );
     assert!(!claimed.contains(&future));
-    let due = queue::next_due_at(&pool).await.expect("next due").expect("one pending");
+    let due = queue::next_due_at(&pool)
+        .await
+        .expect("next due")
+        .expect("one pending");
     assert!(due > now);
 
     // Batches respect the limit.
     let ev2 = event(&pool, "order2", 1).await;
     for _ in 0..5 {
-        queue::enqueue(&pool, &new_job(&ev2)).await.expect("enqueue");
+        queue::enqueue(&pool, &new_job(&ev2))
+            .await
+            .expect("enqueue");
     }
-    assert_eq!(claim(&pool, Uuid::now_v7(), 3, Duration::from_secs(60)).await.len(), 3);
+    assert_eq!(
+        claim(&pool, Uuid::now_v7(), 3, Duration::from_secs(60))
+            .await
+            .len(),
+        3
+    );
 }
 
 #[tokio::test]
@@ -127,17 +190,38 @@ async fn claims_only_what_the_worker_can_run() {
     .expect("spec");
     spec.validate().expect("valid");
     let ev = events::insert_event(&pool, &spec).await.expect("event");
-    let id = queue::enqueue(&pool, &new_job(&ev)).await.expect("enqueue").job_id;
+    let id = queue::enqueue(&pool, &new_job(&ev))
+        .await
+        .expect("enqueue")
+        .job_id;
     // No labels: nothing. Other executor: nothing.
-    assert!(claim(&pool, Uuid::now_v7(), 10, Duration::from_secs(60)).await.is_empty());
+    assert!(
+        claim(&pool, Uuid::now_v7(), 10, Duration::from_secs(60))
+            .await
+            .is_empty()
+    );
     let mut labels = serde_json::Map::new();
     labels.insert("gpu".into(), json!("yes"));
     labels.insert("zone".into(), json!("a"));
     let container = vec!["container".to_owned()];
-    let req = ClaimRequest { worker_id: Uuid::now_v7(), executors: &container, labels: &labels, limit: 10, lease: Duration::from_secs(60) };
-    assert!(queue::claim_batch(&pool, &req).await.expect("claim").is_empty());
+    let req = ClaimRequest {
+        worker_id: Uuid::now_v7(),
+        executors: &container,
+        labels: &labels,
+        limit: 10,
+        lease: Duration::from_secs(60),
+    };
+    assert!(
+        queue::claim_batch(&pool, &req)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
     let local = vec!["local".to_owned(), "container".to_owned()];
-    let req = ClaimRequest { executors: &local, ..req };
+    let req = ClaimRequest {
+        executors: &local,
+        ..req
+    };
     let got = queue::claim_batch(&pool, &req).await.expect("claim");
     assert_eq!(got.iter().map(|j| j.id).collect::<Vec<_>>(), vec![id]);
 }
@@ -152,7 +236,10 @@ async fn idempotency_key_returns_the_same_job_even_under_a_race() {
         let (pool, ev, barrier) = (pool.clone(), ev.clone(), barrier.clone());
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
-            let job = NewJob { idempotency_key: Some("deploy-42"), ..new_job(&ev) };
+            let job = NewJob {
+                idempotency_key: Some("deploy-42"),
+                ..new_job(&ev)
+            };
             queue::enqueue(&pool, &job).await.expect("enqueue")
         }));
     }
@@ -162,8 +249,15 @@ async fn idempotency_key_returns_the_same_job_even_under_a_race() {
     }
     let ids: HashSet<Uuid> = results.iter().map(|r| r.job_id).collect();
     assert_eq!(ids.len(), 1, "one job for one key");
-    assert_eq!(results.iter().filter(|r| r.created).count(), 1, "created exactly once");
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs").fetch_one(&pool).await.expect("count");
+    assert_eq!(
+        results.iter().filter(|r| r.created).count(),
+        1,
+        "created exactly once"
+    );
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
     assert_eq!(count, 1);
 }
 
@@ -171,26 +265,53 @@ async fn idempotency_key_returns_the_same_job_even_under_a_race() {
 async fn fencing_rejects_a_stale_completion() {
     let pool = test_pool().await;
     let ev = event(&pool, "fence", 3).await;
-    let id = queue::enqueue(&pool, &new_job(&ev)).await.expect("enqueue").job_id;
-    let first = claim(&pool, Uuid::now_v7(), 1, Duration::from_millis(1)).await.remove(0);
+    let id = queue::enqueue(&pool, &new_job(&ev))
+        .await
+        .expect("enqueue")
+        .job_id;
+    let first = claim(&pool, Uuid::now_v7(), 1, Duration::from_millis(1))
+        .await
+        .remove(0);
     // The first worker's lease expires; the reaper hands the job to a second worker.
     wait_until_lease_expired(&pool, id).await;
     let reaped = queue::reap_expired(&pool).await.expect("reap");
     assert_eq!(reaped.len(), 1);
-    let second = claim(&pool, Uuid::now_v7(), 1, Duration::from_secs(60)).await.remove(0);
+    let second = claim(&pool, Uuid::now_v7(), 1, Duration::from_secs(60))
+        .await
+        .remove(0);
     assert_eq!(second.id, id);
     assert!(second.lease_token > first.lease_token);
 
     let mut conn = pool.acquire().await.expect("conn");
     let stale = queue::complete(&mut conn, id, first.lease_token, &Outcome::success()).await;
-    assert!(matches!(stale, Err(StorageError::LeaseLost { job_id }) if job_id == id), "{stale:?}");
-    assert!(matches!(queue::mark_running(&mut *conn, id, first.lease_token).await, Err(StorageError::LeaseLost { .. })));
+    assert!(
+        matches!(stale, Err(StorageError::LeaseLost { job_id }) if job_id == id),
+        "{stale:?}"
+    );
+    assert!(matches!(
+        queue::mark_running(&mut *conn, id, first.lease_token).await,
+        Err(StorageError::LeaseLost { .. })
+    ));
     let job = queue::get_job(&pool, id).await.expect("job");
-    assert_eq!(job.status, JobStatus::Claimed, "the stale report wrote nothing");
+    assert_eq!(
+        job.status,
+        JobStatus::Claimed,
+        "the stale report wrote nothing"
+    );
 
-    queue::mark_running(&mut *conn, id, second.lease_token).await.expect("running");
-    let done = queue::complete(&mut conn, id, second.lease_token, &Outcome::success()).await.expect("complete");
-    assert_eq!(done, Completion::Finished { status: JobStatus::Succeeded, dead: false });
+    queue::mark_running(&mut *conn, id, second.lease_token)
+        .await
+        .expect("running");
+    let done = queue::complete(&mut conn, id, second.lease_token, &Outcome::success())
+        .await
+        .expect("complete");
+    assert_eq!(
+        done,
+        Completion::Finished {
+            status: JobStatus::Succeeded,
+            dead: false
+        }
+    );
     // Completing twice is refused too: the lease is gone once the job finished.
     assert!(matches!(
         queue::complete(&mut conn, id, second.lease_token, &Outcome::success()).await,
@@ -205,11 +326,12 @@ async fn fencing_rejects_a_stale_completion() {
 async fn wait_until_lease_expired(pool: &PgPool, id: Uuid) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let expired: bool = sqlx::query_scalar("SELECT lease_expires_at < now() FROM jobs WHERE id = $1")
-            .bind(id)
-            .fetch_one(pool)
-            .await
-            .expect("lease");
+        let expired: bool =
+            sqlx::query_scalar("SELECT lease_expires_at < now() FROM jobs WHERE id = $1")
+                .bind(id)
+                .fetch_one(pool)
+                .await
+                .expect("lease");
         if expired {
             return;
         }
@@ -222,8 +344,14 @@ async fn wait_until_lease_expired(pool: &PgPool, id: Uuid) {
 async fn reaper_requeues_an_expired_lease_with_the_next_attempt() {
     let pool = test_pool().await;
     let ev = event(&pool, "reap", 1).await;
-    let id = queue::enqueue(&pool, &new_job(&ev)).await.expect("enqueue").job_id;
-    let live = queue::enqueue(&pool, &new_job(&ev)).await.expect("enqueue").job_id;
+    let id = queue::enqueue(&pool, &new_job(&ev))
+        .await
+        .expect("enqueue")
+        .job_id;
+    let live = queue::enqueue(&pool, &new_job(&ev))
+        .await
+        .expect("enqueue")
+        .job_id;
     let worker = Uuid::now_v7();
     let claimed = claim(&pool, worker, 1, Duration::from_millis(1)).await;
     assert_eq!(claimed[0].id, id);
@@ -242,7 +370,9 @@ async fn reaper_requeues_an_expired_lease_with_the_next_attempt() {
     let again = claim(&pool, Uuid::now_v7(), 5, Duration::from_secs(60)).await;
     assert_eq!(again.iter().map(|j| j.id).collect::<Vec<_>>(), vec![id]);
     let mut conn = pool.acquire().await.expect("conn");
-    queue::complete(&mut conn, id, again[0].lease_token, &Outcome::success()).await.expect("complete");
+    queue::complete(&mut conn, id, again[0].lease_token, &Outcome::success())
+        .await
+        .expect("complete");
     let job = queue::get_job(&pool, id).await.expect("job");
     assert_eq!((job.status, job.error), (JobStatus::Succeeded, None));
 }
@@ -251,82 +381,185 @@ async fn reaper_requeues_an_expired_lease_with_the_next_attempt() {
 async fn renewing_keeps_the_lease_and_reports_lost_ones_and_cancels() {
     let pool = test_pool().await;
     let ev = event(&pool, "renew", 1).await;
-    let a = queue::enqueue(&pool, &new_job(&ev)).await.expect("enqueue").job_id;
-    let b = queue::enqueue(&pool, &new_job(&ev)).await.expect("enqueue").job_id;
+    let a = queue::enqueue(&pool, &new_job(&ev))
+        .await
+        .expect("enqueue")
+        .job_id;
+    let b = queue::enqueue(&pool, &new_job(&ev))
+        .await
+        .expect("enqueue")
+        .job_id;
     let worker = Uuid::now_v7();
     let jobs = claim(&pool, worker, 2, Duration::from_secs(60)).await;
     let leases: Vec<(Uuid, i64)> = jobs.iter().map(|j| (j.id, j.lease_token)).collect();
     let mut conn = pool.acquire().await.expect("conn");
-    assert!(matches!(queue::request_cancel(&mut conn, b).await, Ok(queue::CancelOutcome::Requested { .. })));
-    let held = queue::renew_leases(&pool, worker, &leases, Duration::from_secs(60)).await.expect("renew");
+    assert!(matches!(
+        queue::request_cancel(&mut conn, b).await,
+        Ok(queue::CancelOutcome::Requested { .. })
+    ));
+    let held = queue::renew_leases(&pool, worker, &leases, Duration::from_secs(60))
+        .await
+        .expect("renew");
     assert_eq!(held.len(), 2);
     assert!(held.iter().any(|h| h.id == b && h.cancel_requested));
     assert!(held.iter().any(|h| h.id == a && !h.cancel_requested));
     // Another worker id, or a wrong token, holds nothing.
-    assert!(queue::renew_leases(&pool, Uuid::now_v7(), &leases, Duration::from_secs(60)).await.expect("renew").is_empty());
+    assert!(
+        queue::renew_leases(&pool, Uuid::now_v7(), &leases, Duration::from_secs(60))
+            .await
+            .expect("renew")
+            .is_empty()
+    );
     let wrong: Vec<(Uuid, i64)> = leases.iter().map(|(id, t)| (*id, t + 1000)).collect();
-    assert!(queue::renew_leases(&pool, worker, &wrong, Duration::from_secs(60)).await.expect("renew").is_empty());
+    assert!(
+        queue::renew_leases(&pool, worker, &wrong, Duration::from_secs(60))
+            .await
+            .expect("renew")
+            .is_empty()
+    );
 }
 
 #[tokio::test]
 async fn failures_retry_with_backoff_then_go_dead() {
     let pool = test_pool().await;
     let ev = event(&pool, "flaky", 2).await;
-    let id = queue::enqueue(&pool, &new_job(&ev)).await.expect("enqueue").job_id;
+    let id = queue::enqueue(&pool, &new_job(&ev))
+        .await
+        .expect("enqueue")
+        .job_id;
     let mut conn = pool.acquire().await.expect("conn");
-    let fail = Outcome { exit_code: Some(3), ..Outcome::failure(ErrorKind::Script, "exit status 3") };
+    let fail = Outcome {
+        exit_code: Some(3),
+        ..Outcome::failure(ErrorKind::Script, "exit status 3")
+    };
 
-    let first = claim(&pool, Uuid::now_v7(), 1, Duration::from_secs(60)).await.remove(0);
-    let r = queue::complete(&mut conn, id, first.lease_token, &fail).await.expect("complete");
-    assert!(matches!(r, Completion::Retrying { attempt: 2, .. }), "{r:?}");
+    let first = claim(&pool, Uuid::now_v7(), 1, Duration::from_secs(60))
+        .await
+        .remove(0);
+    let r = queue::complete(&mut conn, id, first.lease_token, &fail)
+        .await
+        .expect("complete");
+    assert!(
+        matches!(r, Completion::Retrying { attempt: 2, .. }),
+        "{r:?}"
+    );
     let job = queue::get_job(&pool, id).await.expect("job");
-    assert_eq!((job.status, job.attempt, job.exit_code), (JobStatus::Queued, 2, Some(3)));
+    assert_eq!(
+        (job.status, job.attempt, job.exit_code),
+        (JobStatus::Queued, 2, Some(3))
+    );
 
-    let second = claim(&pool, Uuid::now_v7(), 1, Duration::from_secs(60)).await.remove(0);
-    let r = queue::complete(&mut conn, id, second.lease_token, &fail).await.expect("complete");
-    assert_eq!(r, Completion::Finished { status: JobStatus::Failed, dead: true });
+    let second = claim(&pool, Uuid::now_v7(), 1, Duration::from_secs(60))
+        .await
+        .remove(0);
+    let r = queue::complete(&mut conn, id, second.lease_token, &fail)
+        .await
+        .expect("complete");
+    assert_eq!(
+        r,
+        Completion::Finished {
+            status: JobStatus::Failed,
+            dead: true
+        }
+    );
     let job = queue::get_job(&pool, id).await.expect("job");
     assert!(job.dead && job.finished_at.is_some());
     assert_eq!(job.error.expect("error").message, "exit status 3");
 
     // A non-retryable failure does not retry even with attempts left.
     let ev = event(&pool, "auth", 5).await;
-    let id = queue::enqueue(&pool, &new_job(&ev)).await.expect("enqueue").job_id;
-    let c = claim(&pool, Uuid::now_v7(), 1, Duration::from_secs(60)).await.remove(0);
-    let no_retry = Outcome { retryable: false, ..Outcome::failure(ErrorKind::Infrastructure, "auth failed") };
-    let r = queue::complete(&mut conn, id, c.lease_token, &no_retry).await.expect("complete");
-    assert_eq!(r, Completion::Finished { status: JobStatus::Failed, dead: true });
+    let id = queue::enqueue(&pool, &new_job(&ev))
+        .await
+        .expect("enqueue")
+        .job_id;
+    let c = claim(&pool, Uuid::now_v7(), 1, Duration::from_secs(60))
+        .await
+        .remove(0);
+    let no_retry = Outcome {
+        retryable: false,
+        ..Outcome::failure(ErrorKind::Infrastructure, "auth failed")
+    };
+    let r = queue::complete(&mut conn, id, c.lease_token, &no_retry)
+        .await
+        .expect("complete");
+    assert_eq!(
+        r,
+        Completion::Finished {
+            status: JobStatus::Failed,
+            dead: true
+        }
+    );
 }
 
 #[tokio::test]
 async fn cancelling_a_queued_job_is_immediate_and_a_finished_one_conflicts() {
     let pool = test_pool().await;
     let ev = event(&pool, "cancel", 3).await;
-    let id = queue::enqueue(&pool, &new_job(&ev)).await.expect("enqueue").job_id;
+    let id = queue::enqueue(&pool, &new_job(&ev))
+        .await
+        .expect("enqueue")
+        .job_id;
     let mut conn = pool.acquire().await.expect("conn");
-    assert_eq!(queue::request_cancel(&mut conn, id).await.expect("cancel"), queue::CancelOutcome::Cancelled);
+    assert_eq!(
+        queue::request_cancel(&mut conn, id).await.expect("cancel"),
+        queue::CancelOutcome::Cancelled
+    );
     let job = queue::get_job(&pool, id).await.expect("job");
     assert_eq!(job.status, JobStatus::Cancelled);
-    assert!(claim(&pool, Uuid::now_v7(), 1, Duration::from_secs(60)).await.is_empty());
-    assert!(matches!(queue::request_cancel(&mut conn, id).await, Err(StorageError::JobFinished { .. })));
+    assert!(
+        claim(&pool, Uuid::now_v7(), 1, Duration::from_secs(60))
+            .await
+            .is_empty()
+    );
+    assert!(matches!(
+        queue::request_cancel(&mut conn, id).await,
+        Err(StorageError::JobFinished { .. })
+    ));
 
     // A running job being cancelled is not retried when its worker reports the failure.
-    let id = queue::enqueue(&pool, &new_job(&ev)).await.expect("enqueue").job_id;
-    let c = claim(&pool, Uuid::now_v7(), 1, Duration::from_secs(60)).await.remove(0);
+    let id = queue::enqueue(&pool, &new_job(&ev))
+        .await
+        .expect("enqueue")
+        .job_id;
+    let c = claim(&pool, Uuid::now_v7(), 1, Duration::from_secs(60))
+        .await
+        .remove(0);
     queue::request_cancel(&mut conn, id).await.expect("cancel");
-    let r = queue::complete(&mut conn, id, c.lease_token, &Outcome::failure(ErrorKind::Cancelled, "cancelled")).await;
-    assert_eq!(r.expect("complete"), Completion::Finished { status: JobStatus::Cancelled, dead: false });
+    let r = queue::complete(
+        &mut conn,
+        id,
+        c.lease_token,
+        &Outcome::failure(ErrorKind::Cancelled, "cancelled"),
+    )
+    .await;
+    assert_eq!(
+        r.expect("complete"),
+        Completion::Finished {
+            status: JobStatus::Cancelled,
+            dead: false
+        }
+    );
 }
 
 #[tokio::test]
 async fn enqueue_notifies_listeners_on_commit() {
     let pool = test_pool().await;
     let ev = event(&pool, "notify", 1).await;
-    let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await.expect("listener");
-    listener.listen(queue::QUEUED_CHANNEL).await.expect("listen");
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .expect("listener");
+    listener
+        .listen(queue::QUEUED_CHANNEL)
+        .await
+        .expect("listen");
     let mut tx = pool.begin().await.expect("tx");
-    queue::enqueue(&mut *tx, &new_job(&ev)).await.expect("enqueue");
+    queue::enqueue(&mut *tx, &new_job(&ev))
+        .await
+        .expect("enqueue");
     tx.commit().await.expect("commit");
-    let note = tokio::time::timeout(Duration::from_secs(30), listener.recv()).await.expect("in time").expect("notification");
+    let note = tokio::time::timeout(Duration::from_secs(30), listener.recv())
+        .await
+        .expect("in time")
+        .expect("notification");
     assert_eq!(note.payload(), "local");
 }

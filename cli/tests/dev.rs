@@ -1,0 +1,145 @@
+//! `baton dev` as a new user runs it: it starts PostgreSQL and the api, prints the URL and an
+//! admin token, serves the API, stops PostgreSQL on Ctrl-C, and reuses its data next time.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+struct Dev {
+    child: Child,
+    url: String,
+    token: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn start(data_dir: &Path, port: u16) -> Dev {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .arg("dev")
+        .env("BATON_DATA_DIR", data_dir)
+        .env("BATON_LISTEN", format!("127.0.0.1:{port}"))
+        .env_remove("BATON_ADMIN_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn baton dev");
+    let stdout = child.stdout.take().expect("stdout");
+    let (mut url, mut token) = (None, None);
+    // Reading blocks until baton dev prints; it exits (closing stdout) if it fails to start.
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("line");
+        if let Some(rest) = line.trim().strip_prefix("API:") {
+            url = rest
+                .split_whitespace()
+                .next()
+                .map(|u| u.trim_end_matches("/api/v1").to_owned());
+        }
+        if let Some(rest) = line.trim().strip_prefix("Admin token:") {
+            token = Some(rest.trim().to_owned());
+        }
+        if line.contains("Press Ctrl-C") {
+            break;
+        }
+    }
+    Dev {
+        child,
+        url: url.expect("baton dev printed the API URL"),
+        token: token.expect("baton dev printed the admin token"),
+    }
+}
+
+fn stop(mut dev: Dev) {
+    kill(Pid::from_raw(dev.child.id() as i32), Signal::SIGINT).expect("send SIGINT");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = dev.child.try_wait().expect("wait") {
+            assert!(status.success(), "baton dev exited with {status}");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "baton dev did not stop on Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn call(
+    client: &reqwest::blocking::Client,
+    dev: &Dev,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut req = client
+        .request(method, format!("{}{path}", dev.url))
+        .bearer_auth(&dev.token);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().expect("request");
+    let status = resp.status().as_u16();
+    (status, resp.json().unwrap_or(serde_json::Value::Null))
+}
+
+#[test]
+fn baton_dev_serves_the_api_stops_postgres_and_reuses_its_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // PostgreSQL runs as the postgres user when we are root: let it reach the data dir.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let data_dir = dir.path().join("baton-data");
+    let port = free_port();
+    let client = reqwest::blocking::Client::new();
+
+    let dev = start(&data_dir, port);
+    assert_eq!(dev.url, format!("http://127.0.0.1:{port}"));
+    let (status, _) = call(&client, &dev, reqwest::Method::GET, "/readyz", None);
+    assert_eq!(status, 200);
+    let (status, event) = call(
+        &client,
+        &dev,
+        reqwest::Method::POST,
+        "/api/v1/events",
+        Some(
+            serde_json::json!({"name": "hello", "runtime": "bash", "content": "echo hello", "executor": "local"}),
+        ),
+    );
+    assert_eq!(status, 201, "{event}");
+    let (status, run) = call(
+        &client,
+        &dev,
+        reqwest::Method::POST,
+        &format!("/api/v1/events/{}/run", event["id"].as_str().expect("id")),
+        None,
+    );
+    assert_eq!(status, 202, "{run}");
+    let first_token = dev.token.clone();
+    let pid_file = data_dir.join("pg").join("postmaster.pid");
+    assert!(pid_file.exists(), "PostgreSQL runs from the data dir");
+    stop(dev);
+    assert!(!pid_file.exists(), "Ctrl-C stopped PostgreSQL");
+
+    let dev = start(&data_dir, port);
+    assert_eq!(dev.token, first_token, "the admin token is kept");
+    let (status, job) = call(
+        &client,
+        &dev,
+        reqwest::Method::GET,
+        &format!("/api/v1/jobs/{}", run["job_id"].as_str().expect("job")),
+        None,
+    );
+    assert_eq!(status, 200, "the data survived the restart: {job}");
+    assert_eq!(job["event_name"], "hello");
+    stop(dev);
+}

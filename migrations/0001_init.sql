@@ -78,6 +78,16 @@ CREATE TABLE jobs (
     lease_token      bigint,
     lease_expires_at timestamptz,
     cancel_requested boolean NOT NULL DEFAULT false,
+    -- The token under which the completion was recorded: lets a worker that lost the
+    -- acknowledgement (api restart) learn that its report landed.
+    completed_token  bigint,
+    -- Log bookkeeping: lines are stored with contiguous sequence numbers up to last_log_seq
+    -- (a re-sent batch is recognised and acknowledged, not stored twice); past the per-job cap
+    -- lines are counted, not kept.
+    last_log_seq     bigint NOT NULL DEFAULT 0,
+    log_bytes        bigint NOT NULL DEFAULT 0,
+    log_lines_dropped bigint NOT NULL DEFAULT 0,
+    log_bytes_dropped bigint NOT NULL DEFAULT 0,
     parent_job_id    uuid REFERENCES jobs (id) ON DELETE SET NULL,
     root_job_id      uuid NOT NULL,
     depth            integer NOT NULL DEFAULT 0 CHECK (depth >= 0),
@@ -113,8 +123,9 @@ CREATE TABLE job_logs (
     job_id     uuid NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
     first_seq  bigint NOT NULL CHECK (first_seq >= 1),
     last_seq   bigint NOT NULL,
-    -- [{"seq": 1, "stream": "stdout", "text": "...", "ts": "..."}, ...]
-    lines      jsonb NOT NULL CHECK (jsonb_typeof(lines) = 'array'),
+    -- A JSON array [{"seq": 1, "stream": "stdout", "text": "...", "ts": "..."}, ...], kept as
+    -- text: it is written often and read whole, so PostgreSQL need not parse it.
+    lines      text NOT NULL,
     bytes      integer NOT NULL CHECK (bytes >= 0),
     created_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (job_id, first_seq),
@@ -124,6 +135,9 @@ CREATE TABLE job_logs (
 CREATE TABLE workers (
     id            uuid PRIMARY KEY,
     name          text NOT NULL,
+    -- The api replica whose stream the worker holds (NULL when disconnected).
+    api_id        text,
+    running       integer NOT NULL DEFAULT 0,
     token_id      uuid REFERENCES api_tokens (id) ON DELETE SET NULL,
     labels        jsonb NOT NULL DEFAULT '{}',
     executors     text[] NOT NULL DEFAULT '{}',
@@ -160,3 +174,28 @@ CREATE TRIGGER jobs_notify_queued
     AFTER INSERT OR UPDATE OF status ON jobs
     FOR EACH ROW WHEN (NEW.status = 'queued')
     EXECUTE FUNCTION notify_job_queued();
+
+-- Live log tails on every replica: a pointer (job id and last sequence number), never the text.
+CREATE FUNCTION notify_job_logs() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('baton_job_logs', NEW.job_id::text || ':' || NEW.last_seq::text);
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER job_logs_notify
+    AFTER INSERT ON job_logs
+    FOR EACH ROW EXECUTE FUNCTION notify_job_logs();
+
+-- ... and the end of a job, so live tails can close with the final status.
+CREATE FUNCTION notify_job_finished() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('baton_job_logs', NEW.id::text || ':done');
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER jobs_notify_finished
+    AFTER UPDATE OF status ON jobs
+    FOR EACH ROW WHEN (NEW.status IN ('succeeded', 'failed', 'timed_out', 'cancelled') AND OLD.status <> NEW.status)
+    EXECUTE FUNCTION notify_job_finished();

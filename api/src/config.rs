@@ -28,6 +28,9 @@ pub struct ApiConfig {
     /// How often this replica looks for expired leases.
     #[arg(long, env = "BATON_REAPER_INTERVAL_SECONDS", default_value = "2", value_parser = parse_secs)]
     pub reaper_interval: Duration,
+    /// Log bytes kept per job; past it a marker is stored and further lines only counted.
+    #[arg(long, env = "BATON_LOG_CAP_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub log_cap_bytes: i64,
     /// Database connections of this replica.
     #[arg(long, env = "BATON_DB_POOL", default_value_t = 20)]
     pub db_pool_size: u32,
@@ -55,6 +58,12 @@ impl ApiConfig {
             lease: Duration::from_secs(15),
             reaper_interval: Duration::from_secs(2),
             db_pool_size: 20,
+            log_cap_bytes: 16 * 1024 * 1024,
         }
+    }
+
+    /// Workers heartbeat three times per lease, so one lost heartbeat never costs a lease.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.lease / 3
     }
 }

@@ -79,6 +79,7 @@ impl ApiError {
                 ),
                 S::EventBusy(_) => (StatusCode::CONFLICT, "event_busy", None),
                 S::LeaseLost { .. } => (StatusCode::CONFLICT, "lease_lost", None),
+                S::LogGap { .. } | S::LogsIncomplete { .. } => (StatusCode::CONFLICT, "log_sequence", None),
                 S::JobFinished { .. } => (StatusCode::CONFLICT, "job_finished", None),
                 S::Database(sqlx::Error::PoolTimedOut) => (
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -120,6 +121,7 @@ pub fn grpc_status(err: &StorageError) -> tonic::Status {
         S::JobNotFound(_) | S::EventNotFound(_) | S::TokenNotFound(_) => {
             tonic::Status::not_found(err.to_string())
         }
+        S::LogGap { .. } | S::LogsIncomplete { .. } => tonic::Status::out_of_range(err.to_string()),
         S::JobFinished { .. } | S::EventBusy(_) | S::EventNameTaken(_) => {
             tonic::Status::failed_precondition(err.to_string())
         }

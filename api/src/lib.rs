@@ -11,6 +11,8 @@
 //!   `impl PgExecutor` so handlers compose them in one transaction.
 //! - [`http`]: axum routes (thin: authenticate, validate, call storage, audit).
 //! - [`auth`]: bearer tokens and roles; [`error`]: the one mapping from errors to statuses.
+//! - [`grpc`]: the worker stream; [`dispatch`]: pushes claimed jobs to connected workers;
+//!   [`notify`]: one LISTEN connection fanned out (queued jobs, cancels, live logs).
 //! - [`server`]: start-up (migrations, admin bootstrap) and graceful shutdown; [`reaper`].
 //!
 //! ## Life of a job
@@ -24,9 +26,12 @@
 
 pub mod auth;
 pub mod config;
+pub mod dispatch;
 pub mod error;
+pub mod grpc;
 pub mod http;
 pub mod model;
+pub mod notify;
 pub mod reaper;
 pub mod server;
 pub mod storage;
@@ -36,9 +41,15 @@ use std::sync::Arc;
 pub use config::ApiConfig;
 pub use server::{Api, MIGRATOR};
 
-/// What every request handler shares.
+/// What every request handler and worker session shares.
 #[derive(Clone)]
 pub struct AppState {
     pub pool: sqlx::PgPool,
     pub config: Arc<ApiConfig>,
+    pub dispatcher: Arc<dispatch::Dispatcher>,
+    pub hub: notify::LogHub,
+    /// This replica's id (in logs and the `workers` table).
+    pub api_id: String,
+    /// Cancelled when the replica shuts down: ends worker streams and live log streams.
+    pub stop: tokio_util::sync::CancellationToken,
 }

@@ -23,7 +23,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
-    let listen = cli.config.listen;
+    let (listen, grpc_listen) = (cli.config.listen, cli.config.grpc_listen);
     let (api, generated) = baton_api::Api::start(cli.config).await?;
     if let Some(token) = generated {
         eprintln!("No admin token existed; generated one (shown only now):\n  {token}");
@@ -31,7 +31,10 @@ async fn main() -> anyhow::Result<()> {
     let http = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    api.serve(http, shutdown_signal()).await
+    let grpc = tokio::net::TcpListener::bind(grpc_listen)
+        .await
+        .with_context(|| format!("cannot listen on {grpc_listen} (BATON_GRPC_LISTEN)"))?;
+    api.serve(http, grpc, shutdown_signal()).await
 }
 
 async fn shutdown_signal() {

@@ -1,5 +1,7 @@
-//! Running a replica: connect and migrate, bootstrap the admin token, serve HTTP, run the
-//! reaper, and stop cleanly when the shutdown future resolves (in-flight requests finish).
+//! Running a replica: connect and migrate, bootstrap the admin token, serve HTTP and the worker
+//! gRPC service, run the dispatcher, the listener and the reaper, and stop cleanly when the
+//! shutdown future resolves: worker streams are closed (workers reconnect elsewhere and keep
+//! their jobs), in-flight HTTP requests finish, background loops end.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ApiConfig;
-use crate::{AppState, reaper};
+use crate::{AppState, dispatch, notify, reaper};
 
 /// The schema migrations, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
@@ -23,16 +25,8 @@ pub async fn connect(config: &ApiConfig) -> anyhow::Result<PgPool> {
         .acquire_timeout(std::time::Duration::from_secs(10))
         .connect(&config.database_url)
         .await
-        .with_context(|| {
-            format!(
-                "cannot connect to PostgreSQL at {}",
-                redact_url(&config.database_url)
-            )
-        })?;
-    MIGRATOR
-        .run(&pool)
-        .await
-        .context("running database migrations")?;
+        .with_context(|| format!("cannot connect to PostgreSQL at {}", redact_url(&config.database_url)))?;
+    MIGRATOR.run(&pool).await.context("running database migrations")?;
     Ok(pool)
 }
 
@@ -63,39 +57,58 @@ impl Api {
     }
 
     pub fn with_pool(pool: PgPool, config: ApiConfig) -> Self {
+        let dispatcher = dispatch::Dispatcher::new(pool.clone(), config.lease);
         Self {
             state: AppState {
                 pool,
                 config: Arc::new(config),
+                dispatcher,
+                hub: notify::LogHub::default(),
+                api_id: uuid::Uuid::now_v7().to_string(),
+                stop: CancellationToken::new(),
             },
         }
     }
 
-    /// Serves the REST API on `http` until `shutdown` resolves, then drains in-flight requests
-    /// and stops the background tasks.
+    /// Serves the REST API on `http` and the worker service on `grpc` until `shutdown`
+    /// resolves, then drains and stops everything.
     pub async fn serve(
         self,
         http: TcpListener,
+        grpc: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let stop = CancellationToken::new();
-        let reaper = tokio::spawn(reaper::run(
-            self.state.pool.clone(),
-            self.state.config.reaper_interval,
-            stop.clone(),
-        ));
-        let app = crate::http::router(self.state.clone());
-        let addr = http.local_addr().ok();
-        tracing::info!(?addr, "REST API listening");
-        let stop_on_shutdown = stop.clone();
-        let served = axum::serve(http, app)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                stop_on_shutdown.cancel();
-            })
-            .await;
+        let state = self.state;
+        let stop = state.stop.clone();
+        let background = [
+            tokio::spawn(reaper::run(state.pool.clone(), state.config.reaper_interval, stop.clone())),
+            tokio::spawn(state.dispatcher.clone().run(stop.clone())),
+            tokio::spawn(notify::run(state.pool.clone(), state.dispatcher.clone(), state.hub.clone(), stop.clone())),
+        ];
+        tracing::info!(http = ?http.local_addr().ok(), grpc = ?grpc.local_addr().ok(), "api listening");
+
+        let trigger = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            trigger.cancel();
+        });
+        let grpc_stop = stop.clone();
+        let grpc_server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+            .add_service(crate::grpc::WorkerGrpc::server(state.clone()))
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), async move {
+                grpc_stop.cancelled().await
+            });
+        let http_stop = stop.clone();
+        let http_server = axum::serve(http, crate::http::router(state.clone()))
+            .with_graceful_shutdown(async move { http_stop.cancelled().await });
+        let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
         stop.cancel();
-        let _ = reaper.await;
-        served.context("serving HTTP")
+        for task in background {
+            let _ = task.await;
+        }
+        grpc_result.context("serving gRPC")?;
+        http_result.context("serving HTTP")
     }
 }

@@ -21,7 +21,10 @@ use clap::{Parser, Subcommand};
 use crate::support::Summary;
 
 #[derive(Debug, Parser)]
-#[command(name = "baton-bench", about = "Baton's benchmarks (run them with bench/run NAME [ARGS])")]
+#[command(
+    name = "baton-bench",
+    about = "Baton's benchmarks (run them with bench/run NAME [ARGS])"
+)]
 struct Cli {
     #[command(subcommand)]
     bench: Bench,

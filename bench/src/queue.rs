@@ -145,7 +145,10 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
     check_sql_matches_module()?;
     let cluster = support::cluster().await?;
     let mut targets = Vec::new();
-    for (path, name) in [(Path::Module, "bench_queue_module"), (Path::Raw, "bench_queue_raw")] {
+    for (path, name) in [
+        (Path::Module, "bench_queue_module"),
+        (Path::Raw, "bench_queue_raw"),
+    ] {
         let pool = support::database(&cluster, name, args.clients).await?;
         let event = insert_event(&pool).await?;
         targets.push(Target {
@@ -165,9 +168,17 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
         let mut rates = Vec::new();
         for target in &targets {
             let elapsed = phase(target, args.warmup_jobs, args.clients).await?;
-            rates.push(format!("{}={:.0}/s", target.path.name(), per_second(args.warmup_jobs, elapsed)));
+            rates.push(format!(
+                "{}={:.0}/s",
+                target.path.name(),
+                per_second(args.warmup_jobs, elapsed)
+            ));
         }
-        println!("warm-up: {} jobs per path, {}", args.warmup_jobs, rates.join(" "));
+        println!(
+            "warm-up: {} jobs per path, {}",
+            args.warmup_jobs,
+            rates.join(" ")
+        );
     }
 
     let mut module_rates = Vec::new();
@@ -285,7 +296,11 @@ async fn verify(pool: &PgPool, path: Path, jobs: u64, completed: u64) -> anyhow:
 
 /// A client through the queue module: what the api does for `POST /events/{id}/run`, a
 /// dispatcher's claim, and a worker's report.
-async fn module_client(mut conn: PoolConnection<Postgres>, ctx: Arc<Ctx>, budget: Arc<Budget>) -> anyhow::Result<u64> {
+async fn module_client(
+    mut conn: PoolConnection<Postgres>,
+    ctx: Arc<Ctx>,
+    budget: Arc<Budget>,
+) -> anyhow::Result<u64> {
     let job = NewJob {
         event: &ctx.event,
         input: ctx.input.clone(),
@@ -320,7 +335,11 @@ async fn module_client(mut conn: PoolConnection<Postgres>, ctx: Arc<Ctx>, budget
         for job in &claimed {
             let mut tx = conn.begin().await?;
             let completion = queue::complete(&mut tx, job.id, job.lease_token, &success).await?;
-            ensure!(completion == finished, "job {} completed as {completion:?}", job.id);
+            ensure!(
+                completion == finished,
+                "job {} completed as {completion:?}",
+                job.id
+            );
             tx.commit().await?;
         }
         completed += claimed.len() as u64;
@@ -329,7 +348,11 @@ async fn module_client(mut conn: PoolConnection<Postgres>, ctx: Arc<Ctx>, budget
 
 /// A client sending the module's statements by hand, with as little work around them as
 /// possible.
-async fn raw_client(mut conn: PoolConnection<Postgres>, ctx: Arc<Ctx>, budget: Arc<Budget>) -> anyhow::Result<u64> {
+async fn raw_client(
+    mut conn: PoolConnection<Postgres>,
+    ctx: Arc<Ctx>,
+    budget: Arc<Budget>,
+) -> anyhow::Result<u64> {
     let raw = &ctx.raw;
     let event_id = ctx.event.id;
     let priority = ctx.event.spec.priority;
@@ -391,6 +414,7 @@ async fn raw_client(mut conn: PoolConnection<Postgres>, ctx: Arc<Ctx>, budget: A
                 .bind(None::<&str>)
                 .bind(None::<&RawValue>)
                 .bind(None::<bool>)
+                .bind(token)
                 .execute(&mut *tx)
                 .await?;
             ensure!(done.rows_affected() == 1, "job {id}: not completed");
@@ -448,7 +472,7 @@ const CLAIM_SQL: &str = "WITH picked AS (
                    j.lease_expires_at, j.spec, j.input, j.parent_job_id, j.root_job_id";
 
 /// [`queue::complete`]: lock the leased row.
-const COMPLETE_SELECT_SQL: &str = "SELECT attempt, max_attempts, lease_losses, cancel_requested,
+const COMPLETE_SELECT_SQL: &str = "SELECT attempt, max_attempts, lease_losses, cancel_requested, last_log_seq,
                 (spec->>'retry_backoff_seconds')::int AS backoff_seconds,
                 (spec->>'retry_backoff_max_seconds')::int AS backoff_max_seconds
          FROM jobs
@@ -457,7 +481,7 @@ const COMPLETE_SELECT_SQL: &str = "SELECT attempt, max_attempts, lease_losses, c
 
 /// [`queue::complete`]: record a final outcome.
 const COMPLETE_FINISH_SQL: &str = "UPDATE jobs SET status = $2, dead = $3, finished_at = now(),
-             lease_token = NULL, lease_expires_at = NULL,
+             lease_token = NULL, lease_expires_at = NULL, completed_token = $10,
              exit_code = $4, exit_signal = $5, error_kind = $6, error_message = $7,
              output = $8, condition = $9,
              progress = CASE WHEN $2 = 'succeeded' THEN 100 ELSE progress END

@@ -48,8 +48,14 @@ pub async fn database(cluster: &Cluster, name: &str, connections: u32) -> anyhow
 
 /// `SELECT version()`, shortened to "PostgreSQL 17.2".
 pub async fn server_version(pool: &PgPool) -> anyhow::Result<String> {
-    let version: String = sqlx::query_scalar("SELECT version()").fetch_one(pool).await?;
-    Ok(version.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+    let version: String = sqlx::query_scalar("SELECT version()")
+        .fetch_one(pool)
+        .await?;
+    Ok(version
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" "))
 }
 
 /// The median (the mean of the middle two for an even count); NaN for none.

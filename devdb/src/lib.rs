@@ -45,9 +45,12 @@
 //! `initdb -U postgres --auth=trust -E UTF8 --locale=C`; the server listens on `127.0.0.1`
 //! only, with its unix socket inside the data directory and `max_connections=200`. Non-durable
 //! clusters add `fsync=off`, `synchronous_commit=off`, `full_page_writes=off`. Settings are
-//! passed on the command line, never written into the data directory. The server log is
-//! `baton-devdb.log` in the data directory ([`Cluster::log_file`]); a failed start reports its
-//! last lines.
+//! passed on the command line, never written into the data directory. A start is `pg_ctl start`
+//! followed by polling `postmaster.pid` (every 5 ms, up to 30 s) until it says `ready` and the
+//! port takes TCP connections. The server log is `baton-devdb.log` in the data directory
+//! ([`Cluster::log_file`]); a failed start reports its last lines. A first start `initdb`s into
+//! `DIR.initdb-partial` and renames it into place, so an interrupted first run leaves nothing
+//! half-made.
 //!
 //! # Lifetimes
 //!
@@ -55,7 +58,8 @@
 //! where neither happens (a `static`, `std::process::exit`, a crash, SIGKILL), every cluster has
 //! a watchdog process that notices the owner's exit through a pipe reaching EOF and then shuts
 //! the server down (fast for a durable directory, immediate for a throwaway one, which it then
-//! deletes).
+//! deletes). So a `baton dev` killed with SIGKILL does not leave a server behind that would make
+//! the next run fail with [`DevDbError::AlreadyRunning`].
 //!
 //! # Test harness recipe
 //!

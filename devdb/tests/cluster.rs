@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 use baton_devdb::{Cluster, ClusterOptions, DevDbError};
 use sqlx::{Connection, PgConnection};
 
-/// Set in the re-executed child of [`watchdog_cleans_up_when_owner_exits_without_drop`]: the
-/// file to write the child's cluster port and directory to.
+/// Set in the re-executed children of the watchdog tests: the file to write the child's
+/// cluster port and directory to.
 const CHILD_ENV: &str = "BATON_DEVDB_TEST_WATCHDOG_CHILD";
+/// Also set for a durable cluster on this directory instead of a throwaway one.
+const CHILD_DURABLE_DIR_ENV: &str = "BATON_DEVDB_TEST_WATCHDOG_DURABLE_DIR";
 
 fn accepts(port: u16) -> bool {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -341,7 +343,15 @@ fn watchdog_child() {
     let Some(report) = std::env::var_os(CHILD_ENV) else {
         return;
     };
-    let cluster = Cluster::throwaway_blocking().expect("throwaway cluster in child");
+    let cluster = match std::env::var_os(CHILD_DURABLE_DIR_ENV) {
+        Some(dir) => Cluster::start_blocking(ClusterOptions {
+            data_dir: dir.into(),
+            port: None,
+            durable: true,
+        })
+        .expect("durable cluster in child"),
+        None => Cluster::throwaway_blocking().expect("throwaway cluster in child"),
+    };
     let temp_root = cluster.data_dir().parent().expect("parent").to_path_buf();
     std::fs::write(
         &report,
@@ -351,22 +361,24 @@ fn watchdog_child() {
     std::process::exit(0);
 }
 
-#[test]
-fn watchdog_cleans_up_when_owner_exits_without_drop() {
+/// Run [`watchdog_child`] in a child process; returns the port and directory it reported.
+fn run_watchdog_child(durable_dir: Option<&Path>) -> (u16, PathBuf) {
     let scratch = tempfile::tempdir().expect("tempdir");
     let report = scratch.path().join("report");
-    let mut child = Command::new(std::env::current_exe().expect("current exe"))
-        .args([
-            "--exact",
-            "watchdog_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, &report)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn child");
+    let mut cmd = Command::new(std::env::current_exe().expect("current exe"));
+    cmd.args([
+        "--exact",
+        "watchdog_child",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(CHILD_ENV, &report)
+    .stdin(Stdio::null())
+    .stdout(Stdio::null());
+    if let Some(dir) = durable_dir {
+        cmd.env(CHILD_DURABLE_DIR_ENV, dir);
+    }
+    let mut child = cmd.spawn().expect("spawn child");
     let mut status = None;
     assert!(
         eventually(Duration::from_secs(60), || {
@@ -380,8 +392,12 @@ fn watchdog_cleans_up_when_owner_exits_without_drop() {
     let text = std::fs::read_to_string(&report).expect("child report");
     let mut lines = text.lines();
     let port: u16 = lines.next().expect("port").parse().expect("port number");
-    let temp_root = PathBuf::from(lines.next().expect("dir"));
+    (port, PathBuf::from(lines.next().expect("dir")))
+}
 
+#[test]
+fn watchdog_cleans_up_when_owner_exits_without_drop() {
+    let (port, temp_root) = run_watchdog_child(None);
     assert!(
         eventually(Duration::from_secs(30), || !accepts(port)),
         "cluster on port {port} still accepts connections after its owner exited"
@@ -391,6 +407,35 @@ fn watchdog_cleans_up_when_owner_exits_without_drop() {
         "{} not deleted after its owner exited",
         temp_root.display()
     );
+}
+
+/// The `baton dev` killed without cleanup case: the server is shut down cleanly, the data
+/// stays, and the next start is not refused as "already running".
+#[tokio::test]
+async fn watchdog_shuts_down_a_durable_cluster_and_keeps_its_data() {
+    let base = reachable_tempdir();
+    let data_dir = base.path().join("pg");
+    let child_dir = data_dir.clone();
+    let (port, _) = tokio::task::spawn_blocking(move || run_watchdog_child(Some(&child_dir)))
+        .await
+        .expect("child");
+    assert!(
+        eventually(Duration::from_secs(30), || !accepts(port)
+            && !data_dir.join("postmaster.pid").exists()),
+        "durable cluster on port {port} not shut down after its owner exited"
+    );
+    assert!(data_dir.join("PG_VERSION").exists());
+    let log = std::fs::read_to_string(data_dir.join("baton-devdb.log")).expect("log");
+    assert!(log.contains("fast shutdown request"), "{log}");
+
+    let cluster = Cluster::start(ClusterOptions {
+        data_dir,
+        port: None,
+        durable: true,
+    })
+    .await
+    .expect("start again");
+    assert!(accepts(cluster.port()));
 }
 
 #[tokio::test]

@@ -1,1 +1,15 @@
-//! stub
+//! # baton-proto
+//!
+//! The protocol between Baton's workers and api replicas (`baton/v1/worker.proto`), generated
+//! at build time with `protox` (a pure-Rust protobuf compiler) and `tonic-prost-build`, so no
+//! system `protoc` is needed. See the `.proto` file for the semantics of each message.
+#![forbid(unsafe_code)]
+
+/// `baton.v1`: the worker service and its messages.
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("baton.v1");
+}
+
+pub use v1::worker_message::Msg as WorkerMsg;
+pub use v1::server_message::Msg as ServerMsg;

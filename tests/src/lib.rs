@@ -6,6 +6,8 @@
 //! a real api replica on port 0 and returns a handle with request helpers.
 #![forbid(unsafe_code)]
 
+pub mod protocol;
+
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -75,6 +77,8 @@ pub const ADMIN_TOKEN: &str = "baton_test_admin_token_0123456789";
 pub struct TestApp {
     /// `http://127.0.0.1:PORT`
     pub address: String,
+    /// The worker gRPC endpoint, `http://127.0.0.1:PORT`.
+    pub grpc_address: String,
     pub admin_token: String,
     pub pool: PgPool,
     pub database_url: String,
@@ -90,8 +94,12 @@ pub async fn spawn_app() -> TestApp {
 
 /// Like [`spawn_app`], with the config adjusted first.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut baton_api::ApiConfig)) -> TestApp {
+    spawn_replica(test_database().await, adjust).await
+}
+
+/// An api replica on an existing database (a second replica of another `TestApp`, say).
+pub async fn spawn_replica(database_url: String, adjust: impl FnOnce(&mut baton_api::ApiConfig)) -> TestApp {
     init_tracing();
-    let database_url = test_database().await;
     let mut config = baton_api::ApiConfig::new(database_url.clone());
     config.admin_token = Some(ADMIN_TOKEN.to_owned());
     config.db_pool_size = 10;
@@ -102,12 +110,15 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut baton_api::ApiConfig)) -> T
         .await
         .expect("bind port 0");
     let address = format!("http://{}", listener.local_addr().expect("local addr"));
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+    let grpc_address = format!("http://{}", grpc.local_addr().expect("local addr"));
     let (tx, rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(api.serve(listener, async move {
+    let server = tokio::spawn(api.serve(listener, grpc, async move {
         let _ = rx.await;
     }));
     TestApp {
         address,
+        grpc_address,
         admin_token: ADMIN_TOKEN.to_owned(),
         pool,
         database_url,

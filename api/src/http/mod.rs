@@ -5,7 +5,9 @@ mod events;
 mod extract;
 mod health;
 mod jobs;
+mod stream;
 mod tokens;
+mod workers;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -60,6 +62,8 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(jobs::get_job))
         .routes(routes!(jobs::cancel_job))
         .routes(routes!(jobs::get_logs))
+        .routes(routes!(stream::stream_logs))
+        .routes(routes!(workers::list_workers))
         .routes(routes!(tokens::create_token, tokens::list_tokens))
         .routes(routes!(tokens::revoke_token))
         .routes(routes!(health::healthz))

@@ -228,6 +228,8 @@ pub struct Outcome {
     pub retryable: bool,
     pub output: Option<Value>,
     pub condition: Option<bool>,
+    /// The last log line the worker sent; the completion waits until it is stored.
+    pub last_log_seq: Option<i64>,
 }
 
 impl Outcome {
@@ -239,6 +241,7 @@ impl Outcome {
             retryable: false,
             output: None,
             condition: None,
+            last_log_seq: None,
         }
     }
 
@@ -256,6 +259,7 @@ impl Outcome {
             ),
             output: None,
             condition: None,
+            last_log_seq: None,
         }
     }
 }
@@ -280,6 +284,7 @@ struct LeasedState {
     max_attempts: i32,
     lease_losses: i32,
     cancel_requested: bool,
+    last_log_seq: i64,
     backoff_seconds: Option<i32>,
     backoff_max_seconds: Option<i32>,
 }
@@ -293,7 +298,7 @@ pub async fn complete(
     outcome: &Outcome,
 ) -> Result<Completion> {
     let state: Option<LeasedState> = sqlx::query_as(
-        "SELECT attempt, max_attempts, lease_losses, cancel_requested,
+        "SELECT attempt, max_attempts, lease_losses, cancel_requested, last_log_seq,
                 (spec->>'retry_backoff_seconds')::int AS backoff_seconds,
                 (spec->>'retry_backoff_max_seconds')::int AS backoff_max_seconds
          FROM jobs
@@ -308,6 +313,15 @@ pub async fn complete(
         return Err(lease_lost_or_missing(conn, job_id).await);
     };
 
+    if let Some(expected) = outcome.last_log_seq
+        && expected > state.last_log_seq
+    {
+        return Err(StorageError::LogsIncomplete {
+            job_id,
+            expected,
+            stored: state.last_log_seq,
+        });
+    }
     let error = outcome.error.as_ref();
     let own_attempts = state.attempt - state.lease_losses;
     if let Some(err) = error
@@ -323,7 +337,7 @@ pub async fn complete(
         let run_at: DateTime<Utc> = sqlx::query_scalar(
             "UPDATE jobs SET status = 'queued', attempt = attempt + 1,
                  run_at = now() + $2 * interval '1 millisecond',
-                 lease_token = NULL, lease_expires_at = NULL, worker_id = NULL,
+                 lease_token = NULL, lease_expires_at = NULL, worker_id = NULL, completed_token = $7,
                  exit_code = $3, exit_signal = $4, error_kind = $5, error_message = $6, progress = NULL
              WHERE id = $1 RETURNING run_at",
         )
@@ -333,6 +347,7 @@ pub async fn complete(
         .bind(outcome.exit_signal)
         .bind(err.kind.as_str())
         .bind(&err.message)
+        .bind(token)
         .fetch_one(&mut *conn)
         .await?;
         return Ok(Completion::Retrying {
@@ -350,7 +365,7 @@ pub async fn complete(
     let dead = matches!(status, JobStatus::Failed | JobStatus::TimedOut);
     sqlx::query(
         "UPDATE jobs SET status = $2, dead = $3, finished_at = now(),
-             lease_token = NULL, lease_expires_at = NULL,
+             lease_token = NULL, lease_expires_at = NULL, completed_token = $10,
              exit_code = $4, exit_signal = $5, error_kind = $6, error_message = $7,
              output = $8, condition = $9,
              progress = CASE WHEN $2 = 'succeeded' THEN 100 ELSE progress END
@@ -365,6 +380,7 @@ pub async fn complete(
     .bind(error.map(|e| e.message.as_str()))
     .bind(outcome.output.as_ref().map(Json))
     .bind(outcome.condition)
+    .bind(token)
     .execute(&mut *conn)
     .await?;
     Ok(Completion::Finished { status, dead })
@@ -397,6 +413,79 @@ async fn lease_lost_or_missing(conn: &mut PgConnection, job_id: Uuid) -> Storage
         Ok(None) => StorageError::JobNotFound(job_id),
         Err(e) => e.into(),
     }
+}
+
+/// Puts a claimed job that could not be handed to its worker back in the queue, as if it had
+/// never been claimed (no attempt used).
+pub async fn release(db: impl PgExecutor<'_>, job_id: Uuid, token: i64) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE jobs SET status = 'queued', lease_token = NULL, lease_expires_at = NULL, worker_id = NULL,
+             claimed_at = NULL
+         WHERE id = $1 AND lease_token = $2 AND status = 'claimed'",
+    )
+    .bind(job_id)
+    .bind(token)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Records a job's progress (0-100) if `token` holds its lease.
+pub async fn set_progress(db: impl PgExecutor<'_>, job_id: Uuid, token: i64, percent: i16) -> Result<()> {
+    let done = sqlx::query(
+        "UPDATE jobs SET progress = $3, heartbeat_at = now()
+         WHERE id = $1 AND lease_token = $2 AND lease_expires_at > now()",
+    )
+    .bind(job_id)
+    .bind(token)
+    .bind(percent.clamp(0, 100))
+    .execute(db)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Err(StorageError::LeaseLost { job_id });
+    }
+    Ok(())
+}
+
+/// Where a job a reconnecting worker says it holds stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResumeState {
+    /// The worker still holds the lease (renewed now).
+    pub held: bool,
+    /// The completion under this token was recorded (the acknowledgement was lost).
+    pub finished: bool,
+    pub stored_seq: i64,
+}
+
+/// For a worker reconnecting with a job it was running: renews the lease if still held.
+pub async fn resume(
+    db: impl PgExecutor<'_>,
+    worker_id: Uuid,
+    job_id: Uuid,
+    token: i64,
+    lease: Duration,
+) -> Result<ResumeState> {
+    let row: Option<(bool, bool, i64)> = sqlx::query_as(
+        "UPDATE jobs SET
+             lease_expires_at = CASE WHEN lease_token = $3 AND worker_id = $2 AND lease_expires_at > now()
+                                     THEN now() + $4 * interval '1 millisecond' ELSE lease_expires_at END
+         WHERE id = $1
+         RETURNING lease_token IS NOT DISTINCT FROM $3 AND worker_id = $2 AND lease_expires_at > now(),
+                   completed_token IS NOT DISTINCT FROM $3,
+                   last_log_seq",
+    )
+    .bind(job_id)
+    .bind(worker_id)
+    .bind(token)
+    .bind(millis(lease))
+    .fetch_optional(db)
+    .await?;
+    let (held, finished, stored_seq) = row.ok_or(StorageError::JobNotFound(job_id))?;
+    Ok(ResumeState {
+        held,
+        finished,
+        stored_seq,
+    })
 }
 
 /// A job the reaper took back from a worker whose lease expired.

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 
 use baton_api::model::LogLine;
-use baton_api::storage::logs;
+use baton_api::storage::{logs, queue};
 use baton_tests::{bash_event, spawn_app};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -163,22 +163,29 @@ async fn logs_page_by_sequence_and_say_when_done() {
     };
     let chunk1: Vec<LogLine> = (1..=3).map(line).collect();
     let chunk2: Vec<LogLine> = (4..=5).map(line).collect();
-    assert!(
-        logs::append_chunk(&app.pool, id, &chunk1)
-            .await
-            .expect("append")
-    );
-    assert!(
-        logs::append_chunk(&app.pool, id, &chunk2)
-            .await
-            .expect("append")
-    );
-    assert!(
-        !logs::append_chunk(&app.pool, id, &chunk2)
-            .await
-            .expect("append"),
-        "a re-sent chunk is ignored"
-    );
+    let claimed = queue::claim_batch(
+        &app.pool,
+        &queue::ClaimRequest {
+            worker_id: Uuid::now_v7(),
+            executors: &["local".to_owned()],
+            labels: &serde_json::Map::new(),
+            limit: 1,
+            lease: std::time::Duration::from_secs(60),
+        },
+    )
+    .await
+    .expect("claim");
+    let token = claimed[0].lease_token;
+    let mut conn = app.pool.acquire().await.expect("conn");
+    let cap = 1 << 20;
+    assert_eq!(logs::append_batch(&mut conn, id, token, &chunk1, cap).await.expect("append").stored_seq, 3);
+    assert_eq!(logs::append_batch(&mut conn, id, token, &chunk2, cap).await.expect("append").new_lines, 2);
+    let again = logs::append_batch(&mut conn, id, token, &chunk2, cap).await.expect("append");
+    assert_eq!((again.new_lines, again.stored_seq), (0, 5), "a re-sent batch is skipped");
+    assert!(matches!(
+        logs::append_batch(&mut conn, id, token + 1, &chunk2, cap).await,
+        Err(baton_api::storage::StorageError::LeaseLost { .. })
+    ));
 
     let (status, page) = app.get(&format!("/api/v1/jobs/{job_id}/logs")).await;
     assert_eq!(status, StatusCode::OK);
@@ -194,7 +201,7 @@ async fn logs_page_by_sequence_and_say_when_done() {
     );
     assert_eq!(page["lines"][1]["stream"], "stderr");
     assert_eq!(page["next"], 5);
-    assert_eq!(page["done"], false, "the job is still queued");
+    assert_eq!(page["done"], false, "the job is still running");
 
     let (_, page) = app
         .get(&format!("/api/v1/jobs/{job_id}/logs?after=2&limit=2"))
@@ -208,8 +215,7 @@ async fn logs_page_by_sequence_and_say_when_done() {
     assert_eq!(seqs, vec![3, 4]);
     assert_eq!(page["next"], 4);
 
-    app.post(&format!("/api/v1/jobs/{job_id}/cancel"), &Value::Null)
-        .await;
+    queue::complete(&mut conn, id, token, &queue::Outcome::success()).await.expect("complete");
     let (_, page) = app
         .get(&format!("/api/v1/jobs/{job_id}/logs?after=5"))
         .await;

@@ -6,4 +6,6 @@ mod auth;
 mod events;
 mod health;
 mod jobs;
+mod live_logs;
+mod protocol;
 mod queue;

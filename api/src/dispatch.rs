@@ -1,0 +1,274 @@
+//! The dispatcher: hands queued jobs to the workers connected to this replica.
+//!
+//! Each replica runs one. It sleeps until something can have changed — a `NOTIFY` that a job
+//! became queued (on any replica), a worker slot freed, a worker connected, or the next delayed
+//! job falling due — then claims, for each connected worker with free slots, up to that many
+//! jobs in one statement and pushes them down the worker's stream. A slow fallback timer only
+//! covers notifications lost while the listener reconnected. Workers are served round-robin so
+//! one fast worker cannot starve the others.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use baton_proto::ServerMsg;
+use baton_proto::v1::{Assignment, Cancel, ServerMessage};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::storage::queue::{self, ClaimRequest, ClaimedJob};
+
+/// How often the dispatcher looks for work even without a notification.
+const FALLBACK_POLL: Duration = Duration::from_secs(5);
+
+/// The sending half of a worker's stream.
+pub type WorkerTx = mpsc::Sender<Result<ServerMessage, tonic::Status>>;
+
+/// A worker connected to this replica.
+#[derive(Debug)]
+pub struct WorkerConn {
+    pub conn_id: u64,
+    pub worker_id: Uuid,
+    pub executors: Vec<String>,
+    pub labels: serde_json::Map<String, Value>,
+    pub slots: u32,
+    /// Jobs this worker holds through this connection: job id → fencing token.
+    held: Mutex<HashMap<Uuid, i64>>,
+    draining: AtomicBool,
+    pub tx: WorkerTx,
+}
+
+impl WorkerConn {
+    pub fn free_slots(&self) -> u32 {
+        self.slots.saturating_sub(self.held_count())
+    }
+
+    pub fn held_count(&self) -> u32 {
+        u32::try_from(self.lock_held().len()).unwrap_or(u32::MAX)
+    }
+
+    /// The token this connection holds the job under, if any.
+    pub fn token_of(&self, job_id: Uuid) -> Option<i64> {
+        self.lock_held().get(&job_id).copied()
+    }
+
+    pub fn hold(&self, job_id: Uuid, token: i64) {
+        self.lock_held().insert(job_id, token);
+    }
+
+    /// Forgets a job (finished or lost); returns whether it was held.
+    pub fn release(&self, job_id: Uuid) -> bool {
+        self.lock_held().remove(&job_id).is_some()
+    }
+
+    pub fn held_jobs(&self) -> Vec<(Uuid, i64)> {
+        self.lock_held().iter().map(|(id, token)| (*id, *token)).collect()
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, i64>> {
+        // A panic while holding this lock cannot leave the map inconsistent; keep serving.
+        self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[derive(Debug)]
+pub struct Dispatcher {
+    pool: PgPool,
+    lease: Duration,
+    conns: Mutex<Vec<Arc<WorkerConn>>>,
+    wake: Notify,
+    next_conn_id: AtomicU64,
+    round_robin: AtomicUsize,
+}
+
+impl Dispatcher {
+    pub fn new(pool: PgPool, lease: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            pool,
+            lease,
+            conns: Mutex::new(Vec::new()),
+            wake: Notify::new(),
+            next_conn_id: AtomicU64::new(1),
+            round_robin: AtomicUsize::new(0),
+        })
+    }
+
+    /// Asks the dispatch loop to look for work (cheap; coalesces).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Registers a worker's connection; it gets work from the next dispatch pass.
+    pub fn connect(
+        &self,
+        worker_id: Uuid,
+        executors: Vec<String>,
+        labels: serde_json::Map<String, Value>,
+        slots: u32,
+        held: HashMap<Uuid, i64>,
+        tx: WorkerTx,
+    ) -> Arc<WorkerConn> {
+        let conn = Arc::new(WorkerConn {
+            conn_id: self.next_conn_id.fetch_add(1, Ordering::Relaxed),
+            worker_id,
+            executors,
+            labels,
+            slots,
+            held: Mutex::new(held),
+            draining: AtomicBool::new(false),
+            tx,
+        });
+        self.lock_conns().push(conn.clone());
+        self.wake();
+        conn
+    }
+
+    pub fn disconnect(&self, conn: &WorkerConn) {
+        self.lock_conns().retain(|c| c.conn_id != conn.conn_id);
+    }
+
+    /// Passes a cancel request to the worker running `job_id`, if it is connected here.
+    pub fn cancel(&self, job_id: Uuid, reason: &str) -> bool {
+        let conns = self.lock_conns().clone();
+        for conn in conns {
+            if conn.token_of(job_id).is_some() {
+                let msg = ServerMessage {
+                    msg: Some(ServerMsg::Cancel(Cancel {
+                        job_id: job_id.to_string(),
+                        reason: reason.to_owned(),
+                    })),
+                };
+                return conn.tx.try_send(Ok(msg)).is_ok();
+            }
+        }
+        false
+    }
+
+    pub fn connected_workers(&self) -> usize {
+        self.lock_conns().len()
+    }
+
+    fn lock_conns(&self) -> std::sync::MutexGuard<'_, Vec<Arc<WorkerConn>>> {
+        self.conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The dispatch loop; returns when `stop` is cancelled.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let sleep_for = match self.dispatch_pass().await {
+                Ok(sleep_for) => sleep_for,
+                Err(e) => {
+                    tracing::warn!(error = %e, "dispatch pass failed; retrying shortly");
+                    Duration::from_millis(500)
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(sleep_for) => {}
+            }
+        }
+    }
+
+    /// Claims and pushes work until no worker with free slots gets a full batch; returns how
+    /// long to sleep before the next pass if nothing wakes the loop.
+    async fn dispatch_pass(&self) -> Result<Duration, crate::storage::StorageError> {
+        loop {
+            let conns = self.lock_conns().clone();
+            if conns.is_empty() {
+                return Ok(FALLBACK_POLL);
+            }
+            let start = self.round_robin.fetch_add(1, Ordering::Relaxed) % conns.len();
+            let mut any_full_batch = false;
+            let mut any_free = false;
+            for i in 0..conns.len() {
+                let conn = &conns[(start + i) % conns.len()];
+                let free = conn.free_slots();
+                if free == 0 || conn.draining.load(Ordering::SeqCst) || conn.tx.is_closed() {
+                    continue;
+                }
+                any_free = true;
+                let jobs = queue::claim_batch(
+                    &self.pool,
+                    &ClaimRequest {
+                        worker_id: conn.worker_id,
+                        executors: &conn.executors,
+                        labels: &conn.labels,
+                        limit: i64::from(free),
+                        lease: self.lease,
+                    },
+                )
+                .await?;
+                any_full_batch |= jobs.len() == free as usize;
+                for job in jobs {
+                    self.push(conn, job).await?;
+                }
+            }
+            if !any_full_batch {
+                if !any_free {
+                    return Ok(FALLBACK_POLL);
+                }
+                // Sleep until the next delayed job is due (or the fallback, whichever is first).
+                let next = queue::next_due_at(&self.pool).await?;
+                let until_due = next
+                    .and_then(|at| (at - chrono::Utc::now()).to_std().ok())
+                    .map_or(FALLBACK_POLL, |d| d.min(FALLBACK_POLL));
+                return Ok(until_due + Duration::from_millis(1));
+            }
+        }
+    }
+
+    async fn push(&self, conn: &WorkerConn, job: ClaimedJob) -> Result<(), crate::storage::StorageError> {
+        conn.hold(job.id, job.lease_token);
+        let msg = ServerMessage {
+            msg: Some(ServerMsg::Assignment(assignment(&job))),
+        };
+        if conn.tx.try_send(Ok(msg)).is_err() {
+            // The stream is gone or hopelessly behind: give the job back untouched.
+            conn.release(job.id);
+            queue::release(&self.pool, job.id, job.lease_token).await?;
+            tracing::warn!(job.id = %job.id, worker.id = %conn.worker_id, "could not hand job to worker; requeued");
+        } else {
+            tracing::debug!(job.id = %job.id, worker.id = %conn.worker_id, attempt = job.attempt, "assigned");
+        }
+        Ok(())
+    }
+}
+
+/// The assignment for a claimed job, with the metadata the runtime helpers expose.
+fn assignment(job: &ClaimedJob) -> Assignment {
+    let spec = &job.spec.0;
+    let context = json!({
+        "event": {
+            "job_id": job.id,
+            "event_id": job.event_id,
+            "event_name": spec.get("name"),
+            "attempt": job.attempt,
+            "parent_job_id": job.parent_job_id,
+            "root_job_id": job.root_job_id,
+            "runtime": spec.get("runtime"),
+            "executor": spec.get("executor"),
+        },
+        "variables": {},
+    });
+    Assignment {
+        job_id: job.id.to_string(),
+        lease_token: job.lease_token,
+        event_id: job.event_id.to_string(),
+        attempt: job.attempt,
+        spec_json: spec.to_string(),
+        input_json: job.input.0.to_string(),
+        parent_job_id: job.parent_job_id.map(|p| p.to_string()).unwrap_or_default(),
+        root_job_id: job.root_job_id.to_string(),
+        context_json: context.to_string(),
+        lease_expires_at_ms: job.lease_expires_at.timestamp_millis(),
+    }
+}

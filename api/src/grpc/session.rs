@@ -1,0 +1,426 @@
+//! One worker's stream: `Hello` → `Welcome`, then every message about its jobs, in order.
+//!
+//! Messages of one stream are handled one after another, so a job's log batches are stored
+//! before its `Finished` is: the completion can require that every line is stored. Every write
+//! is fenced by the job's lease token; a refused one answers `LeaseLost` and the worker stops
+//! that run.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_proto::v1::{
+    ErrorKind as PbErrorKind, ErrorNotice, FinishedAck, Hello, LeaseLost, LogAck, ResumedJob, ServerMessage,
+    Stream as PbStream, Welcome, WorkerMessage,
+};
+use baton_proto::{ServerMsg, WorkerMsg};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+use uuid::Uuid;
+
+use super::SessionStream;
+use crate::AppState;
+use crate::dispatch::WorkerConn;
+use crate::model::job::ErrorKind;
+use crate::model::{JobError, LogLine};
+use crate::storage::queue::{self, Outcome};
+use crate::storage::{StorageError, logs, workers};
+
+/// How long a new stream may take to say `Hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+const KNOWN_EXECUTORS: [&str; 3] = ["container", "ssh", "local"];
+
+pub(super) async fn open(
+    state: AppState,
+    token_id: Uuid,
+    mut inbound: Streaming<WorkerMessage>,
+) -> Result<SessionStream, Status> {
+    let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+        .await
+        .map_err(|_| Status::deadline_exceeded("no Hello within 10 s"))??;
+    let Some(WorkerMessage {
+        msg: Some(WorkerMsg::Hello(hello)),
+    }) = first
+    else {
+        return Err(Status::invalid_argument("the first message must be Hello"));
+    };
+    let hello = ValidHello::parse(hello)?;
+    let lease = state.config.lease;
+
+    // Jobs the worker kept running while it was away: still ours?
+    let mut resumed = Vec::new();
+    let mut held = HashMap::new();
+    for (job_id, token) in &hello.running {
+        let r = match queue::resume(&state.pool, hello.worker_id, *job_id, *token, lease).await {
+            Ok(r) => r,
+            Err(StorageError::JobNotFound(_)) => queue::ResumeState {
+                held: false,
+                finished: false,
+                stored_seq: 0,
+            },
+            Err(e) => return Err(crate::error::grpc_status(&e)),
+        };
+        if r.held {
+            held.insert(*job_id, *token);
+        }
+        resumed.push(ResumedJob {
+            job_id: job_id.to_string(),
+            held: r.held,
+            stored_seq: r.stored_seq,
+            finished: r.finished,
+        });
+    }
+    workers::connected(
+        &state.pool,
+        &workers::WorkerHello {
+            id: hello.worker_id,
+            name: &hello.name,
+            token_id,
+            labels: &hello.labels,
+            executors: &hello.executors,
+            slots: hello.slots as i32,
+            running: held.len() as i32,
+            version: &hello.version,
+            hostname: &hello.hostname,
+            api_id: &state.api_id,
+        },
+    )
+    .await
+    .map_err(|e| crate::error::grpc_status(&e))?;
+
+    let (tx, rx) = mpsc::channel(4096);
+    let welcome = ServerMessage {
+        msg: Some(ServerMsg::Welcome(Welcome {
+            heartbeat_interval_ms: duration_ms(state.config.heartbeat_interval()),
+            lease_ms: duration_ms(lease),
+            resumed,
+            api_id: state.api_id.clone(),
+        })),
+    };
+    tx.send(Ok(welcome)).await.map_err(|_| Status::cancelled("stream closed"))?;
+    let conn = state.dispatcher.connect(
+        hello.worker_id,
+        hello.executors.clone(),
+        hello.labels.clone(),
+        hello.slots,
+        held,
+        tx.clone(),
+    );
+    tracing::info!(worker.id = %hello.worker_id, worker.name = %hello.name, slots = hello.slots, "worker connected");
+
+    let stop = state.stop.clone();
+    let stop_outbound = state.stop.clone();
+    tokio::spawn(async move {
+        let session = Session {
+            state: state.clone(),
+            conn: conn.clone(),
+            tx,
+        };
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => break,
+                next = inbound.message() => next,
+            };
+            match next {
+                Ok(Some(msg)) => session.handle(msg).await,
+                Ok(None) => break,
+                Err(status) => {
+                    tracing::info!(worker.id = %conn.worker_id, %status, "worker stream ended");
+                    break;
+                }
+            }
+        }
+        state.dispatcher.disconnect(&conn);
+        if let Err(e) = workers::disconnected(&state.pool, conn.worker_id, &state.api_id).await {
+            tracing::warn!(error = %e, "could not record the worker's disconnection");
+        }
+        tracing::info!(worker.id = %conn.worker_id, "worker disconnected");
+    });
+
+    // The response stream ends when the replica shuts down, so graceful shutdown completes.
+    Ok(Box::pin(
+        ReceiverStream::new(rx).take_until(async move { stop_outbound.cancelled().await }),
+    ))
+}
+
+/// A `Hello`, checked.
+struct ValidHello {
+    worker_id: Uuid,
+    name: String,
+    labels: serde_json::Map<String, serde_json::Value>,
+    executors: Vec<String>,
+    slots: u32,
+    running: Vec<(Uuid, i64)>,
+    version: String,
+    hostname: String,
+}
+
+impl ValidHello {
+    fn parse(h: Hello) -> Result<Self, Status> {
+        let worker_id = Uuid::parse_str(&h.worker_id)
+            .map_err(|_| Status::invalid_argument("Hello.worker_id must be a UUID"))?;
+        if h.name.trim().is_empty() || h.name.len() > 200 {
+            return Err(Status::invalid_argument("Hello.name must be 1 to 200 characters"));
+        }
+        if h.executors.is_empty() {
+            return Err(Status::invalid_argument("Hello.executors must name at least one executor"));
+        }
+        if let Some(bad) = h.executors.iter().find(|e| !KNOWN_EXECUTORS.contains(&e.as_str())) {
+            return Err(Status::invalid_argument(format!(
+                "Hello.executors: unknown executor {bad:?} (known: container, ssh, local)"
+            )));
+        }
+        if !(1..=1024).contains(&h.slots) {
+            return Err(Status::invalid_argument("Hello.slots must be between 1 and 1024"));
+        }
+        let mut labels = serde_json::Map::new();
+        for (k, v) in h.labels {
+            crate::model::event::check_label(&k, &v)
+                .map_err(|e| Status::invalid_argument(format!("Hello.{e}")))?;
+            labels.insert(k, serde_json::Value::String(v));
+        }
+        let mut running = Vec::new();
+        for job in h.running {
+            let id = Uuid::parse_str(&job.job_id)
+                .map_err(|_| Status::invalid_argument("Hello.running: job_id must be a UUID"))?;
+            running.push((id, job.lease_token));
+        }
+        Ok(Self {
+            worker_id,
+            name: h.name,
+            labels,
+            executors: h.executors,
+            slots: h.slots,
+            running,
+            version: h.version,
+            hostname: h.hostname,
+        })
+    }
+}
+
+struct Session {
+    state: AppState,
+    conn: Arc<WorkerConn>,
+    tx: crate::dispatch::WorkerTx,
+}
+
+impl Session {
+    async fn send(&self, msg: ServerMsg) {
+        // A closed stream ends the session loop on the next read; nothing to do here.
+        let _ = self.tx.send(Ok(ServerMessage { msg: Some(msg) })).await;
+    }
+
+    async fn notice(&self, job_id: &str, message: impl Into<String>) {
+        let message = message.into();
+        tracing::warn!(worker.id = %self.conn.worker_id, job.id = job_id, %message, "refused a worker message");
+        self.send(ServerMsg::Error(ErrorNotice {
+            job_id: job_id.to_owned(),
+            message,
+        }))
+        .await;
+    }
+
+    /// The worker lost this job: tell it, and free the slot.
+    async fn lease_lost(&self, job_id: Uuid, reason: &str) {
+        self.conn.release(job_id);
+        self.state.dispatcher.wake();
+        self.send(ServerMsg::LeaseLost(LeaseLost {
+            job_id: job_id.to_string(),
+            reason: reason.to_owned(),
+        }))
+        .await;
+    }
+
+    /// Reacts to a storage error about one job.
+    async fn refused(&self, job_id: Uuid, err: StorageError) {
+        match err {
+            StorageError::LeaseLost { .. } | StorageError::JobNotFound(_) => {
+                self.lease_lost(job_id, &err.to_string()).await;
+            }
+            other => self.notice(&job_id.to_string(), other.to_string()).await,
+        }
+    }
+
+    async fn handle(&self, msg: WorkerMessage) {
+        let Some(msg) = msg.msg else {
+            return self.notice("", "empty message").await;
+        };
+        match msg {
+            WorkerMsg::Hello(_) => self.notice("", "Hello may only be sent once per stream").await,
+            WorkerMsg::Started(m) => {
+                let Some(job_id) = self.job_id(&m.job_id).await else { return };
+                if let Err(e) = queue::mark_running(&self.state.pool, job_id, m.lease_token).await {
+                    self.refused(job_id, e).await;
+                }
+            }
+            WorkerMsg::Progress(m) => {
+                let Some(job_id) = self.job_id(&m.job_id).await else { return };
+                let percent = i16::try_from(m.percent.min(100)).unwrap_or(100);
+                if let Err(e) = queue::set_progress(&self.state.pool, job_id, m.lease_token, percent).await {
+                    self.refused(job_id, e).await;
+                }
+            }
+            WorkerMsg::Logs(batch) => self.logs(batch).await,
+            WorkerMsg::Heartbeat(hb) => self.heartbeat(hb).await,
+            WorkerMsg::Finished(f) => self.finished(f).await,
+            WorkerMsg::Drain(_) => {
+                tracing::info!(worker.id = %self.conn.worker_id, "worker is draining");
+                self.conn.set_draining();
+            }
+        }
+    }
+
+    async fn job_id(&self, raw: &str) -> Option<Uuid> {
+        match Uuid::parse_str(raw) {
+            Ok(id) => Some(id),
+            Err(_) => {
+                self.notice(raw, format!("job_id {raw:?} is not a UUID")).await;
+                None
+            }
+        }
+    }
+
+    async fn logs(&self, batch: baton_proto::v1::LogBatch) {
+        let Some(job_id) = self.job_id(&batch.job_id).await else { return };
+        let lines: Vec<LogLine> = batch
+            .lines
+            .into_iter()
+            .map(|l| LogLine {
+                seq: l.seq,
+                stream: match PbStream::try_from(l.stream) {
+                    Ok(PbStream::Stderr) => "stderr",
+                    Ok(PbStream::System) => "system",
+                    _ => "stdout",
+                }
+                .to_owned(),
+                text: l.text,
+                ts: chrono::DateTime::from_timestamp_millis(l.ts_ms).unwrap_or_else(chrono::Utc::now),
+            })
+            .collect();
+        let cap = self.state.config.log_cap_bytes;
+        let stored = async {
+            let mut tx = self.state.pool.begin().await?;
+            let appended = logs::append_batch(&mut tx, job_id, batch.lease_token, &lines, cap).await?;
+            tx.commit().await?;
+            Ok::<_, StorageError>(appended)
+        }
+        .await;
+        match stored {
+            Ok(appended) => {
+                self.send(ServerMsg::LogAck(LogAck {
+                    job_id: job_id.to_string(),
+                    stored_seq: appended.stored_seq,
+                }))
+                .await
+            }
+            Err(e) => self.refused(job_id, e).await,
+        }
+    }
+
+    async fn heartbeat(&self, hb: baton_proto::v1::Heartbeat) {
+        let mut claimed = Vec::with_capacity(hb.jobs.len());
+        for job in &hb.jobs {
+            if let Some(id) = self.job_id(&job.job_id).await {
+                claimed.push((id, job.lease_token));
+            }
+        }
+        let held = match queue::renew_leases(&self.state.pool, self.conn.worker_id, &claimed, self.state.config.lease).await {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not renew leases");
+                return;
+            }
+        };
+        for (job_id, _) in &claimed {
+            match held.iter().find(|h| h.id == *job_id) {
+                None => self.lease_lost(*job_id, "the lease expired or another worker holds the job").await,
+                Some(h) if h.cancel_requested => {
+                    self.state.dispatcher.cancel(*job_id, "cancelled through the API");
+                }
+                Some(_) => {}
+            }
+        }
+        let _ = workers::seen(&self.state.pool, self.conn.worker_id, held.len() as i32).await;
+    }
+
+    async fn finished(&self, f: baton_proto::v1::Finished) {
+        let Some(job_id) = self.job_id(&f.job_id).await else { return };
+        let outcome = outcome_of(&f);
+        let recorded = async {
+            let mut tx = self.state.pool.begin().await?;
+            let done = queue::complete(&mut tx, job_id, f.lease_token, &outcome).await?;
+            tx.commit().await?;
+            Ok::<_, StorageError>(done)
+        }
+        .await;
+        match recorded {
+            Ok(done) => {
+                tracing::debug!(job.id = %job_id, ?done, "job completion recorded");
+                self.conn.release(job_id);
+                self.state.dispatcher.wake();
+                self.send(ServerMsg::FinishedAck(FinishedAck {
+                    job_id: job_id.to_string(),
+                }))
+                .await;
+            }
+            // Lines went missing on the way: the run cannot be recorded as complete. Dropping
+            // the lease lets the reaper run the job again rather than store it without its logs.
+            Err(e @ StorageError::LogsIncomplete { .. }) => {
+                self.notice(&job_id.to_string(), e.to_string()).await;
+                self.lease_lost(job_id, "log lines were lost; the job will run again").await;
+            }
+            Err(e) => self.refused(job_id, e).await,
+        }
+    }
+}
+
+/// The outcome a `Finished` message reports.
+fn outcome_of(f: &baton_proto::v1::Finished) -> Outcome {
+    let kind = match PbErrorKind::try_from(f.error_kind) {
+        Ok(PbErrorKind::Unspecified) => None,
+        Ok(PbErrorKind::Script) => Some(ErrorKind::Script),
+        Ok(PbErrorKind::Infrastructure) => Some(ErrorKind::Infrastructure),
+        Ok(PbErrorKind::Timeout) => Some(ErrorKind::Timeout),
+        Ok(PbErrorKind::Cancelled) => Some(ErrorKind::Cancelled),
+        Ok(PbErrorKind::Output) => Some(ErrorKind::Output),
+        Err(_) => Some(ErrorKind::Infrastructure),
+    };
+    let mut error = kind.map(|kind| JobError {
+        kind,
+        message: if f.error_message.is_empty() {
+            format!("{} error", kind.as_str())
+        } else {
+            f.error_message.clone()
+        },
+    });
+    let output = if f.output_json.is_empty() {
+        None
+    } else {
+        match serde_json::from_str(&f.output_json) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                error.get_or_insert(JobError {
+                    kind: ErrorKind::Output,
+                    message: format!("the worker sent output that is not JSON: {e}"),
+                });
+                None
+            }
+        }
+    };
+    let retryable = error.as_ref().is_some_and(|e| f.retryable && e.kind != ErrorKind::Output);
+    Outcome {
+        exit_code: f.exit_code,
+        exit_signal: f.signal,
+        error,
+        retryable,
+        output,
+        condition: f.condition,
+        last_log_seq: Some(f.last_seq),
+    }
+}
+
+fn duration_ms(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}

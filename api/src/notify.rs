@@ -1,0 +1,149 @@
+//! One `LISTEN` connection per replica, fanned out in-process: queued jobs wake the
+//! dispatcher, cancel requests reach the worker connected here, and log/finish pointers wake
+//! live log streams. Notifications carry ids only, never log text.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::dispatch::Dispatcher;
+use crate::storage::queue::{CANCEL_CHANNEL, QUEUED_CHANNEL};
+
+pub const LOGS_CHANNEL: &str = "baton_job_logs";
+
+/// Something changed for a job's live log readers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogSignal {
+    /// New lines up to this sequence number are stored.
+    Lines { job_id: Uuid, seq: i64 },
+    /// The job reached a terminal status.
+    Finished { job_id: Uuid },
+    /// Notifications may have been missed (listener reconnected): everyone re-reads.
+    Resync,
+}
+
+impl LogSignal {
+    pub fn concerns(&self, job: Uuid) -> bool {
+        match self {
+            Self::Lines { job_id, .. } | Self::Finished { job_id } => *job_id == job,
+            Self::Resync => true,
+        }
+    }
+
+    fn parse(payload: &str) -> Option<Self> {
+        let (id, rest) = payload.split_once(':')?;
+        let job_id = Uuid::parse_str(id).ok()?;
+        if rest == "done" {
+            Some(Self::Finished { job_id })
+        } else {
+            Some(Self::Lines {
+                job_id,
+                seq: rest.parse().ok()?,
+            })
+        }
+    }
+}
+
+/// Subscribe to learn when a job's logs or status change.
+#[derive(Debug, Clone)]
+pub struct LogHub {
+    tx: broadcast::Sender<LogSignal>,
+}
+
+impl Default for LogHub {
+    fn default() -> Self {
+        Self {
+            tx: broadcast::channel(4096).0,
+        }
+    }
+}
+
+impl LogHub {
+    pub fn subscribe(&self) -> broadcast::Receiver<LogSignal> {
+        self.tx.subscribe()
+    }
+
+    fn publish(&self, signal: LogSignal) {
+        // No subscribers is fine.
+        let _ = self.tx.send(signal);
+    }
+}
+
+/// Listens until `stop`; reconnects on its own (sqlx's listener does) and tells everyone to
+/// resync after a reconnect, since notifications sent meanwhile are lost.
+pub async fn run(pool: PgPool, dispatcher: Arc<Dispatcher>, hub: LogHub, stop: CancellationToken) {
+    let mut first = true;
+    loop {
+        let mut listener = match connect(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot LISTEN; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        if !first {
+            dispatcher.wake();
+            hub.publish(LogSignal::Resync);
+        }
+        first = false;
+        loop {
+            let note = tokio::select! {
+                _ = stop.cancelled() => return,
+                note = listener.try_recv() => note,
+            };
+            match note {
+                Ok(Some(note)) => match note.channel() {
+                    QUEUED_CHANNEL => dispatcher.wake(),
+                    CANCEL_CHANNEL => {
+                        if let Ok(job_id) = Uuid::parse_str(note.payload()) {
+                            dispatcher.cancel(job_id, "cancelled through the API");
+                        }
+                    }
+                    LOGS_CHANNEL => {
+                        if let Some(signal) = LogSignal::parse(note.payload()) {
+                            hub.publish(signal);
+                        }
+                    }
+                    _ => {}
+                },
+                // The connection dropped; sqlx reconnects on the next call. Resync then.
+                Ok(None) => {
+                    dispatcher.wake();
+                    hub.publish(LogSignal::Resync);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "LISTEN connection failed; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn connect(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen_all([QUEUED_CHANNEL, CANCEL_CHANNEL, LOGS_CHANNEL]).await?;
+    Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_pointers() {
+        let id = Uuid::now_v7();
+        assert_eq!(LogSignal::parse(&format!("{id}:42")), Some(LogSignal::Lines { job_id: id, seq: 42 }));
+        assert_eq!(LogSignal::parse(&format!("{id}:done")), Some(LogSignal::Finished { job_id: id }));
+        assert_eq!(LogSignal::parse("garbage"), None);
+        assert_eq!(LogSignal::parse(&format!("{id}:x")), None);
+    }
+}

@@ -19,6 +19,10 @@ pub struct ApiConfig {
     /// when no admin token exists.
     #[arg(long, env = "BATON_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Key for secrets at rest (server credentials, secret variables); ≥ 32 characters, the
+    /// same on every replica. Without it, secrets cannot be stored.
+    #[arg(long, env = "BATON_MASTER_KEY", hide_env_values = true)]
+    pub master_key: Option<String>,
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "BATON_BODY_LIMIT", default_value_t = 4 * 1024 * 1024)]
     pub body_limit_bytes: usize,
@@ -54,6 +58,7 @@ impl ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             admin_token: None,
+            master_key: None,
             body_limit_bytes: 4 * 1024 * 1024,
             lease: Duration::from_secs(15),
             reaper_interval: Duration::from_secs(2),

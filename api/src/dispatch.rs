@@ -83,6 +83,7 @@ impl WorkerConn {
 pub struct Dispatcher {
     pool: PgPool,
     lease: Duration,
+    vault: crate::crypto::Vault,
     conns: Mutex<Vec<Arc<WorkerConn>>>,
     wake: Notify,
     next_conn_id: AtomicU64,
@@ -90,10 +91,11 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub fn new(pool: PgPool, lease: Duration) -> Arc<Self> {
+    pub fn new(pool: PgPool, lease: Duration, vault: crate::crypto::Vault) -> Arc<Self> {
         Arc::new(Self {
             pool,
             lease,
+            vault,
             conns: Mutex::new(Vec::new()),
             wake: Notify::new(),
             next_conn_id: AtomicU64::new(1),
@@ -227,9 +229,14 @@ impl Dispatcher {
     }
 
     async fn push(&self, conn: &WorkerConn, job: ClaimedJob) -> Result<(), crate::storage::StorageError> {
+        let mut assignment = assignment(&job);
+        match self.server_for(&job).await {
+            Ok(server) => assignment.server_json = server.map(|s| s.to_string()).unwrap_or_default(),
+            Err(reason) => return self.fail_unrunnable(&job, reason).await,
+        }
         conn.hold(job.id, job.lease_token);
         let msg = ServerMessage {
-            msg: Some(ServerMsg::Assignment(assignment(&job))),
+            msg: Some(ServerMsg::Assignment(assignment)),
         };
         if conn.tx.try_send(Ok(msg)).is_err() {
             // The stream is gone or hopelessly behind: give the job back untouched.
@@ -237,8 +244,52 @@ impl Dispatcher {
             queue::release(&self.pool, job.id, job.lease_token).await?;
             tracing::warn!(job.id = %job.id, worker.id = %conn.worker_id, "could not hand job to worker; requeued");
         } else {
+            let waited = (chrono::Utc::now() - job.run_at).to_std().unwrap_or_default();
+            metrics::histogram!(crate::metrics::DISPATCH_LATENCY).record(waited.as_secs_f64());
             tracing::debug!(job.id = %job.id, worker.id = %conn.worker_id, attempt = job.attempt, "assigned");
         }
+        Ok(())
+    }
+}
+
+impl Dispatcher {
+    /// For an ssh job: its server with decrypted credentials, as the worker's executor takes it.
+    async fn server_for(&self, job: &ClaimedJob) -> Result<Option<Value>, String> {
+        let Some(server_id) = job.spec.0.get("server_id").and_then(Value::as_str) else {
+            return Ok(None);
+        };
+        let id = Uuid::parse_str(server_id).map_err(|_| format!("server_id {server_id:?} is not a UUID"))?;
+        let server = crate::storage::servers::get_server(&self.pool, id)
+            .await
+            .map_err(|e| format!("cannot load server {id}: {e}"))?;
+        let sealed = crate::storage::servers::sealed_credentials(&self.pool, id)
+            .await
+            .map_err(|e| format!("cannot load server {id}: {e}"))?;
+        let plain = self.vault.open(&sealed, id.as_bytes()).map_err(|e| e.to_string())?;
+        let credentials: crate::model::server::Credentials =
+            serde_json::from_slice(&plain).map_err(|_| "the stored credentials are unreadable".to_owned())?;
+        Ok(Some(json!({
+            "server_id": server.id,
+            "name": server.name,
+            "host": server.host,
+            "port": server.port,
+            "username": server.username,
+            "auth": credentials,
+            "host_key_policy": server.host_key_policy,
+            "host_key": server.host_key,
+            "max_concurrent": server.max_concurrent,
+        })))
+    }
+
+    /// A job that cannot be handed to any worker (its server's credentials are unreadable):
+    /// fail it now with the reason rather than let it bounce between workers.
+    async fn fail_unrunnable(&self, job: &ClaimedJob, reason: String) -> Result<(), crate::storage::StorageError> {
+        tracing::error!(job.id = %job.id, %reason, "job cannot be dispatched");
+        let mut outcome = queue::Outcome::failure(crate::model::job::ErrorKind::Infrastructure, reason);
+        outcome.retryable = false;
+        let mut tx = self.pool.begin().await?;
+        queue::complete(&mut tx, job.id, job.lease_token, &outcome).await?;
+        tx.commit().await?;
         Ok(())
     }
 }
@@ -270,5 +321,6 @@ fn assignment(job: &ClaimedJob) -> Assignment {
         root_job_id: job.root_job_id.to_string(),
         context_json: context.to_string(),
         lease_expires_at_ms: job.lease_expires_at.timestamp_millis(),
+        server_json: String::new(),
     }
 }

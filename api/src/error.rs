@@ -31,6 +31,8 @@ pub enum ApiError {
     Conflict { code: &'static str, message: String },
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error(transparent)]
+    Crypto(#[from] crate::crypto::CryptoError),
 }
 
 /// The error body, as documented in the OpenAPI spec.
@@ -68,10 +70,17 @@ impl ApiError {
                 (*status, code, field.clone())
             }
             Self::Conflict { code, .. } => (StatusCode::CONFLICT, code, None),
+            Self::Crypto(crate::crypto::CryptoError::NoMasterKey) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "master_key_missing", None)
+            }
+            Self::Crypto(_) => (StatusCode::INTERNAL_SERVER_ERROR, "secret_unreadable", None),
             Self::Storage(e) => match e {
                 S::EventNotFound(_) => (StatusCode::NOT_FOUND, "event_not_found", None),
                 S::JobNotFound(_) => (StatusCode::NOT_FOUND, "job_not_found", None),
                 S::TokenNotFound(_) => (StatusCode::NOT_FOUND, "token_not_found", None),
+                S::ServerNotFound(_) => (StatusCode::NOT_FOUND, "server_not_found", None),
+                S::ServerNameTaken(_) => (StatusCode::CONFLICT, "server_name_taken", Some("name".into())),
+                S::ServerInUse(_) => (StatusCode::CONFLICT, "server_in_use", None),
                 S::EventNameTaken(_) => (
                     StatusCode::CONFLICT,
                     "event_name_taken",
@@ -95,7 +104,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code, field) = self.parts();
-        let message = if status.is_server_error() {
+        let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
             // Details go to the log, not to the client.
             tracing::error!(error = %self, "request failed");
             "internal error; see the api log".to_owned()
@@ -118,9 +127,10 @@ pub fn grpc_status(err: &StorageError) -> tonic::Status {
     use StorageError as S;
     match err {
         S::LeaseLost { .. } => tonic::Status::failed_precondition(err.to_string()),
-        S::JobNotFound(_) | S::EventNotFound(_) | S::TokenNotFound(_) => {
+        S::JobNotFound(_) | S::EventNotFound(_) | S::TokenNotFound(_) | S::ServerNotFound(_) => {
             tonic::Status::not_found(err.to_string())
         }
+        S::ServerNameTaken(_) | S::ServerInUse(_) => tonic::Status::failed_precondition(err.to_string()),
         S::LogGap { .. } | S::LogsIncomplete { .. } => tonic::Status::out_of_range(err.to_string()),
         S::JobFinished { .. } | S::EventBusy(_) | S::EventNameTaken(_) => {
             tonic::Status::failed_precondition(err.to_string())

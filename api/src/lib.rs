@@ -26,10 +26,12 @@
 
 pub mod auth;
 pub mod config;
+pub mod crypto;
 pub mod dispatch;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod reaper;
@@ -48,6 +50,8 @@ pub struct AppState {
     pub config: Arc<ApiConfig>,
     pub dispatcher: Arc<dispatch::Dispatcher>,
     pub hub: notify::LogHub,
+    /// Encrypts and decrypts secrets at rest.
+    pub vault: crypto::Vault,
     /// This replica's id (in logs and the `workers` table).
     pub api_id: String,
     /// Cancelled when the replica shuts down: ends worker streams and live log streams.

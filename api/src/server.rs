@@ -51,19 +51,27 @@ impl Api {
     /// Connects, migrates and makes sure an admin token exists. Returns the api and a token
     /// that was generated now (print it: it is never shown again).
     pub async fn start(config: ApiConfig) -> anyhow::Result<(Self, Option<String>)> {
+        // Refuse a weak key before touching anything.
+        crate::crypto::Vault::new(config.master_key.as_deref())?;
         let pool = connect(&config).await?;
         let generated = crate::auth::bootstrap_admin(&pool, config.admin_token.as_deref()).await?;
         Ok((Self::with_pool(pool, config), generated))
     }
 
+    /// A weak master key is ignored here (no secrets then): [`Api::start`] refuses it first.
     pub fn with_pool(pool: PgPool, config: ApiConfig) -> Self {
-        let dispatcher = dispatch::Dispatcher::new(pool.clone(), config.lease);
+        crate::metrics::handle();
+        let vault = crate::crypto::Vault::new(config.master_key.as_deref()).unwrap_or_else(|_| {
+            crate::crypto::Vault::new(None).expect("a vault without a key always builds")
+        });
+        let dispatcher = dispatch::Dispatcher::new(pool.clone(), config.lease, vault.clone());
         Self {
             state: AppState {
                 pool,
                 config: Arc::new(config),
                 dispatcher,
                 hub: notify::LogHub::default(),
+                vault,
                 api_id: uuid::Uuid::now_v7().to_string(),
                 stop: CancellationToken::new(),
             },

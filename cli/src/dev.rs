@@ -17,6 +17,9 @@ pub struct DevArgs {
     /// Address of the REST API.
     #[arg(long, env = "BATON_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Address of the worker gRPC service.
+    #[arg(long, env = "BATON_GRPC_LISTEN", default_value = "127.0.0.1:8081")]
+    grpc_listen: SocketAddr,
     /// Admin token to use; otherwise one is generated on the first run and kept in the data dir.
     #[arg(long, env = "BATON_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -45,6 +48,14 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
                 args.listen
             )
         })?;
+    let grpc = tokio::net::TcpListener::bind(args.grpc_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (set BATON_GRPC_LISTEN to another address)",
+                args.grpc_listen
+            )
+        })?;
 
     eprintln!(
         "Starting PostgreSQL in {} ...",
@@ -56,7 +67,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         durable: true,
     })
     .await?;
-    let result = serve(&args, &data_dir, &cluster, http).await;
+    let result = serve(&args, &data_dir, &cluster, http, grpc).await;
     eprintln!("Stopping PostgreSQL ...");
     cluster.stop()?;
     result
@@ -67,11 +78,12 @@ async fn serve(
     data_dir: &std::path::Path,
     cluster: &Cluster,
     http: tokio::net::TcpListener,
+    grpc: tokio::net::TcpListener,
 ) -> anyhow::Result<()> {
     ensure_database(cluster, "baton").await?;
     let admin_token = match &args.admin_token {
         Some(token) => token.clone(),
-        None => stored_admin_token(data_dir)?,
+        None => stored_secret(data_dir, "admin-token")?,
     };
     let mut config = baton_api::ApiConfig::new(cluster.url("baton"));
     config.listen = args.listen;
@@ -89,7 +101,7 @@ async fn serve(
         "  curl -s -H \"Authorization: Bearer $BATON_TOKEN\" -d '{{\"name\":\"hello\",\"runtime\":\"bash\",\"content\":\"echo hello\",\"executor\":\"local\"}}' $BATON_URL/api/v1/events"
     );
     println!("Press Ctrl-C to stop.");
-    api.serve(http, shutdown_signal()).await
+    api.serve(http, grpc, shutdown_signal()).await
 }
 
 /// Creates `name` unless it exists (`baton dev` run again reuses the data).
@@ -107,11 +119,12 @@ async fn ensure_database(cluster: &Cluster, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The admin token generated on the first run, kept (mode 0600) so later runs print it again.
-fn stored_admin_token(data_dir: &std::path::Path) -> anyhow::Result<String> {
+/// A token generated on the first run and kept (mode 0600) in the data dir, so later runs
+/// reuse it (and can print it again).
+fn stored_secret(data_dir: &std::path::Path, file: &str) -> anyhow::Result<String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let path = data_dir.join("admin-token");
+    let path = data_dir.join(file);
     match std::fs::read_to_string(&path) {
         Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_owned()),
         Ok(_) => {}

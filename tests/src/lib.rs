@@ -72,6 +72,7 @@ pub async fn test_pool() -> PgPool {
 }
 
 pub const ADMIN_TOKEN: &str = "baton_test_admin_token_0123456789";
+pub const MASTER_KEY: &str = "test-master-key-0123456789abcdef-0123456789";
 
 /// A running api replica on its own database.
 pub struct TestApp {
@@ -102,6 +103,7 @@ pub async fn spawn_replica(database_url: String, adjust: impl FnOnce(&mut baton_
     init_tracing();
     let mut config = baton_api::ApiConfig::new(database_url.clone());
     config.admin_token = Some(ADMIN_TOKEN.to_owned());
+    config.master_key = Some(MASTER_KEY.to_owned());
     config.db_pool_size = 10;
     adjust(&mut config);
     let (api, _) = baton_api::Api::start(config).await.expect("start the api");

@@ -265,10 +265,36 @@ impl Session {
             WorkerMsg::Logs(batch) => self.logs(batch).await,
             WorkerMsg::Heartbeat(hb) => self.heartbeat(hb).await,
             WorkerMsg::Finished(f) => self.finished(f).await,
+            WorkerMsg::HostKeySeen(seen) => self.host_key_seen(seen).await,
             WorkerMsg::Drain(_) => {
                 tracing::info!(worker.id = %self.conn.worker_id, "worker is draining");
                 self.conn.set_draining();
             }
+        }
+    }
+
+    /// Pins the host key an `accept_new` server showed on first use. Only a worker running a
+    /// job on that server (under a live lease) may do this.
+    async fn host_key_seen(&self, seen: baton_proto::v1::HostKeySeen) {
+        let Some(job_id) = self.job_id(&seen.job_id).await else { return };
+        if self.conn.token_of(job_id) != Some(seen.lease_token) {
+            return self.lease_lost(job_id, "host key report for a job this worker does not hold").await;
+        }
+        let Ok(server_id) = Uuid::parse_str(&seen.server_id) else {
+            return self.notice(&seen.job_id, "server_id is not a UUID").await;
+        };
+        if let Err(e) = crate::model::server::check_host_key(&seen.host_key) {
+            return self.notice(&seen.job_id, e.to_string()).await;
+        }
+        match crate::storage::servers::record_host_key(&self.state.pool, server_id, &seen.host_key).await {
+            Ok(crate::storage::servers::HostKeyRecord::Recorded) => {
+                tracing::info!(server.id = %server_id, "host key recorded on first use");
+            }
+            Ok(crate::storage::servers::HostKeyRecord::Unchanged) => {}
+            Ok(crate::storage::servers::HostKeyRecord::Mismatch { .. }) => {
+                self.notice(&seen.job_id, "a different host key is pinned for this server; refused").await;
+            }
+            Err(e) => self.notice(&seen.job_id, e.to_string()).await,
         }
     }
 
@@ -309,6 +335,8 @@ impl Session {
         .await;
         match stored {
             Ok(appended) => {
+                let bytes: usize = lines.iter().map(|l| l.text.len()).sum();
+                metrics::counter!(crate::metrics::LOG_BYTES).increment(bytes as u64);
                 self.send(ServerMsg::LogAck(LogAck {
                     job_id: job_id.to_string(),
                     stored_seq: appended.stored_seq,
@@ -358,6 +386,14 @@ impl Session {
         match recorded {
             Ok(done) => {
                 tracing::debug!(job.id = %job_id, ?done, "job completion recorded");
+                let status = match done {
+                    queue::Completion::Finished { status, .. } => status.as_str(),
+                    queue::Completion::Retrying { .. } => "retrying",
+                };
+                metrics::counter!(crate::metrics::JOBS_COMPLETED, "status" => status).increment(1);
+                if let Some(err) = &outcome.error {
+                    metrics::counter!(crate::metrics::JOB_ERRORS, "kind" => err.kind.as_str()).increment(1);
+                }
                 self.conn.release(job_id);
                 self.state.dispatcher.wake();
                 self.send(ServerMsg::FinishedAck(FinishedAck {

@@ -25,6 +25,7 @@ pub async fn create_event(
     caller.require(Role::Admin)?;
     spec.validate()?;
     let mut tx = state.pool.begin().await?;
+    check_server(&mut *tx, &spec).await?;
     let event = events::insert_event(&mut *tx, &spec).await?;
     audit(
         &mut *tx,
@@ -92,6 +93,7 @@ pub async fn patch_event(
     let current = events::get_event(&mut *tx, id).await?;
     let mut spec = merge_patch(&current.spec, patch)?;
     spec.validate()?;
+    check_server(&mut *tx, &spec).await?;
     let event = events::update_event(&mut *tx, id, &spec).await?;
     audit(
         &mut *tx,
@@ -104,6 +106,20 @@ pub async fn patch_event(
     .await?;
     tx.commit().await?;
     Ok(axum::Json(event))
+}
+
+/// An ssh event must name a registered server.
+async fn check_server(db: impl sqlx::PgExecutor<'_>, spec: &NewEvent) -> Result<(), ApiError> {
+    if let Some(server_id) = spec.server_id
+        && !crate::storage::servers::server_exists(db, server_id).await?
+    {
+        return Err(crate::model::FieldError::new(
+            "server_id",
+            format!("no server {server_id} is registered (POST /api/v1/servers first)"),
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// Applies a JSON merge patch to an event definition and parses the result, so a patch is

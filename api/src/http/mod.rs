@@ -5,6 +5,7 @@ mod events;
 mod extract;
 mod health;
 mod jobs;
+mod servers;
 mod stream;
 mod tokens;
 mod workers;
@@ -64,6 +65,8 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(jobs::get_logs))
         .routes(routes!(stream::stream_logs))
         .routes(routes!(workers::list_workers))
+        .routes(routes!(servers::create_server, servers::list_servers))
+        .routes(routes!(servers::get_server, servers::delete_server))
         .routes(routes!(tokens::create_token, tokens::list_tokens))
         .routes(routes!(tokens::revoke_token))
         .routes(routes!(health::healthz))
@@ -77,6 +80,7 @@ pub fn router(state: AppState) -> Router {
             async move { axum::Json(spec.as_ref().clone()) }
         }),
     )
+    .route("/metrics", axum::routing::get(crate::metrics::render))
     .fallback(not_found)
     .method_not_allowed_fallback(method_not_allowed)
     .layer(DefaultBodyLimit::max(body_limit))

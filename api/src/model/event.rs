@@ -309,14 +309,6 @@ impl NewEvent {
             }
             (Some(other), None) => other,
         };
-        if executor == Executor::Ssh {
-            // Servers (and their credentials) arrive with the SSH executor; until then an ssh
-            // event could never run, so refuse it rather than queue jobs that wait forever.
-            return Err(FieldError::new(
-                "server_id",
-                "no server is registered with this id (the servers API is not available yet)",
-            ));
-        }
         self.executor = ExecutorChoice(Some(executor));
         if let Some(image) = &self.image {
             if image.is_empty()

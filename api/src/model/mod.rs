@@ -5,6 +5,7 @@
 
 pub mod event;
 pub mod job;
+pub mod server;
 pub mod token;
 
 pub use event::{Event, EventPatch, Executor, HttpRequestSpec, NewEvent, Runtime};

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod events;
 pub mod logs;
 pub mod queue;
+pub mod servers;
 pub mod tokens;
 pub mod workers;
 
@@ -24,6 +25,12 @@ pub enum StorageError {
     JobNotFound(Uuid),
     #[error("token {0} not found")]
     TokenNotFound(Uuid),
+    #[error("server {0} not found")]
+    ServerNotFound(Uuid),
+    #[error("a server named {0:?} already exists")]
+    ServerNameTaken(String),
+    #[error("server {0} is used by events; change or delete them first")]
+    ServerInUse(Uuid),
     #[error("an event named {0:?} already exists")]
     EventNameTaken(String),
     #[error("event {0} has queued or running jobs; cancel them first")]

@@ -9,3 +9,4 @@ mod jobs;
 mod live_logs;
 mod protocol;
 mod queue;
+mod servers;

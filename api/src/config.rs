@@ -35,6 +35,15 @@ pub struct ApiConfig {
     /// Log bytes kept per job; past it a marker is stored and further lines only counted.
     #[arg(long, env = "BATON_LOG_CAP_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub log_cap_bytes: i64,
+    /// How deep a chain of run_event actions may go before it is stopped (cycles end there).
+    #[arg(long, env = "BATON_CHAIN_DEPTH_LIMIT", default_value_t = 20)]
+    pub chain_depth_limit: i32,
+    /// SMTP server for email messages: `smtp://host:port` or `smtps://user:pass@host`.
+    #[arg(long, env = "BATON_SMTP_URL", hide_env_values = true)]
+    pub smtp_url: Option<String>,
+    /// Sender address of email messages.
+    #[arg(long, env = "BATON_SMTP_FROM", default_value = "baton@localhost")]
+    pub smtp_from: String,
     /// Database connections of this replica.
     #[arg(long, env = "BATON_DB_POOL", default_value_t = 20)]
     pub db_pool_size: u32,
@@ -64,6 +73,9 @@ impl ApiConfig {
             reaper_interval: Duration::from_secs(2),
             db_pool_size: 20,
             log_cap_bytes: 16 * 1024 * 1024,
+            chain_depth_limit: 20,
+            smtp_url: None,
+            smtp_from: "baton@localhost".into(),
         }
     }
 

@@ -230,6 +230,18 @@ impl Dispatcher {
 
     async fn push(&self, conn: &WorkerConn, job: ClaimedJob) -> Result<(), crate::storage::StorageError> {
         let mut assignment = assignment(&job);
+        match crate::secrets::readable_variables(&self.pool, &self.vault, job.event_id).await {
+            Ok((values, _)) => {
+                let mut context: Value = serde_json::from_str(&assignment.context_json).unwrap_or_default();
+                context["variables"] = json!(values);
+                assignment.context_json = context.to_string();
+            }
+            Err(e) => {
+                // A database hiccup: give the job back rather than fail it.
+                queue::release(&self.pool, job.id, job.lease_token).await?;
+                return Err(e);
+            }
+        }
         match self.server_for(&job).await {
             Ok(server) => assignment.server_json = server.map(|s| s.to_string()).unwrap_or_default(),
             Err(reason) => return self.fail_unrunnable(&job, reason).await,

@@ -24,6 +24,7 @@
 //! `dead = true`. If the worker vanishes, the reaper requeues the job when its lease expires.
 #![forbid(unsafe_code)]
 
+pub mod actions;
 pub mod auth;
 pub mod config;
 pub mod crypto;
@@ -34,7 +35,9 @@ pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod notify;
+pub mod outbox;
 pub mod reaper;
+pub mod secrets;
 pub mod server;
 pub mod storage;
 
@@ -50,6 +53,8 @@ pub struct AppState {
     pub config: Arc<ApiConfig>,
     pub dispatcher: Arc<dispatch::Dispatcher>,
     pub hub: notify::LogHub,
+    /// Wakes this replica's outbox deliverer.
+    pub outbox_wake: Arc<tokio::sync::Notify>,
     /// Encrypts and decrypts secrets at rest.
     pub vault: crypto::Vault,
     /// This replica's id (in logs and the `workers` table).

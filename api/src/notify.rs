@@ -2,19 +2,17 @@
 //! dispatcher, cancel requests reach the worker connected here, and log/finish pointers wake
 //! live log streams. Notifications carry ids only, never log text.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::dispatch::Dispatcher;
 use crate::storage::queue::{CANCEL_CHANNEL, QUEUED_CHANNEL};
 
 pub const LOGS_CHANNEL: &str = "baton_job_logs";
+pub const OUTBOX_CHANNEL: &str = "baton_outbox";
 
 /// Something changed for a job's live log readers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +74,8 @@ impl LogHub {
 
 /// Listens until `stop`; reconnects on its own (sqlx's listener does) and tells everyone to
 /// resync after a reconnect, since notifications sent meanwhile are lost.
-pub async fn run(pool: PgPool, dispatcher: Arc<Dispatcher>, hub: LogHub, stop: CancellationToken) {
+pub async fn run(state: crate::AppState, stop: CancellationToken) {
+    let (pool, dispatcher, hub) = (state.pool.clone(), state.dispatcher.clone(), state.hub.clone());
     let mut first = true;
     loop {
         let mut listener = match connect(&pool).await {
@@ -90,6 +89,7 @@ pub async fn run(pool: PgPool, dispatcher: Arc<Dispatcher>, hub: LogHub, stop: C
             }
         };
         if !first {
+            state.outbox_wake.notify_one();
             dispatcher.wake();
             hub.publish(LogSignal::Resync);
         }
@@ -102,6 +102,7 @@ pub async fn run(pool: PgPool, dispatcher: Arc<Dispatcher>, hub: LogHub, stop: C
             match note {
                 Ok(Some(note)) => match note.channel() {
                     QUEUED_CHANNEL => dispatcher.wake(),
+                    OUTBOX_CHANNEL => state.outbox_wake.notify_one(),
                     CANCEL_CHANNEL => {
                         if let Ok(job_id) = Uuid::parse_str(note.payload()) {
                             dispatcher.cancel(job_id, "cancelled through the API");
@@ -128,9 +129,11 @@ pub async fn run(pool: PgPool, dispatcher: Arc<Dispatcher>, hub: LogHub, stop: C
     }
 }
 
-async fn connect(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+async fn connect(pool: &sqlx::PgPool) -> Result<PgListener, sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen_all([QUEUED_CHANNEL, CANCEL_CHANNEL, LOGS_CHANNEL]).await?;
+    listener
+        .listen_all([QUEUED_CHANNEL, CANCEL_CHANNEL, LOGS_CHANNEL, OUTBOX_CHANNEL])
+        .await?;
     Ok(listener)
 }
 

@@ -71,6 +71,7 @@ impl Api {
                 config: Arc::new(config),
                 dispatcher,
                 hub: notify::LogHub::default(),
+                outbox_wake: Arc::new(tokio::sync::Notify::new()),
                 vault,
                 api_id: uuid::Uuid::now_v7().to_string(),
                 stop: CancellationToken::new(),
@@ -91,7 +92,18 @@ impl Api {
         let background = [
             tokio::spawn(reaper::run(state.pool.clone(), state.config.reaper_interval, stop.clone())),
             tokio::spawn(state.dispatcher.clone().run(stop.clone())),
-            tokio::spawn(notify::run(state.pool.clone(), state.dispatcher.clone(), state.hub.clone(), stop.clone())),
+            tokio::spawn(notify::run(state.clone(), stop.clone())),
+            tokio::spawn(
+                crate::outbox::Deliverer::new(
+                    state.pool.clone(),
+                    state.config.smtp_url.clone().map(|url| crate::outbox::SmtpSettings {
+                        url,
+                        from: state.config.smtp_from.clone(),
+                    }),
+                    state.outbox_wake.clone(),
+                )
+                .run(stop.clone()),
+            ),
         ];
         tracing::info!(http = ?http.local_addr().ok(), grpc = ?grpc.local_addr().ok(), "api listening");
 

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod protocol;
+pub mod receivers;
 
 use std::sync::OnceLock;
 use std::time::Duration;

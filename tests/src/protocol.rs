@@ -17,6 +17,8 @@ pub struct ScriptedWorker {
     pub worker_id: Uuid,
     tx: mpsc::Sender<WorkerMessage>,
     rx: Streaming<ServerMessage>,
+    /// Messages `next_matching` skipped, kept in order for later reads.
+    skipped: std::collections::VecDeque<ServerMsg>,
 }
 
 /// A `Hello` for a worker offering `local` with `slots` slots.
@@ -61,7 +63,7 @@ impl ScriptedWorker {
             .await
             .map_err(|_| tonic::Status::deadline_exceeded("no answer"))??
             .ok_or_else(|| tonic::Status::aborted("stream ended"))?;
-        Ok((Self { worker_id, tx, rx }, welcome))
+        Ok((Self { worker_id, tx, rx, skipped: Default::default() }, welcome))
     }
 
     /// Connects with a plain Hello and returns the Welcome.
@@ -85,20 +87,33 @@ impl ScriptedWorker {
 
     /// The next message within `wait`, or None if none came (or the stream ended).
     pub async fn try_next(&mut self, wait: Duration) -> Option<ServerMsg> {
+        if let Some(msg) = self.skipped.pop_front() {
+            return Some(msg);
+        }
+        self.receive(wait).await
+    }
+
+    async fn receive(&mut self, wait: Duration) -> Option<ServerMsg> {
         match tokio::time::timeout(wait, self.rx.message()).await {
             Ok(Ok(Some(m))) => m.msg,
             _ => None,
         }
     }
 
-    /// Skips acks and notices until a message `pick` accepts arrives.
-    pub async fn next_matching<T>(&mut self, mut pick: impl FnMut(ServerMsg) -> Option<T>) -> T {
+    /// The first message (buffered or new) that `pick` accepts; the others stay buffered,
+    /// in order, for later reads.
+    pub async fn next_matching<T>(&mut self, pick: impl Fn(&ServerMsg) -> Option<T>) -> T {
+        if let Some(pos) = self.skipped.iter().position(|m| pick(m).is_some()) {
+            let msg = self.skipped.remove(pos).expect("position is in range");
+            return pick(&msg).expect("it matched");
+        }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let msg = self.try_next(left).await.expect("the expected message in time");
-            if let Some(found) = pick(msg) {
-                return found;
+            let msg = self.receive(left).await.expect("the expected message in time");
+            match pick(&msg) {
+                Some(found) => return found,
+                None => self.skipped.push_back(msg),
             }
         }
     }

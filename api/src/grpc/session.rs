@@ -117,6 +117,7 @@ pub(super) async fn open(
             state: state.clone(),
             conn: conn.clone(),
             tx,
+            secrets: tokio::sync::Mutex::new(HashMap::new()),
         };
         loop {
             let next = tokio::select! {
@@ -204,6 +205,8 @@ struct Session {
     state: AppState,
     conn: Arc<WorkerConn>,
     tx: crate::dispatch::WorkerTx,
+    /// Secret values each job may read, masked in its stored (and so live) logs.
+    secrets: tokio::sync::Mutex<HashMap<Uuid, Arc<Vec<String>>>>,
 }
 
 impl Session {
@@ -308,8 +311,27 @@ impl Session {
         }
     }
 
+    /// The secret values job `job_id` can read (cached for the session).
+    async fn secrets_of(&self, job_id: Uuid) -> Arc<Vec<String>> {
+        let mut cache = self.secrets.lock().await;
+        if let Some(found) = cache.get(&job_id) {
+            return found.clone();
+        }
+        let values = match crate::secrets::readable_secrets(&self.state.pool, &self.state.vault, job_id).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(job.id = %job_id, error = %e, "cannot load secrets to mask; masking nothing");
+                Vec::new()
+            }
+        };
+        let values = Arc::new(values);
+        cache.insert(job_id, values.clone());
+        values
+    }
+
     async fn logs(&self, batch: baton_proto::v1::LogBatch) {
         let Some(job_id) = self.job_id(&batch.job_id).await else { return };
+        let secrets = self.secrets_of(job_id).await;
         let lines: Vec<LogLine> = batch
             .lines
             .into_iter()
@@ -321,7 +343,7 @@ impl Session {
                     _ => "stdout",
                 }
                 .to_owned(),
-                text: l.text,
+                text: crate::secrets::mask(&l.text, &secrets),
                 ts: chrono::DateTime::from_timestamp_millis(l.ts_ms).unwrap_or_else(chrono::Utc::now),
             })
             .collect();
@@ -379,6 +401,16 @@ impl Session {
         let recorded = async {
             let mut tx = self.state.pool.begin().await?;
             let done = queue::complete(&mut tx, job_id, f.lease_token, &outcome).await?;
+            if matches!(done, queue::Completion::Finished { .. }) {
+                crate::actions::after_finish(
+                    &mut tx,
+                    &self.state.vault,
+                    self.state.config.chain_depth_limit,
+                    job_id,
+                    &f.variables,
+                )
+                .await?;
+            }
             tx.commit().await?;
             Ok::<_, StorageError>(done)
         }
@@ -395,6 +427,7 @@ impl Session {
                     metrics::counter!(crate::metrics::JOB_ERRORS, "kind" => err.kind.as_str()).increment(1);
                 }
                 self.conn.release(job_id);
+                self.secrets.lock().await.remove(&job_id);
                 self.state.dispatcher.wake();
                 self.send(ServerMsg::FinishedAck(FinishedAck {
                     job_id: job_id.to_string(),

@@ -1,6 +1,7 @@
 //! The REST API (axum): routes, OpenAPI document, and the fallbacks that keep every answer
 //! JSON. Handlers are thin: they authenticate, validate, call `storage`, write the audit log.
 
+mod actions;
 mod events;
 mod extract;
 mod health;
@@ -8,6 +9,7 @@ mod jobs;
 mod servers;
 mod stream;
 mod tokens;
+mod variables;
 mod workers;
 
 use axum::Router;
@@ -59,6 +61,10 @@ pub fn router(state: AppState) -> Router {
             events::delete_event
         ))
         .routes(routes!(events::run_event))
+        .routes(routes!(actions::create_action, actions::list_actions))
+        .routes(routes!(actions::delete_action))
+        .routes(routes!(variables::list_variables))
+        .routes(routes!(variables::put_variable, variables::get_variable, variables::delete_variable))
         .routes(routes!(jobs::list_jobs))
         .routes(routes!(jobs::get_job))
         .routes(routes!(jobs::cancel_job))

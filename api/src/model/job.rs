@@ -89,6 +89,10 @@ pub struct Job {
     pub claimed_at: Option<DateTime<Utc>>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Why some of the actions this run triggered did not run (e.g. the chain depth limit).
+    pub action_notes: Vec<String>,
+    /// Output lines not kept because the job reached its log limit.
+    pub log_lines_dropped: i64,
 }
 
 /// The body of `POST /api/v1/events/{id}/run` (all optional).

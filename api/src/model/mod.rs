@@ -3,10 +3,12 @@
 //! Request types reject unknown fields, and `validate()` checks what serde cannot, returning
 //! a [`FieldError`] that names the offending field so clients get a precise 4xx.
 
+pub mod action;
 pub mod event;
 pub mod job;
 pub mod server;
 pub mod token;
+pub mod variable;
 
 pub use event::{Event, EventPatch, Executor, HttpRequestSpec, NewEvent, Runtime};
 pub use job::{Job, JobError, JobStatus, LogLine, LogPage, RunRequest};

@@ -5,12 +5,14 @@
 //! one transaction — the completion of a job, for example, writes the job, its logs' end
 //! and (later) its chained jobs and messages atomically.
 
+pub mod actions;
 pub mod audit;
 pub mod events;
 pub mod logs;
 pub mod queue;
 pub mod servers;
 pub mod tokens;
+pub mod variables;
 pub mod workers;
 
 use uuid::Uuid;

@@ -587,7 +587,8 @@ pub async fn request_cancel(conn: &mut PgConnection, job_id: Uuid) -> Result<Can
 const JOB_COLUMNS: &str = "j.id, j.event_id, coalesce(j.spec->>'name', '') AS event_name, j.status, j.attempt,
     j.max_attempts, j.dead, j.priority, j.run_at, j.exit_code, j.exit_signal, j.error_kind, j.error_message,
     j.input, j.output, j.condition, j.progress, j.cancel_requested, j.parent_job_id, j.root_job_id, j.depth,
-    j.idempotency_key, j.worker_id, j.created_at, j.claimed_at, j.started_at, j.finished_at";
+    j.idempotency_key, j.worker_id, j.created_at, j.claimed_at, j.started_at, j.finished_at, j.action_notes,
+    j.log_lines_dropped";
 
 #[derive(Debug, sqlx::FromRow)]
 struct JobRow {
@@ -619,6 +620,8 @@ struct JobRow {
     claimed_at: Option<DateTime<Utc>>,
     started_at: Option<DateTime<Utc>>,
     finished_at: Option<DateTime<Utc>>,
+    action_notes: Vec<String>,
+    log_lines_dropped: i64,
 }
 
 impl From<JobRow> for Job {
@@ -657,6 +660,8 @@ impl From<JobRow> for Job {
             claimed_at: r.claimed_at,
             started_at: r.started_at,
             finished_at: r.finished_at,
+            action_notes: r.action_notes,
+            log_lines_dropped: r.log_lines_dropped,
         }
     }
 }

@@ -74,7 +74,7 @@ async fn running_job(app: &TestApp) -> (ScriptedWorker, String, i64) {
     let token = app.token(Role::Worker).await;
     let (mut worker, _) = ScriptedWorker::connect(&app.grpc_address, &token, hello(Uuid::now_v7(), 1)).await;
     let id = app.run_event(ev["id"].as_str().expect("id"), &json!({})).await;
-    let a = worker.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a), _ => None }).await;
+    let a = worker.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a.clone()), _ => None }).await;
     (worker, id, a.lease_token)
 }
 

@@ -3,6 +3,7 @@
 //! One binary (modules below) so the suite links once and shares one cluster.
 
 mod auth;
+mod chains;
 mod events;
 mod health;
 mod jobs;
@@ -10,3 +11,4 @@ mod live_logs;
 mod protocol;
 mod queue;
 mod servers;
+mod variables;

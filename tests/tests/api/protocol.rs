@@ -55,8 +55,8 @@ async fn pushes_no_more_than_the_free_slots_and_records_a_full_run() {
     for _ in 0..3 {
         jobs.push(app.run_event(&ev, &json!({"input": {"n": 1}})).await);
     }
-    let first = worker.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a), _ => None }).await;
-    let second = worker.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a), _ => None }).await;
+    let first = worker.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a.clone()), _ => None }).await;
+    let second = worker.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a.clone()), _ => None }).await;
     assert!(worker.try_next(Duration::from_millis(500)).await.is_none(), "a third job must wait for a free slot");
     assert!(jobs.contains(&first.job_id) && jobs.contains(&second.job_id));
     let spec: Value = serde_json::from_str(&first.spec_json).expect("spec");
@@ -70,7 +70,7 @@ async fn pushes_no_more_than_the_free_slots_and_records_a_full_run() {
     worker.send(WorkerMsg::Started(Started { job_id: id.clone(), lease_token: tok })).await;
     worker.send(WorkerMsg::Progress(Progress { job_id: id.clone(), lease_token: tok, percent: 40 })).await;
     worker.send(WorkerMsg::Logs(LogBatch { job_id: id.clone(), lease_token: tok, lines: lines(1, 3) })).await;
-    let ack = worker.next_matching(|m| match m { ServerMsg::LogAck(a) => Some(a), _ => None }).await;
+    let ack = worker.next_matching(|m| match m { ServerMsg::LogAck(a) => Some(a.clone()), _ => None }).await;
     assert_eq!((ack.job_id.as_str(), ack.stored_seq), (id.as_str(), 3));
     let running = job(&app, &id).await;
     assert_eq!(running["status"], "running");
@@ -89,7 +89,7 @@ async fn pushes_no_more_than_the_free_slots_and_records_a_full_run() {
     assert_eq!(logs["done"], true);
 
     // The freed slot brings the third job.
-    let third = worker.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a), _ => None }).await;
+    let third = worker.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a.clone()), _ => None }).await;
     assert!(jobs.contains(&third.job_id) && third.job_id != first.job_id && third.job_id != second.job_id);
 
     let (_, workers) = app.get("/api/v1/workers").await;
@@ -106,7 +106,7 @@ async fn failures_are_recorded_with_their_kind_and_retried() {
     let (mut worker, _) = ScriptedWorker::connect(&app.grpc_address, &token, hello(Uuid::now_v7(), 1)).await;
     let id = app.run_event(ev["id"].as_str().expect("id"), &json!({})).await;
     for attempt in 1..=2 {
-        let a = worker.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a), _ => None }).await;
+        let a = worker.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a.clone()), _ => None }).await;
         assert_eq!((a.job_id.as_str(), a.attempt), (id.as_str(), attempt));
         worker.send(WorkerMsg::Finished(Finished {
             job_id: id.clone(), lease_token: a.lease_token, exit_code: Some(3), error_kind: ErrorKind::Script as i32,
@@ -127,26 +127,26 @@ async fn stale_tokens_and_unknown_jobs_are_refused_without_harm() {
     let token = app.token(Role::Worker).await;
     let (mut worker, _) = ScriptedWorker::connect(&app.grpc_address, &token, hello(Uuid::now_v7(), 1)).await;
     let id = app.run_event(&ev, &json!({})).await;
-    let a = worker.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a), _ => None }).await;
+    let a = worker.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a.clone()), _ => None }).await;
 
     // A completion with a wrong token: refused, the job is untouched and the worker told.
     worker.send(finished(&id, a.lease_token + 1, 0)).await;
-    let lost = worker.next_matching(|m| match m { ServerMsg::LeaseLost(l) => Some(l), _ => None }).await;
+    let lost = worker.next_matching(|m| match m { ServerMsg::LeaseLost(l) => Some(l.clone()), _ => None }).await;
     assert_eq!(lost.job_id, id);
     assert_eq!(job(&app, &id).await["status"], "claimed");
 
     // Unknown job ids and malformed ones get answers, not a broken stream.
     let unknown = Uuid::now_v7().to_string();
     worker.send(WorkerMsg::Started(Started { job_id: unknown.clone(), lease_token: 1 })).await;
-    let lost = worker.next_matching(|m| match m { ServerMsg::LeaseLost(l) => Some(l), _ => None }).await;
+    let lost = worker.next_matching(|m| match m { ServerMsg::LeaseLost(l) => Some(l.clone()), _ => None }).await;
     assert_eq!(lost.job_id, unknown);
     worker.send(WorkerMsg::Logs(LogBatch { job_id: "not-a-uuid".into(), lease_token: 1, lines: lines(1, 1) })).await;
-    let notice = worker.next_matching(|m| match m { ServerMsg::Error(e) => Some(e), _ => None }).await;
+    let notice = worker.next_matching(|m| match m { ServerMsg::Error(e) => Some(e.clone()), _ => None }).await;
     assert!(notice.message.contains("not a UUID"), "{notice:?}");
     worker.send(WorkerMsg::Hello(hello(Uuid::now_v7(), 1))).await;
     worker.next_matching(|m| match m { ServerMsg::Error(_) => Some(()), _ => None }).await;
     worker.send(WorkerMsg::Logs(LogBatch { job_id: id.clone(), lease_token: a.lease_token, lines: lines(5, 6) })).await;
-    let gap = worker.next_matching(|m| match m { ServerMsg::Error(e) => Some(e), _ => None }).await;
+    let gap = worker.next_matching(|m| match m { ServerMsg::Error(e) => Some(e.clone()), _ => None }).await;
     assert!(gap.message.contains("continue at 1"), "{gap:?}");
 
     // The stream still works: the real token completes the job.
@@ -193,12 +193,12 @@ async fn cancel_reaches_the_worker_holding_the_job() {
     let token = app.token(Role::Worker).await;
     let (mut worker, _) = ScriptedWorker::connect(&app.grpc_address, &token, hello(Uuid::now_v7(), 1)).await;
     let id = app.run_event(&ev, &json!({})).await;
-    let a = worker.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a), _ => None }).await;
+    let a = worker.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a.clone()), _ => None }).await;
     worker.send(WorkerMsg::Started(Started { job_id: id.clone(), lease_token: a.lease_token })).await;
     let (status, body) = app.post(&format!("/api/v1/jobs/{id}/cancel"), &Value::Null).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     assert_eq!(body["cancel_requested"], true);
-    let cancel = worker.next_matching(|m| match m { ServerMsg::Cancel(c) => Some(c), _ => None }).await;
+    let cancel = worker.next_matching(|m| match m { ServerMsg::Cancel(c) => Some(c.clone()), _ => None }).await;
     assert_eq!(cancel.job_id, id);
     worker.send(WorkerMsg::Finished(Finished {
         job_id: id.clone(), lease_token: a.lease_token, signal: Some(15), error_kind: ErrorKind::Cancelled as i32,
@@ -217,7 +217,7 @@ async fn a_reconnecting_worker_resumes_its_jobs_and_logs_are_stored_once() {
     let worker_id = Uuid::now_v7();
     let (mut worker, _) = ScriptedWorker::connect(&app.grpc_address, &token, hello(worker_id, 1)).await;
     let id = app.run_event(&ev, &json!({})).await;
-    let a = worker.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a), _ => None }).await;
+    let a = worker.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a.clone()), _ => None }).await;
     worker.send(WorkerMsg::Started(Started { job_id: id.clone(), lease_token: a.lease_token })).await;
     worker.send(WorkerMsg::Logs(LogBatch { job_id: id.clone(), lease_token: a.lease_token, lines: lines(1, 4) })).await;
     worker.next_matching(|m| match m { ServerMsg::LogAck(_) => Some(()), _ => None }).await;
@@ -233,7 +233,7 @@ async fn a_reconnecting_worker_resumes_its_jobs_and_logs_are_stored_once() {
     assert_eq!(r.stored_seq, 4);
     // The worker re-sends a batch that overlaps what is stored, then the rest.
     worker.send(WorkerMsg::Logs(LogBatch { job_id: id.clone(), lease_token: a.lease_token, lines: lines(3, 7) })).await;
-    let ack = worker.next_matching(|m| match m { ServerMsg::LogAck(a) => Some(a), _ => None }).await;
+    let ack = worker.next_matching(|m| match m { ServerMsg::LogAck(a) => Some(a.clone()), _ => None }).await;
     assert_eq!(ack.stored_seq, 7);
     worker.send(WorkerMsg::Heartbeat(Heartbeat { jobs: vec![HeldJob { job_id: id.clone(), lease_token: a.lease_token }], free_slots: 0 })).await;
     worker.send(finished(&id, a.lease_token, 7)).await;
@@ -261,11 +261,11 @@ async fn a_vanished_worker_loses_its_job_to_another() {
     let token = app.token(Role::Worker).await;
     let (mut first, _) = ScriptedWorker::connect(&app.grpc_address, &token, hello(Uuid::now_v7(), 1)).await;
     let id = app.run_event(&ev, &json!({})).await;
-    let a = first.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a), _ => None }).await;
+    let a = first.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a.clone()), _ => None }).await;
     first.send(WorkerMsg::Started(Started { job_id: id.clone(), lease_token: a.lease_token })).await;
     // The first worker goes silent (no heartbeats); a second one connects.
     let (mut second, _) = ScriptedWorker::connect(&app.grpc_address, &token, hello(Uuid::now_v7(), 1)).await;
-    let b = second.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a), _ => None }).await;
+    let b = second.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a.clone()), _ => None }).await;
     assert_eq!((b.job_id.as_str(), b.attempt), (id.as_str(), 2));
     assert!(b.lease_token > a.lease_token);
     // The first worker's late report is refused; the second's is recorded.
@@ -285,7 +285,7 @@ async fn output_past_the_log_cap_is_counted_not_kept() {
     let token = app.token(Role::Worker).await;
     let (mut worker, _) = ScriptedWorker::connect(&app.grpc_address, &token, hello(Uuid::now_v7(), 1)).await;
     let id = app.run_event(&ev, &json!({})).await;
-    let a = worker.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a), _ => None }).await;
+    let a = worker.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a.clone()), _ => None }).await;
     // 20 lines of 6-7 bytes: ~14 fit in 100 bytes.
     for (from, to) in [(1, 10), (11, 20)] {
         worker.send(WorkerMsg::Logs(LogBatch { job_id: id.clone(), lease_token: a.lease_token, lines: lines(from, to) })).await;

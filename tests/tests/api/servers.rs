@@ -116,7 +116,7 @@ async fn ssh_events_need_a_server_and_their_jobs_carry_its_credentials() {
     h.executors = vec!["ssh".into()];
     let (mut ssh_worker, _) = ScriptedWorker::connect(&app.grpc_address, &token, h).await;
     let job_id = app.run_event(ev["id"].as_str().expect("id"), &json!({})).await;
-    let a = ssh_worker.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a), _ => None }).await;
+    let a = ssh_worker.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a.clone()), _ => None }).await;
     assert_eq!(a.job_id, job_id);
     let target: Value = serde_json::from_str(&a.server_json).expect("server json");
     assert_eq!(target["host"], "127.0.0.1");
@@ -142,7 +142,7 @@ async fn accept_new_pins_the_first_host_key_seen() {
     h.executors = vec!["ssh".into()];
     let (mut worker, _) = ScriptedWorker::connect(&app.grpc_address, &token, h).await;
     let job_id = app.run_event(ev["id"].as_str().expect("id"), &json!({})).await;
-    let a = worker.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a), _ => None }).await;
+    let a = worker.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a.clone()), _ => None }).await;
     let target: Value = serde_json::from_str(&a.server_json).expect("server json");
     assert_eq!(target["auth"]["password"], "secret-password");
     assert_eq!(target["host_key"], Value::Null);
@@ -151,7 +151,7 @@ async fn accept_new_pins_the_first_host_key_seen() {
     worker.send(seen(HOST_KEY)).await;
     // A later, different key is refused (the first stays pinned).
     worker.send(seen(OTHER_HOST_KEY)).await;
-    let notice = worker.next_matching(|m| match m { ServerMsg::Error(e) => Some(e), _ => None }).await;
+    let notice = worker.next_matching(|m| match m { ServerMsg::Error(e) => Some(e.clone()), _ => None }).await;
     assert!(notice.message.contains("different host key"), "{notice:?}");
     let (_, srv) = app.get(&format!("/api/v1/servers/{server_id}")).await;
     assert_eq!(srv["host_key"], HOST_KEY);

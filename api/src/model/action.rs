@@ -1,0 +1,108 @@
+//! Conditional actions: what happens when a run of an event ends — run another event with
+//! this run's output as its input, or send a message.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::{FieldError, text_enum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    OnSuccess,
+    /// Failed or timed out (not cancelled).
+    OnFailure,
+    /// Any end, cancelled included.
+    Always,
+    /// The run set its condition flag to true (`baton_set_condition true`).
+    OnCondition,
+}
+text_enum!(Trigger { OnSuccess => "on_success", OnFailure => "on_failure", Always => "always", OnCondition => "on_condition" });
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Channel {
+    Webhook,
+    Slack,
+    Discord,
+    Email,
+}
+text_enum!(Channel { Webhook => "webhook", Slack => "slack", Discord => "discord", Email => "email" });
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ActionSpec {
+    /// Run another event; this run's output becomes its input.
+    RunEvent { event_id: Uuid },
+    /// Send a message rendered from `template` (Jinja syntax; `event` and `job` are available).
+    SendMessage {
+        channel: Channel,
+        /// A URL (webhook, slack, discord) or an email address.
+        target: String,
+        #[serde(default = "default_template")]
+        template: String,
+        /// Email subject (a template too).
+        #[serde(default)]
+        subject: Option<String>,
+    },
+}
+
+fn default_template() -> String {
+    "{{ event.name }} {{ job.status }}{% if job.error %}: {{ job.error.message }}{% endif %}".to_owned()
+}
+
+/// The body of `POST /api/v1/events/{id}/actions`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewAction {
+    pub trigger: Trigger,
+    #[serde(default)]
+    pub delay_seconds: i32,
+    pub action: ActionSpec,
+}
+
+impl NewAction {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        super::event::check_range("delay_seconds", self.delay_seconds, 0, 2_592_000)?;
+        if let ActionSpec::SendMessage { channel, target, template, subject } = &self.action {
+            match channel {
+                Channel::Email => {
+                    let ok = target.len() <= 254
+                        && target.split_once('@').is_some_and(|(user, host)| !user.is_empty() && host.contains('.'))
+                        && !target.chars().any(|c| c.is_whitespace() || c.is_control());
+                    if !ok {
+                        return Err(FieldError::new("action.target", "must be an email address"));
+                    }
+                }
+                _ => {
+                    let ok = (target.starts_with("http://") || target.starts_with("https://"))
+                        && target.len() <= 2048
+                        && !target.chars().any(|c| c.is_whitespace() || c.is_control());
+                    if !ok {
+                        return Err(FieldError::new("action.target", "must be an http:// or https:// URL"));
+                    }
+                }
+            }
+            if template.len() > 16 * 1024 {
+                return Err(FieldError::new("action.template", "must be at most 16 KiB"));
+            }
+            crate::actions::check_template(template).map_err(|e| FieldError::new("action.template", e))?;
+            if let Some(subject) = subject {
+                crate::actions::check_template(subject).map_err(|e| FieldError::new("action.subject", e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Action {
+    pub id: Uuid,
+    pub event_id: Uuid,
+    pub trigger: Trigger,
+    pub delay_seconds: i32,
+    pub action: ActionSpec,
+    pub created_at: DateTime<Utc>,
+}

@@ -17,6 +17,11 @@
 //! before every phase. An unmeasured warm-up runs both paths first; then R rounds run both,
 //! swapping which goes first every round. After every phase exactly N jobs must be
 //! `succeeded` and none left anywhere else, or the benchmark fails.
+//!
+//! Besides the rates, each round reports the CPU time per job of this process (clients,
+//! runtime, sqlx: where the module's extra Rust-side work would show) and of the clients'
+//! PostgreSQL backends, read from `/proc`; the load average is printed at both ends, since
+//! other work on the machine moves the rates more than anything measured here.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -161,18 +166,20 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
         "config: no-op jobs, enqueue (1 INSERT/job) → claim_batch → complete (1 tx/job); \
-         clients={} batch={} jobs={} rounds={} warmup_jobs={}; {version} (throwaway, fsync=off), {cpus} CPUs",
-        args.clients, args.batch, args.jobs, args.rounds, args.warmup_jobs
+         clients={} batch={} jobs={} rounds={} warmup_jobs={}; {version} (throwaway, fsync=off); \
+         {cpus} CPUs, load average {}",
+        args.clients,
+        args.batch,
+        args.jobs,
+        args.rounds,
+        args.warmup_jobs,
+        support::load_average()
     );
     if args.warmup_jobs > 0 {
         let mut rates = Vec::new();
         for target in &targets {
-            let elapsed = phase(target, args.warmup_jobs, args.clients).await?;
-            rates.push(format!(
-                "{}={:.0}/s",
-                target.path.name(),
-                per_second(args.warmup_jobs, elapsed)
-            ));
+            let stats = phase(target, args.warmup_jobs, args.clients).await?;
+            rates.push(format!("{}={:.0}/s", target.path.name(), stats.rate));
         }
         println!(
             "warm-up: {} jobs per path, {}",
@@ -181,36 +188,35 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
         );
     }
 
-    let mut module_rates = Vec::new();
-    let mut raw_rates = Vec::new();
+    let mut module = Vec::new();
+    let mut raw = Vec::new();
     for round in 0..args.rounds {
         let order: [&Target; 2] = if round % 2 == 0 {
             [&targets[0], &targets[1]]
         } else {
             [&targets[1], &targets[0]]
         };
-        let mut module = (0.0, Duration::ZERO);
-        let mut raw = (0.0, Duration::ZERO);
         for target in order {
-            let elapsed = phase(target, args.jobs, args.clients).await?;
-            let rate = per_second(args.jobs, elapsed);
+            let stats = phase(target, args.jobs, args.clients).await?;
             match target.path {
-                Path::Module => module = (rate, elapsed),
-                Path::Raw => raw = (rate, elapsed),
+                Path::Module => module.push(stats),
+                Path::Raw => raw.push(stats),
             }
         }
-        module_rates.push(module.0);
-        raw_rates.push(raw.0);
+        let (m, r) = (&module[module.len() - 1], &raw[raw.len() - 1]);
         println!(
-            "round {}/{} ({} first): jobs_per_s={:.0} ({:.2} s) raw_jobs_per_s={:.0} ({:.2} s) ratio={:.2}",
+            "round {}/{} ({} first): jobs_per_s={:.0} raw_jobs_per_s={:.0} ratio={:.2} | \
+             module {:.2} s, {} | raw {:.2} s, {}",
             round + 1,
             args.rounds,
             order[0].path.name(),
-            module.0,
-            module.1.as_secs_f64(),
-            raw.0,
-            raw.1.as_secs_f64(),
-            module.0 / raw.0
+            m.rate,
+            r.rate,
+            m.rate / r.rate,
+            m.elapsed.as_secs_f64(),
+            m.cpu_per_job(),
+            r.elapsed.as_secs_f64(),
+            r.cpu_per_job(),
         );
     }
 
@@ -219,16 +225,66 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
     }
     cluster.stop().context("stopping PostgreSQL")?;
 
-    let jobs_per_s = median(&module_rates);
-    let raw_jobs_per_s = median(&raw_rates);
+    let rates = |stats: &[PhaseStats]| median(&stats.iter().map(|s| s.rate).collect::<Vec<_>>());
+    let cpu = |stats: &[PhaseStats], pick: fn(&PhaseStats) -> Option<f64>| {
+        let values: Option<Vec<f64>> = stats.iter().map(pick).collect();
+        values.map_or_else(|| "?".to_owned(), |v| format!("{:.0}", median(&v)))
+    };
+    println!(
+        "medians: per-round ratio={:.2}; CPU µs per job: module client={} server={}, \
+         raw client={} server={}; load average {}",
+        median(
+            &module
+                .iter()
+                .zip(&raw)
+                .map(|(m, r)| m.rate / r.rate)
+                .collect::<Vec<_>>()
+        ),
+        cpu(&module, PhaseStats::client_us_per_job),
+        cpu(&module, PhaseStats::server_us_per_job),
+        cpu(&raw, PhaseStats::client_us_per_job),
+        cpu(&raw, PhaseStats::server_us_per_job),
+        support::load_average()
+    );
+    let jobs_per_s = rates(&module);
+    let raw_jobs_per_s = rates(&raw);
     Ok(Summary::new("queue")
         .field("jobs_per_s", format!("{jobs_per_s:.0}"))
         .field("raw_jobs_per_s", format!("{raw_jobs_per_s:.0}"))
         .field("ratio", format!("{:.2}", jobs_per_s / raw_jobs_per_s)))
 }
 
-fn per_second(jobs: u64, elapsed: Duration) -> f64 {
-    jobs as f64 / elapsed.as_secs_f64()
+/// What one phase measured.
+struct PhaseStats {
+    jobs: u64,
+    elapsed: Duration,
+    /// Jobs per second.
+    rate: f64,
+    /// CPU this process used during the phase (the clients, the runtime, sqlx).
+    client_cpu: Option<Duration>,
+    /// CPU the clients' PostgreSQL backends used during the phase.
+    server_cpu: Option<Duration>,
+}
+
+impl PhaseStats {
+    fn client_us_per_job(&self) -> Option<f64> {
+        self.client_cpu
+            .map(|cpu| cpu.as_secs_f64() * 1e6 / self.jobs as f64)
+    }
+
+    fn server_us_per_job(&self) -> Option<f64> {
+        self.server_cpu
+            .map(|cpu| cpu.as_secs_f64() * 1e6 / self.jobs as f64)
+    }
+
+    fn cpu_per_job(&self) -> String {
+        let show = |v: Option<f64>| v.map_or_else(|| "?".to_owned(), |v| format!("{v:.0}"));
+        format!(
+            "CPU µs/job client={} server={}",
+            show(self.client_us_per_job()),
+            show(self.server_us_per_job())
+        )
+    }
 }
 
 /// The no-op event every job runs (never actually run: nothing here executes jobs).
@@ -242,18 +298,27 @@ async fn insert_event(pool: &PgPool) -> anyhow::Result<Event> {
 }
 
 /// One measured phase on `target`'s database: empties it, runs the clients until `jobs` jobs
-/// are complete, checks the result and returns the time the clients took.
-async fn phase(target: &Target, jobs: u64, clients: u32) -> anyhow::Result<Duration> {
-    sqlx::query("TRUNCATE jobs, job_logs")
+/// are complete, and checks the result.
+async fn phase(target: &Target, jobs: u64, clients: u32) -> anyhow::Result<PhaseStats> {
+    sqlx::query("TRUNCATE jobs CASCADE")
         .execute(&target.pool)
         .await
         .context("emptying the jobs table")?;
     // Connect before the clock starts.
     let mut conns = Vec::new();
+    let mut backends = Vec::new();
     for _ in 0..clients {
-        conns.push(target.pool.acquire().await?);
+        let mut conn = target.pool.acquire().await?;
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *conn)
+            .await?;
+        backends.push(pid.to_string());
+        conns.push(conn);
     }
+    let server_cpu =
+        || -> Option<Duration> { backends.iter().map(|pid| support::cpu_time(pid)).sum() };
     let budget = Arc::new(Budget(AtomicU64::new(jobs)));
+    let (client_before, server_before) = (support::cpu_time("self"), server_cpu());
     let started = Instant::now();
     let mut tasks = JoinSet::new();
     for conn in conns {
@@ -269,8 +334,18 @@ async fn phase(target: &Target, jobs: u64, clients: u32) -> anyhow::Result<Durat
         completed += done.context("a client task panicked")??;
     }
     let elapsed = started.elapsed();
+    let since =
+        |before: Option<Duration>, after: Option<Duration>| Some(after?.saturating_sub(before?));
+    let client_cpu = since(client_before, support::cpu_time("self"));
+    let server_cpu = since(server_before, server_cpu());
     verify(&target.pool, target.path, jobs, completed).await?;
-    Ok(elapsed)
+    Ok(PhaseStats {
+        jobs,
+        elapsed,
+        rate: jobs as f64 / elapsed.as_secs_f64(),
+        client_cpu,
+        server_cpu,
+    })
 }
 
 /// Fails unless exactly `jobs` jobs exist and all are `succeeded`.

@@ -2,6 +2,7 @@
 //! summary line, medians.
 
 use std::fmt;
+use std::time::Duration;
 
 use anyhow::Context;
 use baton_devdb::Cluster;
@@ -58,6 +59,29 @@ pub async fn server_version(pool: &PgPool) -> anyhow::Result<String> {
         .join(" "))
 }
 
+/// CPU time (user + system, all threads) a process used so far, from `/proc/PID/stat`; `pid`
+/// may be `"self"`. `None` where that is unavailable.
+pub fn cpu_time(pid: &str) -> Option<Duration> {
+    /// USER_HZ, the unit of utime and stime: 100 on every Linux architecture Baton runs on.
+    const TICKS_PER_SECOND: u64 = 100;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": utime and stime are fields 14 and 15, counted from pid.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis(
+        (utime + stime) * 1000 / TICKS_PER_SECOND,
+    ))
+}
+
+/// The 1-minute load average, to tell a quiet machine from a busy one in the output.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".to_owned())
+}
+
 /// The median (the mean of the middle two for an even count); NaN for none.
 pub fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
@@ -112,6 +136,12 @@ mod tests {
         assert_eq!(median(&[3.0]), 3.0);
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn own_cpu_time() {
+        assert!(cpu_time("self").is_some());
+        assert!(cpu_time("0").is_none());
     }
 
     #[test]

@@ -14,6 +14,7 @@ ensure_prereqs() {
   if [ "$purpose" = test ]; then
     command -v python3 >/dev/null 2>&1 || { missing+=(python3); hint+=("python3 (runtime helper tests)"); }
     command -v node >/dev/null 2>&1 || { missing+=(nodejs); hint+=("node (runtime helper tests)"); }
+    [ -x /usr/sbin/sshd ] && command -v ssh-keygen >/dev/null 2>&1 || { missing+=(openssh-server); hint+=("sshd and ssh-keygen (ssh executor tests)"); }
   fi
   command -v runuser >/dev/null 2>&1 || { missing+=(util-linux); hint+=("runuser"); }
   if [ "${#missing[@]}" -eq 0 ]; then return 0; fi

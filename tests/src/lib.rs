@@ -101,6 +101,16 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut baton_api::ApiConfig)) -> T
 
 /// An api replica on an existing database (a second replica of another `TestApp`, say).
 pub async fn spawn_replica(database_url: String, adjust: impl FnOnce(&mut baton_api::ApiConfig)) -> TestApp {
+    spawn_replica_on(database_url, 0, 0, adjust).await
+}
+
+/// An api replica on an existing database and given ports (0: any free port).
+pub async fn spawn_replica_on(
+    database_url: String,
+    http_port: u16,
+    grpc_port: u16,
+    adjust: impl FnOnce(&mut baton_api::ApiConfig),
+) -> TestApp {
     init_tracing();
     let mut config = baton_api::ApiConfig::new(database_url.clone());
     config.admin_token = Some(ADMIN_TOKEN.to_owned());
@@ -109,11 +119,9 @@ pub async fn spawn_replica(database_url: String, adjust: impl FnOnce(&mut baton_
     adjust(&mut config);
     let (api, _) = baton_api::Api::start(config).await.expect("start the api");
     let pool = api.state.pool.clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind port 0");
+    let listener = bind_retrying(http_port).await;
     let address = format!("http://{}", listener.local_addr().expect("local addr"));
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+    let grpc = bind_retrying(grpc_port).await;
     let grpc_address = format!("http://{}", grpc.local_addr().expect("local addr"));
     let (tx, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(api.serve(listener, grpc, async move {
@@ -134,7 +142,33 @@ pub async fn spawn_replica(database_url: String, adjust: impl FnOnce(&mut baton_
     }
 }
 
+/// Binds 127.0.0.1:`port`, retrying for a while: a port just released by a stopped replica
+/// may take a moment to be free again.
+async fn bind_retrying(port: u16) -> tokio::net::TcpListener {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+            Ok(l) => return l,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(port, error = %e, "port busy; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("cannot bind 127.0.0.1:{port}: {e}"),
+        }
+    }
+}
+
 impl TestApp {
+    /// Stops this replica and starts a new one on the same database and ports (an api
+    /// restart, as workers see it).
+    pub async fn restart(self, adjust: impl FnOnce(&mut baton_api::ApiConfig)) -> TestApp {
+        let port = |addr: &str| addr.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).expect("port");
+        let (http, grpc) = (port(&self.address), port(&self.grpc_address));
+        let database_url = self.database_url.clone();
+        self.stop().await;
+        spawn_replica_on(database_url, http, grpc, adjust).await
+    }
+
     /// A request with the admin token.
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
         self.request_as(&self.admin_token, method, path)

@@ -350,7 +350,7 @@ impl Session {
         let cap = self.state.config.log_cap_bytes;
         let stored = async {
             let mut tx = self.state.pool.begin().await?;
-            let appended = logs::append_batch(&mut tx, job_id, batch.lease_token, &lines, cap).await?;
+            let appended = logs::append_batch(&mut tx, job_id, batch.lease_token, &lines, cap, self.state.config.lease).await?;
             tx.commit().await?;
             Ok::<_, StorageError>(appended)
         }

@@ -30,13 +30,16 @@ pub fn truncation_marker(cap_bytes: i64) -> String {
     )
 }
 
-/// Appends a batch for a job whose lease `token` holds. Runs in the caller's transaction.
+/// Appends a batch for a job whose lease `token` holds, and renews that lease: output flowing
+/// in proves the worker alive even when its heartbeat waits behind a flood of log batches.
+/// Runs in the caller's transaction.
 pub async fn append_batch(
     conn: &mut PgConnection,
     job_id: Uuid,
     token: i64,
     lines: &[LogLine],
     cap_bytes: i64,
+    lease: std::time::Duration,
 ) -> Result<Appended> {
     let state: Option<(i64, i64)> = sqlx::query_as(
         "SELECT last_log_seq, log_bytes FROM jobs
@@ -112,7 +115,8 @@ pub async fn append_batch(
     };
     sqlx::query(
         "UPDATE jobs SET last_log_seq = $2, log_bytes = $3,
-             log_lines_dropped = log_lines_dropped + $4, log_bytes_dropped = log_bytes_dropped + $5
+             log_lines_dropped = log_lines_dropped + $4, log_bytes_dropped = log_bytes_dropped + $5,
+             lease_expires_at = now() + $6 * interval '1 millisecond', heartbeat_at = now()
          WHERE id = $1",
     )
     .bind(job_id)
@@ -120,6 +124,7 @@ pub async fn append_batch(
     .bind(new_bytes)
     .bind(dropped.0 as i64)
     .bind(dropped.1)
+    .bind(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX))
     .execute(&mut *conn)
     .await?;
     Ok(Appended {

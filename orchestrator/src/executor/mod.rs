@@ -61,12 +61,14 @@
 //! Implementations: [`LocalExecutor`] (processes on this host; see [`local`] for the details
 //! and limits: children that leave the process group, e.g. via `setsid`, are not killed).
 
+pub mod container;
 pub mod http;
 pub mod local;
 mod outcome;
 pub mod output;
 mod process;
 mod spec;
+pub mod ssh;
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -74,6 +76,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+pub use container::{ContainerConfig, ContainerExecutor, PullPolicy, ResourceLimits};
 pub use local::{LocalConfig, LocalExecutor};
 pub use outcome::{ErrorKind, ExecError, RunOutcome, RunResult};
 pub use spec::{

@@ -17,8 +17,9 @@ pub enum ErrorKind {
     /// The run could not be started or supervised: missing interpreter, bad working directory,
     /// spawn error, unreachable HTTP endpoint, local I/O failure.
     Infrastructure,
-    /// The run started and failed: non-zero exit, killed by a signal, HTTP status ≥ 400, or an
-    /// invalid job definition (missing script, empty argv, malformed URL).
+    /// The run started and failed: non-zero exit, killed by a signal, killed for exceeding its
+    /// memory limit, HTTP status ≥ 400, or an invalid job definition (missing script, empty
+    /// argv, malformed URL).
     Script,
     /// The run exceeded its timeout and was killed.
     Timeout,
@@ -94,6 +95,25 @@ pub enum ExecError {
     /// The run was cancelled and killed.
     #[error("cancelled")]
     Cancelled,
+    /// The run was killed by the kernel's out-of-memory killer because it used more memory
+    /// than its limit (container executor: the engine reported `OOMKilled`). A script error:
+    /// the run needs a higher memory limit or less memory.
+    #[error("killed by the out-of-memory killer: the run exceeded its memory limit{}", limit_text(*limit_mib))]
+    OutOfMemory {
+        /// The memory limit of the run in MiB, when known.
+        limit_mib: Option<u64>,
+    },
+    /// The SSH transport failed: the server could not be reached or refused us, or the session
+    /// broke (see [`SshError`](super::ssh::SshError), whose `is_retryable` tells whether another
+    /// attempt may help: authentication failures and host key mismatches are not retryable).
+    #[error(transparent)]
+    Ssh(super::ssh::SshError),
+}
+
+fn limit_text(limit_mib: Option<u64>) -> String {
+    limit_mib
+        .map(|m| format!(" of {m} MiB"))
+        .unwrap_or_default()
 }
 
 impl ExecError {
@@ -102,8 +122,11 @@ impl ExecError {
         match self {
             ExecError::StartFailed { .. }
             | ExecError::HttpTransport { .. }
-            | ExecError::Io { .. } => ErrorKind::Infrastructure,
-            ExecError::InvalidSpec { .. } | ExecError::HttpStatus { .. } => ErrorKind::Script,
+            | ExecError::Io { .. }
+            | ExecError::Ssh(_) => ErrorKind::Infrastructure,
+            ExecError::InvalidSpec { .. }
+            | ExecError::HttpStatus { .. }
+            | ExecError::OutOfMemory { .. } => ErrorKind::Script,
             ExecError::TimedOut { .. } => ErrorKind::Timeout,
             ExecError::Cancelled => ErrorKind::Cancelled,
         }
@@ -154,6 +177,10 @@ pub struct RunOutcome {
     pub pid: Option<u32>,
     /// Wall-clock time from the start of `run` to the end of output collection.
     pub duration: Duration,
+    /// SSH executor, `accept_new` policy, server without a recorded host key: the key the
+    /// server presented and this executor accepted (`"ssh-ed25519 AAAA…"`), for the worker to
+    /// send to the API so it is pinned from then on. `None` otherwise.
+    pub observed_host_key: Option<String>,
 }
 
 /// Job-level verdict of a [`RunOutcome`].

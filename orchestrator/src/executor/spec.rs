@@ -177,6 +177,44 @@ pub struct RunSpec {
     /// Directory holding `baton.sh` / `baton.py` / `baton.js`; exported as `BATON_HELPERS` and
     /// prepended to `PATH`, `PYTHONPATH` and `NODE_PATH`.
     pub helpers_dir: Option<PathBuf>,
+    /// Container executor: the image to run instead of the worker's default image for the
+    /// runtime (the event's `image`). Other executors ignore it.
+    pub image: Option<String>,
+    /// Container executor: give the run a network (the event's `"network": true`). By default a
+    /// container has network mode `none`. Other executors ignore it.
+    pub network: bool,
+    /// Container executor: resource limits asked for by the event; unset fields take the
+    /// worker's defaults, and every value must be within the worker's maximums. Other executors
+    /// ignore it.
+    pub limits: Option<ResourceLimits>,
+    /// Container executor: extra labels put on the container (e.g. `baton.event_id`). The keys
+    /// `baton.worker_id`, `baton.job_id` and `baton.managed` are set by the executor and cannot
+    /// be overridden. Other executors ignore it.
+    pub labels: BTreeMap<String, String>,
+    /// SSH executor: the server to run on (from the job's assignment). Other executors ignore
+    /// it.
+    pub ssh: Option<super::ssh::SshTarget>,
+}
+
+/// Resource limits of a container run. Every field is optional: in a [`RunSpec`] an unset
+/// field means "the worker's default"; in the worker's maximums it means "no maximum".
+///
+/// Serialized as `{"memory_mib": 512, "cpus": 1.0, "pids": 256, "tmp_mib": 64}`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResourceLimits {
+    /// Memory limit in MiB. Swap is disabled (memory + swap = this limit), so a run that
+    /// needs more is killed by the out-of-memory killer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    /// CPU limit in CPUs (fractional: `0.5` is half a CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// Maximum number of processes and threads in the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+    /// Size of the `/tmp` tmpfs in MiB (its pages count against the memory limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tmp_mib: Option<u64>,
 }
 
 impl RunSpec {
@@ -193,6 +231,11 @@ impl RunSpec {
             kill_grace: DEFAULT_KILL_GRACE,
             run_dir: None,
             helpers_dir: None,
+            image: None,
+            network: false,
+            limits: None,
+            labels: BTreeMap::new(),
+            ssh: None,
         }
     }
 
@@ -253,6 +296,30 @@ impl RunSpec {
         self.kill_grace = grace;
         self
     }
+
+    /// Container executor: runs `image` instead of the worker's default for the runtime.
+    pub fn with_image(mut self, image: impl Into<String>) -> Self {
+        self.image = Some(image.into());
+        self
+    }
+
+    /// Container executor: gives the run a network (`true`) or none (`false`, the default).
+    pub fn with_network(mut self, network: bool) -> Self {
+        self.network = network;
+        self
+    }
+
+    /// Container executor: asks for resource limits (bounded by the worker's maximums).
+    pub fn with_limits(mut self, limits: ResourceLimits) -> Self {
+        self.limits = Some(limits);
+        self
+    }
+
+    /// Container executor: adds one container label.
+    pub fn with_label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
 }
 
 impl fmt::Debug for RunSpec {
@@ -270,6 +337,11 @@ impl fmt::Debug for RunSpec {
             .field("kill_grace", &self.kill_grace)
             .field("run_dir", &self.run_dir)
             .field("helpers_dir", &self.helpers_dir)
+            .field("image", &self.image)
+            .field("network", &self.network)
+            .field("limits", &self.limits)
+            .field("labels", &self.labels)
+            .field("ssh", &self.ssh)
             .finish()
     }
 }

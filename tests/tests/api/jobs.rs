@@ -178,12 +178,13 @@ async fn logs_page_by_sequence_and_say_when_done() {
     let token = claimed[0].lease_token;
     let mut conn = app.pool.acquire().await.expect("conn");
     let cap = 1 << 20;
-    assert_eq!(logs::append_batch(&mut conn, id, token, &chunk1, cap).await.expect("append").stored_seq, 3);
-    assert_eq!(logs::append_batch(&mut conn, id, token, &chunk2, cap).await.expect("append").new_lines, 2);
-    let again = logs::append_batch(&mut conn, id, token, &chunk2, cap).await.expect("append");
+    let lease = std::time::Duration::from_secs(60);
+    assert_eq!(logs::append_batch(&mut conn, id, token, &chunk1, cap, lease).await.expect("append").stored_seq, 3);
+    assert_eq!(logs::append_batch(&mut conn, id, token, &chunk2, cap, lease).await.expect("append").new_lines, 2);
+    let again = logs::append_batch(&mut conn, id, token, &chunk2, cap, lease).await.expect("append");
     assert_eq!((again.new_lines, again.stored_seq), (0, 5), "a re-sent batch is skipped");
     assert!(matches!(
-        logs::append_batch(&mut conn, id, token + 1, &chunk2, cap).await,
+        logs::append_batch(&mut conn, id, token + 1, &chunk2, cap, lease).await,
         Err(baton_api::storage::StorageError::LeaseLost { .. })
     ));
 

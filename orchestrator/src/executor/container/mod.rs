@@ -1,0 +1,1538 @@
+//! The container executor: one fresh, hardened container per run, through the Docker Engine API
+//! ([bollard]; no `docker` CLI).
+//!
+//! See the [module documentation](super) for the behaviour shared by all executors, and
+//! `docs/containers.md` for the operator's view (default images, own images, limits, reaping).
+//! Specific to this one:
+//!
+//! * **Images.** Each runtime has a default image configured on the worker
+//!   ([`ContainerConfig::default_images`]; `deploy/images/build` builds `baton/runtime:*`);
+//!   [`RunSpec::image`] overrides it for one run (unless
+//!   [`ContainerConfig::allow_image_override`] is off). [`PullPolicy`] says when the image is
+//!   pulled. An image that is missing and cannot be pulled fails the run with
+//!   [`ExecError::StartFailed`] naming the image.
+//! * **Files, without a shared file system.** Each container gets an anonymous volume at
+//!   [`MOUNT_DIR`] (`/baton`), filled *before* start through the archive API: the script
+//!   (`/baton/script.*`, read-only), the runtime helpers (`/baton/helpers`, from
+//!   [`RunSpec::helpers_dir`] or the copies embedded in the worker), a copy of
+//!   [`RunSpec::run_dir`] at `/baton/run` (owned by the run's user, so the helpers can write
+//!   `out/`) and the working directory `/baton/work`. After the run, `/baton/run/out` is
+//!   downloaded through the archive API and unpacked into the local `run_dir/out/`, so the
+//!   worker collects `output.json`, `condition` and `vars/` exactly as from a local run. The
+//!   engine never needs to see the worker's file system: a worker in a container talking to a
+//!   remote engine works. [`RunSpec::workdir`] (a worker path) is ignored.
+//! * **Environment.** `PATH` (a standard one, helpers first), `HOME=/baton/work`,
+//!   `LANG=C.UTF-8`, `TMPDIR=/tmp`, `PYTHONUNBUFFERED=1`, then [`RunSpec::env`], then
+//!   `BATON_JOB_ID`, `BATON_DIR=/baton/run` (when there is a run directory) and
+//!   `BATON_HELPERS=/baton/helpers`, which is also prepended to `PATH`, `PYTHONPATH` and
+//!   `NODE_PATH`. Nothing from the worker's own environment reaches the container.
+//! * **Hardened by default.** Runs as [`ContainerConfig::user`] (`10001:10001`), with every
+//!   capability dropped, `no-new-privileges`, a read-only root file system (the volume and a
+//!   `/tmp` tmpfs are the only writable places), memory (swap disabled), CPU and pids limits
+//!   ([`ResourceLimits`]: defaults 512 MiB, 1 CPU, 256 processes, 64 MiB `/tmp`), network
+//!   mode `none` unless [`RunSpec::network`], no log driver (output is streamed through the
+//!   attach connection only) and a small init process (`docker-init`) as PID 1, which forwards
+//!   signals and reaps zombies. Per-run limits ([`RunSpec::limits`]) are checked against
+//!   [`ContainerConfig::maximums`]; a run asking for more fails with
+//!   [`ExecError::InvalidSpec`].
+//! * **Streaming.** The executor attaches to the container *before* starting it, so no output
+//!   is lost; stdout and stderr come multiplexed on one connection, so their interleaving is
+//!   preserved. When the events channel is full the executor stops reading, and the engine
+//!   blocks the container's writes (back-pressure as for a pipe).
+//! * **Exit.** The exit code comes from the engine's wait endpoint. When the engine reports
+//!   `OOMKilled` and the run did not exit 0, the outcome carries [`ExecError::OutOfMemory`]
+//!   (a script error naming the limit) rather than a bare 137. Timeout and cancellation send
+//!   `SIGTERM`, then `SIGKILL` after [`RunSpec::kill_grace`]; the outcome then reports the
+//!   signal (`128 + n` exit codes of the init process are mapped back to the signal). A plain
+//!   exit code above 128 of a run that was not stopped is reported as an exit code (the
+//!   engine cannot tell `exit 137` from a `SIGKILL`).
+//! * **Start failures.** Engine errors before the container runs (pull, create, upload,
+//!   attach, start) are [`ExecError::StartFailed`]. An interpreter or program that does not
+//!   exist in the image is detected from the init process's `exec … failed` message; for
+//!   `exec`, an exit code of 126/127 within [`ContainerConfig::startup_window`] is also a start
+//!   failure, as for the local executor.
+//! * **Clean-up and orphans.** Every container is labelled [`LABEL_WORKER`] (the worker id),
+//!   [`LABEL_JOB`] (the job id) and [`LABEL_MANAGED`], and is removed with its volume when the
+//!   run ends, whatever the outcome (also when the run's future is dropped: the removal is then
+//!   spawned). [`ContainerExecutor::reap_orphans`] removes this worker's containers that no
+//!   live run owns (left by a crash); [`ContainerExecutor::spawn_reaper`] does it at once and
+//!   then periodically. Containers of other workers are never touched.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use baton_worker::executor::{ContainerConfig, ContainerExecutor, RunSpec, Runtime, run_collect};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let executor = Arc::new(ContainerExecutor::connect(ContainerConfig::new("worker-1")).await?);
+//! let _reaper = executor.spawn_reaper(Duration::from_secs(300), CancellationToken::new());
+//! let spec = RunSpec::script(Runtime::Python, "print('hello from a container')");
+//! let (outcome, _events) = run_collect(executor.as_ref(), spec, CancellationToken::new()).await;
+//! assert!(outcome.succeeded());
+//! # Ok(())
+//! # }
+//! ```
+
+mod files;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::container::LogOutput;
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, Mount, MountType};
+use bollard::query_parameters::{
+    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
+    DownloadFromContainerOptionsBuilder, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
+    RemoveContainerOptionsBuilder, UploadToContainerOptionsBuilder, WaitContainerOptionsBuilder,
+};
+use futures::future::BoxFuture;
+use futures::{Stream, StreamExt as _};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub use super::spec::ResourceLimits;
+
+use super::local::FALLBACK_PATH;
+use super::output::{DEFAULT_MAX_LINE_BYTES, LineSink, LineSplitter, finish_chunk, push_chunk};
+use super::{
+    ExecError, ExecEvent, Executor, OutputStream, RunOutcome, RunSpec, Runtime, http,
+    sleep_until_opt,
+};
+use files::Owner;
+
+/// Label carrying the id of the worker that owns a container.
+pub const LABEL_WORKER: &str = "baton.worker_id";
+/// Label carrying the job id of the run a container belongs to.
+pub const LABEL_JOB: &str = "baton.job_id";
+/// Label `"true"` on every container made by this executor.
+pub const LABEL_MANAGED: &str = "baton.managed";
+
+/// Where the run's volume is mounted in the container.
+pub const MOUNT_DIR: &str = "/baton";
+/// The working directory of a run (in the volume, writable by the run's user; also `HOME`).
+pub const WORK_DIR: &str = "/baton/work";
+/// `$BATON_DIR` in the container (a copy of [`RunSpec::run_dir`]).
+pub const RUN_DIR: &str = "/baton/run";
+/// `$BATON_HELPERS` in the container (`baton.sh`, `baton.py`, `baton.js`).
+pub const HELPERS_DIR: &str = "/baton/helpers";
+
+/// Image repository built by `deploy/images/build`; the default image of runtime `r` is
+/// `baton/runtime:r`.
+pub const DEFAULT_IMAGE_REPO: &str = "baton/runtime";
+/// Default user of the runs (the `baton` user of the default image).
+pub const DEFAULT_USER: &str = "10001:10001";
+
+/// Number of stderr lines kept for start-failure messages.
+const STDERR_TAIL_LINES: usize = 5;
+
+/// When the image of a run is pulled from its registry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PullPolicy {
+    /// Pull only when the engine does not have the image (the default).
+    #[default]
+    IfNotPresent,
+    /// Pull before every run (a failed pull fails the run).
+    Always,
+    /// Never pull: a missing image fails the run.
+    Never,
+}
+
+impl PullPolicy {
+    /// `if-not-present`, `always` or `never`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::IfNotPresent => "if-not-present",
+            PullPolicy::Always => "always",
+            PullPolicy::Never => "never",
+        }
+    }
+}
+
+impl fmt::Display for PullPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for PullPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "if-not-present" | "ifnotpresent" | "missing" => Ok(PullPolicy::IfNotPresent),
+            "always" => Ok(PullPolicy::Always),
+            "never" => Ok(PullPolicy::Never),
+            _ => Err(format!(
+                "unknown pull policy `{s}` (expected if-not-present, always or never)"
+            )),
+        }
+    }
+}
+
+/// Configuration of a [`ContainerExecutor`]. Start from [`ContainerConfig::new`].
+#[derive(Debug, Clone)]
+pub struct ContainerConfig {
+    /// Put on every container as [`LABEL_WORKER`]; reaping only ever touches containers with
+    /// this id. It must be unique among the workers sharing an engine, and stable across
+    /// restarts of the same worker (its configured name, or an id it persists) for the
+    /// containers left by a crash to be reaped by its next start.
+    pub worker_id: String,
+    /// Engine address (`unix:///var/run/docker.sock`, `tcp://host:2375`, `http://…`); `None`:
+    /// `DOCKER_HOST`, else the local socket.
+    pub docker_host: Option<String>,
+    /// Image of each runtime (`bash`, `sh`, `python`, `node`, `exec`). A runtime without an
+    /// entry can still run with [`RunSpec::image`].
+    pub default_images: BTreeMap<Runtime, String>,
+    /// When images are pulled.
+    pub pull_policy: PullPolicy,
+    /// Limits of a run that asks for none; every field should be set (an unset field falls
+    /// back to the built-in default: 512 MiB, 1 CPU, 256 processes, 64 MiB `/tmp`).
+    pub defaults: ResourceLimits,
+    /// Highest limits a run may ask for (unset field: no maximum). The defaults must be within.
+    pub maximums: ResourceLimits,
+    /// User the runs are started as: numeric `UID:GID` (or `UID`, meaning `UID:UID`).
+    pub user: String,
+    /// Whether a run may ask for a network ([`RunSpec::network`]).
+    pub allow_network: bool,
+    /// Network mode of a run that asks for one (`bridge`, or a user-defined network's name).
+    pub network_mode: String,
+    /// Whether a run may choose its image ([`RunSpec::image`]).
+    pub allow_image_override: bool,
+    /// Run `docker-init` as PID 1 (signal forwarding, zombie reaping). Turn off only for an
+    /// engine without `docker-init`.
+    pub init: bool,
+    /// Interpreter for `bash` scripts, inside the image.
+    pub bash: String,
+    /// Interpreter for `sh` scripts.
+    pub sh: String,
+    /// Interpreter for `python` scripts.
+    pub python: String,
+    /// Interpreter for `node` scripts.
+    pub node: String,
+    /// For `exec` runs, an exit code 126/127 within this window counts as a start failure.
+    pub startup_window: Duration,
+    /// Longest emitted output line in bytes; longer lines are split.
+    pub max_line_bytes: usize,
+    /// After the container exited, stop reading output that stays silent this long.
+    pub drain_idle: Duration,
+    /// After the container exited, stop reading output after this long in any case.
+    pub drain_max: Duration,
+    /// Most bytes downloaded from the run's `out/` directory (tar). Keep it well above twice
+    /// the worker's output limit: past it the download is cut, and what was cut is then also
+    /// over the worker's limit and reported by it.
+    pub max_collect_bytes: u64,
+    /// Timeout of one Engine API request (not of a run).
+    pub api_timeout: Duration,
+    /// Longest time a pull may take.
+    pub pull_timeout: Duration,
+}
+
+impl ContainerConfig {
+    /// The defaults, for a worker with id `worker_id`: images `baton/runtime:<runtime>`,
+    /// `if-not-present`, user `10001:10001`, 512 MiB / 1 CPU / 256 pids / 64 MiB `/tmp` by
+    /// default and at most 8 GiB / 4 CPUs / 4096 pids / 1 GiB `/tmp`, network allowed on
+    /// request (bridge), image overrides allowed.
+    pub fn new(worker_id: impl Into<String>) -> Self {
+        ContainerConfig {
+            worker_id: worker_id.into(),
+            docker_host: None,
+            default_images: Self::images_from_repo(DEFAULT_IMAGE_REPO),
+            pull_policy: PullPolicy::IfNotPresent,
+            defaults: ResourceLimits {
+                memory_mib: Some(512),
+                cpus: Some(1.0),
+                pids: Some(256),
+                tmp_mib: Some(64),
+            },
+            maximums: ResourceLimits {
+                memory_mib: Some(8192),
+                cpus: Some(4.0),
+                pids: Some(4096),
+                tmp_mib: Some(1024),
+            },
+            user: DEFAULT_USER.to_owned(),
+            allow_network: true,
+            network_mode: "bridge".to_owned(),
+            allow_image_override: true,
+            init: true,
+            bash: "bash".to_owned(),
+            sh: "sh".to_owned(),
+            python: "python3".to_owned(),
+            node: "node".to_owned(),
+            startup_window: Duration::from_millis(500),
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
+            drain_idle: Duration::from_secs(2),
+            drain_max: Duration::from_secs(10),
+            max_collect_bytes: 64 * 1024 * 1024,
+            api_timeout: Duration::from_secs(120),
+            pull_timeout: Duration::from_secs(600),
+        }
+    }
+
+    /// `repo:bash`, `repo:sh`, `repo:python`, `repo:node` and `repo:exec` (the tags
+    /// `deploy/images/build --repo repo` makes).
+    pub fn images_from_repo(repo: &str) -> BTreeMap<Runtime, String> {
+        Runtime::ALL
+            .into_iter()
+            .filter(|r| *r != Runtime::Http)
+            .map(|r| (r, format!("{repo}:{r}")))
+            .collect()
+    }
+
+    /// The checked numeric user.
+    fn owner(&self) -> Result<Owner, String> {
+        let parse = |s: &str| {
+            s.trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|&n| n < u64::from(u32::MAX))
+        };
+        let (uid, gid) = match self.user.split_once(':') {
+            Some((u, g)) => (parse(u), parse(g)),
+            None => {
+                let u = parse(&self.user);
+                (u, u)
+            }
+        };
+        match (uid, gid) {
+            (Some(uid), Some(gid)) => Ok(Owner { uid, gid }),
+            _ => Err(format!(
+                "container user `{}` must be numeric, `UID:GID` or `UID`",
+                self.user
+            )),
+        }
+    }
+
+    fn validate(&self) -> Result<Owner, String> {
+        if self.worker_id.trim().is_empty() {
+            return Err("the worker id must not be empty".to_owned());
+        }
+        let owner = self.owner()?;
+        for (runtime, image) in &self.default_images {
+            check_image_name(image).map_err(|e| format!("default image of {runtime}: {e}"))?;
+        }
+        let defaults = Effective::resolve(None, &self.defaults);
+        defaults
+            .check(&self.maximums)
+            .map_err(|e| format!("the default limits are not within the maximums: {e}"))?;
+        if self.network_mode.trim().is_empty() || self.network_mode == "none" {
+            return Err(format!(
+                "network mode `{}` cannot give a run a network",
+                self.network_mode
+            ));
+        }
+        Ok(owner)
+    }
+}
+
+/// A container of this worker, as listed by [`ContainerExecutor::containers`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerInfo {
+    /// Engine id.
+    pub id: String,
+    /// Name, without the leading `/`.
+    pub name: String,
+    /// The [`LABEL_JOB`] label, when it is a UUID.
+    pub job_id: Option<Uuid>,
+    /// Engine state (`created`, `running`, `exited`, …).
+    pub state: String,
+}
+
+/// Runs jobs in containers. See the [module documentation](self).
+pub struct ContainerExecutor {
+    docker: Docker,
+    config: ContainerConfig,
+    owner: Owner,
+    engine: String,
+    /// Containers of runs in progress: name → job id. Never reaped.
+    live: Arc<Mutex<HashMap<String, Uuid>>>,
+    http: std::sync::OnceLock<Result<reqwest::Client, ExecError>>,
+}
+
+impl fmt::Debug for ContainerExecutor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ContainerExecutor")
+            .field("engine", &self.engine)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ContainerExecutor {
+    /// Checks `config`, connects to the engine and negotiates the API version. Fails with
+    /// [`ExecError::StartFailed`] when the configuration is invalid or no engine answers.
+    pub async fn connect(config: ContainerConfig) -> Result<Self, ExecError> {
+        let owner = config
+            .validate()
+            .map_err(|e| ExecError::start_failed(format!("container executor: {e}")))?;
+        let host = config
+            .docker_host
+            .clone()
+            .or_else(|| std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty()));
+        let engine = host
+            .clone()
+            .unwrap_or_else(|| "unix:///var/run/docker.sock".to_owned());
+        let no_engine = |e: &dyn fmt::Display| {
+            ExecError::start_failed(format!(
+                "container executor: no Docker engine answers at {engine}: {e}"
+            ))
+        };
+        let docker = match &host {
+            Some(h) => Docker::connect_with_host(h),
+            None => Docker::connect_with_local_defaults(),
+        }
+        .map_err(|e| no_engine(&e))?
+        .with_timeout(config.api_timeout);
+        let docker = tokio::time::timeout(
+            config.api_timeout.min(Duration::from_secs(30)),
+            docker.negotiate_version(),
+        )
+        .await
+        .map_err(|_| no_engine(&"no answer to GET /version"))?
+        .map_err(|e| no_engine(&e))?;
+        tracing::debug!(%engine, api = ?docker.client_version(), "container executor connected");
+        Ok(ContainerExecutor {
+            docker,
+            config,
+            owner,
+            engine,
+            live: Arc::new(Mutex::new(HashMap::new())),
+            http: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ContainerConfig {
+        &self.config
+    }
+
+    /// Makes sure the engine has `image`, pulling it as the pull policy says. The error names
+    /// the image ([`ExecError::StartFailed`]). Workers may call it at start for their default
+    /// images, to fail early.
+    pub async fn ensure_image(&self, image: &str) -> Result<(), ExecError> {
+        check_image_name(image).map_err(ExecError::invalid_spec)?;
+        let present = match self.docker.inspect_image(image).await {
+            Ok(_) => true,
+            Err(e) if is_not_found(&e) => false,
+            Err(e) => {
+                return Err(ExecError::start_failed(format!(
+                    "cannot inspect image `{image}`: {}",
+                    engine_message(&e)
+                )));
+            }
+        };
+        let pull = match self.config.pull_policy {
+            PullPolicy::Never if !present => {
+                return Err(ExecError::start_failed(format!(
+                    "image `{image}` is not present on the engine and the pull policy is `never`"
+                )));
+            }
+            PullPolicy::Never => false,
+            PullPolicy::IfNotPresent => !present,
+            PullPolicy::Always => true,
+        };
+        if pull {
+            let pulled = tokio::time::timeout(self.config.pull_timeout, self.pull(image)).await;
+            let reason = match pulled {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(reason)) => reason,
+                Err(_) => format!("no result within {:?}", self.config.pull_timeout),
+            };
+            let what = if present {
+                "could not be pulled (pull policy `always`)"
+            } else {
+                "is not present on the engine and could not be pulled"
+            };
+            return Err(ExecError::start_failed(format!(
+                "image `{image}` {what}: {reason}"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn pull(&self, image: &str) -> Result<(), String> {
+        let (from, tag) = split_image_ref(image);
+        let mut options = CreateImageOptionsBuilder::new().from_image(&from);
+        if let Some(tag) = &tag {
+            options = options.tag(tag);
+        }
+        tracing::info!(image, "pulling image");
+        let mut progress = self.docker.create_image(Some(options.build()), None, None);
+        while let Some(item) = progress.next().await {
+            item.map_err(|e| engine_message(&e))?;
+        }
+        // A pull that "succeeded" without the image would fail later at create: check now.
+        self.docker
+            .inspect_image(image)
+            .await
+            .map(|_| ())
+            .map_err(|e| engine_message(&e))
+    }
+
+    /// This worker's containers (label [`LABEL_WORKER`] = the worker id), in any state.
+    pub async fn containers(&self) -> Result<Vec<ContainerInfo>, ExecError> {
+        let mut filters = HashMap::new();
+        filters.insert(
+            "label",
+            vec![format!("{LABEL_WORKER}={}", self.config.worker_id)],
+        );
+        let options = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let list = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| engine_io("listing containers", &e))?;
+        Ok(list
+            .into_iter()
+            .filter_map(|c| {
+                let labels = c.labels.unwrap_or_default();
+                // The engine filtered already; check again, so that a filter the engine
+                // ignored can never make us touch another worker's container.
+                if labels.get(LABEL_WORKER) != Some(&self.config.worker_id) {
+                    return None;
+                }
+                Some(ContainerInfo {
+                    id: c.id?,
+                    name: c
+                        .names
+                        .and_then(|n| n.into_iter().next())
+                        .map(|n| n.trim_start_matches('/').to_owned())
+                        .unwrap_or_default(),
+                    job_id: labels.get(LABEL_JOB).and_then(|j| Uuid::parse_str(j).ok()),
+                    state: c.state.map(|s| s.to_string()).unwrap_or_default(),
+                })
+            })
+            .collect())
+    }
+
+    /// Removes (with their volumes) this worker's containers that no live run owns: neither a
+    /// run of this executor in progress nor a job in `live_job_ids`. Containers of other
+    /// workers are never touched. Returns how many were removed.
+    pub async fn reap_orphans(&self, live_job_ids: &HashSet<Uuid>) -> Result<usize, ExecError> {
+        let containers = self.containers().await?;
+        let mut removed = 0;
+        for c in containers {
+            let live = self
+                .live
+                .lock()
+                .map(|live| live.contains_key(&c.name))
+                .unwrap_or(true);
+            if live || c.job_id.is_some_and(|j| live_job_ids.contains(&j)) {
+                continue;
+            }
+            match self.remove(&c.id).await {
+                Ok(()) => {
+                    tracing::info!(container = %c.name, job.id = ?c.job_id, state = %c.state,
+                        "removed an orphaned container");
+                    removed += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(container = %c.name, error = %e, "cannot remove an orphaned container");
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Reaps orphans ([`reap_orphans`](Self::reap_orphans), with only this executor's runs as
+    /// live) now and then every `interval`, until `cancel` fires.
+    pub fn spawn_reaper(
+        self: &Arc<Self>,
+        interval: Duration,
+        cancel: CancellationToken,
+    ) -> JoinHandle<()> {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = this.reap_orphans(&HashSet::new()).await {
+                    tracing::warn!(error = %e, "reaping orphaned containers failed");
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+            }
+        })
+    }
+
+    async fn remove(&self, container: &str) -> Result<(), String> {
+        let options = RemoveContainerOptionsBuilder::new()
+            .force(true)
+            .v(true)
+            .build();
+        match self.docker.remove_container(container, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(engine_message(&e)),
+        }
+    }
+
+    fn http_client(&self) -> Result<&reqwest::Client, ExecError> {
+        self.http
+            .get_or_init(http::default_client)
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    async fn run_spec(
+        &self,
+        spec: RunSpec,
+        events: mpsc::Sender<ExecEvent>,
+        cancel: CancellationToken,
+    ) -> RunOutcome {
+        if spec.runtime == Runtime::Http {
+            return match self.http_client() {
+                Ok(client) => {
+                    http::run_http(client, &spec, &events, &cancel, self.config.max_line_bytes)
+                        .await
+                }
+                Err(e) => RunOutcome::from_error(e, Duration::ZERO),
+            };
+        }
+        let started = Instant::now();
+        let plan = match self.plan(&spec) {
+            Ok(plan) => plan,
+            Err(e) => return RunOutcome::from_error(e, started.elapsed()),
+        };
+        let ready = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => Err(ExecError::Cancelled),
+            r = self.ensure_image(&plan.image) => r,
+        };
+        if let Err(e) = ready {
+            return RunOutcome::from_error(e, started.elapsed());
+        }
+        let archive = match files::upload_archive(&spec, plan.script(), self.owner) {
+            Ok(a) => a,
+            Err(e) => return RunOutcome::from_error(e, started.elapsed()),
+        };
+        let name = format!(
+            "baton-{}-{:08x}",
+            spec.job_id.simple(),
+            rand::random::<u32>()
+        );
+        let mut guard = ContainerGuard::new(self, name.clone(), spec.job_id);
+        let mut outcome = self
+            .run_container(&spec, &plan, archive, &name, &events, &cancel, started)
+            .await;
+        if let Err(e) = self.remove(&name).await {
+            tracing::warn!(container = %name, error = %e,
+                "cannot remove the container of a finished run (the reaper will retry)");
+        } else {
+            guard.disarm();
+        }
+        outcome.duration = started.elapsed();
+        tracing::debug!(job.id = %spec.job_id, container = %name, summary = %outcome.summary(),
+            "container run ended");
+        outcome
+    }
+
+    /// Create, upload, attach, start, supervise, collect. The caller removes the container.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_container(
+        &self,
+        spec: &RunSpec,
+        plan: &Plan,
+        archive: Vec<u8>,
+        name: &str,
+        events: &mpsc::Sender<ExecEvent>,
+        cancel: &CancellationToken,
+        started: Instant,
+    ) -> RunOutcome {
+        let fail = |e: ExecError| RunOutcome::from_error(e, started.elapsed());
+        let create = CreateContainerOptionsBuilder::new().name(name).build();
+        if let Err(e) = self
+            .docker
+            .create_container(Some(create), self.container_body(plan))
+            .await
+        {
+            return fail(ExecError::start_failed(format!(
+                "cannot create a container from image `{}`: {}",
+                plan.image,
+                engine_message(&e)
+            )));
+        }
+        let upload = UploadToContainerOptionsBuilder::new()
+            .path(MOUNT_DIR)
+            .build();
+        if let Err(e) = self
+            .docker
+            .upload_to_container(name, Some(upload), bollard::body_full(archive.into()))
+            .await
+        {
+            return fail(ExecError::start_failed(format!(
+                "cannot upload the run's files into the container: {}",
+                engine_message(&e)
+            )));
+        }
+        let attach = AttachContainerOptionsBuilder::new()
+            .stream(true)
+            .stdout(true)
+            .stderr(true)
+            .logs(false)
+            .build();
+        let output = match self.docker.attach_container(name, Some(attach)).await {
+            Ok(a) => a.output,
+            Err(e) => {
+                return fail(ExecError::start_failed(format!(
+                    "cannot attach to the container: {}",
+                    engine_message(&e)
+                )));
+            }
+        };
+        if cancel.is_cancelled() {
+            return fail(ExecError::Cancelled);
+        }
+        if let Err(e) = self.docker.start_container(name, None).await {
+            return fail(ExecError::start_failed(format!(
+                "cannot start the container (image `{}`): {}",
+                plan.image,
+                engine_message(&e)
+            )));
+        }
+        let run_started = Instant::now();
+        tracing::debug!(job.id = %spec.job_id, container = %name, image = %plan.image,
+            runtime = %spec.runtime, "container run started");
+        // Receiver gone is fine: the run goes on, output is discarded.
+        let _ = events.send(ExecEvent::Started { pid: None }).await;
+
+        let (exit_tx, exit_rx) = watch::channel(None::<Instant>);
+        let supervise = async {
+            let wait = self.wait_exit(name);
+            tokio::pin!(wait);
+            let deadline = run_started.checked_add(spec.timeout);
+            let first = tokio::select! {
+                biased;
+                r = &mut wait => Ok(r),
+                _ = cancel.cancelled() => Err(Stop::Cancelled),
+                _ = sleep_until_opt(deadline) => Err(Stop::TimedOut),
+            };
+            let (exit, stop) = match first {
+                Ok(r) => (r, None),
+                Err(stop) => {
+                    tracing::debug!(job.id = %spec.job_id, container = %name, ?stop, "stopping container run");
+                    self.signal(name, "SIGTERM").await;
+                    let r = match tokio::time::timeout(spec.kill_grace, &mut wait).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            self.signal(name, "SIGKILL").await;
+                            tokio::time::timeout(self.config.api_timeout, &mut wait)
+                                .await
+                                .unwrap_or_else(|_| {
+                                    Err("the container did not stop after SIGKILL".to_owned())
+                                })
+                        }
+                    };
+                    (r, Some(stop))
+                }
+            };
+            let exited = Instant::now();
+            let _ = exit_tx.send(Some(exited));
+            (exit, stop, exited)
+        };
+        let ((exit, stop, exited), report) = tokio::join!(
+            supervise,
+            pump_attach(
+                output,
+                events,
+                exit_rx,
+                self.config.drain_idle,
+                self.config.drain_max,
+                self.config.max_line_bytes,
+            )
+        );
+
+        let mut outcome = RunOutcome::default();
+        // The engine's record of the exit: OOMKilled, and the code if the wait failed.
+        let state = self
+            .docker
+            .inspect_container(name, None)
+            .await
+            .ok()
+            .and_then(|c| c.state);
+        let oom = state.as_ref().and_then(|s| s.oom_killed).unwrap_or(false);
+        let code = match exit {
+            Ok(code) => Some(code),
+            Err(e) => {
+                let code = state
+                    .as_ref()
+                    .filter(|s| s.running != Some(true))
+                    .and_then(|s| s.exit_code);
+                if code.is_none() {
+                    outcome.error = Some(ExecError::io(
+                        "waiting for the container",
+                        std::io::Error::other(e),
+                    ));
+                }
+                code
+            }
+        };
+        let code = code.map(|c| i32::try_from(c).unwrap_or(i32::MAX));
+        match (stop, code) {
+            (Some(_), Some(c)) if (129..=192).contains(&c) => outcome.signal = Some(c - 128),
+            _ => outcome.exit_code = code,
+        }
+        match stop {
+            Some(Stop::Cancelled) => {
+                outcome.cancelled = true;
+                outcome.error = Some(ExecError::Cancelled);
+            }
+            Some(Stop::TimedOut) => {
+                outcome.timed_out = true;
+                outcome.error = Some(ExecError::TimedOut {
+                    after: spec.timeout,
+                });
+            }
+            None => {
+                if let Some(reason) =
+                    self.start_failure(spec, plan, code, exited - run_started, &report.tail)
+                {
+                    outcome.error = Some(ExecError::StartFailed { reason });
+                } else if oom && code != Some(0) {
+                    outcome.error = Some(ExecError::OutOfMemory {
+                        limit_mib: Some(plan.limits.memory_mib),
+                    });
+                } else if oom {
+                    tracing::warn!(job.id = %spec.job_id,
+                        "a process of the run was killed by the out-of-memory killer, but the run exited 0");
+                }
+            }
+        }
+        if report.abandoned {
+            tracing::warn!(job.id = %spec.job_id, container = %name,
+                "stopped reading output: the attach stream stayed open after the container exited");
+        }
+        if let Some(e) = report.error
+            && outcome.error.is_none()
+        {
+            outcome.error = Some(ExecError::io(
+                "reading the container's output",
+                std::io::Error::other(e),
+            ));
+        }
+        if let Some(run_dir) = &spec.run_dir
+            && let Err(e) = self.collect_out(name, &run_dir.join("out")).await
+            && outcome.error.is_none()
+        {
+            outcome.error = Some(e);
+        }
+        outcome
+    }
+
+    /// Downloads `/baton/run/out` and unpacks it into `dest`.
+    async fn collect_out(&self, container: &str, dest: &std::path::Path) -> Result<(), ExecError> {
+        let options = DownloadFromContainerOptionsBuilder::new()
+            .path(&format!("{RUN_DIR}/out"))
+            .build();
+        let mut stream = self
+            .docker
+            .download_from_container(container, Some(options));
+        let cap = usize::try_from(self.config.max_collect_bytes).unwrap_or(usize::MAX);
+        let mut archive = Vec::new();
+        let mut truncated = false;
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(bytes) => {
+                    let room = cap.saturating_sub(archive.len());
+                    if bytes.len() > room {
+                        archive.extend_from_slice(&bytes[..room]);
+                        truncated = true;
+                        break;
+                    }
+                    archive.extend_from_slice(&bytes);
+                }
+                // No out/ directory: the run wrote nothing.
+                Err(e) if is_not_found(&e) => return Ok(()),
+                Err(e) => {
+                    return Err(engine_io(
+                        format!("downloading {RUN_DIR}/out from the container"),
+                        &e,
+                    ));
+                }
+            }
+        }
+        drop(stream);
+        if truncated {
+            tracing::warn!(
+                container,
+                cap,
+                "the run's out/ directory is larger than the collection cap; it was cut"
+            );
+        }
+        let dest = dest.to_path_buf();
+        let unpacked =
+            tokio::task::spawn_blocking(move || files::unpack_out(&archive, &dest, truncated))
+                .await
+                .map_err(|e| {
+                    ExecError::io(
+                        "unpacking the run's out/ directory",
+                        std::io::Error::other(e),
+                    )
+                })?
+                .map_err(|e| ExecError::io("unpacking the run's out/ directory", e))?;
+        if unpacked.skipped > 0 {
+            tracing::debug!(
+                container,
+                skipped = unpacked.skipped,
+                "entries of out/ skipped (links, special files)"
+            );
+        }
+        Ok(())
+    }
+
+    async fn wait_exit(&self, container: &str) -> Result<i64, String> {
+        let options = WaitContainerOptionsBuilder::new()
+            .condition("not-running")
+            .build();
+        let mut wait = self.docker.wait_container(container, Some(options));
+        match wait.next().await {
+            Some(Ok(r)) => Ok(r.status_code),
+            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
+            Some(Err(e)) => Err(engine_message(&e)),
+            None => Err("the engine ended the wait request without an exit status".to_owned()),
+        }
+    }
+
+    async fn signal(&self, container: &str, signal: &str) {
+        let options = KillContainerOptionsBuilder::new().signal(signal).build();
+        match self.docker.kill_container(container, Some(options)).await {
+            Ok(()) => {}
+            // Not running any more (409) or gone (404): nothing to signal.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404 | 409,
+                ..
+            }) => {}
+            Err(e) => {
+                tracing::warn!(container, signal, error = %engine_message(&e), "cannot signal the container")
+            }
+        }
+    }
+
+    /// Start failures detected after the fact: the init process could not exec the command, or
+    /// (for `exec`) 126/127 right after start.
+    fn start_failure(
+        &self,
+        spec: &RunSpec,
+        plan: &Plan,
+        code: Option<i32>,
+        ran_for: Duration,
+        stderr_tail: &[String],
+    ) -> Option<String> {
+        let code = code?;
+        if code != 126 && code != 127 {
+            return None;
+        }
+        let program = plan.cmd.first().map(String::as_str).unwrap_or_default();
+        if let Some(line) = stderr_tail
+            .iter()
+            .find(|l| l.contains("[FATAL tini") && l.contains("exec"))
+        {
+            return Some(format!(
+                "cannot run `{program}` in image `{}`: {}",
+                plan.image,
+                line.trim()
+            ));
+        }
+        if spec.runtime != Runtime::Exec || ran_for >= self.config.startup_window {
+            return None;
+        }
+        let what = if code == 126 {
+            "command found but not executable"
+        } else {
+            "command not found"
+        };
+        let mut reason = format!(
+            "`{program}` exited with code {code} within {:?} of starting in image `{}` ({what})",
+            self.config.startup_window, plan.image
+        );
+        if !stderr_tail.is_empty() {
+            reason.push_str(": ");
+            reason.push_str(&stderr_tail.join(" / "));
+        }
+        Some(reason)
+    }
+
+    /// Checks the spec against the configuration and works out image, command, limits, env.
+    fn plan(&self, spec: &RunSpec) -> Result<Plan, ExecError> {
+        let interpreter = match spec.runtime {
+            Runtime::Bash => Some(&self.config.bash),
+            Runtime::Sh => Some(&self.config.sh),
+            Runtime::Python => Some(&self.config.python),
+            Runtime::Node => Some(&self.config.node),
+            Runtime::Exec | Runtime::Http => None,
+        };
+        let (cmd, script) = match (interpreter, spec.runtime.script_file_name()) {
+            (Some(interpreter), Some(file)) => {
+                let Some(content) = &spec.content else {
+                    return Err(ExecError::invalid_spec(format!(
+                        "{} runtime needs script content",
+                        spec.runtime
+                    )));
+                };
+                (
+                    vec![interpreter.clone(), format!("{MOUNT_DIR}/{file}")],
+                    Some((file, content.clone())),
+                )
+            }
+            _ => match spec.command.as_deref() {
+                Some(argv) if argv.first().is_some_and(|p| !p.is_empty()) => {
+                    if argv.iter().any(|a| a.contains('\0')) {
+                        return Err(ExecError::invalid_spec("command contains a NUL byte"));
+                    }
+                    (argv.to_vec(), None)
+                }
+                _ => {
+                    return Err(ExecError::invalid_spec(
+                        "exec runtime needs a non-empty command",
+                    ));
+                }
+            },
+        };
+        let image = match &spec.image {
+            Some(image) if !self.config.allow_image_override => {
+                return Err(ExecError::invalid_spec(format!(
+                    "this worker does not allow runs to choose their image (asked for `{image}`)"
+                )));
+            }
+            Some(image) => image.clone(),
+            None => self
+                .config
+                .default_images
+                .get(&spec.runtime)
+                .cloned()
+                .ok_or_else(|| {
+                    ExecError::invalid_spec(format!(
+                        "this worker has no default image for the {} runtime: the event must name an image",
+                        spec.runtime
+                    ))
+                })?,
+        };
+        check_image_name(&image).map_err(ExecError::invalid_spec)?;
+        if spec.network && !self.config.allow_network {
+            return Err(ExecError::invalid_spec(
+                "this worker does not give runs a network (the event asks for `\"network\": true`)",
+            ));
+        }
+        let limits = Effective::resolve(spec.limits.as_ref(), &self.config.defaults);
+        limits
+            .check(&self.config.maximums)
+            .map_err(ExecError::invalid_spec)?;
+        let env = self.environment(spec)?;
+        let mut labels: HashMap<String, String> = spec
+            .labels
+            .iter()
+            .filter(|(k, _)| !k.is_empty())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        labels.insert(LABEL_WORKER.to_owned(), self.config.worker_id.clone());
+        labels.insert(LABEL_JOB.to_owned(), spec.job_id.to_string());
+        labels.insert(LABEL_MANAGED.to_owned(), "true".to_owned());
+        Ok(Plan {
+            image,
+            cmd,
+            script,
+            limits,
+            env,
+            labels,
+            network_mode: if spec.network {
+                self.config.network_mode.clone()
+            } else {
+                "none".to_owned()
+            },
+        })
+    }
+
+    fn environment(&self, spec: &RunSpec) -> Result<Vec<String>, ExecError> {
+        let mut env: BTreeMap<String, String> = BTreeMap::new();
+        env.insert("PATH".into(), FALLBACK_PATH.into());
+        env.insert("HOME".into(), WORK_DIR.into());
+        env.insert("LANG".into(), "C.UTF-8".into());
+        env.insert("TMPDIR".into(), "/tmp".into());
+        env.insert("PYTHONUNBUFFERED".into(), "1".into());
+        for (key, value) in &spec.env {
+            if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') {
+                return Err(ExecError::invalid_spec(format!(
+                    "invalid environment variable `{}`",
+                    key.escape_debug()
+                )));
+            }
+            env.insert(key.clone(), value.clone());
+        }
+        env.insert("BATON_JOB_ID".into(), spec.job_id.to_string());
+        if spec.run_dir.is_some() {
+            env.insert("BATON_DIR".into(), RUN_DIR.into());
+        }
+        env.insert("BATON_HELPERS".into(), HELPERS_DIR.into());
+        for var in ["PATH", "PYTHONPATH", "NODE_PATH"] {
+            let value = match env.get(var).filter(|v| !v.is_empty()) {
+                Some(old) => format!("{HELPERS_DIR}:{old}"),
+                None => HELPERS_DIR.to_owned(),
+            };
+            env.insert(var.into(), value);
+        }
+        Ok(env.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
+    }
+
+    fn container_body(&self, plan: &Plan) -> ContainerCreateBody {
+        let limits = plan.limits;
+        let memory =
+            i64::try_from(limits.memory_mib.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX);
+        let host_config = HostConfig {
+            readonly_rootfs: Some(true),
+            cap_drop: Some(vec!["ALL".to_owned()]),
+            security_opt: Some(vec!["no-new-privileges:true".to_owned()]),
+            privileged: Some(false),
+            pids_limit: Some(i64::try_from(limits.pids).unwrap_or(i64::MAX)),
+            memory: Some(memory),
+            memory_swap: Some(memory),
+            nano_cpus: Some((limits.cpus * 1e9).round() as i64),
+            network_mode: Some(plan.network_mode.clone()),
+            tmpfs: Some(HashMap::from([(
+                "/tmp".to_owned(),
+                format!("rw,nosuid,nodev,size={}m,mode=1777", limits.tmp_mib),
+            )])),
+            mounts: Some(vec![Mount {
+                target: Some(MOUNT_DIR.to_owned()),
+                typ: Some(MountType::VOLUME),
+                read_only: Some(false),
+                ..Mount::default()
+            }]),
+            log_config: Some(HostConfigLogConfig {
+                typ: Some("none".to_owned()),
+                config: None,
+            }),
+            init: Some(self.config.init),
+            ipc_mode: Some("private".to_owned()),
+            auto_remove: Some(false),
+            ..HostConfig::default()
+        };
+        ContainerCreateBody {
+            image: Some(plan.image.clone()),
+            cmd: Some(plan.cmd.clone()),
+            // An image's ENTRYPOINT would wrap our command: clear it.
+            entrypoint: Some(Vec::new()),
+            user: Some(format!("{}:{}", self.owner.uid, self.owner.gid)),
+            working_dir: Some(WORK_DIR.to_owned()),
+            env: Some(plan.env.clone()),
+            labels: Some(plan.labels.clone()),
+            attach_stdin: Some(false),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            open_stdin: Some(false),
+            tty: Some(false),
+            stop_signal: Some("SIGTERM".to_owned()),
+            host_config: Some(host_config),
+            ..ContainerCreateBody::default()
+        }
+    }
+}
+
+impl Executor for ContainerExecutor {
+    fn name(&self) -> &'static str {
+        "container"
+    }
+
+    fn run(
+        &self,
+        spec: RunSpec,
+        events: mpsc::Sender<ExecEvent>,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'_, RunOutcome> {
+        Box::pin(self.run_spec(spec, events, cancel))
+    }
+}
+
+/// Registers a run's container as live and removes it if the run's future is dropped before
+/// the run removed it itself.
+struct ContainerGuard {
+    docker: Docker,
+    live: Arc<Mutex<HashMap<String, Uuid>>>,
+    name: String,
+    armed: bool,
+}
+
+impl ContainerGuard {
+    fn new(executor: &ContainerExecutor, name: String, job_id: Uuid) -> Self {
+        if let Ok(mut live) = executor.live.lock() {
+            live.insert(name.clone(), job_id);
+        }
+        ContainerGuard {
+            docker: executor.docker.clone(),
+            live: Arc::clone(&executor.live),
+            name,
+            armed: true,
+        }
+    }
+
+    /// The container is gone: nothing to do on drop but forget it.
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for ContainerGuard {
+    fn drop(&mut self) {
+        if let Ok(mut live) = self.live.lock() {
+            live.remove(&self.name);
+        }
+        if !self.armed {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(container = %self.name, "cannot remove the container of an abandoned run (no runtime); the reaper will");
+            return;
+        };
+        let docker = self.docker.clone();
+        let name = std::mem::take(&mut self.name);
+        handle.spawn(async move {
+            let options = RemoveContainerOptionsBuilder::new()
+                .force(true)
+                .v(true)
+                .build();
+            match docker.remove_container(&name, Some(options)).await {
+                Ok(()) => {
+                    tracing::debug!(container = %name, "removed the container of an abandoned run")
+                }
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => tracing::warn!(container = %name, error = %engine_message(&e),
+                    "cannot remove the container of an abandoned run; the reaper will"),
+            }
+        });
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    Cancelled,
+    TimedOut,
+}
+
+/// Everything worked out for one run before the container is created.
+#[derive(Debug)]
+struct Plan {
+    image: String,
+    cmd: Vec<String>,
+    script: Option<(&'static str, String)>,
+    limits: Effective,
+    env: Vec<String>,
+    labels: HashMap<String, String>,
+    network_mode: String,
+}
+
+impl Plan {
+    fn script(&self) -> Option<(&str, &str)> {
+        self.script.as_ref().map(|(n, t)| (*n, t.as_str()))
+    }
+}
+
+/// Limits with every value decided.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Effective {
+    memory_mib: u64,
+    cpus: f64,
+    pids: u64,
+    tmp_mib: u64,
+}
+
+impl Effective {
+    const BUILT_IN: Effective = Effective {
+        memory_mib: 512,
+        cpus: 1.0,
+        pids: 256,
+        tmp_mib: 64,
+    };
+
+    fn resolve(asked: Option<&ResourceLimits>, defaults: &ResourceLimits) -> Self {
+        let asked = asked.copied().unwrap_or_default();
+        let b = Self::BUILT_IN;
+        Effective {
+            memory_mib: asked
+                .memory_mib
+                .or(defaults.memory_mib)
+                .unwrap_or(b.memory_mib),
+            cpus: asked.cpus.or(defaults.cpus).unwrap_or(b.cpus),
+            pids: asked.pids.or(defaults.pids).unwrap_or(b.pids),
+            tmp_mib: asked.tmp_mib.or(defaults.tmp_mib).unwrap_or(b.tmp_mib),
+        }
+    }
+
+    fn check(&self, max: &ResourceLimits) -> Result<(), String> {
+        // The engine refuses less than 6 MiB of memory.
+        if self.memory_mib < 6 {
+            return Err(format!(
+                "memory limit {} MiB is below the minimum of 6 MiB",
+                self.memory_mib
+            ));
+        }
+        if !(self.cpus.is_finite() && self.cpus >= 0.01) {
+            return Err(format!(
+                "cpu limit {} is not a positive number of CPUs",
+                self.cpus
+            ));
+        }
+        if self.pids < 1 || self.tmp_mib < 1 {
+            return Err("pids and tmp_mib limits must be at least 1".to_owned());
+        }
+        let over = |what: &str, value: String, max: String| {
+            Err(format!(
+                "{what} {value} is over this worker's maximum of {max}"
+            ))
+        };
+        if let Some(m) = max.memory_mib
+            && self.memory_mib > m
+        {
+            return over(
+                "memory limit",
+                format!("{} MiB", self.memory_mib),
+                format!("{m} MiB"),
+            );
+        }
+        if let Some(m) = max.cpus
+            && self.cpus > m
+        {
+            return over("cpu limit", format!("{}", self.cpus), format!("{m}"));
+        }
+        if let Some(m) = max.pids
+            && self.pids > m
+        {
+            return over("pids limit", self.pids.to_string(), m.to_string());
+        }
+        if let Some(m) = max.tmp_mib
+            && self.tmp_mib > m
+        {
+            return over(
+                "/tmp size",
+                format!("{} MiB", self.tmp_mib),
+                format!("{m} MiB"),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What the attach reader saw.
+#[derive(Debug, Default)]
+struct AttachReport {
+    tail: Vec<String>,
+    abandoned: bool,
+    error: Option<String>,
+}
+
+type OutputStreamBox =
+    Pin<Box<dyn Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>>;
+
+/// Reads the multiplexed attach stream to its end, emitting lines. After the container exited
+/// (`exited` carries the instant), reading stops at the drain limits (the engine normally
+/// closes the stream at once). Time spent waiting for the events channel never counts.
+async fn pump_attach(
+    mut output: OutputStreamBox,
+    events: &mpsc::Sender<ExecEvent>,
+    mut exited: watch::Receiver<Option<Instant>>,
+    drain_idle: Duration,
+    drain_max: Duration,
+    max_line_bytes: usize,
+) -> AttachReport {
+    let mut report = AttachReport::default();
+    let mut out_split = LineSplitter::new(max_line_bytes);
+    let mut err_split = LineSplitter::new(max_line_bytes);
+    let mut out_sink = LineSink::new(events, OutputStream::Stdout, 0);
+    let mut err_sink = LineSink::new(events, OutputStream::Stderr, STDERR_TAIL_LINES);
+    let mut exit_seen: Option<Instant> = None;
+    loop {
+        if exit_seen.is_none() {
+            exit_seen = *exited.borrow();
+        }
+        let item = match exit_seen {
+            None => {
+                tokio::select! {
+                    item = output.next() => item,
+                    changed = exited.changed() => {
+                        if changed.is_err() {
+                            exit_seen = Some(exited.borrow().unwrap_or_else(Instant::now));
+                        }
+                        continue;
+                    }
+                }
+            }
+            Some(at) => {
+                let hard = at + drain_max;
+                let now = Instant::now();
+                if now >= hard {
+                    report.abandoned = true;
+                    break;
+                }
+                match tokio::time::timeout_at((now + drain_idle).min(hard), output.next()).await {
+                    Ok(item) => item,
+                    Err(_) => {
+                        report.abandoned = true;
+                        break;
+                    }
+                }
+            }
+        };
+        match item {
+            None => break,
+            Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message })) => {
+                push_chunk(&mut out_split, &mut out_sink, &message).await;
+            }
+            Some(Ok(LogOutput::StdErr { message })) => {
+                push_chunk(&mut err_split, &mut err_sink, &message).await;
+            }
+            Some(Ok(LogOutput::StdIn { .. })) => {}
+            Some(Err(e)) => {
+                report.error = Some(engine_message(&e));
+                break;
+            }
+        }
+    }
+    finish_chunk(&mut out_split, &mut out_sink).await;
+    finish_chunk(&mut err_split, &mut err_sink).await;
+    report.tail = err_sink.into_tail();
+    report
+}
+
+/// A light check of an image reference (the engine does the real one).
+fn check_image_name(image: &str) -> Result<(), String> {
+    if image.is_empty() || image.len() > 512 {
+        return Err(format!("invalid image name `{image}`"));
+    }
+    if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("invalid image name `{}`", image.escape_debug()));
+    }
+    Ok(())
+}
+
+/// `registry:5000/repo:tag` → (`registry:5000/repo`, `Some("tag")`); no tag → `latest`; a
+/// digest reference is passed whole.
+fn split_image_ref(image: &str) -> (String, Option<String>) {
+    if image.contains('@') {
+        return (image.to_owned(), None);
+    }
+    let last_slash = image.rfind('/').map_or(0, |i| i + 1);
+    match image[last_slash..].rfind(':') {
+        Some(i) => {
+            let at = last_slash + i;
+            (image[..at].to_owned(), Some(image[at + 1..].to_owned()))
+        }
+        None => (image.to_owned(), Some("latest".to_owned())),
+    }
+}
+
+fn is_not_found(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+/// The engine's message for an error (without bollard's "Docker responded with status code"
+/// preamble when there is a message).
+fn engine_message(e: &bollard::errors::Error) -> String {
+    match e {
+        bollard::errors::Error::DockerResponseServerError {
+            status_code,
+            message,
+        } if !message.is_empty() => format!("{message} (HTTP {status_code})"),
+        other => other.to_string(),
+    }
+}
+
+fn engine_io(context: impl Into<String>, e: &bollard::errors::Error) -> ExecError {
+    ExecError::io(context, std::io::Error::other(engine_message(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_refs() {
+        assert_eq!(
+            split_image_ref("baton/runtime:bash"),
+            ("baton/runtime".to_owned(), Some("bash".to_owned()))
+        );
+        assert_eq!(
+            split_image_ref("localhost:5000/x"),
+            ("localhost:5000/x".to_owned(), Some("latest".to_owned()))
+        );
+        assert_eq!(
+            split_image_ref("localhost:5000/x:1.2"),
+            ("localhost:5000/x".to_owned(), Some("1.2".to_owned()))
+        );
+        assert_eq!(split_image_ref("x@sha256:ab").1, None);
+    }
+
+    #[test]
+    fn pull_policy_parses() {
+        assert_eq!("if-not-present".parse(), Ok(PullPolicy::IfNotPresent));
+        assert_eq!("Always".parse(), Ok(PullPolicy::Always));
+        assert_eq!("never".parse(), Ok(PullPolicy::Never));
+        assert!("sometimes".parse::<PullPolicy>().is_err());
+        assert_eq!(PullPolicy::IfNotPresent.to_string(), "if-not-present");
+    }
+
+    #[test]
+    fn limits_resolve_and_check() {
+        let config = ContainerConfig::new("w");
+        let e = Effective::resolve(None, &config.defaults);
+        assert_eq!(e, Effective::BUILT_IN);
+        assert!(e.check(&config.maximums).is_ok());
+        let asked = ResourceLimits {
+            memory_mib: Some(100_000),
+            ..ResourceLimits::default()
+        };
+        let e = Effective::resolve(Some(&asked), &config.defaults);
+        assert_eq!(e.cpus, 1.0);
+        let err = e.check(&config.maximums).expect_err("over the maximum");
+        assert!(err.contains("memory limit 100000 MiB"), "{err}");
+        let asked = ResourceLimits {
+            cpus: Some(0.0),
+            ..ResourceLimits::default()
+        };
+        assert!(
+            Effective::resolve(Some(&asked), &config.defaults)
+                .check(&ResourceLimits::default())
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn users() {
+        let mut config = ContainerConfig::new("w");
+        assert_eq!(
+            config.owner(),
+            Ok(Owner {
+                uid: 10001,
+                gid: 10001
+            })
+        );
+        config.user = "1000".into();
+        assert_eq!(
+            config.owner(),
+            Ok(Owner {
+                uid: 1000,
+                gid: 1000
+            })
+        );
+        config.user = "baton".into();
+        assert!(config.owner().is_err());
+    }
+}

@@ -1,0 +1,305 @@
+//! SFTP: uploading a run's files into its temporary directory and downloading what the script
+//! left in `$BATON_DIR/out/`.
+
+use std::fs;
+use std::io::{self, Write as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
+use russh_sftp::client::SftpSession;
+use russh_sftp::protocol::{FileAttributes, OpenFlags};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use super::pool::SshHandle;
+use crate::rundir::is_valid_key;
+
+/// Files written at once over one SFTP session.
+const PARALLEL_TRANSFERS: usize = 8;
+
+/// Opens an SFTP session on a new channel of `handle`.
+pub(crate) async fn open(handle: &SshHandle, timeout_secs: u64) -> Result<SftpSession, String> {
+    let channel = handle
+        .channel_open_session()
+        .await
+        .map_err(|e| format!("cannot open a channel: {e}"))?;
+    channel
+        .request_subsystem(true, "sftp")
+        .await
+        .map_err(|e| format!("cannot start the sftp subsystem: {e}"))?;
+    let config = russh_sftp::client::Config {
+        request_timeout_secs: timeout_secs.max(1),
+        ..Default::default()
+    };
+    SftpSession::new_with_config(channel.into_stream(), config)
+        .await
+        .map_err(|e| format!("cannot start the sftp subsystem: {e}"))
+}
+
+fn attrs(mode: u32) -> FileAttributes {
+    FileAttributes {
+        permissions: Some(mode),
+        ..FileAttributes::empty()
+    }
+}
+
+/// Creates the directory `path` (it must not exist) with mode `mode`.
+pub(crate) async fn make_dir(sftp: &SftpSession, path: &str, mode: u32) -> Result<(), String> {
+    sftp.create_dir(path)
+        .await
+        .map_err(|e| format!("cannot create {path}: {e}"))?;
+    sftp.set_metadata(path, attrs(mode))
+        .await
+        .map_err(|e| format!("cannot set the mode of {path}: {e}"))
+}
+
+/// Creates the file `path` (it must not exist) with `data` and mode `mode`.
+pub(crate) async fn put_file(
+    sftp: &SftpSession,
+    path: &str,
+    data: &[u8],
+    mode: u32,
+) -> Result<(), String> {
+    let mut file = sftp
+        .open_with_flags_and_attributes(
+            path,
+            OpenFlags::CREATE | OpenFlags::EXCLUDE | OpenFlags::WRITE,
+            attrs(mode),
+        )
+        .await
+        .map_err(|e| format!("cannot create {path}: {e}"))?;
+    file.write_all(data)
+        .await
+        .map_err(|e| format!("cannot write {path}: {e}"))?;
+    file.close()
+        .await
+        .map_err(|e| format!("cannot write {path}: {e}"))
+}
+
+/// Reads at most `limit` bytes of the regular file `path`; `None` when it does not exist.
+pub(crate) async fn read_file(
+    sftp: &SftpSession,
+    path: &str,
+    limit: u64,
+) -> Result<Option<Vec<u8>>, String> {
+    match sftp.symlink_metadata(path).await {
+        Ok(meta) if meta.file_type().is_file() => {}
+        Ok(_) => return Ok(None),
+        Err(russh_sftp::client::error::Error::Status(s))
+            if s.status_code == russh_sftp::protocol::StatusCode::NoSuchFile =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(format!("cannot read {path}: {e}")),
+    }
+    let file = sftp
+        .open(path)
+        .await
+        .map_err(|e| format!("cannot open {path}: {e}"))?;
+    let mut data = Vec::new();
+    let mut limited = file.take(limit);
+    limited
+        .read_to_end(&mut data)
+        .await
+        .map_err(|e| format!("cannot read {path}: {e}"))?;
+    let _ = limited.into_inner().close().await;
+    Ok(Some(data))
+}
+
+/// One entry of a local directory tree, relative to its root.
+#[derive(Debug)]
+pub(crate) enum Entry {
+    Dir(String),
+    File(String, Vec<u8>),
+}
+
+/// Reads the local tree under `root` (directories first, parents before children). Only
+/// regular files and directories are taken; symbolic links are followed.
+pub(crate) fn local_tree(root: &Path) -> io::Result<Vec<Entry>> {
+    let mut entries = Vec::new();
+    let mut queue: Vec<(PathBuf, String)> = vec![(root.to_owned(), String::new())];
+    while let Some((dir, rel)) = queue.pop() {
+        let mut children: Vec<_> = fs::read_dir(&dir)?.collect::<Result<_, _>>()?;
+        children.sort_by_key(|e| e.file_name());
+        for child in children {
+            let Some(name) = child.file_name().to_str().map(str::to_owned) else {
+                continue; // not representable in SFTP's UTF-8 paths
+            };
+            let child_rel = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let meta = fs::metadata(child.path())?;
+            if meta.is_dir() {
+                entries.push(Entry::Dir(child_rel.clone()));
+                queue.push((child.path(), child_rel));
+            } else if meta.is_file() {
+                entries.push(Entry::File(child_rel, fs::read(child.path())?));
+            }
+        }
+    }
+    // Directories must exist before their files: stable partition keeps parents first.
+    entries.sort_by_key(|e| matches!(e, Entry::File(..)));
+    Ok(entries)
+}
+
+/// Uploads `entries` under the existing remote directory `remote_root`: directories (mode 0700)
+/// one by one, then files (mode `file_mode`) several at a time.
+pub(crate) async fn upload(
+    sftp: &SftpSession,
+    remote_root: &str,
+    entries: &[Entry],
+    file_mode: u32,
+) -> Result<(), String> {
+    for entry in entries {
+        if let Entry::Dir(rel) = entry {
+            make_dir(sftp, &format!("{remote_root}/{rel}"), 0o700).await?;
+        }
+    }
+    let files = entries.iter().filter_map(|e| match e {
+        Entry::File(rel, data) => Some((format!("{remote_root}/{rel}"), data.as_slice())),
+        Entry::Dir(_) => None,
+    });
+    let mut queue = files;
+    let mut running = FuturesUnordered::new();
+    loop {
+        while running.len() < PARALLEL_TRANSFERS {
+            let Some((path, data)) = queue.next() else {
+                break;
+            };
+            running.push(put_owned(sftp, path, data, file_mode));
+        }
+        match running.next().await {
+            Some(result) => result?,
+            None => return Ok(()),
+        }
+    }
+}
+
+async fn put_owned(sftp: &SftpSession, path: String, data: &[u8], mode: u32) -> Result<(), String> {
+    put_file(sftp, &path, data, mode).await
+}
+
+async fn fetch(
+    sftp: &SftpSession,
+    remote: String,
+    local: PathBuf,
+    limit: u64,
+) -> Result<(PathBuf, Option<Vec<u8>>), String> {
+    read_file(sftp, &remote, limit)
+        .await
+        .map(|data| (local, data))
+}
+
+/// Copies `remote_out` (`$BATON_DIR/out` on the server) into `local_out`: `output.json`,
+/// `condition` and `vars/KEY` for valid keys, regular files only, each cut at `limit` bytes
+/// (the worker's own checks then report it as oversized). Nothing is created locally when the
+/// script wrote nothing.
+pub(crate) async fn download_out(
+    sftp: &SftpSession,
+    remote_out: &str,
+    local_out: &Path,
+    limit: u64,
+) -> Result<(), String> {
+    let mut wanted: Vec<(String, PathBuf)> = Vec::new();
+    match sftp.read_dir(remote_out).await {
+        Ok(entries) => {
+            for entry in entries {
+                let name = entry.file_name();
+                if (name == "output.json" || name == "condition") && entry.file_type().is_file() {
+                    wanted.push((format!("{remote_out}/{name}"), local_out.join(&name)));
+                }
+            }
+        }
+        Err(russh_sftp::client::error::Error::Status(s))
+            if s.status_code == russh_sftp::protocol::StatusCode::NoSuchFile =>
+        {
+            return Ok(());
+        }
+        Err(e) => return Err(format!("cannot list {remote_out}: {e}")),
+    }
+    let remote_vars = format!("{remote_out}/vars");
+    match sftp.read_dir(&remote_vars).await {
+        Ok(entries) => {
+            for entry in entries {
+                let name = entry.file_name();
+                if is_valid_key(&name) && entry.file_type().is_file() {
+                    wanted.push((
+                        format!("{remote_vars}/{name}"),
+                        local_out.join("vars").join(&name),
+                    ));
+                }
+            }
+        }
+        Err(russh_sftp::client::error::Error::Status(s))
+            if s.status_code == russh_sftp::protocol::StatusCode::NoSuchFile => {}
+        Err(e) => return Err(format!("cannot list {remote_vars}: {e}")),
+    }
+    let mut fetched: Vec<(PathBuf, Option<Vec<u8>>)> = Vec::new();
+    let mut queue = wanted.into_iter();
+    let mut running = FuturesUnordered::new();
+    loop {
+        while running.len() < PARALLEL_TRANSFERS {
+            let Some((remote, local)) = queue.next() else {
+                break;
+            };
+            running.push(fetch(sftp, remote, local, limit));
+        }
+        match running.next().await {
+            Some(result) => fetched.push(result?),
+            None => break,
+        }
+    }
+    for (local, data) in fetched {
+        let Some(data) = data else { continue };
+        if let Some(parent) = local.parent() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        write_private(&local, &data)
+            .map_err(|e| format!("cannot write {}: {e}", local.display()))?;
+    }
+    Ok(())
+}
+
+fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(data)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test reports a failure
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_tree_lists_parents_first() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("vars/sub")).unwrap();
+        fs::write(dir.path().join("input.json"), "{}").unwrap();
+        fs::write(dir.path().join("vars/k"), "v").unwrap();
+        fs::write(dir.path().join("vars/sub/x"), "y").unwrap();
+        let entries = local_tree(dir.path()).unwrap();
+        let names: Vec<String> = entries
+            .iter()
+            .map(|e| match e {
+                Entry::Dir(d) => format!("{d}/"),
+                Entry::File(f, _) => f.clone(),
+            })
+            .collect();
+        assert_eq!(
+            names,
+            vec!["vars/", "vars/sub/", "input.json", "vars/k", "vars/sub/x"]
+        );
+    }
+}

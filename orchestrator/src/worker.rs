@@ -1,0 +1,732 @@
+//! The worker: its shared state (held jobs, slots, the current session's outbound queue) and
+//! its lifecycle ([`Worker::run`]: sessions until shutdown, then the drain).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use baton_proto::v1::{
+    Assignment, Drain, Finished, Heartbeat, HeldJob, Hello, LogBatch, LogLine, Progress,
+    ServerMessage, Started, Welcome, WorkerMessage,
+};
+use baton_proto::{ServerMsg, WorkerMsg};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{ClientTlsConfig, Endpoint};
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+use crate::config::WorkerConfig;
+use crate::executor::{Executor, LocalExecutor};
+use crate::job::{self, Failure};
+use crate::logbook::Unacked;
+use crate::rundir::ScratchDir;
+use crate::session;
+
+/// How long the worker waits, at the end of a shutdown, for its last runs to end and their
+/// completions to be acknowledged.
+const FINAL_ACK_WAIT: Duration = Duration::from_secs(10);
+
+/// The executors this worker offers, by name. Adding an executor is one line here.
+pub fn executors_for(config: &WorkerConfig) -> HashMap<&'static str, Arc<dyn Executor>> {
+    let mut executors: HashMap<&'static str, Arc<dyn Executor>> = HashMap::new();
+    let mut offer = |executor: Arc<dyn Executor>| {
+        executors.insert(executor.name(), executor);
+    };
+    if config.allow_local {
+        offer(Arc::new(LocalExecutor::default()));
+    }
+    // container (bollard) and ssh (russh) executors: offer them here when they exist.
+    executors
+}
+
+/// A message for the api, as queued on a session's outbound queue. Log batches are shared with
+/// the job's unacknowledged-log book, so queueing one does not copy its lines.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    Msg(WorkerMsg),
+    Logs(Arc<LogBatch>),
+}
+
+impl Outgoing {
+    pub(crate) fn into_message(self) -> WorkerMessage {
+        let msg = match self {
+            Outgoing::Msg(msg) => msg,
+            Outgoing::Logs(batch) => WorkerMsg::Logs(Arc::unwrap_or_clone(batch)),
+        };
+        WorkerMessage { msg: Some(msg) }
+    }
+}
+
+/// Identifies one run of a job on this worker (a job re-assigned with a new lease is a new
+/// run; the old run's task can no longer touch the new one's state).
+#[derive(Debug, Clone)]
+pub(crate) struct JobKey {
+    pub job_id: String,
+    pub lease_token: i64,
+    run_id: u64,
+}
+
+/// What the worker remembers about a job it holds: from the assignment until the api
+/// acknowledges its completion (or the lease is lost).
+struct JobEntry {
+    run_id: u64,
+    lease_token: i64,
+    cancel: CancellationToken,
+    /// Wakes the job's task when acknowledgements free log space or the job is dropped.
+    wake: Arc<Notify>,
+    log: Unacked,
+    started: bool,
+    progress: Option<u32>,
+    finished: Option<Finished>,
+    span: tracing::Span,
+}
+
+impl JobEntry {
+    fn drop_run(&self) {
+        self.cancel.cancel();
+        self.wake.notify_one();
+    }
+}
+
+struct SessionLink {
+    id: u64,
+    tx: mpsc::UnboundedSender<Outgoing>,
+}
+
+#[derive(Default)]
+pub(crate) struct State {
+    jobs: HashMap<String, JobEntry>,
+    /// Jobs whose process has not ended yet (they hold a slot).
+    running: u32,
+    /// The current session, once its `Welcome` was handled.
+    session: Option<SessionLink>,
+    draining: bool,
+    next_id: u64,
+}
+
+impl State {
+    /// Queues `msg` on the current session; without one it is dropped (what must survive a
+    /// disconnection is kept in the job entries and re-sent on resume).
+    fn send(&mut self, msg: Outgoing) {
+        if let Some(link) = &self.session
+            && link.tx.send(msg).is_err()
+        {
+            // The stream is gone; the session task notices and reconnects.
+            self.session = None;
+        }
+    }
+
+    fn free_slots(&self, slots: u32) -> u32 {
+        if self.draining {
+            0
+        } else {
+            slots.saturating_sub(self.running)
+        }
+    }
+
+    fn held(&self) -> Vec<HeldJob> {
+        let mut held: Vec<HeldJob> = self
+            .jobs
+            .iter()
+            .map(|(id, e)| HeldJob {
+                job_id: id.clone(),
+                lease_token: e.lease_token,
+            })
+            .collect();
+        held.sort_by(|a, b| a.job_id.cmp(&b.job_id));
+        held
+    }
+
+    fn entry(&mut self, key: &JobKey) -> Option<&mut JobEntry> {
+        self.jobs
+            .get_mut(&key.job_id)
+            .filter(|e| e.run_id == key.run_id)
+    }
+
+    fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+}
+
+/// Everything the worker's tasks share.
+pub(crate) struct Shared {
+    pub(crate) config: WorkerConfig,
+    pub(crate) worker_id: Uuid,
+    pub(crate) name: String,
+    pub(crate) hostname: String,
+    pub(crate) executors: HashMap<&'static str, Arc<dyn Executor>>,
+    pub(crate) files: ScratchDir,
+    pub(crate) endpoint: Endpoint,
+    pub(crate) authorization: MetadataValue<Ascii>,
+    tasks: TaskTracker,
+    state: Mutex<State>,
+    /// Bumped whenever `running` or the set of held jobs changes (for the drain's waits).
+    changes: watch::Sender<u64>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn bump(&self) {
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    async fn wait_until(&self, condition: impl Fn(&State) -> bool) {
+        let mut changes = self.changes.subscribe();
+        loop {
+            if condition(&self.lock()) {
+                return;
+            }
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn executor_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.executors.keys().map(|n| (*n).to_owned()).collect();
+        names.sort();
+        names
+    }
+
+    // ------------------------------------------------------------------ session side
+
+    /// The `Hello` opening a session.
+    pub(crate) fn hello(&self) -> Hello {
+        let st = self.lock();
+        Hello {
+            worker_id: self.worker_id.to_string(),
+            name: self.name.clone(),
+            labels: self.config.labels.0.clone().into_iter().collect(),
+            executors: self.executor_names(),
+            slots: self.config.slots,
+            free_slots: st.free_slots(self.config.slots),
+            running: st.held(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            hostname: self.hostname.clone(),
+        }
+    }
+
+    /// Makes `tx` the current session after its `Welcome`: drops the jobs the api says are
+    /// lost or done, re-sends what the api has not stored (log lines after `stored_seq`, a
+    /// pending `Finished`), then lets new messages flow. Everything happens under the state
+    /// lock, so re-sent lines always precede lines produced afterwards.
+    pub(crate) fn attach(&self, tx: mpsc::UnboundedSender<Outgoing>, welcome: &Welcome) -> u64 {
+        let mut st = self.lock();
+        let id = st.next_id();
+        let resumed: HashMap<&str, _> = welcome
+            .resumed
+            .iter()
+            .map(|r| (r.job_id.as_str(), r))
+            .collect();
+        let mut out = Vec::new();
+        let mut dropped = false;
+        st.jobs.retain(|job_id, entry| {
+            let _span = entry.span.enter();
+            let resume = resumed.get(job_id.as_str());
+            match resume {
+                Some(r) if !r.held => {
+                    tracing::warn!("the lease was lost while disconnected: stopping the run");
+                    entry.drop_run();
+                    dropped = true;
+                    return false;
+                }
+                Some(r) if r.finished => {
+                    tracing::info!("the api had already recorded the completion");
+                    entry.drop_run();
+                    dropped = true;
+                    return false;
+                }
+                Some(r) => {
+                    if entry.log.ack(r.stored_seq) > 0 {
+                        entry.wake.notify_one();
+                    }
+                }
+                None => {
+                    tracing::warn!("the api did not mention this job on resume; re-sending it all");
+                }
+            }
+            let (job_id, lease_token) = (job_id.clone(), entry.lease_token);
+            if entry.started && entry.finished.is_none() {
+                out.push(Outgoing::Msg(WorkerMsg::Started(Started {
+                    job_id: job_id.clone(),
+                    lease_token,
+                })));
+            }
+            let resent: usize = entry.log.pending().map(|b| b.lines.len()).sum();
+            if resent > 0 {
+                tracing::info!(
+                    lines = resent,
+                    after_seq = entry.log.stored_seq(),
+                    "re-sending unacknowledged log lines"
+                );
+            }
+            out.extend(entry.log.pending().cloned().map(Outgoing::Logs));
+            if let (Some(percent), None) = (entry.progress, &entry.finished) {
+                out.push(Outgoing::Msg(WorkerMsg::Progress(Progress {
+                    job_id,
+                    lease_token,
+                    percent,
+                })));
+            }
+            if let Some(finished) = &entry.finished {
+                tracing::info!("re-sending the unacknowledged completion");
+                out.push(Outgoing::Msg(WorkerMsg::Finished(finished.clone())));
+            }
+            true
+        });
+        st.session = Some(SessionLink { id, tx });
+        for msg in out {
+            st.send(msg);
+        }
+        if st.draining {
+            st.send(Outgoing::Msg(WorkerMsg::Drain(Drain {})));
+        }
+        drop(st);
+        if dropped {
+            self.bump();
+        }
+        id
+    }
+
+    /// The session `id` ended: stop queueing messages on it.
+    pub(crate) fn detach(&self, id: u64) {
+        let mut st = self.lock();
+        if st.session.as_ref().is_some_and(|s| s.id == id) {
+            st.session = None;
+        }
+    }
+
+    /// Sends a `Heartbeat` listing every held job.
+    pub(crate) fn heartbeat(&self) {
+        let mut st = self.lock();
+        let heartbeat = Heartbeat {
+            jobs: st.held(),
+            free_slots: st.free_slots(self.config.slots),
+        };
+        st.send(Outgoing::Msg(WorkerMsg::Heartbeat(heartbeat)));
+    }
+
+    /// Handles one message from the api.
+    pub(crate) fn handle(self: &Arc<Self>, message: ServerMessage) {
+        let Some(msg) = message.msg else {
+            tracing::debug!("empty message from the api");
+            return;
+        };
+        match msg {
+            ServerMsg::Assignment(a) => self.accept(a),
+            ServerMsg::Cancel(c) => {
+                let st = self.lock();
+                match st.jobs.get(&c.job_id) {
+                    Some(e) => {
+                        tracing::info!(parent: &e.span, reason = %c.reason, "cancel requested");
+                        e.cancel.cancel();
+                    }
+                    None => tracing::debug!(job.id = %c.job_id, "cancel for a job not held"),
+                }
+            }
+            ServerMsg::LeaseLost(l) => {
+                let removed = self.lock().jobs.remove(&l.job_id);
+                if let Some(e) = removed {
+                    tracing::warn!(parent: &e.span, reason = %l.reason, "lease lost: stopping the run");
+                    e.drop_run();
+                    self.bump();
+                }
+            }
+            ServerMsg::LogAck(ack) => {
+                let mut st = self.lock();
+                if let Some(e) = st.jobs.get_mut(&ack.job_id)
+                    && e.log.ack(ack.stored_seq) > 0
+                {
+                    e.wake.notify_one();
+                }
+            }
+            ServerMsg::FinishedAck(ack) => {
+                let mut st = self.lock();
+                let done = st
+                    .jobs
+                    .get(&ack.job_id)
+                    .is_some_and(|e| e.finished.is_some());
+                if done {
+                    if let Some(e) = st.jobs.remove(&ack.job_id) {
+                        tracing::debug!(parent: &e.span, "completion acknowledged");
+                    }
+                    drop(st);
+                    self.bump();
+                } else {
+                    tracing::warn!(job.id = %ack.job_id, "completion acknowledged for a job that has not finished here");
+                }
+            }
+            ServerMsg::Error(notice) => {
+                tracing::warn!(job.id = %notice.job_id, message = %notice.message, "the api refused a message");
+            }
+            ServerMsg::Welcome(_) => {
+                tracing::warn!("unexpected Welcome in an established session (ignored)");
+            }
+        }
+    }
+
+    /// Takes an assignment: starts the run, or finishes it at once when it cannot run here.
+    fn accept(self: &Arc<Self>, a: Assignment) {
+        let span = tracing::info_span!("job", job.id = %a.job_id, event.id = %a.event_id, attempt = a.attempt);
+        let _entered = span.enter();
+        let mut st = self.lock();
+        if let Some(old_lease) = st.jobs.get(&a.job_id).map(|e| e.lease_token) {
+            if old_lease == a.lease_token {
+                tracing::warn!("duplicate assignment ignored");
+                return;
+            }
+            tracing::warn!(
+                old_lease,
+                "job assigned again with a new lease: dropping the old run"
+            );
+            if let Some(old) = st.jobs.remove(&a.job_id) {
+                old.drop_run();
+            }
+        }
+        let plan = if st.draining {
+            Err(Failure::infrastructure("worker draining", true))
+        } else {
+            job::plan(&a, &self.executors)
+        };
+        let run_id = st.next_id();
+        let mut entry = JobEntry {
+            run_id,
+            lease_token: a.lease_token,
+            cancel: CancellationToken::new(),
+            wake: Arc::new(Notify::new()),
+            log: Unacked::default(),
+            started: false,
+            progress: None,
+            finished: None,
+            span: span.clone(),
+        };
+        match plan {
+            Err(failure) => {
+                tracing::warn!(error = %failure.message, "job not run");
+                let finished = failure.finished(&a.job_id, a.lease_token, 0);
+                entry.finished = Some(finished.clone());
+                st.jobs.insert(a.job_id.clone(), entry);
+                st.send(Outgoing::Msg(WorkerMsg::Finished(finished)));
+            }
+            Ok(plan) => {
+                if st.running >= self.config.slots {
+                    tracing::warn!(
+                        running = st.running,
+                        slots = self.config.slots,
+                        "assigned more jobs than free slots; running it anyway"
+                    );
+                }
+                tracing::info!(executor = plan.executor.name(), runtime = %plan.spec.runtime, "job assigned");
+                let key = JobKey {
+                    job_id: a.job_id.clone(),
+                    lease_token: a.lease_token,
+                    run_id,
+                };
+                let (cancel, wake) = (entry.cancel.clone(), entry.wake.clone());
+                st.jobs.insert(a.job_id.clone(), entry);
+                st.running += 1;
+                let task = job::run(self.clone(), key, plan, cancel, wake);
+                self.tasks.spawn(task.instrument(span.clone()));
+            }
+        }
+        drop(st);
+        self.bump();
+    }
+
+    /// Starts draining: no more assignments.
+    fn start_draining(&self) {
+        let mut st = self.lock();
+        st.draining = true;
+        st.send(Outgoing::Msg(WorkerMsg::Drain(Drain {})));
+    }
+
+    fn cancel_all(&self) {
+        for e in self.lock().jobs.values() {
+            e.cancel.cancel();
+        }
+    }
+
+    // ------------------------------------------------------------------ job side
+
+    /// The run's process started. False when the job is no longer held.
+    pub(crate) fn job_started(&self, key: &JobKey) -> bool {
+        let mut st = self.lock();
+        let Some(entry) = st.entry(key) else {
+            return false;
+        };
+        entry.started = true;
+        st.send(Outgoing::Msg(WorkerMsg::Started(Started {
+            job_id: key.job_id.clone(),
+            lease_token: key.lease_token,
+        })));
+        true
+    }
+
+    /// A closed batch: kept until acknowledged, sent now if connected. Returns the job's
+    /// unacknowledged bytes, or `None` when the job is no longer held.
+    pub(crate) fn job_logs(&self, key: &JobKey, lines: Vec<LogLine>) -> Option<usize> {
+        let mut st = self.lock();
+        let entry = st.entry(key)?;
+        let batch = Arc::new(LogBatch {
+            job_id: key.job_id.clone(),
+            lease_token: key.lease_token,
+            lines,
+        });
+        entry.log.push(batch.clone());
+        let unacked = entry.log.bytes();
+        st.send(Outgoing::Logs(batch));
+        Some(unacked)
+    }
+
+    /// The job's unacknowledged log bytes, or `None` when the job is no longer held.
+    pub(crate) fn job_unacked_bytes(&self, key: &JobKey) -> Option<usize> {
+        self.lock().entry(key).map(|e| e.log.bytes())
+    }
+
+    /// New progress. False when the job is no longer held.
+    pub(crate) fn job_progress(&self, key: &JobKey, percent: u8) -> bool {
+        let mut st = self.lock();
+        let Some(entry) = st.entry(key) else {
+            return false;
+        };
+        entry.progress = Some(percent.into());
+        st.send(Outgoing::Msg(WorkerMsg::Progress(Progress {
+            job_id: key.job_id.clone(),
+            lease_token: key.lease_token,
+            percent: percent.into(),
+        })));
+        true
+    }
+
+    /// The run's completion: kept until acknowledged, sent now if connected.
+    pub(crate) fn job_finished(&self, key: &JobKey, finished: Finished) {
+        let mut st = self.lock();
+        let Some(entry) = st.entry(key) else {
+            return;
+        };
+        entry.finished = Some(finished.clone());
+        st.send(Outgoing::Msg(WorkerMsg::Finished(finished)));
+    }
+
+    /// A run's process ended: its slot is free.
+    pub(crate) fn release_slot(&self) {
+        {
+            let mut st = self.lock();
+            st.running = st.running.saturating_sub(1);
+        }
+        self.bump();
+    }
+}
+
+/// A worker process: connects to the api, runs the jobs pushed to it, drains on shutdown.
+pub struct Worker {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("id", &self.shared.worker_id)
+            .field("name", &self.shared.name)
+            .field("executors", &self.shared.executor_names())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// A worker offering the executors that `config` enables ([`executors_for`]).
+    pub fn new(config: WorkerConfig) -> anyhow::Result<Self> {
+        let executors = executors_for(&config);
+        Self::with_executors(config, executors)
+    }
+
+    /// A worker offering exactly `executors` (keyed by [`Executor::name`]).
+    ///
+    /// Fails when there is no executor, the api URL is not an `http(s)://` URL, or the token
+    /// cannot be sent in a header.
+    pub fn with_executors(
+        config: WorkerConfig,
+        executors: HashMap<&'static str, Arc<dyn Executor>>,
+    ) -> anyhow::Result<Self> {
+        if executors.is_empty() {
+            bail!(
+                "this worker offers no executor, so it could never run a job: start it with \
+                 --allow-local (or BATON_WORKER_ALLOW_LOCAL=true) to run jobs as local processes \
+                 (the container and ssh executors are not available yet)"
+            );
+        }
+        let endpoint = endpoint(&config.api_url)?;
+        let authorization =
+            MetadataValue::try_from(format!("Bearer {}", config.token)).map_err(|_| {
+                anyhow::anyhow!(
+                    "the worker token contains characters that cannot be sent in a header"
+                )
+            })?;
+        if config.token.trim().is_empty() {
+            bail!("the worker token is empty (set --token or BATON_WORKER_TOKEN)");
+        }
+        let hostname = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "unknown".to_owned());
+        let name = config
+            .name
+            .clone()
+            .filter(|n| !n.trim().is_empty())
+            .unwrap_or_else(|| hostname.clone());
+        let files = ScratchDir::create(None)
+            .context("cannot create the worker's private temporary directory")?;
+        let (changes, _) = watch::channel(0);
+        Ok(Worker {
+            shared: Arc::new(Shared {
+                config,
+                worker_id: Uuid::now_v7(),
+                name,
+                hostname,
+                executors,
+                files,
+                endpoint,
+                authorization,
+                tasks: TaskTracker::new(),
+                state: Mutex::new(State::default()),
+                changes,
+            }),
+        })
+    }
+
+    /// The worker id sent in `Hello` (a UUIDv7, made once per worker).
+    pub fn id(&self) -> Uuid {
+        self.shared.worker_id
+    }
+
+    /// Runs until `shutdown` resolves, then drains: sends `Drain`, lets running jobs finish
+    /// for up to [`WorkerConfig::drain_timeout`], cancels the rest, waits (bounded) for their
+    /// completions to be acknowledged, and returns `Ok(())`.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let shared = self.shared;
+        tracing::info!(
+            worker.id = %shared.worker_id,
+            name = %shared.name,
+            api = %shared.config.api_url,
+            slots = shared.config.slots,
+            executors = ?shared.executor_names(),
+            "baton-worker starting"
+        );
+        let stop = CancellationToken::new();
+        let sessions = tokio::spawn(session::run(shared.clone(), stop.clone()));
+
+        shutdown.await;
+        let running = shared.lock().running;
+        tracing::info!(
+            running,
+            drain_timeout = ?shared.config.drain_timeout,
+            "shutting down: draining"
+        );
+        shared.start_draining();
+        let drain = shared.config.drain_timeout;
+        if tokio::time::timeout(drain, shared.wait_until(|s| s.running == 0))
+            .await
+            .is_err()
+        {
+            let running = shared.lock().running;
+            tracing::warn!(
+                running,
+                "drain timeout reached: cancelling the remaining runs"
+            );
+            shared.cancel_all();
+        }
+        let settled = tokio::time::timeout(
+            FINAL_ACK_WAIT,
+            shared.wait_until(|s| s.running == 0 && s.jobs.is_empty()),
+        )
+        .await
+        .is_ok();
+        if !settled {
+            let held = shared.lock().jobs.len();
+            tracing::warn!(
+                held,
+                "exiting with completions not acknowledged; the api re-queues these jobs when their leases expire"
+            );
+            shared.cancel_all();
+        }
+        stop.cancel();
+        if let Err(e) = sessions.await {
+            tracing::warn!(error = %e, "session task failed");
+        }
+        shared.tasks.close();
+        if tokio::time::timeout(FINAL_ACK_WAIT, shared.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some job tasks did not end in time");
+        }
+        tracing::info!("baton-worker stopped");
+        Ok(())
+    }
+}
+
+/// Runs a worker with `config` until `shutdown` resolves (see [`Worker::run`]).
+pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    Worker::new(config)?.run(shutdown).await
+}
+
+fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .with_context(|| format!("invalid api URL `{url}`"))?;
+    let endpoint = match endpoint.uri().scheme_str() {
+        Some("http") => endpoint,
+        Some("https") => endpoint
+            .tls_config(ClientTlsConfig::new().with_native_roots())
+            .with_context(|| format!("cannot set up TLS for `{url}`"))?,
+        _ => bail!("invalid api URL `{url}`: expected http://HOST:PORT or https://HOST:PORT"),
+    };
+    Ok(endpoint
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(15))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test reports a failure
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_to_start_without_executors() {
+        let err = Worker::new(WorkerConfig::new("http://127.0.0.1:1", "t")).unwrap_err();
+        assert!(err.to_string().contains("--allow-local"), "{err}");
+    }
+
+    #[test]
+    fn validates_url_and_token() {
+        let mut config = WorkerConfig::new("ftp://x", "t");
+        config.allow_local = true;
+        let err = Worker::new(config.clone()).unwrap_err();
+        assert!(
+            err.to_string().contains("invalid api URL `ftp://x`"),
+            "{err}"
+        );
+        config.api_url = "http://127.0.0.1:8081".into();
+        config.token = "bad\ntoken".into();
+        assert!(Worker::new(config.clone()).is_err());
+        config.token = "ok".into();
+        let worker = Worker::new(config).unwrap();
+        assert_eq!(worker.id().get_version_num(), 7);
+        let hello = worker.shared.hello();
+        assert_eq!(hello.executors, vec!["local".to_owned()]);
+        assert_eq!((hello.slots, hello.free_slots), (4, 4));
+        assert!(!hello.hostname.is_empty());
+        assert_eq!(hello.name, hello.hostname);
+    }
+}

@@ -1,0 +1,7 @@
+//! Jobs through the whole system: a real api, real workers (in-process, or separate processes
+//! where a test kills them), real processes — and nothing lost when things fail.
+
+mod chains;
+mod failover;
+mod runs;
+mod support;

@@ -1,0 +1,142 @@
+//! Starting workers for tests, and waiting on jobs.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use baton_api::model::Role;
+use baton_tests::TestApp;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+/// An in-process worker; dropping it stops it (SIGTERM-like drain).
+pub struct InProcessWorker {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl InProcessWorker {
+    pub async fn start(app: &TestApp, slots: u32) -> Self {
+        let token = app.token(Role::Worker).await;
+        let mut config = baton_worker::WorkerConfig::new(app.grpc_address.clone(), token);
+        config.allow_local = true;
+        config.slots = slots;
+        config.drain_timeout = Duration::from_secs(5);
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(baton_worker::run(config, async move {
+            let _ = rx.await;
+        }));
+        Self { stop: Some(tx), task: Some(task) }
+    }
+
+    /// Stops the worker and waits for it to drain.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let result = tokio::time::timeout(Duration::from_secs(60), task).await.expect("worker stops in time");
+            result.expect("worker task").expect("worker result");
+        }
+    }
+}
+
+impl Drop for InProcessWorker {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A worker in its own process (so it can be killed for real).
+pub struct WorkerProcess {
+    pub child: Child,
+}
+
+impl WorkerProcess {
+    pub async fn start(app: &TestApp, slots: u32) -> Self {
+        let token = app.token(Role::Worker).await;
+        let child = Command::new(env!("CARGO_BIN_EXE_baton-test-worker"))
+            .args(["--api-url", &app.grpc_address, "--slots", &slots.to_string(), "--allow-local"])
+            .env("BATON_WORKER_TOKEN", token)
+            .env("BATON_WORKER_DRAIN_TIMEOUT", "20s")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start the worker process");
+        Self { child }
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal).expect("signal");
+    }
+
+    /// Waits for the process to exit; returns whether it exited successfully.
+    pub async fn wait(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.success();
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the worker process did not exit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls the job until `done(job)` holds (60 s at most); returns the job.
+pub async fn wait_job(app: &TestApp, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, job) = app.get(&format!("/api/v1/jobs/{id}")).await;
+        if done(&job) {
+            return job;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "job never reached the expected state: {job}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Waits until the job is in a terminal status.
+pub async fn wait_finished(app: &TestApp, id: &str) -> Value {
+    wait_job(app, id, |j| {
+        matches!(j["status"].as_str(), Some("succeeded" | "failed" | "timed_out" | "cancelled"))
+    })
+    .await
+}
+
+/// Every stored log line's text, in order.
+pub async fn all_lines(app: &TestApp, id: &str) -> Vec<Value> {
+    let mut lines = Vec::new();
+    let mut after = 0;
+    loop {
+        let (_, page) = app.get(&format!("/api/v1/jobs/{id}/logs?after={after}&limit=10000")).await;
+        let batch = page["lines"].as_array().cloned().unwrap_or_default();
+        let n = batch.len();
+        lines.extend(batch);
+        after = page["next"].as_i64().expect("next");
+        if n < 10_000 {
+            return lines;
+        }
+    }
+}
+
+/// An event running a local script.
+pub async fn local_event(app: &TestApp, name: &str, runtime: &str, content: &str) -> String {
+    let ev = app
+        .create_event(&serde_json::json!({"name": name, "runtime": runtime, "content": content, "executor": "local"}))
+        .await;
+    ev["id"].as_str().expect("id").to_owned()
+}
+
+/// Whether a process with this pid exists.
+pub fn alive(pid: i32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+}

@@ -22,7 +22,9 @@ pub const DEFAULT_CHAIN_DEPTH_LIMIT: i32 = 20;
 /// Checks that a template parses.
 pub fn check_template(template: &str) -> Result<(), String> {
     let env = environment();
-    env.template_from_str(template).map(|_| ()).map_err(|e| format!("invalid template: {e}"))
+    env.template_from_str(template)
+        .map(|_| ())
+        .map_err(|e| format!("invalid template: {e}"))
 }
 
 fn environment() -> minijinja::Environment<'static> {
@@ -62,7 +64,10 @@ pub async fn after_finish(
     variable_writes: &HashMap<String, String>,
 ) -> Result<(), StorageError> {
     let job = queue::get_job(&mut *conn, job_id).await?;
-    let output_failed = job.error.as_ref().is_some_and(|e| e.kind == crate::model::job::ErrorKind::Output);
+    let output_failed = job
+        .error
+        .as_ref()
+        .is_some_and(|e| e.kind == crate::model::job::ErrorKind::Output);
     if !output_failed {
         apply_variable_writes(conn, vault, &job, variable_writes).await?;
     }
@@ -83,7 +88,12 @@ pub async fn after_finish(
                 let target = match events::get_event(&mut *conn, *event_id).await {
                     Ok(t) => t,
                     Err(StorageError::EventNotFound(_)) => {
-                        actions::add_note(&mut *conn, job.id, &format!("run_event {event_id}: the event no longer exists")).await?;
+                        actions::add_note(
+                            &mut *conn,
+                            job.id,
+                            &format!("run_event {event_id}: the event no longer exists"),
+                        )
+                        .await?;
                         continue;
                     }
                     Err(e) => return Err(e),
@@ -97,7 +107,8 @@ pub async fn after_finish(
                     actions::add_note(&mut *conn, job.id, &note).await?;
                     continue;
                 }
-                let run_at = chrono::Utc::now() + chrono::Duration::seconds(i64::from(action.delay_seconds));
+                let run_at =
+                    chrono::Utc::now() + chrono::Duration::seconds(i64::from(action.delay_seconds));
                 queue::enqueue(
                     &mut *conn,
                     &NewJob {
@@ -117,7 +128,12 @@ pub async fn after_finish(
                 )
                 .await?;
             }
-            ActionSpec::SendMessage { channel, target, template, subject } => {
+            ActionSpec::SendMessage {
+                channel,
+                target,
+                template,
+                subject,
+            } => {
                 let body = render(template, &context);
                 let subject = subject
                     .as_deref()
@@ -155,8 +171,15 @@ async fn apply_variable_writes(
     keys.sort();
     for key in keys {
         let value = &writes[key];
-        if crate::model::variable::check_key(key).is_err() || value.len() > crate::model::variable::MAX_VALUE_BYTES {
-            actions::add_note(&mut *conn, job.id, &format!("variable {key:?} not written: invalid key or value too large")).await?;
+        if crate::model::variable::check_key(key).is_err()
+            || value.len() > crate::model::variable::MAX_VALUE_BYTES
+        {
+            actions::add_note(
+                &mut *conn,
+                job.id,
+                &format!("variable {key:?} not written: invalid key or value too large"),
+            )
+            .await?;
             continue;
         }
         let scoped = variables::get(&mut *conn, key, Some(job.event_id)).await?;
@@ -172,7 +195,12 @@ async fn apply_variable_writes(
             match vault.seal(value.as_bytes(), id.as_bytes()) {
                 Ok(sealed) => StoredValue::Sealed(sealed),
                 Err(e) => {
-                    actions::add_note(&mut *conn, job.id, &format!("secret variable {key:?} not written: {e}")).await?;
+                    actions::add_note(
+                        &mut *conn,
+                        job.id,
+                        &format!("secret variable {key:?} not written: {e}"),
+                    )
+                    .await?;
                     continue;
                 }
             }
@@ -191,9 +219,12 @@ mod tests {
     #[test]
     fn templates_render_event_and_job_fields() {
         let ctx = json!({"event": {"name": "backup"}, "job": {"status": "failed", "error": {"message": "disk full"}}});
-        assert_eq!(render("{{event.name}} failed: {{job.error.message}}", &ctx), "backup failed: disk full");
+        assert_eq!(
+            render("{{event.name}} failed: {{job.error.message}}", &ctx),
+            "backup failed: disk full"
+        );
         assert_eq!(render("{{ job.missing }}!", &ctx), "!");
         assert!(check_template("{{ unclosed").is_err());
-        assert!(render("{{ 1 / 0 }}", &ctx).starts_with("[baton: the message template failed"));
+        assert!(render("{% include 'missing' %}", &ctx).starts_with("[baton: the message template failed"));
     }
 }

@@ -90,7 +90,12 @@ pub async fn bootstrap_admin(
 
 /// Registers a token whose secret the operator chose (or that was kept from an earlier run),
 /// unless it is already known.
-pub async fn register_token(pool: &PgPool, name: &str, role: Role, secret: &str) -> storage::Result<()> {
+pub async fn register_token(
+    pool: &PgPool,
+    name: &str,
+    role: Role,
+    secret: &str,
+) -> storage::Result<()> {
     let hash = hash_token(secret);
     if tokens::find_by_hash(pool, &hash).await?.is_none() {
         tokens::insert_token(pool, name, role, &hash, &display_prefix(secret), None).await?;

@@ -12,12 +12,16 @@ use sha2::{Digest, Sha256};
 #[derive(Debug, thiserror::Error)]
 pub enum CryptoError {
     /// Secrets cannot be stored or read without a master key.
-    #[error("BATON_MASTER_KEY is not set: the api cannot store or read secrets (set it on every api replica)")]
+    #[error(
+        "BATON_MASTER_KEY is not set: the api cannot store or read secrets (set it on every api replica)"
+    )]
     NoMasterKey,
     #[error("BATON_MASTER_KEY must be at least 32 characters (e.g. `openssl rand -base64 32`)")]
     WeakMasterKey,
     /// Wrong master key, or the stored value was altered.
-    #[error("a stored secret could not be decrypted: wrong BATON_MASTER_KEY, or the value was altered")]
+    #[error(
+        "a stored secret could not be decrypted: wrong BATON_MASTER_KEY, or the value was altered"
+    )]
     Decrypt,
 }
 
@@ -29,7 +33,9 @@ pub struct Vault {
 
 impl std::fmt::Debug for Vault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vault").field("configured", &self.cipher.is_some()).finish()
+        f.debug_struct("Vault")
+            .field("configured", &self.cipher.is_some())
+            .finish()
     }
 }
 
@@ -60,7 +66,13 @@ impl Vault {
         let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
         let sealed = cipher
-            .encrypt(&XNonce::from(nonce), Payload { msg: plaintext, aad })
+            .encrypt(
+                &XNonce::from(nonce),
+                Payload {
+                    msg: plaintext,
+                    aad,
+                },
+            )
             .map_err(|_| CryptoError::Decrypt)?;
         let mut out = nonce.to_vec();
         out.extend(sealed);
@@ -96,14 +108,29 @@ mod tests {
         let vault = Vault::new(Some(&generate_master_key())).expect("vault");
         let sealed = vault.seal(b"secret", b"row-1").expect("seal");
         assert_eq!(vault.open(&sealed, b"row-1").expect("open"), b"secret");
-        assert!(matches!(vault.open(&sealed, b"row-2"), Err(CryptoError::Decrypt)), "bound to its row");
+        assert!(
+            matches!(vault.open(&sealed, b"row-2"), Err(CryptoError::Decrypt)),
+            "bound to its row"
+        );
         let mut tampered = sealed.clone();
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
-        assert!(matches!(vault.open(&tampered, b"row-1"), Err(CryptoError::Decrypt)));
+        assert!(matches!(
+            vault.open(&tampered, b"row-1"),
+            Err(CryptoError::Decrypt)
+        ));
         let other = Vault::new(Some(&generate_master_key())).expect("vault");
-        assert!(matches!(other.open(&sealed, b"row-1"), Err(CryptoError::Decrypt)));
-        assert!(matches!(Vault::new(None).expect("vault").seal(b"x", b"y"), Err(CryptoError::NoMasterKey)));
-        assert!(matches!(Vault::new(Some("short")), Err(CryptoError::WeakMasterKey)));
+        assert!(matches!(
+            other.open(&sealed, b"row-1"),
+            Err(CryptoError::Decrypt)
+        ));
+        assert!(matches!(
+            Vault::new(None).expect("vault").seal(b"x", b"y"),
+            Err(CryptoError::NoMasterKey)
+        ));
+        assert!(matches!(
+            Vault::new(Some("short")),
+            Err(CryptoError::WeakMasterKey)
+        ));
     }
 }

@@ -66,7 +66,10 @@ impl WorkerConn {
     }
 
     pub fn held_jobs(&self) -> Vec<(Uuid, i64)> {
-        self.lock_held().iter().map(|(id, token)| (*id, *token)).collect()
+        self.lock_held()
+            .iter()
+            .map(|(id, token)| (*id, *token))
+            .collect()
     }
 
     pub fn set_draining(&self) {
@@ -75,7 +78,9 @@ impl WorkerConn {
 
     fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, i64>> {
         // A panic while holding this lock cannot leave the map inconsistent; keep serving.
-        self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -159,7 +164,9 @@ impl Dispatcher {
     }
 
     fn lock_conns(&self) -> std::sync::MutexGuard<'_, Vec<Arc<WorkerConn>>> {
-        self.conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The dispatch loop; returns when `stop` is cancelled.
@@ -228,11 +235,16 @@ impl Dispatcher {
         }
     }
 
-    async fn push(&self, conn: &WorkerConn, job: ClaimedJob) -> Result<(), crate::storage::StorageError> {
+    async fn push(
+        &self,
+        conn: &WorkerConn,
+        job: ClaimedJob,
+    ) -> Result<(), crate::storage::StorageError> {
         let mut assignment = assignment(&job);
         match crate::secrets::readable_variables(&self.pool, &self.vault, job.event_id).await {
             Ok((values, _)) => {
-                let mut context: Value = serde_json::from_str(&assignment.context_json).unwrap_or_default();
+                let mut context: Value =
+                    serde_json::from_str(&assignment.context_json).unwrap_or_default();
                 context["variables"] = json!(values);
                 assignment.context_json = context.to_string();
             }
@@ -243,7 +255,9 @@ impl Dispatcher {
             }
         }
         match self.server_for(&job).await {
-            Ok(server) => assignment.server_json = server.map(|s| s.to_string()).unwrap_or_default(),
+            Ok(server) => {
+                assignment.server_json = server.map(|s| s.to_string()).unwrap_or_default()
+            }
             Err(reason) => return self.fail_unrunnable(&job, reason).await,
         }
         conn.hold(job.id, job.lease_token);
@@ -256,7 +270,9 @@ impl Dispatcher {
             queue::release(&self.pool, job.id, job.lease_token).await?;
             tracing::warn!(job.id = %job.id, worker.id = %conn.worker_id, "could not hand job to worker; requeued");
         } else {
-            let waited = (chrono::Utc::now() - job.run_at).to_std().unwrap_or_default();
+            let waited = (chrono::Utc::now() - job.run_at)
+                .to_std()
+                .unwrap_or_default();
             metrics::histogram!(crate::metrics::DISPATCH_LATENCY).record(waited.as_secs_f64());
             tracing::debug!(job.id = %job.id, worker.id = %conn.worker_id, attempt = job.attempt, "assigned");
         }
@@ -270,16 +286,20 @@ impl Dispatcher {
         let Some(server_id) = job.spec.0.get("server_id").and_then(Value::as_str) else {
             return Ok(None);
         };
-        let id = Uuid::parse_str(server_id).map_err(|_| format!("server_id {server_id:?} is not a UUID"))?;
+        let id = Uuid::parse_str(server_id)
+            .map_err(|_| format!("server_id {server_id:?} is not a UUID"))?;
         let server = crate::storage::servers::get_server(&self.pool, id)
             .await
             .map_err(|e| format!("cannot load server {id}: {e}"))?;
         let sealed = crate::storage::servers::sealed_credentials(&self.pool, id)
             .await
             .map_err(|e| format!("cannot load server {id}: {e}"))?;
-        let plain = self.vault.open(&sealed, id.as_bytes()).map_err(|e| e.to_string())?;
-        let credentials: crate::model::server::Credentials =
-            serde_json::from_slice(&plain).map_err(|_| "the stored credentials are unreadable".to_owned())?;
+        let plain = self
+            .vault
+            .open(&sealed, id.as_bytes())
+            .map_err(|e| e.to_string())?;
+        let credentials: crate::model::server::Credentials = serde_json::from_slice(&plain)
+            .map_err(|_| "the stored credentials are unreadable".to_owned())?;
         Ok(Some(json!({
             "server_id": server.id,
             "name": server.name,
@@ -295,9 +315,14 @@ impl Dispatcher {
 
     /// A job that cannot be handed to any worker (its server's credentials are unreadable):
     /// fail it now with the reason rather than let it bounce between workers.
-    async fn fail_unrunnable(&self, job: &ClaimedJob, reason: String) -> Result<(), crate::storage::StorageError> {
+    async fn fail_unrunnable(
+        &self,
+        job: &ClaimedJob,
+        reason: String,
+    ) -> Result<(), crate::storage::StorageError> {
         tracing::error!(job.id = %job.id, %reason, "job cannot be dispatched");
-        let mut outcome = queue::Outcome::failure(crate::model::job::ErrorKind::Infrastructure, reason);
+        let mut outcome =
+            queue::Outcome::failure(crate::model::job::ErrorKind::Infrastructure, reason);
         outcome.retryable = false;
         let mut tx = self.pool.begin().await?;
         queue::complete(&mut tx, job.id, job.lease_token, &outcome).await?;

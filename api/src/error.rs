@@ -79,7 +79,11 @@ impl ApiError {
                 S::JobNotFound(_) => (StatusCode::NOT_FOUND, "job_not_found", None),
                 S::TokenNotFound(_) => (StatusCode::NOT_FOUND, "token_not_found", None),
                 S::ServerNotFound(_) => (StatusCode::NOT_FOUND, "server_not_found", None),
-                S::ServerNameTaken(_) => (StatusCode::CONFLICT, "server_name_taken", Some("name".into())),
+                S::ServerNameTaken(_) => (
+                    StatusCode::CONFLICT,
+                    "server_name_taken",
+                    Some("name".into()),
+                ),
                 S::ServerInUse(_) => (StatusCode::CONFLICT, "server_in_use", None),
                 S::EventNameTaken(_) => (
                     StatusCode::CONFLICT,
@@ -88,7 +92,9 @@ impl ApiError {
                 ),
                 S::EventBusy(_) => (StatusCode::CONFLICT, "event_busy", None),
                 S::LeaseLost { .. } => (StatusCode::CONFLICT, "lease_lost", None),
-                S::LogGap { .. } | S::LogsIncomplete { .. } => (StatusCode::CONFLICT, "log_sequence", None),
+                S::LogGap { .. } | S::LogsIncomplete { .. } => {
+                    (StatusCode::CONFLICT, "log_sequence", None)
+                }
                 S::JobFinished { .. } => (StatusCode::CONFLICT, "job_finished", None),
                 S::Database(sqlx::Error::PoolTimedOut) => (
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -130,7 +136,9 @@ pub fn grpc_status(err: &StorageError) -> tonic::Status {
         S::JobNotFound(_) | S::EventNotFound(_) | S::TokenNotFound(_) | S::ServerNotFound(_) => {
             tonic::Status::not_found(err.to_string())
         }
-        S::ServerNameTaken(_) | S::ServerInUse(_) => tonic::Status::failed_precondition(err.to_string()),
+        S::ServerNameTaken(_) | S::ServerInUse(_) => {
+            tonic::Status::failed_precondition(err.to_string())
+        }
         S::LogGap { .. } | S::LogsIncomplete { .. } => tonic::Status::out_of_range(err.to_string()),
         S::JobFinished { .. } | S::EventBusy(_) | S::EventNameTaken(_) => {
             tonic::Status::failed_precondition(err.to_string())

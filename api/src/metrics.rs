@@ -23,7 +23,9 @@ pub fn handle() -> &'static PrometheusHandle {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(
                 metrics_exporter_prometheus::Matcher::Full(DISPATCH_LATENCY.into()),
-                &[0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0],
+                &[
+                    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+                ],
             )
             .map(PrometheusBuilder::build_recorder);
         match recorder {
@@ -47,7 +49,10 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
     .await
     .unwrap_or_default();
     for status in ["queued", "claimed", "running"] {
-        let n = depth.iter().find(|(s, _)| s == status).map_or(0, |(_, n)| *n);
+        let n = depth
+            .iter()
+            .find(|(s, _)| s == status)
+            .map_or(0, |(_, n)| *n);
         metrics::gauge!("baton_jobs", "status" => status).set(n as f64);
     }
     metrics::gauge!("baton_workers_connected").set(state.dispatcher.connected_workers() as f64);

@@ -75,7 +75,11 @@ impl LogHub {
 /// Listens until `stop`; reconnects on its own (sqlx's listener does) and tells everyone to
 /// resync after a reconnect, since notifications sent meanwhile are lost.
 pub async fn run(state: crate::AppState, stop: CancellationToken) {
-    let (pool, dispatcher, hub) = (state.pool.clone(), state.dispatcher.clone(), state.hub.clone());
+    let (pool, dispatcher, hub) = (
+        state.pool.clone(),
+        state.dispatcher.clone(),
+        state.hub.clone(),
+    );
     let mut first = true;
     loop {
         let mut listener = match connect(&pool).await {
@@ -144,8 +148,17 @@ mod tests {
     #[test]
     fn parses_pointers() {
         let id = Uuid::now_v7();
-        assert_eq!(LogSignal::parse(&format!("{id}:42")), Some(LogSignal::Lines { job_id: id, seq: 42 }));
-        assert_eq!(LogSignal::parse(&format!("{id}:done")), Some(LogSignal::Finished { job_id: id }));
+        assert_eq!(
+            LogSignal::parse(&format!("{id}:42")),
+            Some(LogSignal::Lines {
+                job_id: id,
+                seq: 42
+            })
+        );
+        assert_eq!(
+            LogSignal::parse(&format!("{id}:done")),
+            Some(LogSignal::Finished { job_id: id })
+        );
         assert_eq!(LogSignal::parse("garbage"), None);
         assert_eq!(LogSignal::parse(&format!("{id}:x")), None);
     }

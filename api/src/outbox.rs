@@ -39,7 +39,12 @@ impl Deliverer {
             .user_agent(concat!("baton/", env!("CARGO_PKG_VERSION")))
             .build()
             .unwrap_or_default();
-        Self { pool, http, smtp, wake }
+        Self {
+            pool,
+            http,
+            smtp,
+            wake,
+        }
     }
 
     pub async fn run(self, stop: CancellationToken) {
@@ -94,7 +99,9 @@ impl Deliverer {
         let body = match m.channel.as_str() {
             "slack" => json!({"text": m.body}),
             "discord" => json!({"content": m.body}),
-            "webhook" => json!({"text": m.body, "subject": m.subject, "event": m.payload.0["event"], "job": m.payload.0["job"]}),
+            "webhook" => {
+                json!({"text": m.body, "subject": m.subject, "event": m.payload.0["event"], "job": m.payload.0["job"]})
+            }
             "email" => return self.email(m).await,
             other => return Err(format!("unknown channel {other}")),
         };
@@ -110,7 +117,11 @@ impl Deliverer {
             Ok(())
         } else {
             let text = response.text().await.unwrap_or_default();
-            Err(format!("{} answered {status}: {}", m.target, text.chars().take(200).collect::<String>()))
+            Err(format!(
+                "{} answered {status}: {}",
+                m.target,
+                text.chars().take(200).collect::<String>()
+            ))
         }
     }
 
@@ -121,8 +132,15 @@ impl Deliverer {
             .as_ref()
             .ok_or("email is not configured on the api (set BATON_SMTP_URL and BATON_SMTP_FROM)")?;
         let email = Message::builder()
-            .from(smtp.from.parse().map_err(|e| format!("BATON_SMTP_FROM {:?}: {e}", smtp.from))?)
-            .to(m.target.parse().map_err(|e| format!("recipient {:?}: {e}", m.target))?)
+            .from(
+                smtp.from
+                    .parse()
+                    .map_err(|e| format!("BATON_SMTP_FROM {:?}: {e}", smtp.from))?,
+            )
+            .to(m
+                .target
+                .parse()
+                .map_err(|e| format!("recipient {:?}: {e}", m.target))?)
             .subject(m.subject.clone())
             .body(m.body.clone())
             .map_err(|e| format!("cannot build the email: {e}"))?;
@@ -130,6 +148,10 @@ impl Deliverer {
             .map_err(|e| format!("BATON_SMTP_URL: {e}"))?
             .timeout(Some(Duration::from_secs(15)))
             .build();
-        transport.send(email).await.map(|_| ()).map_err(|e| format!("SMTP: {e}"))
+        transport
+            .send(email)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("SMTP: {e}"))
     }
 }

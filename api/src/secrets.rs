@@ -44,7 +44,11 @@ pub async fn readable_variables(
 }
 
 /// The secret values the job `job_id` may read.
-pub async fn readable_secrets(pool: &PgPool, vault: &Vault, job_id: Uuid) -> Result<Vec<String>, StorageError> {
+pub async fn readable_secrets(
+    pool: &PgPool,
+    vault: &Vault,
+    job_id: Uuid,
+) -> Result<Vec<String>, StorageError> {
     let event_id: Option<Uuid> = sqlx::query_scalar("SELECT event_id FROM jobs WHERE id = $1")
         .bind(job_id)
         .fetch_optional(pool)
@@ -73,7 +77,10 @@ mod tests {
     #[test]
     fn masks_every_occurrence_longest_first() {
         let secrets = vec!["hunter2-long".to_owned(), "hunter2".to_owned()];
-        assert_eq!(mask("pw=hunter2-long and hunter2", &secrets), "pw=*** and ***");
+        assert_eq!(
+            mask("pw=hunter2-long and hunter2", &secrets),
+            "pw=*** and ***"
+        );
         assert_eq!(mask("nothing here", &secrets), "nothing here");
     }
 }

@@ -25,8 +25,16 @@ pub async fn connect(config: &ApiConfig) -> anyhow::Result<PgPool> {
         .acquire_timeout(std::time::Duration::from_secs(10))
         .connect(&config.database_url)
         .await
-        .with_context(|| format!("cannot connect to PostgreSQL at {}", redact_url(&config.database_url)))?;
-    MIGRATOR.run(&pool).await.context("running database migrations")?;
+        .with_context(|| {
+            format!(
+                "cannot connect to PostgreSQL at {}",
+                redact_url(&config.database_url)
+            )
+        })?;
+    MIGRATOR
+        .run(&pool)
+        .await
+        .context("running database migrations")?;
     Ok(pool)
 }
 
@@ -90,16 +98,24 @@ impl Api {
         let state = self.state;
         let stop = state.stop.clone();
         let background = [
-            tokio::spawn(reaper::run(state.pool.clone(), state.config.reaper_interval, stop.clone())),
+            tokio::spawn(reaper::run(
+                state.pool.clone(),
+                state.config.reaper_interval,
+                stop.clone(),
+            )),
             tokio::spawn(state.dispatcher.clone().run(stop.clone())),
             tokio::spawn(notify::run(state.clone(), stop.clone())),
             tokio::spawn(
                 crate::outbox::Deliverer::new(
                     state.pool.clone(),
-                    state.config.smtp_url.clone().map(|url| crate::outbox::SmtpSettings {
-                        url,
-                        from: state.config.smtp_from.clone(),
-                    }),
+                    state
+                        .config
+                        .smtp_url
+                        .clone()
+                        .map(|url| crate::outbox::SmtpSettings {
+                            url,
+                            from: state.config.smtp_from.clone(),
+                        }),
                     state.outbox_wake.clone(),
                 )
                 .run(stop.clone()),
@@ -117,9 +133,10 @@ impl Api {
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
             .add_service(crate::grpc::WorkerGrpc::server(state.clone()))
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), async move {
-                grpc_stop.cancelled().await
-            });
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(grpc),
+                async move { grpc_stop.cancelled().await },
+            );
         let http_stop = stop.clone();
         let http_server = axum::serve(http, crate::http::router(state.clone()))
             .with_graceful_shutdown(async move { http_stop.cancelled().await });

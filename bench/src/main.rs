@@ -13,8 +13,11 @@
 //! PostgreSQL with a migrated template database, medians) are in [`support`].
 #![forbid(unsafe_code)]
 
+mod dispatch;
+mod logs;
 mod queue;
 mod support;
+mod throughput;
 
 use clap::{Parser, Subcommand};
 
@@ -35,6 +38,14 @@ enum Bench {
     /// No-op jobs through enqueue → claim → complete: the queue module against the same SQL
     /// issued by hand, on one private PostgreSQL.
     Queue(queue::Args),
+    /// Enqueue → process start latency of `exec true`, one job at a time on an idle worker
+    /// (api, worker and PostgreSQL timestamps): p50/p99.
+    Dispatch(dispatch::Args),
+    /// End-to-end jobs/s of `exec true` through api + gRPC + PostgreSQL with 1 and 4
+    /// in-process workers, beside the raw SQL loop of `queue`.
+    Throughput(throughput::Args),
+    /// One job printing 200 MB: MiB/s persisted and lines lost.
+    Logs(logs::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +56,9 @@ fn main() -> anyhow::Result<()> {
     let summary: Summary = runtime.block_on(async {
         match cli.bench {
             Bench::Queue(args) => queue::run(args).await,
+            Bench::Dispatch(args) => dispatch::run(args).await,
+            Bench::Throughput(args) => throughput::run(args).await,
+            Bench::Logs(args) => logs::run(args).await,
         }
     })?;
     println!("{summary}");

@@ -254,6 +254,34 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
         .field("ratio", format!("{:.2}", jobs_per_s / raw_jobs_per_s)))
 }
 
+/// The raw path alone on a database of its own, `name`, cloned from the template: an
+/// unmeasured warm-up of `warmup_jobs`, then one measured phase of `jobs` jobs on `clients`
+/// clients with batch `batch`. Returns its jobs per second (the baseline other benchmarks
+/// compare against, run beside them on the same PostgreSQL).
+pub async fn raw_rate(
+    cluster: &baton_devdb::Cluster,
+    name: &str,
+    jobs: u64,
+    clients: u32,
+    batch: u64,
+    warmup_jobs: u64,
+) -> anyhow::Result<f64> {
+    check_sql_matches_module()?;
+    let pool = support::database(cluster, name, clients).await?;
+    let event = insert_event(&pool).await?;
+    let target = Target {
+        path: Path::Raw,
+        pool,
+        ctx: Arc::new(Ctx::new(event, batch)?),
+    };
+    if warmup_jobs > 0 {
+        phase(&target, warmup_jobs, clients).await?;
+    }
+    let stats = phase(&target, jobs, clients).await?;
+    target.pool.close().await;
+    Ok(stats.rate)
+}
+
 /// What one phase measured.
 struct PhaseStats {
     jobs: u64,

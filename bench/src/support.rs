@@ -1,13 +1,19 @@
-//! What several benchmarks share: a private PostgreSQL with a migrated template database, the
-//! summary line, medians.
+//! What several benchmarks share: a private PostgreSQL with a migrated template database, an
+//! api replica and workers in this process, a REST client with the admin token, the summary
+//! line, medians and quantiles.
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{Context, bail, ensure};
 use baton_devdb::Cluster;
+use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
 
 /// The migrated template every benchmark database is cloned from.
 pub const TEMPLATE: &str = "baton_template";
@@ -126,6 +132,259 @@ impl fmt::Display for Summary {
     }
 }
 
+/// The admin token every benchmark api replica is started with.
+pub const ADMIN_TOKEN: &str = "bench-admin-token-0123456789abcdef";
+/// The master key of every benchmark replica (secrets are not used, but the api wants a
+/// valid one to store any).
+const MASTER_KEY: &str = "bench-master-key-0123456789abcdef-0123456789";
+
+/// An api replica running in this process on 127.0.0.1:0, on its own database.
+pub struct ApiHandle {
+    /// The worker gRPC endpoint, `http://127.0.0.1:PORT`.
+    pub grpc_address: String,
+    /// A REST client with the admin token.
+    pub rest: Rest,
+    /// The benchmark's own pool on the replica's database (for measurements; not the api's).
+    pub pool: PgPool,
+    /// The database's name (for [`backends_cpu`]).
+    pub database: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Creates database `name` from the template and starts an api replica on it (HTTP and
+/// gRPC on 127.0.0.1:0, [`ADMIN_TOKEN`] bootstrapped); `adjust` may change the config
+/// first. The benchmark's own pool holds `connections` connections.
+///
+/// The listeners are bound as `baton-api` binds them (plain `TcpListener::bind`), unless
+/// `BENCH_LISTENER_NODELAY=1`: then they carry `TCP_NODELAY`, which Linux copies to every
+/// accepted socket — a diagnostic for what Nagle's algorithm on the api's sockets costs.
+pub async fn start_api(
+    cluster: &Cluster,
+    name: &str,
+    connections: u32,
+    adjust: impl FnOnce(&mut baton_api::ApiConfig),
+) -> anyhow::Result<ApiHandle> {
+    let pool = database(cluster, name, connections).await?;
+    let mut config = baton_api::ApiConfig::new(cluster.url(name));
+    config.admin_token = Some(ADMIN_TOKEN.to_owned());
+    config.master_key = Some(MASTER_KEY.to_owned());
+    adjust(&mut config);
+    let (api, _) = baton_api::Api::start(config)
+        .await
+        .context("starting the api")?;
+    let http = listen()?;
+    let grpc = listen()?;
+    let http_address = format!("http://{}", http.local_addr()?);
+    let grpc_address = format!("http://{}", grpc.local_addr()?);
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(api.serve(http, grpc, async move {
+        let _ = rx.await;
+    }));
+    Ok(ApiHandle {
+        grpc_address,
+        rest: Rest::new(http_address, ADMIN_TOKEN)?,
+        pool,
+        database: name.to_owned(),
+        shutdown: Some(tx),
+        server: Some(server),
+    })
+}
+
+/// Whether `BENCH_LISTENER_NODELAY=1` is set (see [`start_api`]).
+pub fn listener_nodelay() -> bool {
+    std::env::var("BENCH_LISTENER_NODELAY").is_ok_and(|v| v == "1")
+}
+
+/// A listener on 127.0.0.1:0 (with `TCP_NODELAY` if [`listener_nodelay`]).
+fn listen() -> anyhow::Result<TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    if listener_nodelay() {
+        socket.set_nodelay(true)?;
+    }
+    socket.bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    Ok(socket.listen(1024)?)
+}
+
+impl ApiHandle {
+    /// Stops the replica (waiting for in-flight requests) and closes the benchmark's pool.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.context("the api task panicked")??;
+        }
+        self.pool.close().await;
+        Ok(())
+    }
+
+    /// Creates an event from its JSON definition and returns its id.
+    pub async fn create_event(&self, spec: &Value) -> anyhow::Result<String> {
+        let event = self.rest.post("/api/v1/events", spec).await?;
+        event["id"]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("no id in the created event: {event}"))
+    }
+
+    /// Runs an event through `POST /api/v1/events/{id}/run`; returns the job's id.
+    pub async fn run_event(&self, event_id: &str) -> anyhow::Result<Uuid> {
+        let answer = self
+            .rest
+            .post(&format!("/api/v1/events/{event_id}/run"), &json!({}))
+            .await?;
+        let id = answer["job_id"]
+            .as_str()
+            .with_context(|| format!("no job_id in the answer: {answer}"))?;
+        Ok(id.parse()?)
+    }
+
+    /// Starts an in-process worker offering `local` with `slots` slots, under a fresh worker
+    /// token.
+    pub async fn start_worker(&self, slots: u32) -> anyhow::Result<WorkerHandle> {
+        let answer = self
+            .rest
+            .post(
+                "/api/v1/tokens",
+                &json!({"name": format!("bench worker {}", Uuid::now_v7()), "role": "worker"}),
+            )
+            .await?;
+        let token = answer["token"]
+            .as_str()
+            .with_context(|| format!("no token in the answer: {answer}"))?;
+        let mut config = baton_worker::WorkerConfig::new(self.grpc_address.clone(), token);
+        config.allow_local = true;
+        config.slots = slots;
+        config.drain_timeout = Duration::from_secs(5);
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(baton_worker::run(config, async move {
+            let _ = rx.await;
+        }));
+        Ok(WorkerHandle {
+            stop: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    /// Waits until `count` workers are connected to the api (`GET /api/v1/workers`).
+    pub async fn wait_workers(&self, count: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let n: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM workers WHERE disconnected_at IS NULL")
+                    .fetch_one(&self.pool)
+                    .await?;
+            if usize::try_from(n)? >= count {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "only {n} of {count} workers connected after 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// An in-process worker (`baton_worker::run`); [`WorkerHandle::stop`] drains it.
+pub struct WorkerHandle {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl WorkerHandle {
+    /// Stops the worker and waits (60 s at most) for it to drain.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(60), task)
+                .await
+                .context("the worker did not stop within 60 s")?
+                .context("the worker task panicked")??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A REST client for one replica, sending a bearer token.
+#[derive(Clone)]
+pub struct Rest {
+    client: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Rest {
+    pub fn new(base: String, token: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()?,
+            base,
+            token: token.to_owned(),
+        })
+    }
+
+    /// `POST path` with a JSON body; the JSON answer, or an error unless the status is 2xx.
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let request = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(body);
+        Self::answer(request, path).await
+    }
+
+    async fn answer(request: reqwest::RequestBuilder, path: &str) -> anyhow::Result<Value> {
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("sending {path}"))?;
+        let status = response.status();
+        let bytes = response.bytes().await?;
+        if !status.is_success() {
+            bail!("{path}: {status}: {}", String::from_utf8_lossy(&bytes));
+        }
+        if bytes.is_empty() {
+            return Ok(Value::Null);
+        }
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+}
+
+/// CPU time used so far by the PostgreSQL backends connected to `database` (the api's, the
+/// benchmark's); `None` where `/proc` is unavailable. Backends that exit take their time with
+/// them, so compare two readings taken while the same pools are open.
+pub async fn backends_cpu(pool: &PgPool, database: &str) -> anyhow::Result<Option<Duration>> {
+    let pids: Vec<i32> = sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE datname = $1")
+        .bind(database)
+        .fetch_all(pool)
+        .await?;
+    Ok(pids.iter().map(|pid| cpu_time(&pid.to_string())).sum())
+}
+
+/// The `q`-quantile (0..=1, nearest rank) of `values`; NaN for none.
+pub fn quantile(values: &[f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,6 +395,16 @@ mod tests {
         assert_eq!(median(&[3.0]), 3.0);
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn quantiles() {
+        assert!(quantile(&[], 0.5).is_nan());
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&v, 0.5), 50.0);
+        assert_eq!(quantile(&v, 0.99), 99.0);
+        assert_eq!(quantile(&v, 1.0), 100.0);
+        assert_eq!(quantile(&[7.0], 0.99), 7.0);
     }
 
     #[test]

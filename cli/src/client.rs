@@ -74,6 +74,27 @@ impl Client {
         Ok(value)
     }
 
+    /// Opens a streaming GET (Server-Sent Events) and returns the response once it is 2xx.
+    pub async fn stream(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the api at {}", self.base))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let value: Value = resp.json().await.unwrap_or(Value::Null);
+            bail!(
+                "GET {path}: {status}: {}",
+                value["error"]["message"].as_str().unwrap_or("")
+            );
+        }
+        Ok(resp)
+    }
+
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
         self.call(Method::GET, path, None).await
     }

@@ -1,7 +1,5 @@
 //! The REST subcommands: events, run, jobs, logs, tokens.
 
-use std::time::Duration;
-
 use anyhow::{Context, bail};
 use clap::Subcommand;
 use reqwest::Method;
@@ -279,24 +277,34 @@ fn print_lines(lines: &[Value]) {
     }
 }
 
-/// Prints lines as they arrive until the job finishes.
+/// Prints lines live (the api's Server-Sent Events stream) until the job finishes.
 async fn follow_logs(client: &Client, id: &str) -> anyhow::Result<()> {
-    let mut after = 0;
-    loop {
-        let page = client
-            .get(&format!("/api/v1/jobs/{id}/logs?after={after}&limit=10000"))
-            .await?;
-        let lines = page["lines"].as_array().cloned().unwrap_or_default();
-        print_lines(&lines);
-        after = page["next"].as_i64().unwrap_or(after);
-        if page["done"].as_bool().unwrap_or(false) {
-            return Ok(());
-        }
-        if lines.is_empty() {
-            // Between pages of a live job; the SSE stream is the push alternative.
-            tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut response = client
+        .stream(&format!("/api/v1/jobs/{id}/logs/stream"))
+        .await?;
+    let mut buffer: Vec<u8> = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        buffer.extend_from_slice(&chunk);
+        while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+            let block: Vec<u8> = buffer.drain(..end + 2).collect();
+            let block = String::from_utf8_lossy(&block);
+            let mut event = "message";
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(e) = line.strip_prefix("event:") {
+                    event = e.trim();
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    data.push_str(d.trim_start());
+                }
+            }
+            match event {
+                "line" => print_lines(&[serde_json::from_str(&data).unwrap_or(Value::Null)]),
+                "status" => return Ok(()),
+                _ => {}
+            }
         }
     }
+    Ok(())
 }
 
 /// An event id from an id or a name.

@@ -87,8 +87,34 @@ async fn serve(
     };
     let mut config = baton_api::ApiConfig::new(cluster.url("baton"));
     config.listen = args.listen;
+    config.grpc_listen = args.grpc_listen;
     config.admin_token = Some(admin_token.clone());
+    config.master_key = Some(stored_secret(data_dir, "master-key")?);
     let (api, _) = baton_api::Api::start(config).await?;
+    let worker_token = stored_secret(data_dir, "worker-token")?;
+    baton_api::auth::register_token(
+        &api.state.pool,
+        "baton dev worker",
+        baton_api::model::Role::Worker,
+        &worker_token,
+    )
+    .await?;
+
+    // One local worker. Ctrl-C drains it first (running jobs finish), then stops the api.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut worker_config =
+        baton_worker::WorkerConfig::new(format!("http://{}", grpc.local_addr()?), worker_token);
+    worker_config.allow_local = true;
+    worker_config.name = Some("baton-dev-local".into());
+    let worker_stop = stop.clone();
+    let worker = tokio::spawn(baton_worker::run(worker_config, async move {
+        worker_stop.cancelled().await
+    }));
+    let signal_stop = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        signal_stop.cancel();
+    });
 
     let url = format!("http://{}", http.local_addr()?);
     println!("Baton is running.");
@@ -98,10 +124,20 @@ async fn serve(
     println!("Try it:");
     println!("  export BATON_URL={url} BATON_TOKEN={admin_token}");
     println!(
-        "  curl -s -H \"Authorization: Bearer $BATON_TOKEN\" -d '{{\"name\":\"hello\",\"runtime\":\"bash\",\"content\":\"echo hello\",\"executor\":\"local\"}}' $BATON_URL/api/v1/events"
+        "  curl -s -H \"Authorization: Bearer $BATON_TOKEN\" -d '{{\"name\":\"hello\",\"runtime\":\"bash\",\"executor\":\"local\",\"content\":\"for i in 1 2 3; do echo tick $i; sleep 1; done\"}}' $BATON_URL/api/v1/events"
     );
+    println!("  baton run hello --wait        # queues it and follows its live log");
+    println!("  A local worker (baton-dev-local, 4 slots) is connected.");
     println!("Press Ctrl-C to stop.");
-    api.serve(http, grpc, shutdown_signal()).await
+    api.serve(http, grpc, async move {
+        stop.cancelled().await;
+        match worker.await {
+            Ok(Err(e)) => eprintln!("worker: {e:#}"),
+            Err(e) => eprintln!("worker task: {e}"),
+            Ok(Ok(())) => {}
+        }
+    })
+    .await
 }
 
 /// Creates `name` unless it exists (`baton dev` run again reuses the data).

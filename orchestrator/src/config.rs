@@ -51,6 +51,17 @@ pub struct WorkerConfig {
           value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_local: bool,
 
+    /// Do not offer the `container` executor, even when a Docker engine answers (by default it
+    /// is offered when one does). Also `BATON_WORKER_NO_CONTAINER=true`.
+    #[arg(long, env = "BATON_WORKER_NO_CONTAINER",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_container: bool,
+
+    /// This worker's id (a UUID) [default: a new one at each start]. Give a restarted worker
+    /// the same id so it keeps its identity and removes the containers its previous run left.
+    #[arg(long, env = "BATON_WORKER_ID")]
+    pub worker_id: Option<uuid::Uuid>,
+
     /// On shutdown, how long running jobs may go on before they are cancelled (`30s`, `2m`,
     /// `500ms`; a bare number is seconds).
     #[arg(long, env = "BATON_WORKER_DRAIN_TIMEOUT", default_value = "30s",
@@ -71,8 +82,10 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
-    /// A configuration with every default: name = host name, 4 slots, no labels, no executor
-    /// offered (set [`WorkerConfig::allow_local`] to offer `local`), 30 s drain, 1 MiB outputs.
+    /// A configuration with every default: name = host name, a new worker id, 4 slots, no
+    /// labels, `ssh` offered, `container` offered when a Docker engine answers (unless
+    /// [`WorkerConfig::no_container`]), `local` not offered (set [`WorkerConfig::allow_local`]),
+    /// 30 s drain, 1 MiB outputs.
     pub fn new(api_url: impl Into<String>, token: impl Into<String>) -> Self {
         WorkerConfig {
             api_url: api_url.into(),
@@ -81,6 +94,8 @@ impl WorkerConfig {
             slots: DEFAULT_SLOTS,
             labels: Labels::default(),
             allow_local: false,
+            no_container: false,
+            worker_id: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
             max_unacked_log_bytes: DEFAULT_MAX_UNACKED_LOG_BYTES,
@@ -98,6 +113,8 @@ impl fmt::Debug for WorkerConfig {
             .field("slots", &self.slots)
             .field("labels", &self.labels)
             .field("allow_local", &self.allow_local)
+            .field("no_container", &self.no_container)
+            .field("worker_id", &self.worker_id)
             .field("drain_timeout", &self.drain_timeout)
             .field("max_output_bytes", &self.max_output_bytes)
             .field("max_unacked_log_bytes", &self.max_unacked_log_bytes)
@@ -263,6 +280,8 @@ mod tests {
         assert_eq!(c.api_url, DEFAULT_API_URL);
         assert_eq!(c.slots, 4);
         assert!(!c.allow_local);
+        assert!(!c.no_container);
+        assert_eq!(c.worker_id, None);
         assert_eq!(c.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
         assert_eq!(c.max_output_bytes, DEFAULT_MAX_OUTPUT_BYTES);
         assert!(c.labels.0.is_empty());
@@ -281,8 +300,17 @@ mod tests {
             "5s",
             "--max-output-bytes",
             "2MiB",
+            "--no-container",
+            "--worker-id",
+            "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b",
         ])
         .unwrap();
+        assert!(cli.config.no_container);
+        assert_eq!(
+            cli.config.worker_id.map(|id| id.to_string()).as_deref(),
+            Some("0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b")
+        );
+        assert!(Cli::try_parse_from(["w", "--token", "t", "--worker-id", "nope"]).is_err());
         assert_eq!(
             cli.config.labels,
             Labels::from_pairs([("a", "1"), ("b", "2")])

@@ -18,9 +18,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::executor::ssh::SshTarget;
 use crate::executor::{
     DEFAULT_TIMEOUT, ErrorKind, ExecError, ExecEvent, Executor, HttpRequestSpec, OutputStream,
-    RunOutcome, RunResult, RunSpec, Runtime,
+    ResourceLimits, RunOutcome, RunResult, RunSpec, Runtime,
 };
 use crate::logbook::{BatchLimits, Batcher};
 use crate::rundir::{self, Collected, RunFiles};
@@ -88,6 +89,12 @@ struct EventSnapshot {
     executor: Option<String>,
     #[serde(default)]
     server_id: Option<Value>,
+    #[serde(default)]
+    image: Option<String>,
+    #[serde(default)]
+    network: Option<bool>,
+    #[serde(default)]
+    limits: Option<ResourceLimits>,
 }
 
 /// Resolves an assignment into a plan: parses the event snapshot and the context, picks the
@@ -155,11 +162,22 @@ pub(crate) fn plan(
         Some(s) if s > 0 => Duration::from_secs(s.unsigned_abs()),
         _ => DEFAULT_TIMEOUT,
     };
+    let ssh = server_target(&a.server_json)?;
+    if executor_name == "ssh" && ssh.is_none() {
+        return Err(Failure::infrastructure(
+            "the job runs on the ssh executor but its assignment names no server",
+            false,
+        ));
+    }
     let spec = RunSpec {
         content: snapshot.content,
         command: snapshot.command,
         request: snapshot.request,
         env: snapshot.env.unwrap_or_default(),
+        image: snapshot.image.filter(|i| !i.trim().is_empty()),
+        network: snapshot.network.unwrap_or(false),
+        limits: snapshot.limits,
+        ssh,
         ..RunSpec::script(runtime, "")
             .with_job_id(job_uuid)
             .with_timeout(timeout)
@@ -197,6 +215,31 @@ pub(crate) fn plan(
             variables,
         },
     })
+}
+
+/// The server of an ssh job (`Assignment.server_json`; empty for other executors). Errors name
+/// the field but never quote the JSON, which carries credentials.
+fn server_target(server_json: &str) -> Result<Option<SshTarget>, Failure> {
+    if server_json.trim().is_empty() {
+        return Ok(None);
+    }
+    let mut de = serde_json::Deserializer::from_str(server_json);
+    serde_path_to_error::deserialize(&mut de)
+        .map(Some)
+        .map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.inner().to_string();
+            // "missing field `x`" is safe to show; other messages may quote a value.
+            let detail = if inner.starts_with("missing field") {
+                format!(": {inner}")
+            } else {
+                String::new()
+            };
+            Failure::infrastructure(
+                format!("the job's server definition is invalid at `{path}`{detail}"),
+                false,
+            )
+        })
 }
 
 /// `event.json`: the documented fields from the assignment, overridden by the context's
@@ -271,7 +314,11 @@ pub(crate) fn verdict(outcome: &RunOutcome, collected: &Collected) -> Verdict {
                     // An invalid definition fails the same way every time.
                     !matches!(outcome.error, Some(ExecError::InvalidSpec { .. })),
                 ),
-                ErrorKind::Infrastructure => (WireKind::Infrastructure, true),
+                // A server that refuses us (authentication, host key) refuses every attempt.
+                ErrorKind::Infrastructure => (
+                    WireKind::Infrastructure,
+                    !matches!(&outcome.error, Some(ExecError::Ssh(e)) if !e.is_retryable()),
+                ),
                 ErrorKind::Timeout => (WireKind::Timeout, true),
                 ErrorKind::Cancelled => (WireKind::Cancelled, false),
             };
@@ -429,6 +476,7 @@ pub(crate) async fn run(
         }
     }
 
+    let server_id = spec.ssh.as_ref().map(|t| t.server_id);
     spec.run_dir = Some(dir.clone());
     spec.helpers_dir = Some(shared.files.helpers_dir());
     let stop_at = Instant::now().checked_add(spec.timeout);
@@ -500,6 +548,11 @@ pub(crate) async fn run(
         guard.reported = true; // nothing more may be said about it
         remove_dir(dir).await;
         return;
+    }
+
+    if let (Some(server_id), Some(host_key)) = (server_id, &outcome.observed_host_key) {
+        tracing::info!(server.id = %server_id, "reporting the host key seen on first use");
+        shared.job_host_key_seen(&key, server_id, host_key);
     }
 
     let max_output = shared.config.max_output_bytes;
@@ -619,6 +672,53 @@ mod tests {
     }
 
     #[test]
+    fn maps_container_fields_and_the_server() {
+        let container: Arc<dyn Executor> = Arc::new(LocalExecutor::default());
+        let mut executors = executors();
+        executors.insert("container", container.clone());
+        executors.insert("ssh", container);
+        let a = assignment(serde_json::json!({
+            "runtime": "python", "content": "print(1)", "executor": "container",
+            "image": "python:3.13-slim", "network": true, "limits": {"memory_mib": 256, "cpus": 0.5}
+        }));
+        let planned = plan(&a, &executors).unwrap();
+        assert_eq!(planned.spec.image.as_deref(), Some("python:3.13-slim"));
+        assert!(planned.spec.network);
+        let limits = planned.spec.limits.unwrap();
+        assert_eq!(
+            (limits.memory_mib, limits.cpus, limits.pids),
+            (Some(256), Some(0.5), None)
+        );
+        assert!(planned.spec.ssh.is_none());
+
+        let server_id = "0190a1b2-0000-7000-8000-00000000000a";
+        let mut a = assignment(serde_json::json!({
+            "runtime": "bash", "content": "true", "executor": "ssh", "server_id": server_id
+        }));
+        a.server_json = serde_json::json!({
+            "server_id": server_id, "name": "web1", "host": "10.0.0.5", "port": 2222,
+            "username": "deploy", "auth": {"password": "hunter2"},
+            "host_key_policy": "strict", "host_key": "ssh-ed25519 AAAA", "max_concurrent": 2
+        })
+        .to_string();
+        let plan_ssh = plan(&a, &executors).unwrap();
+        let target = plan_ssh.spec.ssh.unwrap();
+        assert_eq!(target.server_id.to_string(), server_id);
+        assert_eq!((target.host.as_str(), target.port), ("10.0.0.5", 2222));
+        assert!(!plan_ssh.spec.network);
+
+        a.server_json = serde_json::json!({"server_id": server_id, "host": 5, "username": "u",
+            "auth": {"password": "hunter2"}})
+        .to_string();
+        let f = plan(&a, &executors).err().unwrap();
+        assert!(!f.retryable);
+        assert!(f.message.contains("at `host`"), "{}", f.message);
+        a.server_json = String::new();
+        let f = plan(&a, &executors).err().unwrap();
+        assert!(f.message.contains("names no server"), "{}", f.message);
+    }
+
+    #[test]
     fn refuses_what_it_cannot_run() {
         let f = plan(
             &assignment(serde_json::json!({"runtime": "bash", "content": "x"})),
@@ -715,6 +815,20 @@ mod tests {
         );
         assert_eq!((v.kind, v.retryable), (WireKind::Infrastructure, true));
         assert_eq!(v.message, "failed to start: no bash");
+        // a server that refuses us is not retried; one that is down is
+        let mismatch = crate::executor::ssh::SshError::HostKeyMismatch {
+            address: "h:22".into(),
+            expected: "SHA256:a".into(),
+            presented: "SHA256:b".into(),
+        };
+        let v = verdict(&outcome(None, Some(ExecError::Ssh(mismatch))), &ok);
+        assert_eq!((v.kind, v.retryable), (WireKind::Infrastructure, false));
+        let session = crate::executor::ssh::SshError::Session {
+            address: "h:22".into(),
+            message: "lost".into(),
+        };
+        let v = verdict(&outcome(None, Some(ExecError::Ssh(session))), &ok);
+        assert_eq!((v.kind, v.retryable), (WireKind::Infrastructure, true));
         let v = verdict(
             &outcome(None, Some(ExecError::invalid_spec("no script"))),
             &ok,

@@ -20,14 +20,14 @@
 //!                 └──────▲──────────────────────────────────▲────────────────┘
 //!                        │ Assignment → spawn               │ batches, Started, Progress,
 //!                        ▼                                  │ Finished
-//!                 job task (one per run) ◄── ExecEvent ── Executor (local, …)
+//!                 job task (one per run) ◄── ExecEvent ── Executor (local, container, ssh)
 //! ```
 //!
 //! * **Session** (`session` module). One long-lived `Session` stream at a time. The worker
-//!   queues `Hello` (its id — a UUIDv7 made once per [`Worker`] —, name, labels, executors,
-//!   slots, and the jobs it still holds), waits for `Welcome`, then dispatches the api's
-//!   messages and sends a `Heartbeat` (every held job, free slots) every
-//!   `heartbeat_interval_ms`. When the stream breaks, it reconnects forever with exponential
+//!   queues `Hello` (its id — [`WorkerConfig::worker_id`], else a UUIDv7 made once per
+//!   [`Worker`] —, name, labels, executors, slots, and the jobs it still holds), waits for
+//!   `Welcome`, then dispatches the api's messages and sends a `Heartbeat` (every held job,
+//!   free slots) every `heartbeat_interval_ms`. When the stream breaks, it reconnects forever with exponential
 //!   backoff and full jitter (100 ms doubling to a 10 s cap), logging each failed attempt once
 //!   at `warn`.
 //! * **One outbound queue per session.** Everything for the api goes through the state:
@@ -44,17 +44,19 @@
 //!   `docs/helpers.md` specifies (`input.json`, `event.json` from the context's `"event"`,
 //!   `vars/KEY` from its `"variables"`), next to the runtime helpers, which are embedded in
 //!   the binary and written once per worker to a private temporary directory. Output lines
-//!   are numbered 1, 2, 3, … and sent in `LogBatch`es closed at 256 KiB, 500 lines, or 20 ms
-//!   after their first line. A job with more than
+//!   are numbered 1, 2, 3, … and sent in `LogBatch`es closed when they reach a size or a
+//!   number of lines, or 20 ms after their first line ([`logbook::BatchLimits`]). A job with
+//!   more than
 //!   [`WorkerConfig::max_unacked_log_bytes`] unacknowledged stops reading its executor's
 //!   events until acknowledgements arrive: the back-pressure reaches the process through its
 //!   pipe. At the end `out/` is collected (output JSON within
 //!   [`WorkerConfig::max_output_bytes`], condition, variables) into `Finished`, and the run
 //!   directory is removed. A job holds a slot until its process has ended.
 //! * **Errors.** The executor's verdict maps to the protocol's `ErrorKind`: script,
-//!   infrastructure and timeout failures are retryable; cancellations, invalid outputs and
-//!   invalid definitions are not. A job this worker cannot run (executor not offered,
-//!   unknown runtime, draining) is finished at once as an infrastructure error.
+//!   infrastructure and timeout failures are retryable (except ssh authentication and host
+//!   key failures); cancellations, invalid outputs and invalid definitions are not. A job
+//!   this worker cannot run (executor not offered, unknown runtime, draining) is finished at
+//!   once as an infrastructure error.
 //! * **Cancel / LeaseLost.** `Cancel` fires the job's cancellation token (the executor kills
 //!   the process tree and the job reports `CANCELLED`). `LeaseLost` also removes the job's
 //!   entry: its task notices, discards the rest of the run and sends nothing more.
@@ -62,6 +64,11 @@
 //!   assignments are finished at once as "worker draining" (retryable), running jobs get
 //!   [`WorkerConfig::drain_timeout`] to finish, then are cancelled; the worker waits (at most
 //!   10 s) for their completions to be acknowledged and returns.
+//! * **Executors** ([`executors_for`]): `ssh` always (the server comes in the assignment's
+//!   `server_json`; a host key accepted on first use is reported as `HostKeySeen`),
+//!   `container` when a Docker engine answers at start (its reaper removes this worker id's
+//!   orphaned containers at start and every 5 minutes), `local` with
+//!   [`WorkerConfig::allow_local`].
 //!
 //! Every job's work runs in a `tracing` span `job` with `job.id`, `event.id` and `attempt`.
 

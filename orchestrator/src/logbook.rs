@@ -260,7 +260,7 @@ mod tests {
 
     #[test]
     fn large_output_makes_large_batches() {
-        let mut b = Batcher::new(BatchLimits::default());
+        let mut b = Batcher::new(limits(256 * 1024, 500));
         let now = Instant::now();
         let mut batches = Vec::new();
         for i in 0..10_000 {

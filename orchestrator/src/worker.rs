@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use baton_proto::v1::{
-    Assignment, Drain, Finished, Heartbeat, HeldJob, Hello, LogBatch, LogLine, Progress,
-    ServerMessage, Started, Welcome, WorkerMessage,
+    Assignment, Drain, Finished, Heartbeat, HeldJob, Hello, HostKeySeen, LogBatch, LogLine,
+    Progress, ServerMessage, Started, Welcome, WorkerMessage,
 };
 use baton_proto::{ServerMsg, WorkerMsg};
 use tokio::sync::{Notify, mpsc, watch};
@@ -21,7 +21,8 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::config::WorkerConfig;
-use crate::executor::{Executor, LocalExecutor};
+use crate::executor::ssh::{SshConfig, SshExecutor};
+use crate::executor::{ContainerConfig, ContainerExecutor, Executor, LocalExecutor};
 use crate::job::{self, Failure};
 use crate::logbook::Unacked;
 use crate::rundir::ScratchDir;
@@ -31,8 +32,28 @@ use crate::session;
 /// completions to be acknowledged.
 const FINAL_ACK_WAIT: Duration = Duration::from_secs(10);
 
-/// The executors this worker offers, by name. Adding an executor is one line here.
-pub fn executors_for(config: &WorkerConfig) -> HashMap<&'static str, Arc<dyn Executor>> {
+/// How often the container executor looks for containers of this worker that no run owns.
+const REAP_INTERVAL: Duration = Duration::from_secs(300);
+
+/// The executors a worker with `config` and id `worker_id` offers, by name: `ssh` always,
+/// `container` when a Docker engine answers (unless [`WorkerConfig::no_container`]; without an
+/// engine a warning is logged and it is not offered), `local` with
+/// [`WorkerConfig::allow_local`]. Adding an executor is a few lines here.
+pub async fn executors_for(
+    config: &WorkerConfig,
+    worker_id: Uuid,
+) -> HashMap<&'static str, Arc<dyn Executor>> {
+    offered_executors(config, worker_id).await.0
+}
+
+/// [`executors_for`], plus the container executor itself (for its reaper).
+async fn offered_executors(
+    config: &WorkerConfig,
+    worker_id: Uuid,
+) -> (
+    HashMap<&'static str, Arc<dyn Executor>>,
+    Option<Arc<ContainerExecutor>>,
+) {
     let mut executors: HashMap<&'static str, Arc<dyn Executor>> = HashMap::new();
     let mut offer = |executor: Arc<dyn Executor>| {
         executors.insert(executor.name(), executor);
@@ -40,8 +61,25 @@ pub fn executors_for(config: &WorkerConfig) -> HashMap<&'static str, Arc<dyn Exe
     if config.allow_local {
         offer(Arc::new(LocalExecutor::default()));
     }
-    // container (bollard) and ssh (russh) executors: offer them here when they exist.
-    executors
+    offer(Arc::new(SshExecutor::new(SshConfig::default())));
+    let mut container = None;
+    if config.no_container {
+        tracing::info!("the container executor is disabled (--no-container)");
+    } else {
+        match ContainerExecutor::connect(ContainerConfig::new(worker_id.to_string())).await {
+            Ok(executor) => {
+                let executor = Arc::new(executor);
+                offer(executor.clone());
+                container = Some(executor);
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "the container executor is not offered (start the worker with --no-container \
+                 to silence this)"
+            ),
+        }
+    }
+    (executors, container)
 }
 
 /// A message for the api, as queued on a session's outbound queue. Log batches are shared with
@@ -507,6 +545,21 @@ impl Shared {
         true
     }
 
+    /// The ssh executor accepted a server's host key on first use: the api records it. Sent
+    /// only if connected (the executor reports the key again on the server's next run).
+    pub(crate) fn job_host_key_seen(&self, key: &JobKey, server_id: Uuid, host_key: &str) {
+        let mut st = self.lock();
+        if st.entry(key).is_none() {
+            return;
+        }
+        st.send(Outgoing::Msg(WorkerMsg::HostKeySeen(HostKeySeen {
+            job_id: key.job_id.clone(),
+            lease_token: key.lease_token,
+            server_id: server_id.to_string(),
+            host_key: host_key.to_owned(),
+        })));
+    }
+
     /// The run's completion: kept until acknowledged, sent now if connected.
     pub(crate) fn job_finished(&self, key: &JobKey, finished: Finished) {
         let mut st = self.lock();
@@ -530,6 +583,8 @@ impl Shared {
 /// A worker process: connects to the api, runs the jobs pushed to it, drains on shutdown.
 pub struct Worker {
     shared: Arc<Shared>,
+    /// The container executor, when offered by [`Worker::new`]: its reaper runs with the worker.
+    container: Option<Arc<ContainerExecutor>>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -543,10 +598,15 @@ impl std::fmt::Debug for Worker {
 }
 
 impl Worker {
-    /// A worker offering the executors that `config` enables ([`executors_for`]).
-    pub fn new(config: WorkerConfig) -> anyhow::Result<Self> {
-        let executors = executors_for(&config);
-        Self::with_executors(config, executors)
+    /// A worker offering the executors that `config` enables ([`executors_for`]); while it
+    /// runs, the container executor (when offered) removes this worker id's orphaned
+    /// containers at start and then every 5 minutes.
+    pub async fn new(config: WorkerConfig) -> anyhow::Result<Self> {
+        let worker_id = config.worker_id.unwrap_or_else(Uuid::now_v7);
+        let (executors, container) = offered_executors(&config, worker_id).await;
+        let mut worker = Self::build(config, worker_id, executors)?;
+        worker.container = container;
+        Ok(worker)
     }
 
     /// A worker offering exactly `executors` (keyed by [`Executor::name`]).
@@ -557,12 +617,17 @@ impl Worker {
         config: WorkerConfig,
         executors: HashMap<&'static str, Arc<dyn Executor>>,
     ) -> anyhow::Result<Self> {
+        let worker_id = config.worker_id.unwrap_or_else(Uuid::now_v7);
+        Self::build(config, worker_id, executors)
+    }
+
+    fn build(
+        config: WorkerConfig,
+        worker_id: Uuid,
+        executors: HashMap<&'static str, Arc<dyn Executor>>,
+    ) -> anyhow::Result<Self> {
         if executors.is_empty() {
-            bail!(
-                "this worker offers no executor, so it could never run a job: start it with \
-                 --allow-local (or BATON_WORKER_ALLOW_LOCAL=true) to run jobs as local processes \
-                 (the container and ssh executors are not available yet)"
-            );
+            bail!("this worker offers no executor, so it could never run a job");
         }
         let endpoint = endpoint(&config.api_url)?;
         let authorization =
@@ -589,7 +654,7 @@ impl Worker {
         Ok(Worker {
             shared: Arc::new(Shared {
                 config,
-                worker_id: Uuid::now_v7(),
+                worker_id,
                 name,
                 hostname,
                 executors,
@@ -600,10 +665,12 @@ impl Worker {
                 state: Mutex::new(State::default()),
                 changes,
             }),
+            container: None,
         })
     }
 
-    /// The worker id sent in `Hello` (a UUIDv7, made once per worker).
+    /// The worker id sent in `Hello` ([`WorkerConfig::worker_id`], else a UUIDv7 made once per
+    /// worker).
     pub fn id(&self) -> Uuid {
         self.shared.worker_id
     }
@@ -613,6 +680,10 @@ impl Worker {
     /// completions to be acknowledged, and returns `Ok(())`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let shared = self.shared;
+        let stop = CancellationToken::new();
+        let reaper = self
+            .container
+            .map(|c| c.spawn_reaper(REAP_INTERVAL, stop.child_token()));
         tracing::info!(
             worker.id = %shared.worker_id,
             name = %shared.name,
@@ -621,7 +692,6 @@ impl Worker {
             executors = ?shared.executor_names(),
             "baton-worker starting"
         );
-        let stop = CancellationToken::new();
         let sessions = tokio::spawn(session::run(shared.clone(), stop.clone()));
 
         shutdown.await;
@@ -662,6 +732,11 @@ impl Worker {
         if let Err(e) = sessions.await {
             tracing::warn!(error = %e, "session task failed");
         }
+        if let Some(reaper) = reaper
+            && let Err(e) = reaper.await
+        {
+            tracing::warn!(error = %e, "container reaper task failed");
+        }
         shared.tasks.close();
         if tokio::time::timeout(FINAL_ACK_WAIT, shared.tasks.wait())
             .await
@@ -676,7 +751,7 @@ impl Worker {
 
 /// Runs a worker with `config` until `shutdown` resolves (see [`Worker::run`]).
 pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    Worker::new(config)?.run(shutdown).await
+    Worker::new(config).await?.run(shutdown).await
 }
 
 fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
@@ -704,27 +779,41 @@ mod tests {
 
     #[test]
     fn refuses_to_start_without_executors() {
-        let err = Worker::new(WorkerConfig::new("http://127.0.0.1:1", "t")).unwrap_err();
-        assert!(err.to_string().contains("--allow-local"), "{err}");
+        let config = WorkerConfig::new("http://127.0.0.1:1", "t");
+        let err = Worker::with_executors(config, HashMap::new()).unwrap_err();
+        assert!(err.to_string().contains("offers no executor"), "{err}");
     }
 
-    #[test]
-    fn validates_url_and_token() {
+    #[tokio::test]
+    async fn keeps_a_configured_id() {
+        let mut config = WorkerConfig::new("http://127.0.0.1:1", "t");
+        config.no_container = true;
+        let id = Uuid::now_v7();
+        config.worker_id = Some(id);
+        let worker = Worker::new(config).await.unwrap();
+        assert_eq!(worker.id(), id);
+        assert!(worker.container.is_none());
+        assert_eq!(worker.shared.hello().executors, vec!["ssh".to_owned()]);
+    }
+
+    #[tokio::test]
+    async fn validates_url_and_token() {
         let mut config = WorkerConfig::new("ftp://x", "t");
         config.allow_local = true;
-        let err = Worker::new(config.clone()).unwrap_err();
+        config.no_container = true;
+        let err = Worker::new(config.clone()).await.unwrap_err();
         assert!(
             err.to_string().contains("invalid api URL `ftp://x`"),
             "{err}"
         );
         config.api_url = "http://127.0.0.1:8081".into();
         config.token = "bad\ntoken".into();
-        assert!(Worker::new(config.clone()).is_err());
+        assert!(Worker::new(config.clone()).await.is_err());
         config.token = "ok".into();
-        let worker = Worker::new(config).unwrap();
+        let worker = Worker::new(config).await.unwrap();
         assert_eq!(worker.id().get_version_num(), 7);
         let hello = worker.shared.hello();
-        assert_eq!(hello.executors, vec!["local".to_owned()]);
+        assert_eq!(hello.executors, vec!["local".to_owned(), "ssh".to_owned()]);
         assert_eq!((hello.slots, hello.free_slots), (4, 4));
         assert!(!hello.hostname.is_empty());
         assert_eq!(hello.name, hello.hostname);

@@ -764,7 +764,8 @@ else
   echo "cpu=$(cut -d' ' -f1 /sys/fs/cgroup/cpu.max)/$(cut -d' ' -f2 /sys/fs/cgroup/cpu.max)"
 fi
 echo ready
-sleep 2
+# Long enough to be inspected even on a loaded machine.
+sleep 10
 "#;
     let job_id = Uuid::now_v7();
     let spec = RunSpec::script(Runtime::Bash, script)

@@ -166,6 +166,7 @@ impl Harness {
         config.name = Some("test-worker".into());
         config.slots = SLOTS;
         config.allow_local = true;
+        config.no_container = true;
         config.labels = Labels::from_pairs([("zone", "a")]);
         configure(&mut config);
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
@@ -348,7 +349,7 @@ async fn runs_a_job_and_reports_everything() {
     );
     assert_eq!(hello.name, "test-worker");
     assert_eq!(hello.labels.get("zone").map(String::as_str), Some("a"));
-    assert_eq!(hello.executors, vec!["local".to_owned()]);
+    assert_eq!(hello.executors, vec!["local".to_owned(), "ssh".to_owned()]);
     assert_eq!((hello.slots, hello.free_slots), (SLOTS, SLOTS));
     assert!(hello.running.is_empty());
     assert!(!hello.version.is_empty() && !hello.hostname.is_empty());
@@ -360,7 +361,7 @@ echo "dir: $BATON_DIR"
 echo "input: $(baton_input)"
 echo "greeting: $(baton_get_variable greeting)"
 baton_event | grep -q '"event_name":"test event"' && echo "event ok"
-for i in $(seq 1 2000); do echo "line $i"; done
+for i in $(seq 1 25000); do echo "line $i"; done
 echo "to stderr" >&2
 baton_progress 50
 baton_progress 50
@@ -376,8 +377,8 @@ baton_set_condition true
     let lines = got.lines();
     assert_contiguous(&lines, 1);
     assert!(
-        got.batches.len() >= 4,
-        "2000+ lines come in several batches"
+        got.batches.len() >= 3,
+        "25 000 lines come in several batches"
     );
     assert!(got.batches.iter().all(|b| b.lease_token == 11));
     let texts = got.texts();
@@ -389,7 +390,7 @@ baton_set_condition true
         .copied()
         .filter(|t| t.starts_with("line "))
         .collect();
-    assert_eq!(numbered.len(), 2000);
+    assert_eq!(numbered.len(), 25_000);
     assert!(
         numbered
             .iter()
@@ -925,6 +926,7 @@ async fn keeps_trying_to_connect() {
     let addr = listener.local_addr().unwrap();
     let mut config = WorkerConfig::new(format!("http://{addr}"), TOKEN);
     config.allow_local = true;
+    config.no_container = true;
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let worker = tokio::spawn(baton_worker::run(config, async {
         let _ = shutdown_rx.await;
@@ -1006,8 +1008,9 @@ async fn large_output_streams_in_large_batches() {
     assert_eq!(finished.error_kind, ErrorKind::Unspecified as i32);
     assert_eq!(bytes, mb << 20);
     assert_eq!(finished.last_seq, lines as i64);
-    // 1 KiB lines: a batch closes at 256 KiB, i.e. about 250 lines
-    assert!(lines / batches >= 200, "{lines} lines in {batches} batches");
+    // 1 KiB lines: a full batch (256 KiB) has about 250 of them. A slow producer (a loaded
+    // machine) also closes batches at the 20 ms deadline, so only demand clearly large ones.
+    assert!(lines / batches >= 25, "{lines} lines in {batches} batches");
     ack_finished(&conn, job);
     h.join().await;
 }

@@ -11,5 +11,5 @@ pub mod v1 {
     tonic::include_proto!("baton.v1");
 }
 
-pub use v1::worker_message::Msg as WorkerMsg;
 pub use v1::server_message::Msg as ServerMsg;
+pub use v1::worker_message::Msg as WorkerMsg;

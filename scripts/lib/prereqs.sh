@@ -16,7 +16,9 @@ ensure_prereqs() {
     command -v node >/dev/null 2>&1 || { missing+=(nodejs); hint+=("node (runtime helper tests)"); }
     [ -x /usr/sbin/sshd ] && command -v ssh-keygen >/dev/null 2>&1 || { missing+=(openssh-server); hint+=("sshd and ssh-keygen (ssh executor tests)"); }
   fi
-  command -v runuser >/dev/null 2>&1 || { missing+=(util-linux); hint+=("runuser"); }
+  if [ "$purpose" = test ]; then
+    command -v debootstrap >/dev/null 2>&1 || { missing+=(debootstrap); hint+=("debootstrap (builds the runtime image)"); }
+  fi
   if [ "${#missing[@]}" -eq 0 ]; then return 0; fi
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "==> installing: ${missing[*]}"
@@ -26,6 +28,15 @@ ensure_prereqs() {
   else
     echo "Missing: ${hint[*]}." >&2
     echo "Install the Debian packages: ${missing[*]} (as root: apt-get install -y ${missing[*]})" >&2
+    exit 1
+  fi
+}
+
+# The container executor's tests need a running Docker engine (it cannot be installed here).
+ensure_docker() {
+  if ! docker info >/dev/null 2>&1; then
+    echo "A running Docker engine is needed for the container executor tests: install Docker" >&2
+    echo "(apt-get install -y docker.io) and start it (dockerd), then run this again." >&2
     exit 1
   fi
 }

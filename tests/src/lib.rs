@@ -100,7 +100,10 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut baton_api::ApiConfig)) -> T
 }
 
 /// An api replica on an existing database (a second replica of another `TestApp`, say).
-pub async fn spawn_replica(database_url: String, adjust: impl FnOnce(&mut baton_api::ApiConfig)) -> TestApp {
+pub async fn spawn_replica(
+    database_url: String,
+    adjust: impl FnOnce(&mut baton_api::ApiConfig),
+) -> TestApp {
     spawn_replica_on(database_url, 0, 0, adjust).await
 }
 
@@ -162,7 +165,12 @@ impl TestApp {
     /// Stops this replica and starts a new one on the same database and ports (an api
     /// restart, as workers see it).
     pub async fn restart(self, adjust: impl FnOnce(&mut baton_api::ApiConfig)) -> TestApp {
-        let port = |addr: &str| addr.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).expect("port");
+        let port = |addr: &str| {
+            addr.rsplit(':')
+                .next()
+                .and_then(|p| p.parse::<u16>().ok())
+                .expect("port")
+        };
         let (http, grpc) = (port(&self.address), port(&self.grpc_address));
         let database_url = self.database_url.clone();
         self.stop().await;

@@ -39,7 +39,11 @@ pub fn hello(worker_id: Uuid, slots: u32) -> Hello {
 impl ScriptedWorker {
     /// Opens a session and sends `first` (normally a Hello); returns the worker and the
     /// api's first answer, or the status the api refused the stream with.
-    pub async fn open(grpc: &str, token: &str, first: WorkerMessage) -> Result<(Self, ServerMessage), tonic::Status> {
+    pub async fn open(
+        grpc: &str,
+        token: &str,
+        first: WorkerMessage,
+    ) -> Result<(Self, ServerMessage), tonic::Status> {
         let channel = tonic::transport::Endpoint::from_shared(grpc.to_owned())
             .map_err(|e| tonic::Status::internal(e.to_string()))?
             .connect()
@@ -48,27 +52,40 @@ impl ScriptedWorker {
         let bearer: MetadataValue<_> = format!("Bearer {token}")
             .parse()
             .map_err(|_| tonic::Status::internal("bad token"))?;
-        let mut client = WorkerServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-            req.metadata_mut().insert("authorization", bearer.clone());
-            Ok(req)
-        });
+        let mut client =
+            WorkerServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+                req.metadata_mut().insert("authorization", bearer.clone());
+                Ok(req)
+            });
         let (tx, rx) = mpsc::channel(1024);
         let worker_id = match &first.msg {
             Some(WorkerMsg::Hello(h)) => h.worker_id.parse().unwrap_or_else(|_| Uuid::nil()),
             _ => Uuid::nil(),
         };
-        tx.send(first).await.map_err(|_| tonic::Status::internal("send"))?;
+        tx.send(first)
+            .await
+            .map_err(|_| tonic::Status::internal("send"))?;
         let mut rx = client.session(ReceiverStream::new(rx)).await?.into_inner();
         let welcome = tokio::time::timeout(Duration::from_secs(30), rx.message())
             .await
             .map_err(|_| tonic::Status::deadline_exceeded("no answer"))??
             .ok_or_else(|| tonic::Status::aborted("stream ended"))?;
-        Ok((Self { worker_id, tx, rx, skipped: Default::default() }, welcome))
+        Ok((
+            Self {
+                worker_id,
+                tx,
+                rx,
+                skipped: Default::default(),
+            },
+            welcome,
+        ))
     }
 
     /// Connects with a plain Hello and returns the Welcome.
     pub async fn connect(grpc: &str, token: &str, hello: Hello) -> (Self, Welcome) {
-        let first = WorkerMessage { msg: Some(WorkerMsg::Hello(hello)) };
+        let first = WorkerMessage {
+            msg: Some(WorkerMsg::Hello(hello)),
+        };
         let (worker, answer) = Self::open(grpc, token, first).await.expect("session opens");
         match answer.msg {
             Some(ServerMsg::Welcome(w)) => (worker, w),
@@ -77,12 +94,17 @@ impl ScriptedWorker {
     }
 
     pub async fn send(&self, msg: WorkerMsg) {
-        self.tx.send(WorkerMessage { msg: Some(msg) }).await.expect("stream open");
+        self.tx
+            .send(WorkerMessage { msg: Some(msg) })
+            .await
+            .expect("stream open");
     }
 
     /// The next message from the api (within 30 s).
     pub async fn next(&mut self) -> ServerMsg {
-        self.try_next(Duration::from_secs(30)).await.expect("a message from the api in time")
+        self.try_next(Duration::from_secs(30))
+            .await
+            .expect("a message from the api in time")
     }
 
     /// The next message within `wait`, or None if none came (or the stream ended).
@@ -110,7 +132,10 @@ impl ScriptedWorker {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let msg = self.receive(left).await.expect("the expected message in time");
+            let msg = self
+                .receive(left)
+                .await
+                .expect("the expected message in time");
             match pick(&msg) {
                 Some(found) => return found,
                 None => self.skipped.push_back(msg),

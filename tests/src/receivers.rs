@@ -94,10 +94,18 @@ impl SmtpSink {
             if upper.starts_with("EHLO") || upper.starts_with("HELO") {
                 write.write_all(b"250-sink\r\n250 8BITMIME\r\n").await?;
             } else if upper.starts_with("MAIL FROM:") {
-                from = line[10..].trim().trim_matches(|c| c == '<' || c == '>').to_owned();
+                from = line[10..]
+                    .trim()
+                    .trim_matches(|c| c == '<' || c == '>')
+                    .to_owned();
                 write.write_all(b"250 ok\r\n").await?;
             } else if upper.starts_with("RCPT TO:") {
-                to.push(line[8..].trim().trim_matches(|c| c == '<' || c == '>').to_owned());
+                to.push(
+                    line[8..]
+                        .trim()
+                        .trim_matches(|c| c == '<' || c == '>')
+                        .to_owned(),
+                );
                 write.write_all(b"250 ok\r\n").await?;
             } else if upper == "DATA" {
                 write.write_all(b"354 go ahead\r\n").await?;
@@ -109,7 +117,11 @@ impl SmtpSink {
                     data.push_str(&l);
                     data.push('\n');
                 }
-                self.mails.lock().expect("lock").push(Mail { from: from.clone(), to: to.clone(), data });
+                self.mails.lock().expect("lock").push(Mail {
+                    from: from.clone(),
+                    to: to.clone(),
+                    data,
+                });
                 self.arrived.notify_waiters();
                 write.write_all(b"250 queued\r\n").await?;
             } else if upper == "QUIT" {
@@ -132,7 +144,10 @@ impl SmtpSink {
                     return got.clone();
                 }
             }
-            assert!(tokio::time::timeout_at(deadline, notified).await.is_ok(), "no mail arrived");
+            assert!(
+                tokio::time::timeout_at(deadline, notified).await.is_ok(),
+                "no mail arrived"
+            );
         }
     }
 }

@@ -34,14 +34,19 @@ type SessionStream = Pin<Box<dyn Stream<Item = Result<ServerMessage, Status>> + 
 impl WorkerService for WorkerGrpc {
     type SessionStream = SessionStream;
 
-    async fn session(&self, request: Request<Streaming<WorkerMessage>>) -> Result<Response<SessionStream>, Status> {
+    async fn session(
+        &self,
+        request: Request<Streaming<WorkerMessage>>,
+    ) -> Result<Response<SessionStream>, Status> {
         let token = request
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
-            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <worker token>` metadata"))?;
+            .ok_or_else(|| {
+                Status::unauthenticated("missing `authorization: Bearer <worker token>` metadata")
+            })?;
         let info = tokens::find_by_hash(&self.state.pool, &hash_token(token))
             .await
             .map_err(|e| crate::error::grpc_status(&e))?

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_proto::v1::{
-    ErrorKind as PbErrorKind, ErrorNotice, FinishedAck, Hello, LeaseLost, LogAck, ResumedJob, ServerMessage,
-    Stream as PbStream, Welcome, WorkerMessage,
+    ErrorKind as PbErrorKind, ErrorNotice, FinishedAck, Hello, LeaseLost, LogAck, ResumedJob,
+    ServerMessage, Stream as PbStream, Welcome, WorkerMessage,
 };
 use baton_proto::{ServerMsg, WorkerMsg};
 use futures::StreamExt;
@@ -99,7 +99,9 @@ pub(super) async fn open(
             api_id: state.api_id.clone(),
         })),
     };
-    tx.send(Ok(welcome)).await.map_err(|_| Status::cancelled("stream closed"))?;
+    tx.send(Ok(welcome))
+        .await
+        .map_err(|_| Status::cancelled("stream closed"))?;
     let conn = state.dispatcher.connect(
         hello.worker_id,
         hello.executors.clone(),
@@ -141,9 +143,9 @@ pub(super) async fn open(
     });
 
     // The response stream ends when the replica shuts down, so graceful shutdown completes.
-    Ok(Box::pin(
-        ReceiverStream::new(rx).take_until(async move { stop_outbound.cancelled().await }),
-    ))
+    Ok(Box::pin(ReceiverStream::new(rx).take_until(async move {
+        stop_outbound.cancelled().await
+    })))
 }
 
 /// A `Hello`, checked.
@@ -163,18 +165,28 @@ impl ValidHello {
         let worker_id = Uuid::parse_str(&h.worker_id)
             .map_err(|_| Status::invalid_argument("Hello.worker_id must be a UUID"))?;
         if h.name.trim().is_empty() || h.name.len() > 200 {
-            return Err(Status::invalid_argument("Hello.name must be 1 to 200 characters"));
+            return Err(Status::invalid_argument(
+                "Hello.name must be 1 to 200 characters",
+            ));
         }
         if h.executors.is_empty() {
-            return Err(Status::invalid_argument("Hello.executors must name at least one executor"));
+            return Err(Status::invalid_argument(
+                "Hello.executors must name at least one executor",
+            ));
         }
-        if let Some(bad) = h.executors.iter().find(|e| !KNOWN_EXECUTORS.contains(&e.as_str())) {
+        if let Some(bad) = h
+            .executors
+            .iter()
+            .find(|e| !KNOWN_EXECUTORS.contains(&e.as_str()))
+        {
             return Err(Status::invalid_argument(format!(
                 "Hello.executors: unknown executor {bad:?} (known: container, ssh, local)"
             )));
         }
         if !(1..=1024).contains(&h.slots) {
-            return Err(Status::invalid_argument("Hello.slots must be between 1 and 1024"));
+            return Err(Status::invalid_argument(
+                "Hello.slots must be between 1 and 1024",
+            ));
         }
         let mut labels = serde_json::Map::new();
         for (k, v) in h.labels {
@@ -251,17 +263,26 @@ impl Session {
             return self.notice("", "empty message").await;
         };
         match msg {
-            WorkerMsg::Hello(_) => self.notice("", "Hello may only be sent once per stream").await,
+            WorkerMsg::Hello(_) => {
+                self.notice("", "Hello may only be sent once per stream")
+                    .await
+            }
             WorkerMsg::Started(m) => {
-                let Some(job_id) = self.job_id(&m.job_id).await else { return };
+                let Some(job_id) = self.job_id(&m.job_id).await else {
+                    return;
+                };
                 if let Err(e) = queue::mark_running(&self.state.pool, job_id, m.lease_token).await {
                     self.refused(job_id, e).await;
                 }
             }
             WorkerMsg::Progress(m) => {
-                let Some(job_id) = self.job_id(&m.job_id).await else { return };
+                let Some(job_id) = self.job_id(&m.job_id).await else {
+                    return;
+                };
                 let percent = i16::try_from(m.percent.min(100)).unwrap_or(100);
-                if let Err(e) = queue::set_progress(&self.state.pool, job_id, m.lease_token, percent).await {
+                if let Err(e) =
+                    queue::set_progress(&self.state.pool, job_id, m.lease_token, percent).await
+                {
                     self.refused(job_id, e).await;
                 }
             }
@@ -279,9 +300,16 @@ impl Session {
     /// Pins the host key an `accept_new` server showed on first use. Only a worker running a
     /// job on that server (under a live lease) may do this.
     async fn host_key_seen(&self, seen: baton_proto::v1::HostKeySeen) {
-        let Some(job_id) = self.job_id(&seen.job_id).await else { return };
+        let Some(job_id) = self.job_id(&seen.job_id).await else {
+            return;
+        };
         if self.conn.token_of(job_id) != Some(seen.lease_token) {
-            return self.lease_lost(job_id, "host key report for a job this worker does not hold").await;
+            return self
+                .lease_lost(
+                    job_id,
+                    "host key report for a job this worker does not hold",
+                )
+                .await;
         }
         let Ok(server_id) = Uuid::parse_str(&seen.server_id) else {
             return self.notice(&seen.job_id, "server_id is not a UUID").await;
@@ -289,13 +317,19 @@ impl Session {
         if let Err(e) = crate::model::server::check_host_key(&seen.host_key) {
             return self.notice(&seen.job_id, e.to_string()).await;
         }
-        match crate::storage::servers::record_host_key(&self.state.pool, server_id, &seen.host_key).await {
+        match crate::storage::servers::record_host_key(&self.state.pool, server_id, &seen.host_key)
+            .await
+        {
             Ok(crate::storage::servers::HostKeyRecord::Recorded) => {
                 tracing::info!(server.id = %server_id, "host key recorded on first use");
             }
             Ok(crate::storage::servers::HostKeyRecord::Unchanged) => {}
             Ok(crate::storage::servers::HostKeyRecord::Mismatch { .. }) => {
-                self.notice(&seen.job_id, "a different host key is pinned for this server; refused").await;
+                self.notice(
+                    &seen.job_id,
+                    "a different host key is pinned for this server; refused",
+                )
+                .await;
             }
             Err(e) => self.notice(&seen.job_id, e.to_string()).await,
         }
@@ -305,7 +339,8 @@ impl Session {
         match Uuid::parse_str(raw) {
             Ok(id) => Some(id),
             Err(_) => {
-                self.notice(raw, format!("job_id {raw:?} is not a UUID")).await;
+                self.notice(raw, format!("job_id {raw:?} is not a UUID"))
+                    .await;
                 None
             }
         }
@@ -317,7 +352,13 @@ impl Session {
         if let Some(found) = cache.get(&job_id) {
             return found.clone();
         }
-        let values = match crate::secrets::readable_secrets(&self.state.pool, &self.state.vault, job_id).await {
+        let values = match crate::secrets::readable_secrets(
+            &self.state.pool,
+            &self.state.vault,
+            job_id,
+        )
+        .await
+        {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(job.id = %job_id, error = %e, "cannot load secrets to mask; masking nothing");
@@ -330,7 +371,9 @@ impl Session {
     }
 
     async fn logs(&self, batch: baton_proto::v1::LogBatch) {
-        let Some(job_id) = self.job_id(&batch.job_id).await else { return };
+        let Some(job_id) = self.job_id(&batch.job_id).await else {
+            return;
+        };
         let secrets = self.secrets_of(job_id).await;
         let lines: Vec<LogLine> = batch
             .lines
@@ -344,13 +387,22 @@ impl Session {
                 }
                 .to_owned(),
                 text: crate::secrets::mask(&l.text, &secrets),
-                ts: chrono::DateTime::from_timestamp_millis(l.ts_ms).unwrap_or_else(chrono::Utc::now),
+                ts: chrono::DateTime::from_timestamp_millis(l.ts_ms)
+                    .unwrap_or_else(chrono::Utc::now),
             })
             .collect();
         let cap = self.state.config.log_cap_bytes;
         let stored = async {
             let mut tx = self.state.pool.begin().await?;
-            let appended = logs::append_batch(&mut tx, job_id, batch.lease_token, &lines, cap, self.state.config.lease).await?;
+            let appended = logs::append_batch(
+                &mut tx,
+                job_id,
+                batch.lease_token,
+                &lines,
+                cap,
+                self.state.config.lease,
+            )
+            .await?;
             tx.commit().await?;
             Ok::<_, StorageError>(appended)
         }
@@ -376,7 +428,14 @@ impl Session {
                 claimed.push((id, job.lease_token));
             }
         }
-        let held = match queue::renew_leases(&self.state.pool, self.conn.worker_id, &claimed, self.state.config.lease).await {
+        let held = match queue::renew_leases(
+            &self.state.pool,
+            self.conn.worker_id,
+            &claimed,
+            self.state.config.lease,
+        )
+        .await
+        {
             Ok(held) => held,
             Err(e) => {
                 tracing::warn!(error = %e, "could not renew leases");
@@ -385,9 +444,14 @@ impl Session {
         };
         for (job_id, _) in &claimed {
             match held.iter().find(|h| h.id == *job_id) {
-                None => self.lease_lost(*job_id, "the lease expired or another worker holds the job").await,
+                None => {
+                    self.lease_lost(*job_id, "the lease expired or another worker holds the job")
+                        .await
+                }
                 Some(h) if h.cancel_requested => {
-                    self.state.dispatcher.cancel(*job_id, "cancelled through the API");
+                    self.state
+                        .dispatcher
+                        .cancel(*job_id, "cancelled through the API");
                 }
                 Some(_) => {}
             }
@@ -396,7 +460,9 @@ impl Session {
     }
 
     async fn finished(&self, f: baton_proto::v1::Finished) {
-        let Some(job_id) = self.job_id(&f.job_id).await else { return };
+        let Some(job_id) = self.job_id(&f.job_id).await else {
+            return;
+        };
         let outcome = outcome_of(&f);
         let recorded = async {
             let mut tx = self.state.pool.begin().await?;
@@ -424,7 +490,8 @@ impl Session {
                 };
                 metrics::counter!(crate::metrics::JOBS_COMPLETED, "status" => status).increment(1);
                 if let Some(err) = &outcome.error {
-                    metrics::counter!(crate::metrics::JOB_ERRORS, "kind" => err.kind.as_str()).increment(1);
+                    metrics::counter!(crate::metrics::JOB_ERRORS, "kind" => err.kind.as_str())
+                        .increment(1);
                 }
                 self.conn.release(job_id);
                 self.secrets.lock().await.remove(&job_id);
@@ -438,7 +505,8 @@ impl Session {
             // the lease lets the reaper run the job again rather than store it without its logs.
             Err(e @ StorageError::LogsIncomplete { .. }) => {
                 self.notice(&job_id.to_string(), e.to_string()).await;
-                self.lease_lost(job_id, "log lines were lost; the job will run again").await;
+                self.lease_lost(job_id, "log lines were lost; the job will run again")
+                    .await;
             }
             Err(e) => self.refused(job_id, e).await,
         }
@@ -478,7 +546,9 @@ fn outcome_of(f: &baton_proto::v1::Finished) -> Outcome {
             }
         }
     };
-    let retryable = error.as_ref().is_some_and(|e| f.retryable && e.kind != ErrorKind::Output);
+    let retryable = error
+        .as_ref()
+        .is_some_and(|e| f.retryable && e.kind != ErrorKind::Output);
     Outcome {
         exit_code: f.exit_code,
         exit_signal: f.signal,

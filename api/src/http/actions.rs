@@ -30,7 +30,9 @@ pub async fn create_action(
     if let ActionSpec::RunEvent { event_id } = &new.action {
         match events::get_event(&mut *tx, *event_id).await {
             Err(StorageError::EventNotFound(_)) => {
-                return Err(FieldError::new("action.event_id", format!("no event {event_id}")).into());
+                return Err(
+                    FieldError::new("action.event_id", format!("no event {event_id}")).into(),
+                );
             }
             other => {
                 other?;
@@ -38,7 +40,15 @@ pub async fn create_action(
         }
     }
     let action = actions::insert_action(&mut *tx, id, &new).await?;
-    audit(&mut *tx, &caller, "action.create", "action", action.id, json!({"event_id": id})).await?;
+    audit(
+        &mut *tx,
+        &caller,
+        "action.create",
+        "action",
+        action.id,
+        json!({"event_id": id}),
+    )
+    .await?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, axum::Json(action)))
 }
@@ -69,9 +79,19 @@ pub async fn delete_action(
     let action_id = parse_uuid("action_id", &action_id)?;
     let mut tx = state.pool.begin().await?;
     if !actions::delete_action(&mut *tx, id, action_id).await? {
-        return Err(ApiError::NotFound(format!("event {id} has no action {action_id}")));
+        return Err(ApiError::NotFound(format!(
+            "event {id} has no action {action_id}"
+        )));
     }
-    audit(&mut *tx, &caller, "action.delete", "action", action_id, json!({"event_id": id})).await?;
+    audit(
+        &mut *tx,
+        &caller,
+        "action.delete",
+        "action",
+        action_id,
+        json!({"event_id": id}),
+    )
+    .await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -64,7 +64,11 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(actions::create_action, actions::list_actions))
         .routes(routes!(actions::delete_action))
         .routes(routes!(variables::list_variables))
-        .routes(routes!(variables::put_variable, variables::get_variable, variables::delete_variable))
+        .routes(routes!(
+            variables::put_variable,
+            variables::get_variable,
+            variables::delete_variable
+        ))
         .routes(routes!(jobs::list_jobs))
         .routes(routes!(jobs::get_job))
         .routes(routes!(jobs::cancel_job))

@@ -30,17 +30,29 @@ pub async fn create_server(
         Credentials::PrivateKey { .. } => "private_key",
         Credentials::Password { .. } => "password",
     };
-    let plaintext = serde_json::to_vec(&credentials).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let plaintext =
+        serde_json::to_vec(&credentials).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     let sealed = state.vault.seal(&plaintext, id.as_bytes())?;
     let mut tx = state.pool.begin().await?;
     let server = servers::insert_server(&mut *tx, id, &new, auth_method, &sealed).await?;
-    audit(&mut *tx, &caller, "server.create", "server", id, json!({"name": server.name, "host": server.host})).await?;
+    audit(
+        &mut *tx,
+        &caller,
+        "server.create",
+        "server",
+        id,
+        json!({"name": server.name, "host": server.host}),
+    )
+    .await?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, axum::Json(server)))
 }
 
 #[utoipa::path(get, path = "/api/v1/servers", tag = "servers", responses((status = 200, body = Vec<Server>)))]
-pub async fn list_servers(State(state): State<AppState>, caller: Caller) -> Result<axum::Json<Vec<Server>>, ApiError> {
+pub async fn list_servers(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<axum::Json<Vec<Server>>, ApiError> {
     caller.require(Role::Viewer)?;
     Ok(axum::Json(servers::list_servers(&state.pool).await?))
 }

@@ -74,10 +74,15 @@ pub async fn stream_logs(
     queue::job_status(&state.pool, id).await?;
     let items = follow(state, id, after);
     Ok(match ws.ok() {
-        Some(upgrade) => upgrade.on_upgrade(move |socket| websocket(socket, items)).into_response(),
+        Some(upgrade) => upgrade
+            .on_upgrade(move |socket| websocket(socket, items))
+            .into_response(),
         None => {
-            let events = ReceiverStream::new(items).map(|item| Ok::<_, Infallible>(sse_event(item)));
-            Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+            let events =
+                ReceiverStream::new(items).map(|item| Ok::<_, Infallible>(sse_event(item)));
+            Sse::new(events)
+                .keep_alive(KeepAlive::default())
+                .into_response()
         }
     })
 }
@@ -98,10 +103,16 @@ async fn websocket(mut socket: WebSocket, items: mpsc::Receiver<Item>) {
     let mut items = ReceiverStream::new(items);
     while let Some(item) = items.next().await {
         let msg = match item {
-            Item::Line(line) => json!({"type": "line", "seq": line.seq, "stream": line.stream, "text": line.text, "ts": line.ts}),
+            Item::Line(line) => {
+                json!({"type": "line", "seq": line.seq, "stream": line.stream, "text": line.text, "ts": line.ts})
+            }
             Item::Finished(job) => json!({"type": "status", "job": job}),
         };
-        if socket.send(Message::Text(msg.to_string().into())).await.is_err() {
+        if socket
+            .send(Message::Text(msg.to_string().into()))
+            .await
+            .is_err()
+        {
             return;
         }
     }
@@ -119,12 +130,16 @@ fn follow(state: AppState, job_id: Uuid, mut after: i64) -> mpsc::Receiver<Item>
             // Status first: if it is terminal, every line was stored before it was set.
             let status = match queue::job_status(&state.pool, job_id).await {
                 Ok(s) => s,
-                Err(e) => return tracing::warn!(error = %e, job.id = %job_id, "live log reader stopped"),
+                Err(e) => {
+                    return tracing::warn!(error = %e, job.id = %job_id, "live log reader stopped");
+                }
             };
             loop {
                 let lines = match logs::lines_after(&state.pool, job_id, after, PAGE).await {
                     Ok(lines) => lines,
-                    Err(e) => return tracing::warn!(error = %e, job.id = %job_id, "live log reader stopped"),
+                    Err(e) => {
+                        return tracing::warn!(error = %e, job.id = %job_id, "live log reader stopped");
+                    }
                 };
                 let full = lines.len() == PAGE;
                 for line in lines {

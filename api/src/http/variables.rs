@@ -12,8 +12,8 @@ use super::extract::JsonBody;
 use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
-use crate::model::variable::{PutVariable, Scope, Variable, check_key};
 use crate::model::Role;
+use crate::model::variable::{PutVariable, Scope, Variable, check_key};
 use crate::storage::variables::{self, StoredValue, VariableRow};
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -25,7 +25,9 @@ pub struct ScopeQuery {
 
 fn view(row: VariableRow) -> Variable {
     Variable {
-        scope: row.event_id.map_or_else(|| "global".to_owned(), |id| format!("event:{id}")),
+        scope: row
+            .event_id
+            .map_or_else(|| "global".to_owned(), |id| format!("event:{id}")),
         key: row.key,
         secret: row.secret,
         value: if row.secret { None } else { row.value },
@@ -36,7 +38,10 @@ fn view(row: VariableRow) -> Variable {
 }
 
 fn scope_of(q: &ScopeQuery) -> Result<Scope, ApiError> {
-    Ok(Scope::parse("scope", q.scope.as_deref().unwrap_or("global"))?)
+    Ok(Scope::parse(
+        "scope",
+        q.scope.as_deref().unwrap_or("global"),
+    )?)
 }
 
 #[utoipa::path(put, path = "/api/v1/variables/{key}", tag = "variables", params(("key" = String, Path)),
@@ -58,8 +63,25 @@ pub async fn put_variable(
     } else {
         StoredValue::Plain(put.value.clone())
     };
-    let row = variables::upsert(&mut *tx, id, &key, scope.event_id(), &stored, Some(caller.token_id), None).await?;
-    audit(&mut *tx, &caller, "variable.put", "variable", format!("{scope}/{key}"), json!({"secret": put.secret})).await?;
+    let row = variables::upsert(
+        &mut *tx,
+        id,
+        &key,
+        scope.event_id(),
+        &stored,
+        Some(caller.token_id),
+        None,
+    )
+    .await?;
+    audit(
+        &mut *tx,
+        &caller,
+        "variable.put",
+        "variable",
+        format!("{scope}/{key}"),
+        json!({"secret": put.secret}),
+    )
+    .await?;
     tx.commit().await?;
     Ok(axum::Json(view(row)))
 }
@@ -113,10 +135,19 @@ pub async fn delete_variable(
     let scope = scope_of(&q)?;
     let mut tx = state.pool.begin().await?;
     if !variables::delete(&mut *tx, &key, scope.event_id()).await? {
-        return Err(ApiError::NotFound(format!("no variable {key:?} in scope {scope}")));
+        return Err(ApiError::NotFound(format!(
+            "no variable {key:?} in scope {scope}"
+        )));
     }
-    audit(&mut *tx, &caller, "variable.delete", "variable", format!("{scope}/{key}"), json!({})).await?;
+    audit(
+        &mut *tx,
+        &caller,
+        "variable.delete",
+        "variable",
+        format!("{scope}/{key}"),
+        json!({}),
+    )
+    .await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
 }
-

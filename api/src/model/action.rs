@@ -50,7 +50,8 @@ pub enum ActionSpec {
 }
 
 fn default_template() -> String {
-    "{{ event.name }} {{ job.status }}{% if job.error %}: {{ job.error.message }}{% endif %}".to_owned()
+    "{{ event.name }} {{ job.status }}{% if job.error %}: {{ job.error.message }}{% endif %}"
+        .to_owned()
 }
 
 /// The body of `POST /api/v1/events/{id}/actions`.
@@ -66,11 +67,19 @@ pub struct NewAction {
 impl NewAction {
     pub fn validate(&self) -> Result<(), FieldError> {
         super::event::check_range("delay_seconds", self.delay_seconds, 0, 2_592_000)?;
-        if let ActionSpec::SendMessage { channel, target, template, subject } = &self.action {
+        if let ActionSpec::SendMessage {
+            channel,
+            target,
+            template,
+            subject,
+        } = &self.action
+        {
             match channel {
                 Channel::Email => {
                     let ok = target.len() <= 254
-                        && target.split_once('@').is_some_and(|(user, host)| !user.is_empty() && host.contains('.'))
+                        && target
+                            .split_once('@')
+                            .is_some_and(|(user, host)| !user.is_empty() && host.contains('.'))
                         && !target.chars().any(|c| c.is_whitespace() || c.is_control());
                     if !ok {
                         return Err(FieldError::new("action.target", "must be an email address"));
@@ -81,16 +90,21 @@ impl NewAction {
                         && target.len() <= 2048
                         && !target.chars().any(|c| c.is_whitespace() || c.is_control());
                     if !ok {
-                        return Err(FieldError::new("action.target", "must be an http:// or https:// URL"));
+                        return Err(FieldError::new(
+                            "action.target",
+                            "must be an http:// or https:// URL",
+                        ));
                     }
                 }
             }
             if template.len() > 16 * 1024 {
                 return Err(FieldError::new("action.template", "must be at most 16 KiB"));
             }
-            crate::actions::check_template(template).map_err(|e| FieldError::new("action.template", e))?;
+            crate::actions::check_template(template)
+                .map_err(|e| FieldError::new("action.template", e))?;
             if let Some(subject) = subject {
-                crate::actions::check_template(subject).map_err(|e| FieldError::new("action.subject", e))?;
+                crate::actions::check_template(subject)
+                    .map_err(|e| FieldError::new("action.subject", e))?;
             }
         }
         Ok(())

@@ -72,8 +72,13 @@ fn default_max_concurrent() -> i32 {
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Credentials {
-    PrivateKey { private_key: String, passphrase: Option<String> },
-    Password { password: String },
+    PrivateKey {
+        private_key: String,
+        passphrase: Option<String>,
+    },
+    Password {
+        password: String,
+    },
 }
 
 impl NewServer {
@@ -82,16 +87,25 @@ impl NewServer {
         super::event::check_name("name", &self.name)?;
         let host_ok = !self.host.is_empty()
             && self.host.len() <= 255
-            && self.host.chars().all(|c| c.is_ascii_alphanumeric() || ".-:[]_".contains(c));
+            && self
+                .host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".-:[]_".contains(c));
         if !host_ok {
             return Err(FieldError::new("host", "must be a host name or IP address"));
         }
         super::event::check_range("port", self.port, 1, 65535)?;
         if self.username.is_empty()
             || self.username.len() > 64
-            || self.username.chars().any(|c| c.is_whitespace() || c.is_control())
+            || self
+                .username
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
         {
-            return Err(FieldError::new("username", "must be 1 to 64 characters without spaces"));
+            return Err(FieldError::new(
+                "username",
+                "must be 1 to 64 characters without spaces",
+            ));
         }
         super::event::check_range("max_concurrent", self.max_concurrent, 1, 1024)?;
         for (k, v) in &self.labels {
@@ -130,8 +144,14 @@ impl NewServer {
                 })
             }
             (None, Some(_)) => Err(FieldError::new("password", "must not be empty")),
-            (Some(_), Some(_)) => Err(FieldError::new("password", "give private_key or password, not both")),
-            (None, None) => Err(FieldError::new("private_key", "give private_key or password")),
+            (Some(_), Some(_)) => Err(FieldError::new(
+                "password",
+                "give private_key or password, not both",
+            )),
+            (None, None) => Err(FieldError::new(
+                "private_key",
+                "give private_key or password",
+            )),
         }
     }
 }
@@ -140,15 +160,36 @@ impl NewServer {
 pub fn check_host_key(key: &str) -> Result<(), FieldError> {
     let mut parts = key.split_whitespace();
     let (Some(kind), Some(blob)) = (parts.next(), parts.next()) else {
-        return Err(FieldError::new("host_key", "must be an OpenSSH public key line: \"ssh-ed25519 AAAA...\""));
+        return Err(FieldError::new(
+            "host_key",
+            "must be an OpenSSH public key line: \"ssh-ed25519 AAAA...\"",
+        ));
     };
-    let known = ["ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521"];
+    let known = [
+        "ssh-ed25519",
+        "ssh-rsa",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+    ];
     if !known.contains(&kind) {
-        return Err(FieldError::new("host_key", format!("unknown key type {kind:?} (expected one of {})", known.join(", "))));
+        return Err(FieldError::new(
+            "host_key",
+            format!(
+                "unknown key type {kind:?} (expected one of {})",
+                known.join(", ")
+            ),
+        ));
     }
     use base64::Engine;
-    if base64::engine::general_purpose::STANDARD.decode(blob).is_err() {
-        return Err(FieldError::new("host_key", "the key data is not valid base64"));
+    if base64::engine::general_purpose::STANDARD
+        .decode(blob)
+        .is_err()
+    {
+        return Err(FieldError::new(
+            "host_key",
+            "the key data is not valid base64",
+        ));
     }
     Ok(())
 }

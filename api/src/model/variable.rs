@@ -59,7 +59,10 @@ pub struct PutVariable {
 
 impl std::fmt::Debug for PutVariable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PutVariable").field("scope", &self.scope).field("secret", &self.secret).finish_non_exhaustive()
+        f.debug_struct("PutVariable")
+            .field("scope", &self.scope)
+            .field("secret", &self.secret)
+            .finish_non_exhaustive()
     }
 }
 
@@ -71,18 +74,26 @@ pub fn check_key(key: &str) -> Result<(), FieldError> {
         && key.len() <= 128
         && key != "."
         && key != ".."
-        && key.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
     if ok {
         Ok(())
     } else {
-        Err(FieldError::new("key", "must be 1-128 of [A-Za-z0-9_.-] (not `.` or `..`)"))
+        Err(FieldError::new(
+            "key",
+            "must be 1-128 of [A-Za-z0-9_.-] (not `.` or `..`)",
+        ))
     }
 }
 
 impl PutVariable {
     pub fn validate(&self) -> Result<Scope, FieldError> {
         if self.value.len() > MAX_VALUE_BYTES {
-            return Err(FieldError::new("value", format!("must be at most {MAX_VALUE_BYTES} bytes")));
+            return Err(FieldError::new(
+                "value",
+                format!("must be at most {MAX_VALUE_BYTES} bytes"),
+            ));
         }
         if self.value.contains('\0') {
             return Err(FieldError::new("value", "must not contain NUL bytes"));

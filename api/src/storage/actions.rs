@@ -32,7 +32,11 @@ impl From<ActionRow> for Action {
     }
 }
 
-pub async fn insert_action(db: impl PgExecutor<'_>, event_id: Uuid, new: &NewAction) -> Result<Action> {
+pub async fn insert_action(
+    db: impl PgExecutor<'_>,
+    event_id: Uuid,
+    new: &NewAction,
+) -> Result<Action> {
     let target = match &new.action {
         ActionSpec::RunEvent { event_id } => Some(*event_id),
         ActionSpec::SendMessage { .. } => None,
@@ -52,11 +56,13 @@ pub async fn insert_action(db: impl PgExecutor<'_>, event_id: Uuid, new: &NewAct
     .await
     .map_err(|e| match &e {
         sqlx::Error::Database(d) if d.code().as_deref() == Some("23503") => {
-            StorageError::EventNotFound(if d.constraint() == Some("event_actions_target_event_id_fkey") {
-                target.unwrap_or_default()
-            } else {
-                event_id
-            })
+            StorageError::EventNotFound(
+                if d.constraint() == Some("event_actions_target_event_id_fkey") {
+                    target.unwrap_or_default()
+                } else {
+                    event_id
+                },
+            )
         }
         _ => e.into(),
     })?;
@@ -74,7 +80,11 @@ pub async fn list_actions(db: impl PgExecutor<'_>, event_id: Uuid) -> Result<Vec
     Ok(rows.into_iter().map(Action::from).collect())
 }
 
-pub async fn delete_action(db: impl PgExecutor<'_>, event_id: Uuid, action_id: Uuid) -> Result<bool> {
+pub async fn delete_action(
+    db: impl PgExecutor<'_>,
+    event_id: Uuid,
+    action_id: Uuid,
+) -> Result<bool> {
     let done = sqlx::query("DELETE FROM event_actions WHERE id = $1 AND event_id = $2")
         .bind(action_id)
         .bind(event_id)
@@ -140,7 +150,11 @@ pub struct OutboxMessage {
 }
 
 /// Claims due messages for `hold` (another replica skips them meanwhile).
-pub async fn claim_messages(db: impl PgExecutor<'_>, limit: i64, hold_seconds: i32) -> Result<Vec<OutboxMessage>> {
+pub async fn claim_messages(
+    db: impl PgExecutor<'_>,
+    limit: i64,
+    hold_seconds: i32,
+) -> Result<Vec<OutboxMessage>> {
     Ok(sqlx::query_as(
         "WITH due AS (
              SELECT id FROM message_outbox
@@ -170,7 +184,12 @@ pub async fn mark_delivered(db: impl PgExecutor<'_>, id: Uuid) -> Result<()> {
 }
 
 /// Schedules another attempt after `retry_in`, or gives up after the last attempt.
-pub async fn mark_failed(db: impl PgExecutor<'_>, id: Uuid, error: &str, retry_in: std::time::Duration) -> Result<()> {
+pub async fn mark_failed(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    error: &str,
+    retry_in: std::time::Duration,
+) -> Result<()> {
     sqlx::query(
         "UPDATE message_outbox SET locked_until = NULL, last_error = $2,
              status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,

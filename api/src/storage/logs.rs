@@ -162,9 +162,11 @@ pub async fn lines_after(
     after: i64,
     max_lines: usize,
 ) -> Result<Vec<LogLine>> {
-    // Every chunk holds at least one line, so max_lines chunks are always enough.
+    // Sequence numbers are contiguous, so the lines wanted lie in chunks starting at or before
+    // after + max_lines: read only those (not every chunk after the cursor).
     let chunks: Vec<String> = sqlx::query_scalar(
-        "SELECT lines FROM job_logs WHERE job_id = $1 AND last_seq > $2 ORDER BY first_seq LIMIT $3",
+        "SELECT lines FROM job_logs WHERE job_id = $1 AND last_seq > $2 AND first_seq <= $2 + $3
+         ORDER BY first_seq",
     )
     .bind(job_id)
     .bind(after)

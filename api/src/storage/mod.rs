@@ -43,10 +43,20 @@ pub enum StorageError {
     LeaseLost { job_id: Uuid },
     /// A log batch does not continue the stored sequence: lines would be lost.
     #[error("log lines of job {job_id} must continue at {expected}, got {got}")]
-    LogGap { job_id: Uuid, expected: i64, got: i64 },
+    LogGap {
+        job_id: Uuid,
+        expected: i64,
+        got: i64,
+    },
     /// A completion arrived before all of the job's log lines were stored.
-    #[error("job {job_id} cannot complete: log lines up to {expected} were sent but only {stored} are stored")]
-    LogsIncomplete { job_id: Uuid, expected: i64, stored: i64 },
+    #[error(
+        "job {job_id} cannot complete: log lines up to {expected} were sent but only {stored} are stored"
+    )]
+    LogsIncomplete {
+        job_id: Uuid,
+        expected: i64,
+        stored: i64,
+    },
     #[error("job {job_id} already finished with status {status}")]
     JobFinished { job_id: Uuid, status: String },
     #[error("database error: {0}")]

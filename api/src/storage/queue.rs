@@ -431,7 +431,12 @@ pub async fn release(db: impl PgExecutor<'_>, job_id: Uuid, token: i64) -> Resul
 }
 
 /// Records a job's progress (0-100) if `token` holds its lease.
-pub async fn set_progress(db: impl PgExecutor<'_>, job_id: Uuid, token: i64, percent: i16) -> Result<()> {
+pub async fn set_progress(
+    db: impl PgExecutor<'_>,
+    job_id: Uuid,
+    token: i64,
+    percent: i16,
+) -> Result<()> {
     let done = sqlx::query(
         "UPDATE jobs SET progress = $3, heartbeat_at = now()
          WHERE id = $1 AND lease_token = $2 AND lease_expires_at > now()",

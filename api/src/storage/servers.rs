@@ -6,7 +6,8 @@ use uuid::Uuid;
 use super::{Result, StorageError, is_unique_violation};
 use crate::model::server::{NewServer, Server};
 
-const SERVER_COLUMNS: &str = "id, name, host, port, username, auth_method, host_key_policy, host_key,
+const SERVER_COLUMNS: &str =
+    "id, name, host, port, username, auth_method, host_key_policy, host_key,
     host_key_recorded_at, max_concurrent, labels, created_at, updated_at";
 
 /// Stores a validated server with its sealed credentials.
@@ -57,7 +58,9 @@ pub async fn get_server(db: impl PgExecutor<'_>, id: Uuid) -> Result<Server> {
 
 pub async fn list_servers(db: impl PgExecutor<'_>) -> Result<Vec<Server>> {
     let sql = format!("SELECT {SERVER_COLUMNS} FROM servers ORDER BY name");
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(db).await?)
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .fetch_all(db)
+        .await?)
 }
 
 /// The sealed credentials of a server.
@@ -76,7 +79,9 @@ pub async fn delete_server(db: impl PgExecutor<'_>, id: Uuid) -> Result<()> {
         .execute(db)
         .await
         .map_err(|e| match &e {
-            sqlx::Error::Database(d) if d.code().as_deref() == Some("23503") => StorageError::ServerInUse(id),
+            sqlx::Error::Database(d) if d.code().as_deref() == Some("23503") => {
+                StorageError::ServerInUse(id)
+            }
             _ => e.into(),
         })?;
     if done.rows_affected() == 0 {
@@ -97,7 +102,11 @@ pub enum HostKeyRecord {
 }
 
 /// Pins `key` for an `accept_new` server that has none yet (first use wins, atomically).
-pub async fn record_host_key(db: impl PgExecutor<'_>, id: Uuid, key: &str) -> Result<HostKeyRecord> {
+pub async fn record_host_key(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    key: &str,
+) -> Result<HostKeyRecord> {
     let key = key.trim();
     let row: Option<(Option<String>, bool)> = sqlx::query_as(
         "WITH pinned AS (
@@ -123,12 +132,16 @@ pub async fn record_host_key(db: impl PgExecutor<'_>, id: Uuid, key: &str) -> Re
 
 /// Keys compare by type and data, not comment.
 fn same_key(a: &str, b: &str) -> bool {
-    a.split_whitespace().take(2).eq(b.split_whitespace().take(2))
+    a.split_whitespace()
+        .take(2)
+        .eq(b.split_whitespace().take(2))
 }
 
 pub async fn server_exists(db: impl PgExecutor<'_>, id: Uuid) -> Result<bool> {
-    Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM servers WHERE id = $1)")
-        .bind(id)
-        .fetch_one(db)
-        .await?)
+    Ok(
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM servers WHERE id = $1)")
+            .bind(id)
+            .fetch_one(db)
+            .await?,
+    )
 }

@@ -21,7 +21,8 @@ pub struct VariableRow {
     pub updated_by_job: Option<Uuid>,
 }
 
-const COLUMNS: &str = "id, key, event_id, secret, value, sealed, created_at, updated_at, updated_by_job";
+const COLUMNS: &str =
+    "id, key, event_id, secret, value, sealed, created_at, updated_at, updated_by_job";
 
 /// The value to store: plain, or sealed (for the row id the caller chose).
 #[derive(Debug, Clone)]
@@ -31,13 +32,18 @@ pub enum StoredValue {
 }
 
 /// The id a variable has, or will get if it is new (sealing binds to it).
-pub async fn id_for(db: impl PgExecutor<'_>, key: &str, event_id: Option<Uuid>) -> Result<(Uuid, bool)> {
-    let existing: Option<Uuid> =
-        sqlx::query_scalar("SELECT id FROM variables WHERE key = $1 AND event_id IS NOT DISTINCT FROM $2")
-            .bind(key)
-            .bind(event_id)
-            .fetch_optional(db)
-            .await?;
+pub async fn id_for(
+    db: impl PgExecutor<'_>,
+    key: &str,
+    event_id: Option<Uuid>,
+) -> Result<(Uuid, bool)> {
+    let existing: Option<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM variables WHERE key = $1 AND event_id IS NOT DISTINCT FROM $2",
+    )
+    .bind(key)
+    .bind(event_id)
+    .fetch_optional(db)
+    .await?;
     Ok(match existing {
         Some(id) => (id, true),
         None => (Uuid::now_v7(), false),
@@ -84,8 +90,14 @@ pub async fn upsert(
         })
 }
 
-pub async fn get(db: impl PgExecutor<'_>, key: &str, event_id: Option<Uuid>) -> Result<Option<VariableRow>> {
-    let sql = format!("SELECT {COLUMNS} FROM variables WHERE key = $1 AND event_id IS NOT DISTINCT FROM $2");
+pub async fn get(
+    db: impl PgExecutor<'_>,
+    key: &str,
+    event_id: Option<Uuid>,
+) -> Result<Option<VariableRow>> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM variables WHERE key = $1 AND event_id IS NOT DISTINCT FROM $2"
+    );
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(key)
         .bind(event_id)
@@ -94,7 +106,10 @@ pub async fn get(db: impl PgExecutor<'_>, key: &str, event_id: Option<Uuid>) -> 
 }
 
 /// Every variable, or those of one scope.
-pub async fn list(db: impl PgExecutor<'_>, scope: Option<Option<Uuid>>) -> Result<Vec<VariableRow>> {
+pub async fn list(
+    db: impl PgExecutor<'_>,
+    scope: Option<Option<Uuid>>,
+) -> Result<Vec<VariableRow>> {
     let sql = format!(
         "SELECT {COLUMNS} FROM variables
          WHERE NOT $1 OR event_id IS NOT DISTINCT FROM $2
@@ -114,14 +129,18 @@ pub async fn visible_to(db: impl PgExecutor<'_>, event_id: Uuid) -> Result<Vec<V
          WHERE event_id IS NULL OR event_id = $1
          ORDER BY key, event_id NULLS LAST"
     );
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(event_id).fetch_all(db).await?)
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(event_id)
+        .fetch_all(db)
+        .await?)
 }
 
 pub async fn delete(db: impl PgExecutor<'_>, key: &str, event_id: Option<Uuid>) -> Result<bool> {
-    let done = sqlx::query("DELETE FROM variables WHERE key = $1 AND event_id IS NOT DISTINCT FROM $2")
-        .bind(key)
-        .bind(event_id)
-        .execute(db)
-        .await?;
+    let done =
+        sqlx::query("DELETE FROM variables WHERE key = $1 AND event_id IS NOT DISTINCT FROM $2")
+            .bind(key)
+            .bind(event_id)
+            .execute(db)
+            .await?;
     Ok(done.rows_affected() == 1)
 }

@@ -14,35 +14,64 @@ use uuid::Uuid;
 
 async fn worker(app: &TestApp) -> ScriptedWorker {
     let token = app.token(Role::Worker).await;
-    ScriptedWorker::connect(&app.grpc_address, &token, hello(Uuid::now_v7(), 4)).await.0
+    ScriptedWorker::connect(&app.grpc_address, &token, hello(Uuid::now_v7(), 4))
+        .await
+        .0
 }
 
 async fn assignment(w: &mut ScriptedWorker) -> Assignment {
-    w.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a.clone()), _ => None }).await
+    w.next_matching(|m| match m {
+        ServerMsg::Assignment(a) => Some(a.clone()),
+        _ => None,
+    })
+    .await
 }
 
 /// Reports the assignment's run as ended: success with `output`/`condition`, or a script failure.
-async fn finish(w: &mut ScriptedWorker, a: &Assignment, ok: bool, output: Option<Value>, condition: Option<bool>) {
+async fn finish(
+    w: &mut ScriptedWorker,
+    a: &Assignment,
+    ok: bool,
+    output: Option<Value>,
+    condition: Option<bool>,
+) {
     w.send(WorkerMsg::Finished(Finished {
         job_id: a.job_id.clone(),
         lease_token: a.lease_token,
         exit_code: Some(if ok { 0 } else { 1 }),
-        error_kind: if ok { ErrorKind::Unspecified as i32 } else { ErrorKind::Script as i32 },
-        error_message: if ok { String::new() } else { "exit code 1".into() },
+        error_kind: if ok {
+            ErrorKind::Unspecified as i32
+        } else {
+            ErrorKind::Script as i32
+        },
+        error_message: if ok {
+            String::new()
+        } else {
+            "exit code 1".into()
+        },
         output_json: output.map(|o| o.to_string()).unwrap_or_default(),
         condition,
         ..Default::default()
     }))
     .await;
-    w.next_matching(|m| match m { ServerMsg::FinishedAck(f) if f.job_id == a.job_id => Some(()), _ => None }).await;
+    w.next_matching(|m| match m {
+        ServerMsg::FinishedAck(f) if f.job_id == a.job_id => Some(()),
+        _ => None,
+    })
+    .await;
 }
 
 async fn event(app: &TestApp, name: &str) -> String {
-    app.create_event(&bash_event(name)).await["id"].as_str().expect("id").to_owned()
+    app.create_event(&bash_event(name)).await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned()
 }
 
 async fn add_action(app: &TestApp, event: &str, body: Value) -> Value {
-    let (status, action) = app.post(&format!("/api/v1/events/{event}/actions"), &body).await;
+    let (status, action) = app
+        .post(&format!("/api/v1/events/{event}/actions"), &body)
+        .await;
     assert_eq!(status, reqwest::StatusCode::CREATED, "{action}");
     action
 }
@@ -50,9 +79,23 @@ async fn add_action(app: &TestApp, event: &str, body: Value) -> Value {
 #[tokio::test]
 async fn output_flows_down_a_chain_with_parent_and_root_recorded() {
     let app = spawn_app().await;
-    let (a, b, c) = (event(&app, "a").await, event(&app, "b").await, event(&app, "c").await);
-    add_action(&app, &a, json!({"trigger": "on_success", "action": {"type": "run_event", "event_id": b}})).await;
-    add_action(&app, &b, json!({"trigger": "on_success", "action": {"type": "run_event", "event_id": c}})).await;
+    let (a, b, c) = (
+        event(&app, "a").await,
+        event(&app, "b").await,
+        event(&app, "c").await,
+    );
+    add_action(
+        &app,
+        &a,
+        json!({"trigger": "on_success", "action": {"type": "run_event", "event_id": b}}),
+    )
+    .await;
+    add_action(
+        &app,
+        &b,
+        json!({"trigger": "on_success", "action": {"type": "run_event", "event_id": c}}),
+    )
+    .await;
     let (_, listed) = app.get(&format!("/api/v1/events/{a}/actions")).await;
     assert_eq!(listed.as_array().expect("list").len(), 1);
     let mut w = worker(&app).await;
@@ -60,15 +103,32 @@ async fn output_flows_down_a_chain_with_parent_and_root_recorded() {
     let ja = assignment(&mut w).await;
     finish(&mut w, &ja, true, Some(json!({"n": 2})), None).await;
     let jb = assignment(&mut w).await;
-    assert_eq!(serde_json::from_str::<Value>(&jb.input_json).expect("input"), json!({"n": 2}));
-    assert_eq!((jb.parent_job_id.as_str(), jb.root_job_id.as_str()), (root.as_str(), root.as_str()));
+    assert_eq!(
+        serde_json::from_str::<Value>(&jb.input_json).expect("input"),
+        json!({"n": 2})
+    );
+    assert_eq!(
+        (jb.parent_job_id.as_str(), jb.root_job_id.as_str()),
+        (root.as_str(), root.as_str())
+    );
     finish(&mut w, &jb, true, Some(json!({"n": 3})), None).await;
     let jc = assignment(&mut w).await;
-    assert_eq!(serde_json::from_str::<Value>(&jc.input_json).expect("input"), json!({"n": 3}));
-    assert_eq!((jc.parent_job_id.as_str(), jc.root_job_id.as_str()), (jb.job_id.as_str(), root.as_str()));
+    assert_eq!(
+        serde_json::from_str::<Value>(&jc.input_json).expect("input"),
+        json!({"n": 3})
+    );
+    assert_eq!(
+        (jc.parent_job_id.as_str(), jc.root_job_id.as_str()),
+        (jb.job_id.as_str(), root.as_str())
+    );
     finish(&mut w, &jc, true, None, None).await;
     let (_, chain) = app.get(&format!("/api/v1/jobs?root_job_id={root}")).await;
-    let mut ids: Vec<&str> = chain["items"].as_array().expect("items").iter().map(|j| j["id"].as_str().expect("id")).collect();
+    let mut ids: Vec<&str> = chain["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|j| j["id"].as_str().expect("id"))
+        .collect();
     ids.sort();
     let mut expected = vec![ja.job_id.as_str(), jb.job_id.as_str(), jc.job_id.as_str()];
     expected.sort();
@@ -84,7 +144,12 @@ async fn each_trigger_fires_exactly_when_it_should() {
     let mut targets = std::collections::HashMap::new();
     for trigger in ["on_success", "on_failure", "always", "on_condition"] {
         let t = event(&app, &format!("after-{trigger}")).await;
-        add_action(&app, &src, json!({"trigger": trigger, "action": {"type": "run_event", "event_id": t}})).await;
+        add_action(
+            &app,
+            &src,
+            json!({"trigger": trigger, "action": {"type": "run_event", "event_id": t}}),
+        )
+        .await;
         targets.insert(t, trigger);
     }
     let mut w = worker(&app).await;
@@ -92,7 +157,11 @@ async fn each_trigger_fires_exactly_when_it_should() {
     for (ok, condition, expected) in [
         (true, None, vec!["on_success", "always"]),
         (false, None, vec!["on_failure", "always"]),
-        (true, Some(true), vec!["on_success", "always", "on_condition"]),
+        (
+            true,
+            Some(true),
+            vec!["on_success", "always", "on_condition"],
+        ),
         (true, Some(false), vec!["on_success", "always"]),
     ] {
         let id = app.run_event(&src, &json!({})).await;
@@ -128,19 +197,41 @@ async fn a_delayed_action_queues_its_run_for_later() {
     let root = app.run_event(&a, &json!({})).await;
     let ja = assignment(&mut w).await;
     finish(&mut w, &ja, true, None, None).await;
-    let (_, chain) = app.get(&format!("/api/v1/jobs?root_job_id={root}&status=queued")).await;
+    let (_, chain) = app
+        .get(&format!("/api/v1/jobs?root_job_id={root}&status=queued"))
+        .await;
     let later = &chain["items"][0];
-    let run_at: chrono::DateTime<chrono::Utc> = later["run_at"].as_str().expect("run_at").parse().expect("time");
-    assert!(run_at > chrono::Utc::now() + chrono::Duration::minutes(59), "{later}");
-    assert!(w.try_next(Duration::from_millis(500)).await.is_none(), "not dispatched before it is due");
+    let run_at: chrono::DateTime<chrono::Utc> = later["run_at"]
+        .as_str()
+        .expect("run_at")
+        .parse()
+        .expect("time");
+    assert!(
+        run_at > chrono::Utc::now() + chrono::Duration::minutes(59),
+        "{later}"
+    );
+    assert!(
+        w.try_next(Duration::from_millis(500)).await.is_none(),
+        "not dispatched before it is due"
+    );
 }
 
 #[tokio::test]
 async fn a_cycle_stops_at_the_depth_limit_with_a_recorded_reason() {
     let app = spawn_app_with(|c| c.chain_depth_limit = 3).await;
     let (a, b) = (event(&app, "ping").await, event(&app, "pong").await);
-    add_action(&app, &a, json!({"trigger": "always", "action": {"type": "run_event", "event_id": b}})).await;
-    add_action(&app, &b, json!({"trigger": "always", "action": {"type": "run_event", "event_id": a}})).await;
+    add_action(
+        &app,
+        &a,
+        json!({"trigger": "always", "action": {"type": "run_event", "event_id": b}}),
+    )
+    .await;
+    add_action(
+        &app,
+        &b,
+        json!({"trigger": "always", "action": {"type": "run_event", "event_id": a}}),
+    )
+    .await;
     let mut w = worker(&app).await;
     let root = app.run_event(&a, &json!({})).await;
     let mut last = String::new();
@@ -149,9 +240,16 @@ async fn a_cycle_stops_at_the_depth_limit_with_a_recorded_reason() {
         finish(&mut w, &j, true, None, None).await;
         last = j.job_id;
     }
-    assert!(w.try_next(Duration::from_millis(500)).await.is_none(), "the chain stopped");
+    assert!(
+        w.try_next(Duration::from_millis(500)).await.is_none(),
+        "the chain stopped"
+    );
     let (_, chain) = app.get(&format!("/api/v1/jobs?root_job_id={root}")).await;
-    assert_eq!(chain["items"].as_array().expect("items").len(), 4, "root + 3 links");
+    assert_eq!(
+        chain["items"].as_array().expect("items").len(),
+        4,
+        "root + 3 links"
+    );
     let (_, last_job) = app.get(&format!("/api/v1/jobs/{last}")).await;
     let note = last_job["action_notes"][0].as_str().expect("a note");
     assert!(note.contains("chain depth limit of 3"), "{note}");
@@ -161,11 +259,17 @@ async fn a_cycle_stops_at_the_depth_limit_with_a_recorded_reason() {
 async fn messages_go_out_through_the_outbox_and_survive_a_receiver_that_is_down() {
     let app = spawn_app().await;
     // The webhook receiver's port is reserved but nothing listens yet.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     drop(listener);
     let ev = event(&app, "notify-me").await;
-    for (channel, path) in [("webhook", "hook"), ("slack", "slack"), ("discord", "discord")] {
+    for (channel, path) in [
+        ("webhook", "hook"),
+        ("slack", "slack"),
+        ("discord", "discord"),
+    ] {
         add_action(&app, &ev, json!({"trigger": "on_failure", "action": {"type": "send_message", "channel": channel,
             "target": format!("http://{addr}/{path}"), "template": "{{event.name}} failed: {{job.error.message}}"}})).await;
     }
@@ -181,27 +285,54 @@ async fn messages_go_out_through_the_outbox_and_survive_a_receiver_that_is_down(
         if failed == 3 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "first attempts did not happen");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "first attempts did not happen"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let receiver = HttpReceiver::default();
     let server = receiver.serve(tokio::net::TcpListener::bind(addr).await.expect("rebind"));
     let got = receiver.wait_for(3).await;
     server.abort();
-    let texts: Vec<String> = got.iter().map(|m| m.get("text").or(m.get("content")).and_then(Value::as_str).unwrap_or_default().to_owned()).collect();
-    assert!(texts.iter().all(|t| t == "notify-me failed: exit code 1"), "{texts:?}");
-    let webhook = got.iter().find(|m| m.get("job").is_some()).expect("the webhook carries the job");
+    let texts: Vec<String> = got
+        .iter()
+        .map(|m| {
+            m.get("text")
+                .or(m.get("content"))
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert!(
+        texts.iter().all(|t| t == "notify-me failed: exit code 1"),
+        "{texts:?}"
+    );
+    let webhook = got
+        .iter()
+        .find(|m| m.get("job").is_some())
+        .expect("the webhook carries the job");
     assert_eq!(webhook["job"]["id"], id.as_str());
-    assert!(got.iter().any(|m| m.get("content").is_some()), "discord shape");
+    assert!(
+        got.iter().any(|m| m.get("content").is_some()),
+        "discord shape"
+    );
     // Marked delivered once the receiver answered.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let delivered: i64 = sqlx::query_scalar("SELECT count(*) FROM message_outbox WHERE status = 'delivered'")
-            .fetch_one(&app.pool).await.expect("count");
+        let delivered: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM message_outbox WHERE status = 'delivered'")
+                .fetch_one(&app.pool)
+                .await
+                .expect("count");
         if delivered == 3 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "only {delivered} marked delivered");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {delivered} marked delivered"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -209,7 +340,9 @@ async fn messages_go_out_through_the_outbox_and_survive_a_receiver_that_is_down(
 #[tokio::test]
 async fn email_goes_through_smtp() {
     let sink = SmtpSink::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let smtp_url = format!("smtp://{}", listener.local_addr().expect("addr"));
     let _server = sink.serve(listener);
     let app = spawn_app_with(|c| {
@@ -236,22 +369,60 @@ async fn actions_are_validated() {
     let app = spawn_app().await;
     let ev = event(&app, "v").await;
     for (body, field) in [
-        (json!({"trigger": "sometimes", "action": {"type": "run_event", "event_id": ev}}), "trigger"),
-        (json!({"trigger": "always", "action": {"type": "run_event", "event_id": Uuid::now_v7()}}), "action.event_id"),
-        (json!({"trigger": "always", "delay_seconds": -1, "action": {"type": "run_event", "event_id": ev}}), "delay_seconds"),
-        (json!({"trigger": "always", "action": {"type": "send_message", "channel": "pigeon", "target": "x"}}), "action"),
-        (json!({"trigger": "always", "action": {"type": "send_message", "channel": "webhook", "target": "ftp://x"}}), "action.target"),
-        (json!({"trigger": "always", "action": {"type": "send_message", "channel": "email", "target": "nobody"}}), "action.target"),
-        (json!({"trigger": "always", "action": {"type": "send_message", "channel": "slack", "target": "http://x/y", "template": "{{ oops"}}), "action.template"),
+        (
+            json!({"trigger": "sometimes", "action": {"type": "run_event", "event_id": ev}}),
+            "trigger",
+        ),
+        (
+            json!({"trigger": "always", "action": {"type": "run_event", "event_id": Uuid::now_v7()}}),
+            "action.event_id",
+        ),
+        (
+            json!({"trigger": "always", "delay_seconds": -1, "action": {"type": "run_event", "event_id": ev}}),
+            "delay_seconds",
+        ),
+        (
+            json!({"trigger": "always", "action": {"type": "send_message", "channel": "pigeon", "target": "x"}}),
+            "action",
+        ),
+        (
+            json!({"trigger": "always", "action": {"type": "send_message", "channel": "webhook", "target": "ftp://x"}}),
+            "action.target",
+        ),
+        (
+            json!({"trigger": "always", "action": {"type": "send_message", "channel": "email", "target": "nobody"}}),
+            "action.target",
+        ),
+        (
+            json!({"trigger": "always", "action": {"type": "send_message", "channel": "slack", "target": "http://x/y", "template": "{{ oops"}}),
+            "action.template",
+        ),
     ] {
-        let (status, err) = app.post(&format!("/api/v1/events/{ev}/actions"), &body).await;
+        let (status, err) = app
+            .post(&format!("/api/v1/events/{ev}/actions"), &body)
+            .await;
         assert!(status.is_client_error(), "{body}: {status}");
         assert_eq!(err["error"]["field"], field, "{body}: {err}");
     }
-    let (status, _) = app.post(&format!("/api/v1/events/{}/actions", Uuid::now_v7()), &json!({"trigger": "always", "action": {"type": "run_event", "event_id": ev}})).await;
+    let (status, _) = app
+        .post(
+            &format!("/api/v1/events/{}/actions", Uuid::now_v7()),
+            &json!({"trigger": "always", "action": {"type": "run_event", "event_id": ev}}),
+        )
+        .await;
     assert_eq!(status, reqwest::StatusCode::NOT_FOUND);
-    let action = add_action(&app, &ev, json!({"trigger": "always", "action": {"type": "run_event", "event_id": ev}})).await;
-    let (status, _) = app.delete(&format!("/api/v1/events/{ev}/actions/{}", action["id"].as_str().expect("id"))).await;
+    let action = add_action(
+        &app,
+        &ev,
+        json!({"trigger": "always", "action": {"type": "run_event", "event_id": ev}}),
+    )
+    .await;
+    let (status, _) = app
+        .delete(&format!(
+            "/api/v1/events/{ev}/actions/{}",
+            action["id"].as_str().expect("id")
+        ))
+        .await;
     assert_eq!(status, reqwest::StatusCode::NO_CONTENT);
 }
 
@@ -259,7 +430,12 @@ async fn actions_are_validated() {
 async fn the_next_step_runs_exactly_once_even_if_the_api_dies_right_after_a_completion() {
     let app = spawn_app().await;
     let (a, b) = (event(&app, "first").await, event(&app, "second").await);
-    add_action(&app, &a, json!({"trigger": "on_success", "action": {"type": "run_event", "event_id": b}})).await;
+    add_action(
+        &app,
+        &a,
+        json!({"trigger": "on_success", "action": {"type": "run_event", "event_id": b}}),
+    )
+    .await;
     let token = app.token(Role::Worker).await;
     let worker_id = Uuid::now_v7();
     let (mut w, _) = ScriptedWorker::connect(&app.grpc_address, &token, hello(worker_id, 1)).await;
@@ -272,12 +448,25 @@ async fn the_next_step_runs_exactly_once_even_if_the_api_dies_right_after_a_comp
     drop(w);
     let other = spawn_replica(database_url, |_| {}).await;
     let mut h = hello(worker_id, 1);
-    h.running = vec![baton_proto::v1::HeldJob { job_id: ja.job_id.clone(), lease_token: ja.lease_token }];
+    h.running = vec![baton_proto::v1::HeldJob {
+        job_id: ja.job_id.clone(),
+        lease_token: ja.lease_token,
+    }];
     let (mut w, welcome) = ScriptedWorker::connect(&other.grpc_address, &token, h).await;
-    assert!(welcome.resumed[0].finished, "the completion was recorded before the crash");
+    assert!(
+        welcome.resumed[0].finished,
+        "the completion was recorded before the crash"
+    );
     let jb = assignment(&mut w).await;
-    assert_eq!(serde_json::from_str::<Value>(&jb.input_json).expect("input"), json!({"x": 1}));
+    assert_eq!(
+        serde_json::from_str::<Value>(&jb.input_json).expect("input"),
+        json!({"x": 1})
+    );
     finish(&mut w, &jb, true, None, None).await;
     let (_, chain) = other.get(&format!("/api/v1/jobs?root_job_id={root}")).await;
-    assert_eq!(chain["items"].as_array().expect("items").len(), 2, "exactly one next step");
+    assert_eq!(
+        chain["items"].as_array().expect("items").len(),
+        2,
+        "exactly one next step"
+    );
 }

@@ -59,8 +59,13 @@ async fn openapi_documents_every_route() {
 async fn metrics_report_queue_depth_in_prometheus_format() {
     let app = spawn_app().await;
     let ev = app.create_event(&baton_tests::bash_event("m")).await;
-    app.run_event(ev["id"].as_str().expect("id"), &serde_json::json!({})).await;
-    let response = app.anonymous(Method::GET, "/metrics").send().await.expect("metrics");
+    app.run_event(ev["id"].as_str().expect("id"), &serde_json::json!({}))
+        .await;
+    let response = app
+        .anonymous(Method::GET, "/metrics")
+        .send()
+        .await
+        .expect("metrics");
     assert_eq!(response.status(), StatusCode::OK);
     let text = response.text().await.expect("text");
     assert!(text.contains("baton_jobs{status=\"queued\"} 1"), "{text}");

@@ -179,10 +179,28 @@ async fn logs_page_by_sequence_and_say_when_done() {
     let mut conn = app.pool.acquire().await.expect("conn");
     let cap = 1 << 20;
     let lease = std::time::Duration::from_secs(60);
-    assert_eq!(logs::append_batch(&mut conn, id, token, &chunk1, cap, lease).await.expect("append").stored_seq, 3);
-    assert_eq!(logs::append_batch(&mut conn, id, token, &chunk2, cap, lease).await.expect("append").new_lines, 2);
-    let again = logs::append_batch(&mut conn, id, token, &chunk2, cap, lease).await.expect("append");
-    assert_eq!((again.new_lines, again.stored_seq), (0, 5), "a re-sent batch is skipped");
+    assert_eq!(
+        logs::append_batch(&mut conn, id, token, &chunk1, cap, lease)
+            .await
+            .expect("append")
+            .stored_seq,
+        3
+    );
+    assert_eq!(
+        logs::append_batch(&mut conn, id, token, &chunk2, cap, lease)
+            .await
+            .expect("append")
+            .new_lines,
+        2
+    );
+    let again = logs::append_batch(&mut conn, id, token, &chunk2, cap, lease)
+        .await
+        .expect("append");
+    assert_eq!(
+        (again.new_lines, again.stored_seq),
+        (0, 5),
+        "a re-sent batch is skipped"
+    );
     assert!(matches!(
         logs::append_batch(&mut conn, id, token + 1, &chunk2, cap, lease).await,
         Err(baton_api::storage::StorageError::LeaseLost { .. })
@@ -216,7 +234,9 @@ async fn logs_page_by_sequence_and_say_when_done() {
     assert_eq!(seqs, vec![3, 4]);
     assert_eq!(page["next"], 4);
 
-    queue::complete(&mut conn, id, token, &queue::Outcome::success()).await.expect("complete");
+    queue::complete(&mut conn, id, token, &queue::Outcome::success())
+        .await
+        .expect("complete");
     let (_, page) = app
         .get(&format!("/api/v1/jobs/{job_id}/logs?after=5"))
         .await;

@@ -17,7 +17,12 @@ fn batch(job_id: &str, token: i64, from: i64, to: i64) -> WorkerMsg {
         job_id: job_id.to_owned(),
         lease_token: token,
         lines: (from..=to)
-            .map(|seq| LogLine { seq, stream: Stream::Stdout as i32, text: format!("line {seq}"), ts_ms: 0 })
+            .map(|seq| LogLine {
+                seq,
+                stream: Stream::Stdout as i32,
+                text: format!("line {seq}"),
+                ts_ms: 0,
+            })
             .collect(),
     })
 }
@@ -37,8 +42,16 @@ impl SseReader {
             .await
             .expect("stream opens");
         assert_eq!(response.status(), reqwest::StatusCode::OK);
-        assert!(response.headers()["content-type"].to_str().expect("ct").starts_with("text/event-stream"));
-        Self { response, buffer: String::new() }
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .expect("ct")
+                .starts_with("text/event-stream")
+        );
+        Self {
+            response,
+            buffer: String::new(),
+        }
     }
 
     /// The next (event, data) pair; None when the stream ended.
@@ -72,17 +85,36 @@ impl SseReader {
 async fn running_job(app: &TestApp) -> (ScriptedWorker, String, i64) {
     let ev = app.create_event(&bash_event("live")).await;
     let token = app.token(Role::Worker).await;
-    let (mut worker, _) = ScriptedWorker::connect(&app.grpc_address, &token, hello(Uuid::now_v7(), 1)).await;
-    let id = app.run_event(ev["id"].as_str().expect("id"), &json!({})).await;
-    let a = worker.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a.clone()), _ => None }).await;
+    let (mut worker, _) =
+        ScriptedWorker::connect(&app.grpc_address, &token, hello(Uuid::now_v7(), 1)).await;
+    let id = app
+        .run_event(ev["id"].as_str().expect("id"), &json!({}))
+        .await;
+    let a = worker
+        .next_matching(|m| match m {
+            ServerMsg::Assignment(a) => Some(a.clone()),
+            _ => None,
+        })
+        .await;
     (worker, id, a.lease_token)
 }
 
 async fn finish(worker: &mut ScriptedWorker, id: &str, token: i64, last_seq: i64) {
     worker
-        .send(WorkerMsg::Finished(Finished { job_id: id.to_owned(), lease_token: token, last_seq, exit_code: Some(0), ..Default::default() }))
+        .send(WorkerMsg::Finished(Finished {
+            job_id: id.to_owned(),
+            lease_token: token,
+            last_seq,
+            exit_code: Some(0),
+            ..Default::default()
+        }))
         .await;
-    worker.next_matching(|m| match m { ServerMsg::FinishedAck(_) => Some(()), _ => None }).await;
+    worker
+        .next_matching(|m| match m {
+            ServerMsg::FinishedAck(_) => Some(()),
+            _ => None,
+        })
+        .await;
 }
 
 #[tokio::test]
@@ -90,7 +122,12 @@ async fn sse_sends_history_then_live_lines_then_the_status() {
     let app = spawn_app().await;
     let (mut worker, id, token) = running_job(&app).await;
     worker.send(batch(&id, token, 1, 3)).await;
-    worker.next_matching(|m| match m { ServerMsg::LogAck(_) => Some(()), _ => None }).await;
+    worker
+        .next_matching(|m| match m {
+            ServerMsg::LogAck(_) => Some(()),
+            _ => None,
+        })
+        .await;
 
     let mut sse = SseReader::open(&app, &format!("/api/v1/jobs/{id}/logs/stream")).await;
     for seq in 1..=3 {
@@ -108,16 +145,25 @@ async fn sse_sends_history_then_live_lines_then_the_status() {
     let (event, job) = sse.next().await.expect("status");
     assert_eq!(event, "status");
     assert_eq!(job["status"], "succeeded");
-    assert!(sse.next().await.is_none(), "the stream ends after the status");
+    assert!(
+        sse.next().await.is_none(),
+        "the stream ends after the status"
+    );
 
     // A client resuming with Last-Event-ID gets only what follows.
     let resumed = app
-        .request(reqwest::Method::GET, &format!("/api/v1/jobs/{id}/logs/stream"))
+        .request(
+            reqwest::Method::GET,
+            &format!("/api/v1/jobs/{id}/logs/stream"),
+        )
         .header("last-event-id", "4")
         .send()
         .await
         .expect("stream");
-    let mut sse = SseReader { response: resumed, buffer: String::new() };
+    let mut sse = SseReader {
+        response: resumed,
+        buffer: String::new(),
+    };
     assert_eq!(sse.next().await.expect("line").1["seq"], 5);
     assert_eq!(sse.next().await.expect("status").0, "status");
 }
@@ -140,18 +186,36 @@ async fn websocket_variant_at_the_same_path() {
     let app = spawn_app().await;
     let (mut worker, id, token) = running_job(&app).await;
     worker.send(batch(&id, token, 1, 2)).await;
-    worker.next_matching(|m| match m { ServerMsg::LogAck(_) => Some(()), _ => None }).await;
+    worker
+        .next_matching(|m| match m {
+            ServerMsg::LogAck(_) => Some(()),
+            _ => None,
+        })
+        .await;
 
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let url = format!("{}/api/v1/jobs/{id}/logs/stream", app.address.replacen("http", "ws", 1));
+    let url = format!(
+        "{}/api/v1/jobs/{id}/logs/stream",
+        app.address.replacen("http", "ws", 1)
+    );
     let mut request = url.into_client_request().expect("request");
-    request.headers_mut().insert("authorization", format!("Bearer {}", app.admin_token).parse().expect("header"));
-    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.expect("websocket");
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", app.admin_token)
+            .parse()
+            .expect("header"),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("websocket");
     assert_eq!(next_ws(&mut ws).await.expect("line")["seq"], 1);
     assert_eq!(next_ws(&mut ws).await.expect("line")["seq"], 2);
     worker.send(batch(&id, token, 3, 3)).await;
     let live = next_ws(&mut ws).await.expect("live line");
-    assert_eq!((live["type"].as_str(), live["seq"].as_i64()), (Some("line"), Some(3)));
+    assert_eq!(
+        (live["type"].as_str(), live["seq"].as_i64()),
+        (Some("line"), Some(3))
+    );
     finish(&mut worker, &id, token, 3).await;
     let status = next_ws(&mut ws).await.expect("status");
     assert_eq!(status["type"], "status");
@@ -162,21 +226,35 @@ async fn websocket_variant_at_the_same_path() {
 #[tokio::test]
 async fn streams_refuse_unknown_jobs_and_bad_cursors() {
     let app = spawn_app().await;
-    let (status, _) = app.get(&format!("/api/v1/jobs/{}/logs/stream", Uuid::now_v7())).await;
+    let (status, _) = app
+        .get(&format!("/api/v1/jobs/{}/logs/stream", Uuid::now_v7()))
+        .await;
     assert_eq!(status, reqwest::StatusCode::NOT_FOUND);
-    let (status, err) = app.get(&format!("/api/v1/jobs/{}/logs/stream?after=x", Uuid::now_v7())).await;
+    let (status, err) = app
+        .get(&format!(
+            "/api/v1/jobs/{}/logs/stream?after=x",
+            Uuid::now_v7()
+        ))
+        .await;
     assert_eq!(status, reqwest::StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(err["error"]["field"], "after");
-    let (status, _) = baton_tests::send(app.anonymous(reqwest::Method::GET, &format!("/api/v1/jobs/{}/logs/stream", Uuid::now_v7()))).await;
+    let (status, _) = baton_tests::send(app.anonymous(
+        reqwest::Method::GET,
+        &format!("/api/v1/jobs/{}/logs/stream", Uuid::now_v7()),
+    ))
+    .await;
     assert_eq!(status, reqwest::StatusCode::UNAUTHORIZED);
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// The next JSON text message, or None when the server closed.
 async fn next_ws(ws: &mut Ws) -> Option<Value> {
     loop {
-        let msg = tokio::time::timeout(Duration::from_secs(30), ws.next()).await.expect("in time");
+        let msg = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .expect("in time");
         match msg {
             Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
                 return Some(serde_json::from_str::<Value>(&t).expect("json"));

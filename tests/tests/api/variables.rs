@@ -14,18 +14,42 @@ use uuid::Uuid;
 #[tokio::test]
 async fn put_get_list_delete_with_scopes_and_secrets() {
     let app = spawn_app().await;
-    let ev = app.create_event(&bash_event("scoped")).await["id"].as_str().expect("id").to_owned();
+    let ev = app.create_event(&bash_event("scoped")).await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
     let put = |key: &str, body: Value| {
         let app = &app;
         let key = key.to_owned();
-        async move { baton_tests::send(app.request(reqwest::Method::PUT, &format!("/api/v1/variables/{key}")).json(&body)).await }
+        async move {
+            baton_tests::send(
+                app.request(reqwest::Method::PUT, &format!("/api/v1/variables/{key}"))
+                    .json(&body),
+            )
+            .await
+        }
     };
     let (status, v) = put("region", json!({"value": "eu-west-1"})).await;
     assert_eq!(status, StatusCode::OK, "{v}");
-    assert_eq!((v["scope"].as_str(), v["value"].as_str(), v["secret"].as_bool()), (Some("global"), Some("eu-west-1"), Some(false)));
-    let (_, v) = put("region", json!({"value": "us-east-2", "scope": format!("event:{ev}")})).await;
+    assert_eq!(
+        (
+            v["scope"].as_str(),
+            v["value"].as_str(),
+            v["secret"].as_bool()
+        ),
+        (Some("global"), Some("eu-west-1"), Some(false))
+    );
+    let (_, v) = put(
+        "region",
+        json!({"value": "us-east-2", "scope": format!("event:{ev}")}),
+    )
+    .await;
     assert_eq!(v["scope"], format!("event:{ev}"));
-    let (status, s) = put("db_password", json!({"value": "hunter2-secret", "secret": true})).await;
+    let (status, s) = put(
+        "db_password",
+        json!({"value": "hunter2-secret", "secret": true}),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(s["value"], Value::Null, "a secret is never returned");
     let (_, got) = app.get("/api/v1/variables/db_password").await;
@@ -34,9 +58,15 @@ async fn put_get_list_delete_with_scopes_and_secrets() {
     let (_, all) = app.get("/api/v1/variables").await;
     assert_eq!(all.as_array().expect("list").len(), 3);
     assert!(!all.to_string().contains("hunter2"));
-    let (_, scoped) = app.get(&format!("/api/v1/variables?scope=event:{ev}")).await;
+    let (_, scoped) = app
+        .get(&format!("/api/v1/variables?scope=event:{ev}"))
+        .await;
     assert_eq!(scoped.as_array().expect("list").len(), 1);
-    let stored: Option<String> = sqlx::query_scalar("SELECT value FROM variables WHERE key = 'db_password'").fetch_one(&app.pool).await.expect("row");
+    let stored: Option<String> =
+        sqlx::query_scalar("SELECT value FROM variables WHERE key = 'db_password'")
+            .fetch_one(&app.pool)
+            .await
+            .expect("row");
     assert_eq!(stored, None, "no plaintext at rest");
 
     let long_key = "k".repeat(129);
@@ -51,64 +81,141 @@ async fn put_get_list_delete_with_scopes_and_secrets() {
         assert!(status.is_client_error(), "{key} {body}");
         assert_eq!(err["error"]["field"], field, "{key}: {err}");
     }
-    let (status, _) = put("ghost", json!({"value": "x", "scope": format!("event:{}", Uuid::now_v7())})).await;
+    let (status, _) = put(
+        "ghost",
+        json!({"value": "x", "scope": format!("event:{}", Uuid::now_v7())}),
+    )
+    .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _) = app.delete("/api/v1/variables/region").await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, _) = app.get("/api/v1/variables/region").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let viewer = app.token(Role::Viewer).await;
-    let (status, _) = baton_tests::send(app.request_as(&viewer, reqwest::Method::PUT, "/api/v1/variables/x").json(&json!({"value": "1"}))).await;
+    let (status, _) = baton_tests::send(
+        app.request_as(&viewer, reqwest::Method::PUT, "/api/v1/variables/x")
+            .json(&json!({"value": "1"})),
+    )
+    .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
 
 #[tokio::test]
 async fn scripts_receive_variables_write_them_back_and_secrets_are_masked_in_logs() {
     let app = spawn_app().await;
-    let ev = app.create_event(&bash_event("uses-vars")).await["id"].as_str().expect("id").to_owned();
+    let ev = app.create_event(&bash_event("uses-vars")).await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
     for (key, body) in [
         ("region", json!({"value": "eu-west-1"})),
-        ("region", json!({"value": "us-east-2", "scope": format!("event:{ev}")})),
+        (
+            "region",
+            json!({"value": "us-east-2", "scope": format!("event:{ev}")}),
+        ),
         ("token", json!({"value": "s3cr3t-value", "secret": true})),
     ] {
-        let (status, _) = baton_tests::send(app.request(reqwest::Method::PUT, &format!("/api/v1/variables/{key}")).json(&body)).await;
+        let (status, _) = baton_tests::send(
+            app.request(reqwest::Method::PUT, &format!("/api/v1/variables/{key}"))
+                .json(&body),
+        )
+        .await;
         assert_eq!(status, StatusCode::OK);
     }
     let token = app.token(Role::Worker).await;
-    let (mut w, _) = ScriptedWorker::connect(&app.grpc_address, &token, hello(Uuid::now_v7(), 1)).await;
+    let (mut w, _) =
+        ScriptedWorker::connect(&app.grpc_address, &token, hello(Uuid::now_v7(), 1)).await;
     let job = app.run_event(&ev, &json!({})).await;
-    let a = w.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a.clone()), _ => None }).await;
+    let a = w
+        .next_matching(|m| match m {
+            ServerMsg::Assignment(a) => Some(a.clone()),
+            _ => None,
+        })
+        .await;
     let context: Value = serde_json::from_str(&a.context_json).expect("context");
-    assert_eq!(context["variables"]["region"], "us-east-2", "the event's own variable wins");
-    assert_eq!(context["variables"]["token"], "s3cr3t-value", "scripts can read secrets");
+    assert_eq!(
+        context["variables"]["region"], "us-east-2",
+        "the event's own variable wins"
+    );
+    assert_eq!(
+        context["variables"]["token"], "s3cr3t-value",
+        "scripts can read secrets"
+    );
 
-    w.send(WorkerMsg::Logs(LogBatch { job_id: job.clone(), lease_token: a.lease_token, lines: vec![
-        LogLine { seq: 1, stream: Stream::Stdout as i32, text: "using s3cr3t-value twice: s3cr3t-value".into(), ts_ms: 0 },
-    ]})).await;
-    w.next_matching(|m| match m { ServerMsg::LogAck(_) => Some(()), _ => None }).await;
+    w.send(WorkerMsg::Logs(LogBatch {
+        job_id: job.clone(),
+        lease_token: a.lease_token,
+        lines: vec![LogLine {
+            seq: 1,
+            stream: Stream::Stdout as i32,
+            text: "using s3cr3t-value twice: s3cr3t-value".into(),
+            ts_ms: 0,
+        }],
+    }))
+    .await;
+    w.next_matching(|m| match m {
+        ServerMsg::LogAck(_) => Some(()),
+        _ => None,
+    })
+    .await;
     let mut writes = HashMap::new();
     writes.insert("region".to_owned(), "ap-south-1".to_owned());
     writes.insert("token".to_owned(), "rotated-secret".to_owned());
     writes.insert("counter".to_owned(), "1".to_owned());
-    w.send(WorkerMsg::Finished(Finished { job_id: job.clone(), lease_token: a.lease_token, last_seq: 1, exit_code: Some(0), variables: writes, ..Default::default() })).await;
-    w.next_matching(|m| match m { ServerMsg::FinishedAck(_) => Some(()), _ => None }).await;
+    w.send(WorkerMsg::Finished(Finished {
+        job_id: job.clone(),
+        lease_token: a.lease_token,
+        last_seq: 1,
+        exit_code: Some(0),
+        variables: writes,
+        ..Default::default()
+    }))
+    .await;
+    w.next_matching(|m| match m {
+        ServerMsg::FinishedAck(_) => Some(()),
+        _ => None,
+    })
+    .await;
 
     let (_, logs) = app.get(&format!("/api/v1/jobs/{job}/logs")).await;
     assert_eq!(logs["lines"][0]["text"], "using *** twice: ***");
-    let (_, scoped) = app.get(&format!("/api/v1/variables/region?scope=event:{ev}")).await;
-    assert_eq!(scoped["value"], "ap-south-1", "the write updated the event's own variable");
+    let (_, scoped) = app
+        .get(&format!("/api/v1/variables/region?scope=event:{ev}"))
+        .await;
+    assert_eq!(
+        scoped["value"], "ap-south-1",
+        "the write updated the event's own variable"
+    );
     let (_, global) = app.get("/api/v1/variables/region").await;
     assert_eq!(global["value"], "eu-west-1", "the global one is untouched");
     let (_, counter) = app.get("/api/v1/variables/counter").await;
-    assert_eq!((counter["value"].as_str(), counter["updated_by_job"].as_str()), (Some("1"), Some(job.as_str())));
+    assert_eq!(
+        (
+            counter["value"].as_str(),
+            counter["updated_by_job"].as_str()
+        ),
+        (Some("1"), Some(job.as_str()))
+    );
     let (_, secret) = app.get("/api/v1/variables/token").await;
-    assert_eq!(secret["secret"], true, "a secret stays secret when a script writes it");
-    let stored: Option<String> = sqlx::query_scalar("SELECT value FROM variables WHERE key = 'token'").fetch_one(&app.pool).await.expect("row");
+    assert_eq!(
+        secret["secret"], true,
+        "a secret stays secret when a script writes it"
+    );
+    let stored: Option<String> =
+        sqlx::query_scalar("SELECT value FROM variables WHERE key = 'token'")
+            .fetch_one(&app.pool)
+            .await
+            .expect("row");
     assert_eq!(stored, None);
 
     // The next run reads the rotated secret.
     app.run_event(&ev, &json!({})).await;
-    let next = w.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a.clone()), _ => None }).await;
+    let next = w
+        .next_matching(|m| match m {
+            ServerMsg::Assignment(a) => Some(a.clone()),
+            _ => None,
+        })
+        .await;
     let context: Value = serde_json::from_str(&next.context_json).expect("context");
     assert_eq!(context["variables"]["token"], "rotated-secret");
 }
@@ -116,23 +223,51 @@ async fn scripts_receive_variables_write_them_back_and_secrets_are_masked_in_log
 #[tokio::test]
 async fn a_run_whose_output_is_invalid_applies_nothing() {
     let app = spawn_app().await;
-    let ev = app.create_event(&bash_event("bad-output")).await["id"].as_str().expect("id").to_owned();
-    let target = app.create_event(&bash_event("never")).await["id"].as_str().expect("id").to_owned();
-    app.post(&format!("/api/v1/events/{ev}/actions"), &json!({"trigger": "always", "action": {"type": "run_event", "event_id": target}})).await;
+    let ev = app.create_event(&bash_event("bad-output")).await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let target = app.create_event(&bash_event("never")).await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    app.post(
+        &format!("/api/v1/events/{ev}/actions"),
+        &json!({"trigger": "always", "action": {"type": "run_event", "event_id": target}}),
+    )
+    .await;
     let token = app.token(Role::Worker).await;
-    let (mut w, _) = ScriptedWorker::connect(&app.grpc_address, &token, hello(Uuid::now_v7(), 1)).await;
+    let (mut w, _) =
+        ScriptedWorker::connect(&app.grpc_address, &token, hello(Uuid::now_v7(), 1)).await;
     let job = app.run_event(&ev, &json!({})).await;
-    let a = w.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a.clone()), _ => None }).await;
+    let a = w
+        .next_matching(|m| match m {
+            ServerMsg::Assignment(a) => Some(a.clone()),
+            _ => None,
+        })
+        .await;
     let mut writes = HashMap::new();
     writes.insert("leak".to_owned(), "x".to_owned());
     w.send(WorkerMsg::Finished(Finished {
-        job_id: job.clone(), lease_token: a.lease_token, exit_code: Some(0), error_kind: ErrorKind::Output as i32,
-        error_message: "output.json is not valid JSON: expected value at line 1 column 1".into(), variables: writes,
+        job_id: job.clone(),
+        lease_token: a.lease_token,
+        exit_code: Some(0),
+        error_kind: ErrorKind::Output as i32,
+        error_message: "output.json is not valid JSON: expected value at line 1 column 1".into(),
+        variables: writes,
         ..Default::default()
-    })).await;
-    w.next_matching(|m| match m { ServerMsg::FinishedAck(_) => Some(()), _ => None }).await;
+    }))
+    .await;
+    w.next_matching(|m| match m {
+        ServerMsg::FinishedAck(_) => Some(()),
+        _ => None,
+    })
+    .await;
     let (_, j) = app.get(&format!("/api/v1/jobs/{job}")).await;
-    assert_eq!((j["status"].as_str(), j["error"]["kind"].as_str()), (Some("failed"), Some("output")));
+    assert_eq!(
+        (j["status"].as_str(), j["error"]["kind"].as_str()),
+        (Some("failed"), Some("output"))
+    );
     assert_eq!(j["output"], Value::Null);
     let (status, _) = app.get("/api/v1/variables/leak").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "no variable write applied");

@@ -6,7 +6,9 @@ use baton_tests::spawn_app_with;
 use nix::sys::signal::Signal;
 use serde_json::json;
 
-use crate::support::{InProcessWorker, WorkerProcess, all_lines, local_event, wait_finished, wait_job};
+use crate::support::{
+    InProcessWorker, WorkerProcess, all_lines, local_event, wait_finished, wait_job,
+};
 
 fn short_leases(c: &mut baton_api::ApiConfig) {
     c.lease = Duration::from_secs(2);
@@ -18,7 +20,13 @@ async fn a_job_of_a_killed_worker_finishes_on_another() {
     let app = spawn_app_with(short_leases).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let started = dir.path().join("started");
-    let ev = local_event(&app, "survivor", "sh", &format!("echo run >> {}; sleep 2; echo finished", started.display())).await;
+    let ev = local_event(
+        &app,
+        "survivor",
+        "sh",
+        &format!("echo run >> {}; sleep 2; echo finished", started.display()),
+    )
+    .await;
     let mut first = WorkerProcess::start(&app, 1).await;
     let id = app.run_event(&ev, &json!({})).await;
     wait_job(&app, &id, |j| j["status"] == "running").await;
@@ -27,10 +35,20 @@ async fn a_job_of_a_killed_worker_finishes_on_another() {
     let second = InProcessWorker::start(&app, 1).await;
     let job = wait_finished(&app, &id).await;
     assert_eq!(job["status"], "succeeded", "{job}");
-    assert_eq!(job["attempt"], 2, "the lost lease cost an attempt number, not the retry budget");
+    assert_eq!(
+        job["attempt"], 2,
+        "the lost lease cost an attempt number, not the retry budget"
+    );
     let runs = std::fs::read_to_string(&started).expect("runs");
-    assert_eq!(runs.lines().count(), 2, "ran on the killed worker, then once more");
-    assert_eq!(all_lines(&app, &id).await.last().expect("line")["text"], "finished");
+    assert_eq!(
+        runs.lines().count(),
+        2,
+        "ran on the killed worker, then once more"
+    );
+    assert_eq!(
+        all_lines(&app, &id).await.last().expect("line")["text"],
+        "finished"
+    );
     second.stop().await;
 }
 
@@ -38,7 +56,13 @@ async fn a_job_of_a_killed_worker_finishes_on_another() {
 async fn an_api_restart_mid_run_loses_no_line_and_stores_none_twice() {
     let app = spawn_app_with(|_| {}).await;
     let worker = InProcessWorker::start(&app, 1).await;
-    let ev = local_event(&app, "long", "sh", "for i in $(seq 1 60); do echo \"line $i\"; sleep 0.05; done").await;
+    let ev = local_event(
+        &app,
+        "long",
+        "sh",
+        "for i in $(seq 1 60); do echo \"line $i\"; sleep 0.05; done",
+    )
+    .await;
     let id = app.run_event(&ev, &json!({})).await;
     // Restart once some lines are stored.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -49,12 +73,21 @@ async fn an_api_restart_mid_run_loses_no_line_and_stores_none_twice() {
     let app = app.restart(|_| {}).await;
     let job = wait_finished(&app, &id).await;
     assert_eq!(job["status"], "succeeded", "{job}");
-    assert_eq!(job["attempt"], 1, "the worker kept its job across the restart");
+    assert_eq!(
+        job["attempt"], 1,
+        "the worker kept its job across the restart"
+    );
     let lines = all_lines(&app, &id).await;
-    let texts: Vec<String> = lines.iter().map(|l| l["text"].as_str().expect("text").to_owned()).collect();
+    let texts: Vec<String> = lines
+        .iter()
+        .map(|l| l["text"].as_str().expect("text").to_owned())
+        .collect();
     let expected: Vec<String> = (1..=60).map(|i| format!("line {i}")).collect();
     assert_eq!(texts, expected);
-    let seqs: Vec<i64> = lines.iter().map(|l| l["seq"].as_i64().expect("seq")).collect();
+    let seqs: Vec<i64> = lines
+        .iter()
+        .map(|l| l["seq"].as_i64().expect("seq"))
+        .collect();
     assert_eq!(seqs, (1..=60).collect::<Vec<_>>());
     worker.stop().await;
 }

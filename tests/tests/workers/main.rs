@@ -2,6 +2,11 @@
 //! where a test kills them), real processes — and nothing lost when things fail.
 
 mod chains;
+mod container;
 mod failover;
 mod runs;
+mod ssh;
+// The orchestrator's test sshd, shared rather than copied.
+#[path = "../../../orchestrator/tests/support/sshd.rs"]
+mod sshd;
 mod support;

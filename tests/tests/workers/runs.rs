@@ -6,14 +6,20 @@ use std::time::Duration;
 use baton_tests::spawn_app;
 use serde_json::{Value, json};
 
-use crate::support::{InProcessWorker, all_lines, alive, local_event, wait_finished, wait_job};
+use crate::support::{InProcessWorker, alive, all_lines, local_event, wait_finished, wait_job};
 
 #[tokio::test]
 async fn two_workers_share_a_thousand_jobs_each_run_exactly_once() {
     let app = spawn_app().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let record = dir.path().join("runs");
-    let ev = local_event(&app, "count", "sh", &format!("echo \"$BATON_JOB_ID\" >> {}", record.display())).await;
+    let ev = local_event(
+        &app,
+        "count",
+        "sh",
+        &format!("echo \"$BATON_JOB_ID\" >> {}", record.display()),
+    )
+    .await;
     let w1 = InProcessWorker::start(&app, 8).await;
     let w2 = InProcessWorker::start(&app, 8).await;
     let mut ids = HashSet::new();
@@ -29,7 +35,10 @@ async fn two_workers_share_a_thousand_jobs_each_run_exactly_once() {
         if done == 1000 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "only {done} of 1000 jobs finished");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {done} of 1000 jobs finished"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let text = std::fs::read_to_string(&record).expect("runs file");
@@ -41,8 +50,15 @@ async fn two_workers_share_a_thousand_jobs_each_run_exactly_once() {
         .fetch_all(&app.pool)
         .await
         .expect("per worker");
-    assert_eq!(per_worker.len(), 2, "both workers took part: {per_worker:?}");
-    let attempts: i32 = sqlx::query_scalar("SELECT max(attempt) FROM jobs").fetch_one(&app.pool).await.expect("max");
+    assert_eq!(
+        per_worker.len(),
+        2,
+        "both workers took part: {per_worker:?}"
+    );
+    let attempts: i32 = sqlx::query_scalar("SELECT max(attempt) FROM jobs")
+        .fetch_one(&app.pool)
+        .await
+        .expect("max");
     assert_eq!(attempts, 1);
     w1.stop().await;
     w2.stop().await;
@@ -55,17 +71,33 @@ async fn every_runtime_runs_with_env_input_and_exit_codes() {
     let cases = [
         ("bash", "echo \"bash $GREETING\"; exit 3", 3, "bash hi"),
         ("sh", "echo \"sh $GREETING\"", 0, "sh hi"),
-        ("python", "import os; print('python', os.environ['GREETING'])", 0, "python hi"),
-        ("node", "console.log('node', process.env.GREETING)", 0, "node hi"),
+        (
+            "python",
+            "import os; print('python', os.environ['GREETING'])",
+            0,
+            "python hi",
+        ),
+        (
+            "node",
+            "console.log('node', process.env.GREETING)",
+            0,
+            "node hi",
+        ),
     ];
     for (runtime, content, code, line) in cases {
         let ev = app
             .create_event(&json!({"name": runtime, "runtime": runtime, "content": content, "executor": "local", "env": {"GREETING": "hi"}}))
             .await;
-        let id = app.run_event(ev["id"].as_str().expect("id"), &json!({})).await;
+        let id = app
+            .run_event(ev["id"].as_str().expect("id"), &json!({}))
+            .await;
         let job = wait_finished(&app, &id).await;
         assert_eq!(job["exit_code"], code, "{runtime}: {job}");
-        assert_eq!(job["status"], if code == 0 { "succeeded" } else { "failed" }, "{runtime}");
+        assert_eq!(
+            job["status"],
+            if code == 0 { "succeeded" } else { "failed" },
+            "{runtime}"
+        );
         if code != 0 {
             assert_eq!(job["error"]["kind"], "script");
         }
@@ -75,14 +107,22 @@ async fn every_runtime_runs_with_env_input_and_exit_codes() {
     let ev = app
         .create_event(&json!({"name": "exec", "runtime": "exec", "command": ["printf", "%s|%s\n", "a b", "$HOME"], "executor": "local"}))
         .await;
-    let id = app.run_event(ev["id"].as_str().expect("id"), &json!({})).await;
+    let id = app
+        .run_event(ev["id"].as_str().expect("id"), &json!({}))
+        .await;
     wait_finished(&app, &id).await;
-    assert_eq!(all_lines(&app, &id).await[0]["text"], "a b|$HOME", "no shell expansion");
+    assert_eq!(
+        all_lines(&app, &id).await[0]["text"],
+        "a b|$HOME",
+        "no shell expansion"
+    );
     // A start failure is an infrastructure error.
     let ev = app
         .create_event(&json!({"name": "missing", "runtime": "exec", "command": ["/nonexistent/program"], "executor": "local"}))
         .await;
-    let id = app.run_event(ev["id"].as_str().expect("id"), &json!({})).await;
+    let id = app
+        .run_event(ev["id"].as_str().expect("id"), &json!({}))
+        .await;
     let job = wait_finished(&app, &id).await;
     assert_eq!(job["error"]["kind"], "infrastructure", "{job}");
     worker.stop().await;
@@ -101,7 +141,10 @@ async fn ten_megabytes_of_output_arrive_complete_and_in_order() {
     assert_eq!(lines.len(), 1_400_001);
     for (i, line) in lines.iter().enumerate() {
         assert_eq!(line["seq"], i as i64 + 1);
-        assert_eq!(line["text"].as_str().expect("text"), (1_000_000 + i).to_string());
+        assert_eq!(
+            line["text"].as_str().expect("text"),
+            (1_000_000 + i).to_string()
+        );
     }
     worker.stop().await;
 }
@@ -125,7 +168,10 @@ async fn wait_pids(pids: &std::path::Path, n: usize) -> Vec<i32> {
         if got.len() >= n {
             return got;
         }
-        assert!(tokio::time::Instant::now() < deadline, "children did not start");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "children did not start"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -133,7 +179,10 @@ async fn wait_pids(pids: &std::path::Path, n: usize) -> Vec<i32> {
 async fn wait_dead(pids: &[i32]) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while pids.iter().any(|p| alive(*p)) {
-        assert!(tokio::time::Instant::now() < deadline, "a child survived: {pids:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a child survived: {pids:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -149,13 +198,18 @@ async fn cancel_kills_the_whole_tree_within_a_second() {
     let children = wait_pids(&pids, 3).await;
     wait_job(&app, &id, |j| j["status"] == "running").await;
     let asked = std::time::Instant::now();
-    let (status, _) = app.post(&format!("/api/v1/jobs/{id}/cancel"), &Value::Null).await;
+    let (status, _) = app
+        .post(&format!("/api/v1/jobs/{id}/cancel"), &Value::Null)
+        .await;
     assert_eq!(status, reqwest::StatusCode::ACCEPTED);
     wait_dead(&children).await;
     let took = asked.elapsed();
     assert!(took < Duration::from_secs(1), "cancel took {took:?}");
     let job = wait_finished(&app, &id).await;
-    assert_eq!((job["status"].as_str(), job["error"]["kind"].as_str()), (Some("cancelled"), Some("cancelled")));
+    assert_eq!(
+        (job["status"].as_str(), job["error"]["kind"].as_str()),
+        (Some("cancelled"), Some("cancelled"))
+    );
     worker.stop().await;
 }
 
@@ -168,10 +222,16 @@ async fn a_timeout_kills_the_whole_tree() {
     let ev = app
         .create_event(&json!({"name": "slow", "runtime": "bash", "content": tree_script(&pids), "executor": "local", "timeout_seconds": 1}))
         .await;
-    let id = app.run_event(ev["id"].as_str().expect("id"), &json!({})).await;
+    let id = app
+        .run_event(ev["id"].as_str().expect("id"), &json!({}))
+        .await;
     let children = wait_pids(&pids, 3).await;
     let job = wait_finished(&app, &id).await;
-    assert_eq!((job["status"].as_str(), job["error"]["kind"].as_str()), (Some("timed_out"), Some("timeout")), "{job}");
+    assert_eq!(
+        (job["status"].as_str(), job["error"]["kind"].as_str()),
+        (Some("timed_out"), Some("timeout")),
+        "{job}"
+    );
     assert_eq!(job["dead"], true);
     wait_dead(&children).await;
     worker.stop().await;
@@ -181,7 +241,13 @@ async fn a_timeout_kills_the_whole_tree() {
 async fn progress_lines_and_retries_with_dead_letter() {
     let app = spawn_app().await;
     let worker = InProcessWorker::start(&app, 1).await;
-    let ev = local_event(&app, "progress", "sh", "echo 'PROGRESS: 40'; echo 'PROGRESS: 75'").await;
+    let ev = local_event(
+        &app,
+        "progress",
+        "sh",
+        "echo 'PROGRESS: 40'; echo 'PROGRESS: 75'",
+    )
+    .await;
     let id = app.run_event(&ev, &json!({})).await;
     let job = wait_finished(&app, &id).await;
     assert_eq!(job["progress"], 100, "succeeded jobs end at 100");
@@ -189,12 +255,23 @@ async fn progress_lines_and_retries_with_dead_letter() {
     assert_eq!(lines.len(), 2);
 
     let ev = app
-        .create_event(&json!({"name": "flaky", "runtime": "sh", "content": "exit 7", "executor": "local",
-            "max_attempts": 3, "retry_backoff_seconds": 0}))
+        .create_event(
+            &json!({"name": "flaky", "runtime": "sh", "content": "exit 7", "executor": "local",
+            "max_attempts": 3, "retry_backoff_seconds": 0}),
+        )
         .await;
-    let id = app.run_event(ev["id"].as_str().expect("id"), &json!({})).await;
+    let id = app
+        .run_event(ev["id"].as_str().expect("id"), &json!({}))
+        .await;
     let job = wait_job(&app, &id, |j| j["dead"] == true).await;
-    assert_eq!((job["status"].as_str(), job["attempt"].as_i64(), job["exit_code"].as_i64()), (Some("failed"), Some(3), Some(7)));
+    assert_eq!(
+        (
+            job["status"].as_str(),
+            job["attempt"].as_i64(),
+            job["exit_code"].as_i64()
+        ),
+        (Some("failed"), Some(3), Some(7))
+    );
     let (_, dead) = app.get("/api/v1/jobs?dead=true").await;
     assert_eq!(dead["items"][0]["id"], id.as_str());
     worker.stop().await;

@@ -16,16 +16,29 @@ pub struct InProcessWorker {
 
 impl InProcessWorker {
     pub async fn start(app: &TestApp, slots: u32) -> Self {
+        Self::start_with(app, slots, |_| {}).await
+    }
+
+    /// [`InProcessWorker::start`], with `configure` applied to the configuration last.
+    pub async fn start_with(
+        app: &TestApp,
+        slots: u32,
+        configure: impl FnOnce(&mut baton_worker::WorkerConfig),
+    ) -> Self {
         let token = app.token(Role::Worker).await;
         let mut config = baton_worker::WorkerConfig::new(app.grpc_address.clone(), token);
         config.allow_local = true;
         config.slots = slots;
         config.drain_timeout = Duration::from_secs(5);
+        configure(&mut config);
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(baton_worker::run(config, async move {
             let _ = rx.await;
         }));
-        Self { stop: Some(tx), task: Some(task) }
+        Self {
+            stop: Some(tx),
+            task: Some(task),
+        }
     }
 
     /// Stops the worker and waits for it to drain.
@@ -34,7 +47,9 @@ impl InProcessWorker {
             let _ = tx.send(());
         }
         if let Some(task) = self.task.take() {
-            let result = tokio::time::timeout(Duration::from_secs(60), task).await.expect("worker stops in time");
+            let result = tokio::time::timeout(Duration::from_secs(60), task)
+                .await
+                .expect("worker stops in time");
             result.expect("worker task").expect("worker result");
         }
     }
@@ -57,7 +72,13 @@ impl WorkerProcess {
     pub async fn start(app: &TestApp, slots: u32) -> Self {
         let token = app.token(Role::Worker).await;
         let child = Command::new(env!("CARGO_BIN_EXE_baton-test-worker"))
-            .args(["--api-url", &app.grpc_address, "--slots", &slots.to_string(), "--allow-local"])
+            .args([
+                "--api-url",
+                &app.grpc_address,
+                "--slots",
+                &slots.to_string(),
+                "--allow-local",
+            ])
             .env("BATON_WORKER_TOKEN", token)
             .env("BATON_WORKER_DRAIN_TIMEOUT", "20s")
             .stdin(Stdio::null())
@@ -67,7 +88,8 @@ impl WorkerProcess {
     }
 
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal).expect("signal");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal)
+            .expect("signal");
     }
 
     /// Waits for the process to exit; returns whether it exited successfully.
@@ -77,7 +99,10 @@ impl WorkerProcess {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status.success();
             }
-            assert!(tokio::time::Instant::now() < deadline, "the worker process did not exit");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the worker process did not exit"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -90,15 +115,19 @@ impl Drop for WorkerProcess {
     }
 }
 
-/// Polls the job until `done(job)` holds (60 s at most); returns the job.
+/// Polls the job until `done(job)` holds (180 s at most: debug builds on a loaded 2-core
+/// machine are slow); returns the job.
 pub async fn wait_job(app: &TestApp, id: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     loop {
         let (_, job) = app.get(&format!("/api/v1/jobs/{id}")).await;
         if done(&job) {
             return job;
         }
-        assert!(tokio::time::Instant::now() < deadline, "job never reached the expected state: {job}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job never reached the expected state: {job}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -106,7 +135,10 @@ pub async fn wait_job(app: &TestApp, id: &str, done: impl Fn(&Value) -> bool) ->
 /// Waits until the job is in a terminal status.
 pub async fn wait_finished(app: &TestApp, id: &str) -> Value {
     wait_job(app, id, |j| {
-        matches!(j["status"].as_str(), Some("succeeded" | "failed" | "timed_out" | "cancelled"))
+        matches!(
+            j["status"].as_str(),
+            Some("succeeded" | "failed" | "timed_out" | "cancelled")
+        )
     })
     .await
 }
@@ -116,7 +148,9 @@ pub async fn all_lines(app: &TestApp, id: &str) -> Vec<Value> {
     let mut lines = Vec::new();
     let mut after = 0;
     loop {
-        let (_, page) = app.get(&format!("/api/v1/jobs/{id}/logs?after={after}&limit=10000")).await;
+        let (_, page) = app
+            .get(&format!("/api/v1/jobs/{id}/logs?after={after}&limit=10000"))
+            .await;
         let batch = page["lines"].as_array().cloned().unwrap_or_default();
         let n = batch.len();
         lines.extend(batch);

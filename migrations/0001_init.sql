@@ -31,6 +31,12 @@ CREATE TABLE events (
     max_attempts    integer NOT NULL DEFAULT 1 CHECK (max_attempts BETWEEN 1 AND 100),
     retry_backoff_seconds integer NOT NULL DEFAULT 10 CHECK (retry_backoff_seconds BETWEEN 0 AND 86400),
     retry_backoff_max_seconds integer NOT NULL DEFAULT 3600 CHECK (retry_backoff_max_seconds BETWEEN 0 AND 604800),
+    -- Which failures use up retries: `any` (infrastructure errors, non-zero exits, timeouts) or
+    -- `infrastructure` (only failures that were not the script's own).
+    retry_on        text NOT NULL DEFAULT 'any' CHECK (retry_on IN ('any', 'infrastructure')),
+    -- Container executor: network access (default none) and resource limits within maximums.
+    network         boolean NOT NULL DEFAULT false,
+    limits          jsonb CHECK (limits IS NULL OR jsonb_typeof(limits) = 'object'),
     priority        integer NOT NULL DEFAULT 0 CHECK (priority BETWEEN -1000 AND 1000),
     labels          jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(labels) = 'object'),
     created_at      timestamptz NOT NULL DEFAULT now(),

@@ -102,6 +102,18 @@ pub struct NewEvent {
     pub retry_backoff_seconds: i32,
     #[serde(default = "default_backoff_max")]
     pub retry_backoff_max_seconds: i32,
+    /// `any` (default): infrastructure errors, non-zero exits and timeouts are retried alike;
+    /// `infrastructure`: only failures that were not the script's own.
+    #[serde(default)]
+    #[sqlx(try_from = "String")]
+    pub retry_on: RetryOn,
+    /// Container executor: give the container network access (default: none).
+    #[serde(default)]
+    pub network: bool,
+    /// Container executor: resource limits for this event (unset fields: the worker's defaults).
+    #[serde(default)]
+    #[sqlx(json(nullable))]
+    pub limits: Option<ContainerLimits>,
     #[serde(default)]
     pub priority: i32,
     /// A worker runs this event only if it carries all these labels.
@@ -109,6 +121,62 @@ pub struct NewEvent {
     #[sqlx(json)]
     pub labels: BTreeMap<String, String>,
 }
+
+/// Per-event container limits; each is bounded by [`ContainerLimits::MAXIMUMS`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tmp_mib: Option<u64>,
+}
+
+impl ContainerLimits {
+    /// The most an event may ask for: the container executor's default maximums
+    /// (8 GiB, 4 CPUs, 4096 processes, 1 GiB of /tmp). A worker configured lower refuses the
+    /// run with a clear error.
+    pub const MAXIMUMS: ContainerLimits = ContainerLimits {
+        memory_mib: Some(8192),
+        cpus: Some(4.0),
+        pids: Some(4096),
+        tmp_mib: Some(1024),
+    };
+
+    fn check(&self) -> Result<(), FieldError> {
+        let max = Self::MAXIMUMS;
+        let over = |field: &str, value: Option<u64>, max: Option<u64>, min: u64| match (value, max) {
+            (Some(v), Some(m)) if v < min || v > m => Err(FieldError::new(
+                format!("limits.{field}"),
+                format!("must be between {min} and {m}"),
+            )),
+            _ => Ok(()),
+        };
+        over("memory_mib", self.memory_mib, max.memory_mib, 16)?;
+        over("pids", self.pids, max.pids, 16)?;
+        over("tmp_mib", self.tmp_mib, max.tmp_mib, 1)?;
+        if let Some(cpus) = self.cpus
+            && !(0.05..=max.cpus.unwrap_or(4.0)).contains(&cpus)
+        {
+            return Err(FieldError::new("limits.cpus", "must be between 0.05 and 4"));
+        }
+        Ok(())
+    }
+}
+
+/// Which failures an event retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RetryOn {
+    #[default]
+    Any,
+    Infrastructure,
+}
+text_enum!(RetryOn { Any => "any", Infrastructure => "infrastructure" });
 
 /// `executor` as sent: absent means "decide from `server_id`".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -310,6 +378,15 @@ impl NewEvent {
             (Some(other), None) => other,
         };
         self.executor = ExecutorChoice(Some(executor));
+        if let Some(limits) = &self.limits {
+            if executor != Executor::Container {
+                return Err(FieldError::new("limits", format!("only apply to the container executor, not {executor}")));
+            }
+            limits.check()?;
+        }
+        if self.network && executor != Executor::Container {
+            return Err(FieldError::new("network", format!("only applies to the container executor, not {executor}")));
+        }
         if let Some(image) = &self.image {
             if image.is_empty()
                 || image.len() > 255

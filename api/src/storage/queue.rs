@@ -287,6 +287,7 @@ struct LeasedState {
     last_log_seq: i64,
     backoff_seconds: Option<i32>,
     backoff_max_seconds: Option<i32>,
+    retry_on: Option<String>,
 }
 
 /// Records how a run ended — or queues its next attempt — if `token` still holds the lease.
@@ -300,7 +301,8 @@ pub async fn complete(
     let state: Option<LeasedState> = sqlx::query_as(
         "SELECT attempt, max_attempts, lease_losses, cancel_requested, last_log_seq,
                 (spec->>'retry_backoff_seconds')::int AS backoff_seconds,
-                (spec->>'retry_backoff_max_seconds')::int AS backoff_max_seconds
+                (spec->>'retry_backoff_max_seconds')::int AS backoff_max_seconds,
+                spec->>'retry_on' AS retry_on
          FROM jobs
          WHERE id = $1 AND lease_token = $2 AND lease_expires_at > now() AND status IN ('claimed', 'running')
          FOR UPDATE",
@@ -324,8 +326,12 @@ pub async fn complete(
     }
     let error = outcome.error.as_ref();
     let own_attempts = state.attempt - state.lease_losses;
+    // An event may retry only failures that were not its script's own.
+    let script_fault = matches!(error.map(|e| e.kind), Some(ErrorKind::Script | ErrorKind::Timeout));
+    let opted_out = script_fault && state.retry_on.as_deref() == Some("infrastructure");
     if let Some(err) = error
         && outcome.retryable
+        && !opted_out
         && !state.cancel_requested
         && own_attempts < state.max_attempts
     {

@@ -82,6 +82,8 @@ async fn every_runtime_shape_is_accepted() {
         json!({"runtime": "http", "request": {"method": "POST", "url": "https://example.invalid/hook",
                 "headers": {"X-Token": "t"}, "body": {"a": 1}}}),
         json!({"runtime": "bash", "content": "true", "image": "debian:bookworm"}),
+        json!({"runtime": "bash", "content": "true", "network": true, "retry_on": "infrastructure",
+               "limits": {"memory_mib": 1024, "cpus": 2.0, "pids": 512}}),
     ]
     .into_iter()
     .enumerate()
@@ -160,6 +162,11 @@ async fn bad_fields_get_a_4xx_naming_the_field() {
         (with("labels", json!({"a b": "c"})), "labels.a b"),
         (with("labels", json!({"zone": 3})), "labels.zone"),
         (with("colour", json!("blue")), "colour"),
+        (with("retry_on", json!("sometimes")), "retry_on"),
+        (with("network", json!(true)), "network"),
+        (json!({"name": "c", "runtime": "bash", "content": "x", "limits": {"memory_mib": 100000}}), "limits.memory_mib"),
+        (json!({"name": "c", "runtime": "bash", "content": "x", "limits": {"cpus": 64.0}}), "limits.cpus"),
+        (json!({"name": "c", "runtime": "bash", "content": "x", "limits": {"disk": 1}}), "limits.disk"),
     ];
     for (body, field) in cases {
         let (status, err) = app.post("/api/v1/events", &body).await;

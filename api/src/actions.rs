@@ -225,6 +225,9 @@ mod tests {
         );
         assert_eq!(render("{{ job.missing }}!", &ctx), "!");
         assert!(check_template("{{ unclosed").is_err());
-        assert!(render("{% include 'missing' %}", &ctx).starts_with("[baton: the message template failed"));
+        assert!(
+            render("{% include 'missing' %}", &ctx)
+                .starts_with("[baton: the message template failed")
+        );
     }
 }

@@ -149,7 +149,8 @@ impl ContainerLimits {
 
     fn check(&self) -> Result<(), FieldError> {
         let max = Self::MAXIMUMS;
-        let over = |field: &str, value: Option<u64>, max: Option<u64>, min: u64| match (value, max) {
+        let over = |field: &str, value: Option<u64>, max: Option<u64>, min: u64| match (value, max)
+        {
             (Some(v), Some(m)) if v < min || v > m => Err(FieldError::new(
                 format!("limits.{field}"),
                 format!("must be between {min} and {m}"),
@@ -380,12 +381,18 @@ impl NewEvent {
         self.executor = ExecutorChoice(Some(executor));
         if let Some(limits) = &self.limits {
             if executor != Executor::Container {
-                return Err(FieldError::new("limits", format!("only apply to the container executor, not {executor}")));
+                return Err(FieldError::new(
+                    "limits",
+                    format!("only apply to the container executor, not {executor}"),
+                ));
             }
             limits.check()?;
         }
         if self.network && executor != Executor::Container {
-            return Err(FieldError::new("network", format!("only applies to the container executor, not {executor}")));
+            return Err(FieldError::new(
+                "network",
+                format!("only applies to the container executor, not {executor}"),
+            ));
         }
         if let Some(image) = &self.image {
             if image.is_empty()

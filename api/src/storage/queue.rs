@@ -327,7 +327,10 @@ pub async fn complete(
     let error = outcome.error.as_ref();
     let own_attempts = state.attempt - state.lease_losses;
     // An event may retry only failures that were not its script's own.
-    let script_fault = matches!(error.map(|e| e.kind), Some(ErrorKind::Script | ErrorKind::Timeout));
+    let script_fault = matches!(
+        error.map(|e| e.kind),
+        Some(ErrorKind::Script | ErrorKind::Timeout)
+    );
     let opted_out = script_fault && state.retry_on.as_deref() == Some("infrastructure");
     if let Some(err) = error
         && outcome.retryable

@@ -164,9 +164,18 @@ async fn bad_fields_get_a_4xx_naming_the_field() {
         (with("colour", json!("blue")), "colour"),
         (with("retry_on", json!("sometimes")), "retry_on"),
         (with("network", json!(true)), "network"),
-        (json!({"name": "c", "runtime": "bash", "content": "x", "limits": {"memory_mib": 100000}}), "limits.memory_mib"),
-        (json!({"name": "c", "runtime": "bash", "content": "x", "limits": {"cpus": 64.0}}), "limits.cpus"),
-        (json!({"name": "c", "runtime": "bash", "content": "x", "limits": {"disk": 1}}), "limits.disk"),
+        (
+            json!({"name": "c", "runtime": "bash", "content": "x", "limits": {"memory_mib": 100000}}),
+            "limits.memory_mib",
+        ),
+        (
+            json!({"name": "c", "runtime": "bash", "content": "x", "limits": {"cpus": 64.0}}),
+            "limits.cpus",
+        ),
+        (
+            json!({"name": "c", "runtime": "bash", "content": "x", "limits": {"disk": 1}}),
+            "limits.disk",
+        ),
     ];
     for (body, field) in cases {
         let (status, err) = app.post("/api/v1/events", &body).await;

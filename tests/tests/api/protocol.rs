@@ -219,26 +219,66 @@ async fn failures_are_recorded_with_their_kind_and_retried() {
 #[tokio::test]
 async fn an_event_can_retry_only_infrastructure_failures() {
     let app = spawn_app().await;
-    let ev = app.create_event(&json!({"name": "strict", "runtime": "bash", "content": "exit 3", "executor": "local",
-        "max_attempts": 3, "retry_backoff_seconds": 0, "retry_on": "infrastructure"})).await;
+    let ev = app
+        .create_event(
+            &json!({"name": "strict", "runtime": "bash", "content": "exit 3", "executor": "local",
+        "max_attempts": 3, "retry_backoff_seconds": 0, "retry_on": "infrastructure"}),
+        )
+        .await;
     let token = app.token(Role::Worker).await;
-    let (mut worker, _) = ScriptedWorker::connect(&app.grpc_address, &token, hello(Uuid::now_v7(), 1)).await;
-    let report = |a: &baton_proto::v1::Assignment, kind: ErrorKind| WorkerMsg::Finished(Finished {
-        job_id: a.job_id.clone(), lease_token: a.lease_token, error_kind: kind as i32,
-        error_message: "failed".into(), retryable: true, ..Default::default()
-    });
+    let (mut worker, _) =
+        ScriptedWorker::connect(&app.grpc_address, &token, hello(Uuid::now_v7(), 1)).await;
+    let report = |a: &baton_proto::v1::Assignment, kind: ErrorKind| {
+        WorkerMsg::Finished(Finished {
+            job_id: a.job_id.clone(),
+            lease_token: a.lease_token,
+            error_kind: kind as i32,
+            error_message: "failed".into(),
+            retryable: true,
+            ..Default::default()
+        })
+    };
     // An infrastructure failure is retried...
-    let id = app.run_event(ev["id"].as_str().expect("id"), &json!({})).await;
-    let a = worker.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a.clone()), _ => None }).await;
+    let id = app
+        .run_event(ev["id"].as_str().expect("id"), &json!({}))
+        .await;
+    let a = worker
+        .next_matching(|m| match m {
+            ServerMsg::Assignment(a) => Some(a.clone()),
+            _ => None,
+        })
+        .await;
     worker.send(report(&a, ErrorKind::Infrastructure)).await;
-    worker.next_matching(|m| match m { ServerMsg::FinishedAck(f) if f.job_id == id => Some(()), _ => None }).await;
+    worker
+        .next_matching(|m| match m {
+            ServerMsg::FinishedAck(f) if f.job_id == id => Some(()),
+            _ => None,
+        })
+        .await;
     // ...a script failure is not.
-    let b = worker.next_matching(|m| match m { ServerMsg::Assignment(a) => Some(a.clone()), _ => None }).await;
+    let b = worker
+        .next_matching(|m| match m {
+            ServerMsg::Assignment(a) => Some(a.clone()),
+            _ => None,
+        })
+        .await;
     assert_eq!((b.job_id.as_str(), b.attempt), (id.as_str(), 2));
     worker.send(report(&b, ErrorKind::Script)).await;
-    worker.next_matching(|m| match m { ServerMsg::FinishedAck(f) if f.job_id == id => Some(()), _ => None }).await;
+    worker
+        .next_matching(|m| match m {
+            ServerMsg::FinishedAck(f) if f.job_id == id => Some(()),
+            _ => None,
+        })
+        .await;
     let j = job(&app, &id).await;
-    assert_eq!((j["status"].as_str(), j["attempt"].as_i64(), j["dead"].as_bool()), (Some("failed"), Some(2), Some(true)));
+    assert_eq!(
+        (
+            j["status"].as_str(),
+            j["attempt"].as_i64(),
+            j["dead"].as_bool()
+        ),
+        (Some("failed"), Some(2), Some(true))
+    );
 }
 
 #[tokio::test]

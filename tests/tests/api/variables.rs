@@ -179,6 +179,20 @@ async fn scripts_receive_variables_write_them_back_and_secrets_are_masked_in_log
 
     let (_, logs) = app.get(&format!("/api/v1/jobs/{job}/logs")).await;
     assert_eq!(logs["lines"][0]["text"], "using *** twice: ***");
+    // The live stream serves the masked text too.
+    let streamed = app
+        .request(
+            reqwest::Method::GET,
+            &format!("/api/v1/jobs/{job}/logs/stream"),
+        )
+        .send()
+        .await
+        .expect("stream")
+        .text()
+        .await
+        .expect("body");
+    assert!(streamed.contains("using *** twice: ***"), "{streamed}");
+    assert!(!streamed.contains("s3cr3t-value"), "{streamed}");
     let (_, scoped) = app
         .get(&format!("/api/v1/variables/region?scope=event:{ev}"))
         .await;

@@ -134,7 +134,8 @@ impl Api {
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
             .add_service(crate::grpc::WorkerGrpc::server(state.clone()))
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(grpc),
+                // Without TCP_NODELAY each pushed assignment waits ~40 ms for a delayed ACK.
+                tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
                 async move { grpc_stop.cancelled().await },
             );
         let http_stop = stop.clone();

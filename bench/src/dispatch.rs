@@ -41,6 +41,14 @@ pub struct Args {
     warmup: u64,
 }
 
+/// A job's status, `created_at`, `claimed_at` and `started_at`.
+type JobTimes = (
+    String,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+);
+
 /// Timestamps of one finished job.
 struct Sample {
     latency_ms: f64,
@@ -130,12 +138,7 @@ async fn one(api: &support::ApiHandle, event: &str) -> anyhow::Result<Sample> {
     let post_ms = posted.elapsed().as_secs_f64() * 1000.0;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let row: (
-            String,
-            DateTime<Utc>,
-            Option<DateTime<Utc>>,
-            Option<DateTime<Utc>>,
-        ) = sqlx::query_as(
+        let row: JobTimes = sqlx::query_as(
             "SELECT status, created_at, claimed_at, started_at FROM jobs WHERE id = $1",
         )
         .bind(id)

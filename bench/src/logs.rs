@@ -45,7 +45,7 @@ struct RunResult {
 
 pub async fn run(args: Args) -> anyhow::Result<Summary> {
     ensure!(
-        args.bytes % args.line_bytes == 0,
+        args.bytes.is_multiple_of(args.line_bytes),
         "--line-bytes must divide --bytes"
     );
     let lines = args.bytes / args.line_bytes;

@@ -577,7 +577,8 @@ const CLAIM_SQL: &str = "WITH picked AS (
 /// [`queue::complete`]: lock the leased row.
 const COMPLETE_SELECT_SQL: &str = "SELECT attempt, max_attempts, lease_losses, cancel_requested, last_log_seq,
                 (spec->>'retry_backoff_seconds')::int AS backoff_seconds,
-                (spec->>'retry_backoff_max_seconds')::int AS backoff_max_seconds
+                (spec->>'retry_backoff_max_seconds')::int AS backoff_max_seconds,
+                spec->>'retry_on' AS retry_on
          FROM jobs
          WHERE id = $1 AND lease_token = $2 AND lease_expires_at > now() AND status IN ('claimed', 'running')
          FOR UPDATE";

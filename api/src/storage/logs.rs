@@ -50,7 +50,7 @@ pub async fn append_batch(
     .fetch_optional(&mut *conn)
     .await?;
     let Some((stored_seq, stored_bytes)) = state else {
-        return Err(lease_lost_or_missing(conn, job_id).await);
+        return Err(super::queue::lease_lost_or_missing(conn, job_id).await);
     };
     let fresh: Vec<&LogLine> = lines.iter().filter(|l| l.seq > stored_seq).collect();
     let Some(first) = fresh.first() else {
@@ -141,18 +141,6 @@ pub async fn stored_seq(db: impl PgExecutor<'_>, job_id: Uuid) -> Result<i64> {
         .fetch_optional(db)
         .await?;
     seq.ok_or(StorageError::JobNotFound(job_id))
-}
-
-async fn lease_lost_or_missing(conn: &mut PgConnection, job_id: Uuid) -> StorageError {
-    match sqlx::query_scalar::<_, bool>("SELECT true FROM jobs WHERE id = $1")
-        .bind(job_id)
-        .fetch_optional(conn)
-        .await
-    {
-        Ok(Some(_)) => StorageError::LeaseLost { job_id },
-        Ok(None) => StorageError::JobNotFound(job_id),
-        Err(e) => e.into(),
-    }
 }
 
 /// Up to `max_lines` lines with `seq > after`, in order.

@@ -412,7 +412,8 @@ pub fn retry_delay(attempts_done: i32, base_seconds: i32, max_seconds: i32) -> D
     Duration::from_millis(capped_ms - half + jitter)
 }
 
-async fn lease_lost_or_missing(conn: &mut PgConnection, job_id: Uuid) -> StorageError {
+/// Why a fenced write found nothing: the job exists (the lease is lost) or it does not.
+pub(crate) async fn lease_lost_or_missing(conn: &mut PgConnection, job_id: Uuid) -> StorageError {
     match sqlx::query_scalar::<_, bool>("SELECT true FROM jobs WHERE id = $1")
         .bind(job_id)
         .fetch_optional(conn)

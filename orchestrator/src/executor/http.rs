@@ -31,6 +31,29 @@ pub fn default_client() -> Result<reqwest::Client, ExecError> {
 }
 
 /// Runs `spec.request` with `client`, streaming the response body to `events`.
+/// The `http` runtime as an executor runs it: a client built on first use and shared by every
+/// run of that executor.
+#[derive(Debug, Default)]
+pub struct LazyHttp {
+    client: std::sync::OnceLock<Result<reqwest::Client, ExecError>>,
+}
+
+impl LazyHttp {
+    /// Makes the request `spec` describes, streaming the response body as output lines.
+    pub async fn run(
+        &self,
+        spec: &RunSpec,
+        events: &mpsc::Sender<ExecEvent>,
+        cancel: &tokio_util::sync::CancellationToken,
+        max_line_bytes: usize,
+    ) -> super::RunOutcome {
+        match self.client.get_or_init(default_client) {
+            Ok(client) => run_http(client, spec, events, cancel, max_line_bytes).await,
+            Err(e) => super::RunOutcome::from_error(e.clone(), Duration::ZERO),
+        }
+    }
+}
+
 pub async fn run_http(
     client: &reqwest::Client,
     spec: &RunSpec,

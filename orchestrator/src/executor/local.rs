@@ -38,7 +38,6 @@ use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -110,7 +109,7 @@ impl Default for LocalConfig {
 #[derive(Debug, Default)]
 pub struct LocalExecutor {
     config: LocalConfig,
-    http: OnceLock<Result<reqwest::Client, ExecError>>,
+    http: http::LazyHttp,
 }
 
 impl LocalExecutor {
@@ -118,20 +117,13 @@ impl LocalExecutor {
     pub fn new(config: LocalConfig) -> Self {
         LocalExecutor {
             config,
-            http: OnceLock::new(),
+            http: http::LazyHttp::default(),
         }
     }
 
     /// The configuration.
     pub fn config(&self) -> &LocalConfig {
         &self.config
-    }
-
-    fn http_client(&self) -> Result<&reqwest::Client, ExecError> {
-        self.http
-            .get_or_init(http::default_client)
-            .as_ref()
-            .map_err(Clone::clone)
     }
 
     async fn run_spec(
@@ -141,13 +133,10 @@ impl LocalExecutor {
         cancel: CancellationToken,
     ) -> RunOutcome {
         if spec.runtime == Runtime::Http {
-            return match self.http_client() {
-                Ok(client) => {
-                    http::run_http(client, &spec, &events, &cancel, self.config.max_line_bytes)
-                        .await
-                }
-                Err(e) => RunOutcome::from_error(e, Duration::ZERO),
-            };
+            return self
+                .http
+                .run(&spec, &events, &cancel, self.config.max_line_bytes)
+                .await;
         }
         self.run_process(spec, events, cancel).await
     }

@@ -358,7 +358,7 @@ pub struct ContainerExecutor {
     engine: String,
     /// Containers of runs in progress: name → job id. Never reaped.
     live: Arc<Mutex<HashMap<String, Uuid>>>,
-    http: std::sync::OnceLock<Result<reqwest::Client, ExecError>>,
+    http: http::LazyHttp,
 }
 
 impl fmt::Debug for ContainerExecutor {
@@ -409,7 +409,7 @@ impl ContainerExecutor {
             owner,
             engine,
             live: Arc::new(Mutex::new(HashMap::new())),
-            http: std::sync::OnceLock::new(),
+            http: http::LazyHttp::default(),
         })
     }
 
@@ -582,13 +582,6 @@ impl ContainerExecutor {
         }
     }
 
-    fn http_client(&self) -> Result<&reqwest::Client, ExecError> {
-        self.http
-            .get_or_init(http::default_client)
-            .as_ref()
-            .map_err(Clone::clone)
-    }
-
     async fn run_spec(
         &self,
         spec: RunSpec,
@@ -596,13 +589,10 @@ impl ContainerExecutor {
         cancel: CancellationToken,
     ) -> RunOutcome {
         if spec.runtime == Runtime::Http {
-            return match self.http_client() {
-                Ok(client) => {
-                    http::run_http(client, &spec, &events, &cancel, self.config.max_line_bytes)
-                        .await
-                }
-                Err(e) => RunOutcome::from_error(e, Duration::ZERO),
-            };
+            return self
+                .http
+                .run(&spec, &events, &cancel, self.config.max_line_bytes)
+                .await;
         }
         let started = Instant::now();
         let plan = match self.plan(&spec) {

@@ -64,12 +64,20 @@ pub async fn after_finish(
     variable_writes: &HashMap<String, String>,
 ) -> Result<(), StorageError> {
     let job = queue::get_job(&mut *conn, job_id).await?;
+    // Most completions set nothing in motion: stop before loading the event.
+    let actions = actions::list_actions(&mut *conn, job.event_id).await?;
+    if actions.is_empty() && variable_writes.is_empty() {
+        return Ok(());
+    }
     let output_failed = job
         .error
         .as_ref()
         .is_some_and(|e| e.kind == crate::model::job::ErrorKind::Output);
     if !output_failed {
         apply_variable_writes(conn, vault, &job, variable_writes).await?;
+    }
+    if actions.is_empty() {
+        return Ok(());
     }
     let event = match events::get_event(&mut *conn, job.event_id).await {
         Ok(e) => e,
@@ -78,7 +86,7 @@ pub async fn after_finish(
     };
     let context = json!({"event": {"id": event.id, "name": event.spec.name, "description": event.spec.description},
                          "job": job});
-    for action in actions::list_actions(&mut *conn, job.event_id).await? {
+    for action in actions {
         if !fires(action.trigger, &job) {
             continue;
         }

@@ -12,6 +12,7 @@ use uuid::Uuid;
 use crate::error::ApiError;
 use crate::model::Role;
 use crate::storage::{self, tokens};
+use crate::token_cache::{Lookup, Verified};
 
 /// Prefix of every Baton token, so leaked tokens are easy to recognise and scan for.
 pub const TOKEN_PREFIX: &str = "baton_";
@@ -28,6 +29,36 @@ pub fn generate_token() -> String {
 
 pub fn hash_token(token: &str) -> Vec<u8> {
     Sha256::digest(token.as_bytes()).to_vec()
+}
+
+/// Who `token` belongs to, if it is live: from the [`TokenCache`](crate::token_cache) when
+/// verified recently, else from the database (recording its use at most once a minute).
+pub async fn verify(
+    state: &crate::AppState,
+    token: &str,
+) -> Result<Option<Verified>, storage::StorageError> {
+    let hash = hash_token(token);
+    match state.tokens.lookup(&hash) {
+        Lookup::Known { verified, touch } => {
+            if touch {
+                tokens::touch(&state.pool, verified.id).await?;
+            }
+            Ok(Some(verified))
+        }
+        Lookup::Unknown => {
+            let Some(info) = tokens::find_by_hash(&state.pool, &hash).await? else {
+                return Ok(None);
+            };
+            tokens::touch(&state.pool, info.id).await?;
+            let verified = Verified {
+                id: info.id,
+                name: info.name,
+                role: info.role,
+            };
+            state.tokens.remember(hash, verified.clone());
+            Ok(Some(verified))
+        }
+    }
 }
 
 /// What is shown of a token to recognise it: its first 12 characters.
@@ -154,10 +185,9 @@ impl FromRequestParts<crate::AppState> for Caller {
             .ok_or_else(|| {
                 ApiError::Unauthorized("the Authorization header must be `Bearer <token>`".into())
             })?;
-        let info = tokens::find_by_hash(&state.pool, &hash_token(token))
+        let info = verify(state, token)
             .await?
             .ok_or_else(|| ApiError::Unauthorized("unknown or revoked token".into()))?;
-        tokens::touch(&state.pool, info.id).await?;
         Ok(Caller {
             token_id: info.id,
             name: info.name,

@@ -196,6 +196,9 @@ impl Dispatcher {
                 return Ok(FALLBACK_POLL);
             }
             let start = self.round_robin.fetch_add(1, Ordering::Relaxed) % conns.len();
+            // The variables of each event seen in this pass: many jobs of one event are
+            // usually claimed together.
+            let mut variables = HashMap::new();
             let mut any_full_batch = false;
             let mut any_free = false;
             for i in 0..conns.len() {
@@ -218,7 +221,7 @@ impl Dispatcher {
                 .await?;
                 any_full_batch |= jobs.len() == free as usize;
                 for job in jobs {
-                    self.push(conn, job).await?;
+                    self.push(conn, job, &mut variables).await?;
                 }
             }
             if !any_full_batch {
@@ -239,21 +242,24 @@ impl Dispatcher {
         &self,
         conn: &WorkerConn,
         job: ClaimedJob,
+        variables: &mut HashMap<Uuid, Value>,
     ) -> Result<(), crate::storage::StorageError> {
-        let mut assignment = assignment(&job);
-        match crate::secrets::readable_variables(&self.pool, &self.vault, job.event_id).await {
-            Ok((values, _)) => {
-                let mut context: Value =
-                    serde_json::from_str(&assignment.context_json).unwrap_or_default();
-                context["variables"] = json!(values);
-                assignment.context_json = context.to_string();
+        let vars = match variables.get(&job.event_id) {
+            Some(v) => v,
+            None => {
+                match crate::secrets::readable_variables(&self.pool, &self.vault, job.event_id)
+                    .await
+                {
+                    Ok((values, _)) => variables.entry(job.event_id).or_insert(json!(values)),
+                    Err(e) => {
+                        // A database hiccup: give the job back rather than fail it.
+                        queue::release(&self.pool, job.id, job.lease_token).await?;
+                        return Err(e);
+                    }
+                }
             }
-            Err(e) => {
-                // A database hiccup: give the job back rather than fail it.
-                queue::release(&self.pool, job.id, job.lease_token).await?;
-                return Err(e);
-            }
-        }
+        };
+        let mut assignment = assignment(&job, vars);
         match self.server_for(&job).await {
             Ok(server) => {
                 assignment.server_json = server.map(|s| s.to_string()).unwrap_or_default()
@@ -332,7 +338,7 @@ impl Dispatcher {
 }
 
 /// The assignment for a claimed job, with the metadata the runtime helpers expose.
-fn assignment(job: &ClaimedJob) -> Assignment {
+fn assignment(job: &ClaimedJob, variables: &Value) -> Assignment {
     let spec = &job.spec.0;
     let context = json!({
         "event": {
@@ -345,7 +351,7 @@ fn assignment(job: &ClaimedJob) -> Assignment {
             "runtime": spec.get("runtime"),
             "executor": spec.get("executor"),
         },
-        "variables": {},
+        "variables": variables,
     });
     Assignment {
         job_id: job.id.to_string(),

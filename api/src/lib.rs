@@ -40,6 +40,7 @@ pub mod reaper;
 pub mod secrets;
 pub mod server;
 pub mod storage;
+pub mod token_cache;
 
 use std::sync::Arc;
 
@@ -55,6 +56,8 @@ pub struct AppState {
     pub hub: notify::LogHub,
     /// Wakes this replica's outbox deliverer.
     pub outbox_wake: Arc<tokio::sync::Notify>,
+    /// Tokens verified recently.
+    pub tokens: Arc<token_cache::TokenCache>,
     /// Encrypts and decrypts secrets at rest.
     pub vault: crypto::Vault,
     /// This replica's id (in logs and the `workers` table).

@@ -1,6 +1,6 @@
 //! One `LISTEN` connection per replica, fanned out in-process: queued jobs wake the
-//! dispatcher, cancel requests reach the worker connected here, and log/finish pointers wake
-//! live log streams. Notifications carry ids only, never log text.
+//! dispatcher, cancel requests reach the worker connected here, log/finish pointers wake
+//! live log streams, and revoked tokens leave the token cache. Notifications carry ids only, never log text.
 
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::storage::queue::{CANCEL_CHANNEL, QUEUED_CHANNEL};
+use crate::storage::tokens::REVOKED_CHANNEL;
 
 pub const LOGS_CHANNEL: &str = "baton_job_logs";
 pub const OUTBOX_CHANNEL: &str = "baton_outbox";
@@ -93,6 +94,8 @@ pub async fn run(state: crate::AppState, stop: CancellationToken) {
             }
         };
         if !first {
+            // Revocations may have been missed.
+            state.tokens.clear();
             state.outbox_wake.notify_one();
             dispatcher.wake();
             hub.publish(LogSignal::Resync);
@@ -107,6 +110,10 @@ pub async fn run(state: crate::AppState, stop: CancellationToken) {
                 Ok(Some(note)) => match note.channel() {
                     QUEUED_CHANNEL => dispatcher.wake(),
                     OUTBOX_CHANNEL => state.outbox_wake.notify_one(),
+                    REVOKED_CHANNEL => match Uuid::parse_str(note.payload()) {
+                        Ok(id) => state.tokens.forget(id),
+                        Err(_) => state.tokens.clear(),
+                    },
                     CANCEL_CHANNEL => {
                         if let Ok(job_id) = Uuid::parse_str(note.payload()) {
                             dispatcher.cancel(job_id, "cancelled through the API");
@@ -121,6 +128,7 @@ pub async fn run(state: crate::AppState, stop: CancellationToken) {
                 },
                 // The connection dropped; sqlx reconnects on the next call. Resync then.
                 Ok(None) => {
+                    state.tokens.clear();
                     dispatcher.wake();
                     hub.publish(LogSignal::Resync);
                 }
@@ -136,7 +144,13 @@ pub async fn run(state: crate::AppState, stop: CancellationToken) {
 async fn connect(pool: &sqlx::PgPool) -> Result<PgListener, sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
     listener
-        .listen_all([QUEUED_CHANNEL, CANCEL_CHANNEL, LOGS_CHANNEL, OUTBOX_CHANNEL])
+        .listen_all([
+            QUEUED_CHANNEL,
+            CANCEL_CHANNEL,
+            LOGS_CHANNEL,
+            OUTBOX_CHANNEL,
+            REVOKED_CHANNEL,
+        ])
         .await?;
     Ok(listener)
 }

@@ -80,6 +80,7 @@ impl Api {
                 dispatcher,
                 hub: notify::LogHub::default(),
                 outbox_wake: Arc::new(tokio::sync::Notify::new()),
+                tokens: Arc::default(),
                 vault,
                 api_id: uuid::Uuid::now_v7().to_string(),
                 stop: CancellationToken::new(),

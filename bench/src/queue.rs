@@ -3,15 +3,19 @@
 //!
 //! Both paths run the same loop on C clients (one connection each): reserve up to B jobs of
 //! the N to do, enqueue them one `INSERT` per job (autocommit, as `POST /events/{id}/run`
-//! does), claim up to B, and complete each claimed job in its own transaction (as the api will
-//! when a worker reports); a client stops once it has nothing left to enqueue and its claim
-//! comes back empty. That is, per job: 1 INSERT, 1/B of a claim, and BEGIN + SELECT … FOR
-//! UPDATE + UPDATE + COMMIT, so about 5 + 1/B round trips on either path.
+//! does), claim up to B, and complete each claimed job (as the api does when a worker
+//! reports); a client stops once it has nothing left to enqueue and its claim comes back
+//! empty.
 //!
-//! - **module** calls [`queue::enqueue`], [`queue::claim_batch`] and [`queue::complete`].
-//! - **raw** sends their statements (the same text, checked against the module's source at
-//!   start-up) with the same parameter types, but binds JSON serialised once up front, decodes
-//!   only the two claimed columns it needs, and skips the module's sorting and state decoding.
+//! - **module** calls [`queue::enqueue`] (one statement: the insert, with the audit row the
+//!   REST call adds when there is one), [`queue::claim_batch`] and [`queue::complete`] (in its
+//!   own transaction, BEGIN + one UPDATE for a success + COMMIT, as the api runs it beside the
+//!   action engine).
+//! - **raw** is the least a hand-written queue needs: a plain `INSERT` per job, the module's
+//!   claim statement (the same text, checked against the module's source at start-up) and the
+//!   module's success `UPDATE` sent alone, autocommitted. It binds JSON serialised once up
+//!   front, decodes only the two claimed columns it needs, and skips the module's sorting and
+//!   state decoding. Per job: 1 INSERT, 1/B of a claim, 1 UPDATE.
 //!
 //! Each path has its own database cloned from the migrated template, emptied (`TRUNCATE`)
 //! before every phase. An unmeasured warm-up runs both paths first; then R rounds run both,
@@ -165,7 +169,7 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
     let version = support::server_version(&targets[0].pool).await?;
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "config: no-op jobs, enqueue (1 INSERT/job) → claim_batch → complete (1 tx/job); \
+        "config: no-op jobs, enqueue (1 INSERT/job) → claim_batch → complete (module: 1 tx/job, raw: 1 UPDATE/job); \
          clients={} batch={} jobs={} rounds={} warmup_jobs={}; {version} (throwaway, fsync=off); \
          {cpus} CPUs, load average {}",
         args.clients,
@@ -424,6 +428,7 @@ async fn module_client(
     let finished = Completion::Finished {
         status: JobStatus::Succeeded,
         dead: false,
+        has_actions: false,
     };
     let mut completed = 0;
     loop {
@@ -500,45 +505,30 @@ async fn raw_client(
         for row in &claimed {
             let id: Uuid = row.try_get(0)?;
             let token: i64 = row.try_get(5)?;
-            let mut tx = conn.begin().await?;
-            let held = sqlx::query(COMPLETE_SELECT_SQL)
+            // One autocommitted statement: the least a completion can cost by hand.
+            let done = sqlx::query(COMPLETE_SUCCESS_SQL)
                 .bind(id)
                 .bind(token)
-                .fetch_optional(&mut *tx)
-                .await?;
-            ensure!(held.is_some(), "job {id}: lease lost");
-            let done = sqlx::query(COMPLETE_FINISH_SQL)
-                .bind(id)
-                .bind(JobStatus::Succeeded.as_str())
-                .bind(false)
                 .bind(Some(0_i32))
                 .bind(None::<i32>)
-                .bind(None::<&str>)
-                .bind(None::<&str>)
                 .bind(None::<&RawValue>)
                 .bind(None::<bool>)
-                .bind(token)
-                .execute(&mut *tx)
+                .bind(0_i64)
+                .execute(&mut *conn)
                 .await?;
             ensure!(done.rows_affected() == 1, "job {id}: not completed");
-            tx.commit().await?;
         }
         completed += claimed.len() as u64;
     }
 }
 
-/// Fails if the raw path's statements no longer match the queue module's (whitespace aside),
-/// so the comparison cannot silently drift apart.
+/// Fails if the raw path's claim no longer matches the queue module's (whitespace aside), so
+/// the comparison cannot silently drift apart.
 fn check_sql_matches_module() -> anyhow::Result<()> {
     const MODULE_SOURCE: &str = include_str!("../../api/src/storage/queue.rs");
     let squash = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
     let source = squash(MODULE_SOURCE);
-    let statements = BTreeMap::from([
-        ("INSERT_SQL", INSERT_SQL),
-        ("CLAIM_SQL", CLAIM_SQL),
-        ("COMPLETE_SELECT_SQL", COMPLETE_SELECT_SQL),
-        ("COMPLETE_FINISH_SQL", COMPLETE_FINISH_SQL),
-    ]);
+    let statements = BTreeMap::from([("CLAIM_SQL", CLAIM_SQL)]);
     for (name, sql) in statements {
         let quoted = format!("\"{}\"", squash(sql));
         ensure!(
@@ -550,7 +540,7 @@ fn check_sql_matches_module() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// [`queue::enqueue`].
+/// [`queue::enqueue`]'s insert without its audit part: the least an enqueue can cost by hand.
 const INSERT_SQL: &str = "INSERT INTO jobs (id, event_id, status, priority, run_at, max_attempts, idempotency_key,
                            executor, labels, spec, input, parent_job_id, root_job_id, depth, created_by)
          VALUES ($1, $2, 'queued', $3, coalesce($4, now()), $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
@@ -574,19 +564,13 @@ const CLAIM_SQL: &str = "WITH picked AS (
          RETURNING j.id, j.event_id, j.attempt, j.priority, j.run_at, j.lease_token,
                    j.lease_expires_at, j.spec, j.input, j.parent_job_id, j.root_job_id";
 
-/// [`queue::complete`]: lock the leased row.
-const COMPLETE_SELECT_SQL: &str = "SELECT attempt, max_attempts, lease_losses, cancel_requested, last_log_seq,
-                (spec->>'retry_backoff_seconds')::int AS backoff_seconds,
-                (spec->>'retry_backoff_max_seconds')::int AS backoff_max_seconds,
-                spec->>'retry_on' AS retry_on
-         FROM jobs
-         WHERE id = $1 AND lease_token = $2 AND lease_expires_at > now() AND status IN ('claimed', 'running')
-         FOR UPDATE";
-
-/// [`queue::complete`]: record a final outcome.
-const COMPLETE_FINISH_SQL: &str = "UPDATE jobs SET status = $2, dead = $3, finished_at = now(),
-             lease_token = NULL, lease_expires_at = NULL, completed_token = $10,
-             exit_code = $4, exit_signal = $5, error_kind = $6, error_message = $7,
-             output = $8, condition = $9,
-             progress = CASE WHEN $2 = 'succeeded' THEN 100 ELSE progress END
-         WHERE id = $1";
+/// [`queue::complete`]'s statement for a success, sent without a transaction around it.
+const COMPLETE_SUCCESS_SQL: &str =
+    "UPDATE jobs SET status = 'succeeded', dead = false, finished_at = now(),
+             started_at = coalesce(started_at, now()),
+             lease_token = NULL, lease_expires_at = NULL, completed_token = $2,
+             exit_code = $3, exit_signal = $4, error_kind = NULL, error_message = NULL,
+             output = $5, condition = $6, progress = 100
+         WHERE id = $1 AND lease_token = $2 AND lease_expires_at > now()
+           AND status IN ('claimed', 'running') AND last_log_seq >= $7
+         RETURNING EXISTS (SELECT 1 FROM event_actions a WHERE a.event_id = jobs.event_id)";

@@ -104,7 +104,7 @@ pub fn median(values: &[f64]) -> f64 {
 #[derive(Debug)]
 pub struct Summary {
     name: &'static str,
-    fields: Vec<(&'static str, String)>,
+    fields: Vec<(String, String)>,
 }
 
 impl Summary {
@@ -116,8 +116,8 @@ impl Summary {
     }
 
     /// Adds `key=value`; values must not contain whitespace.
-    pub fn field(mut self, key: &'static str, value: impl fmt::Display) -> Self {
-        self.fields.push((key, value.to_string()));
+    pub fn field(mut self, key: impl Into<String>, value: impl fmt::Display) -> Self {
+        self.fields.push((key.into(), value.to_string()));
         self
     }
 }

@@ -2,16 +2,17 @@
 //! stream and PostgreSQL, with 1 and with 4 in-process workers, beside the raw SQL loop of
 //! `bench/run queue` on the same PostgreSQL in the same run.
 //!
-//! There is no job kind that starts no process, so every job is `exec` `["true"]` on the
-//! `local` executor: each one costs a run directory and a fork/exec on top of the
-//! orchestration.
+//! Two kinds of trivial job, each measured: `noop` (the runtime that starts nothing: the
+//! orchestration alone, the headline figure) and `exec` `["true"]` on the `local` executor
+//! (a run directory and a fork/exec on top).
 //!
 //! Per phase (one per worker count, each on a fresh database with a fresh api replica): W
 //! in-process workers of S slots connect; an unmeasured warm-up runs; then the clock starts
 //! and C concurrent clients enqueue N jobs, through `POST /api/v1/events/{id}/run` (default,
 //! the realistic path) or with `--enqueue sql` straight through `queue::enqueue` on the
 //! benchmark's own connections, while the workers run them. The clock stops when all N are
-//! `succeeded` (polled every 20 ms); any other final status fails the benchmark. Reported:
+//! finished (counted from the completion NOTIFYs, so no polling loads the database), and
+//! then all must be `succeeded`; any other final status fails the benchmark. Reported:
 //! jobs/s over that wall time, the enqueue-only time, and CPU per job of this process (api,
 //! workers, clients, not the `true` processes) and of the database's PostgreSQL backends.
 //!
@@ -39,8 +40,34 @@ enum Enqueue {
     Sql,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Kind {
+    /// `runtime: noop`: no process.
+    Noop,
+    /// `exec ["true"]` on the local executor.
+    Exec,
+}
+
+impl Kind {
+    fn event(self) -> serde_json::Value {
+        match self {
+            Kind::Noop => json!({
+                "name": "bench-throughput-noop", "runtime": "noop", "executor": "local",
+                "timeout_seconds": 600
+            }),
+            Kind::Exec => json!({
+                "name": "bench-throughput-exec", "runtime": "exec", "command": ["true"],
+                "executor": "local", "timeout_seconds": 600
+            }),
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Job kinds, one phase per kind and worker count.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "noop,exec")]
+    kinds: Vec<Kind>,
     /// Jobs per measured phase.
     #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..))]
     jobs: u64,
@@ -85,9 +112,10 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
     let cluster = support::cluster().await?;
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "config: exec [\"true\"] (local executor; no no-op job kind exists), jobs={} workers={:?} \
+        "config: kinds={:?} (local executor), jobs={} workers={:?} \
          slots={} enqueue={:?} clients={} api_pool={} rounds={} warmup_jobs={}; raw baseline \
          clients={} batch={} jobs={}; {cpus} CPUs, load average {}",
+        args.kinds,
         args.jobs,
         args.workers,
         args.slots,
@@ -102,12 +130,16 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
         support::load_average()
     );
 
-    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); args.workers.len()];
+    ensure!(!args.kinds.is_empty(), "--kinds: at least one kind");
+    // rates[kind][workers]: one figure per round.
+    let mut rates = vec![vec![Vec::new(); args.workers.len()]; args.kinds.len()];
     let mut raw = Vec::new();
     for round in 0..args.rounds {
-        for (i, &workers) in args.workers.iter().enumerate() {
-            let result = phase(&cluster, &args, workers, round).await?;
-            rates[i].push(result.rate);
+        for (k, &kind) in args.kinds.iter().enumerate() {
+            for (i, &workers) in args.workers.iter().enumerate() {
+                let result = phase(&cluster, &args, kind, workers, round).await?;
+                rates[k][i].push(result.rate);
+            }
         }
         let rate = queue::raw_rate(
             &cluster,
@@ -129,31 +161,40 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
 
     let raw_rate = median(&raw);
     let mut summary = Summary::new("throughput");
-    for (i, &workers) in args.workers.iter().enumerate() {
-        let key: &'static str = match workers {
-            1 => "jobs_per_s_1w",
-            4 => "jobs_per_s_4w",
-            _ => continue,
+    for (k, &kind) in args.kinds.iter().enumerate() {
+        let prefix = match kind {
+            Kind::Noop => "jobs_per_s",
+            Kind::Exec => "exec_true_jobs_per_s",
         };
-        summary = summary.field(key, format!("{:.0}", median(&rates[i])));
+        for (i, &workers) in args.workers.iter().enumerate() {
+            summary = summary.field(
+                format!("{prefix}_{workers}w"),
+                format!("{:.0}", median(&rates[k][i])),
+            );
+        }
     }
-    // The headline figure: the largest worker count's.
-    let last = median(&rates[args.workers.len() - 1]);
+    // The headline figures: the first kind's, at the largest worker count.
+    let last = median(&rates[0][args.workers.len() - 1]);
+    let kind = match args.kinds[0] {
+        Kind::Noop => "noop",
+        Kind::Exec => "exec_true",
+    };
     Ok(summary
         .field("jobs_per_s", format!("{last:.0}"))
         .field("raw_jobs_per_s", format!("{raw_rate:.0}"))
         .field("ratio", format!("{:.2}", last / raw_rate))
-        .field("job", "exec_true"))
+        .field("job", kind))
 }
 
 /// One measured phase with `workers` workers on a fresh database and api.
 async fn phase(
     cluster: &baton_devdb::Cluster,
     args: &Args,
+    kind: Kind,
     workers: u32,
     round: u32,
 ) -> anyhow::Result<PhaseResult> {
-    let name = format!("bench_throughput_{workers}w_{round}");
+    let name = format!("bench_throughput_{kind:?}_{workers}w_{round}").to_lowercase();
     let api_pool = args.api_pool;
     let api = support::start_api(cluster, &name, args.clients + 2, |config| {
         config.db_pool_size = api_pool;
@@ -164,12 +205,7 @@ async fn phase(
         handles.push(api.start_worker(args.slots).await?);
     }
     api.wait_workers(usize::try_from(workers)?).await?;
-    let event = api
-        .create_event(&json!({
-            "name": "bench-throughput", "runtime": "exec", "command": ["true"],
-            "executor": "local", "timeout_seconds": 600
-        }))
-        .await?;
+    let event = api.create_event(&kind.event()).await?;
 
     if args.warmup_jobs > 0 {
         enqueue_all(&api, &event, args.warmup_jobs, args.clients, args.enqueue).await?;
@@ -181,10 +217,15 @@ async fn phase(
         support::backends_cpu(&api.pool, &api.database).await?,
     );
     let stats_before = db_stats(&api).await?;
+    // Finished jobs are counted from the NOTIFY every completion sends (for live log tails)
+    // rather than by polling the table, which would load PostgreSQL during the measurement.
+    let mut finished = sqlx::postgres::PgListener::connect_with(&api.pool).await?;
+    finished.listen(baton_api::notify::LOGS_CHANNEL).await?;
     let started = Instant::now();
     let enqueue_elapsed = enqueue_all(&api, &event, args.jobs, args.clients, args.enqueue).await?;
-    wait_succeeded(&api, args.warmup_jobs + args.jobs).await?;
+    wait_finished(&mut finished, &api, args.warmup_jobs + args.jobs).await?;
     let elapsed = started.elapsed();
+    wait_succeeded(&api, args.warmup_jobs + args.jobs).await?;
     let cpu_after = (
         support::cpu_time("self"),
         support::backends_cpu(&api.pool, &api.database).await?,
@@ -208,7 +249,7 @@ async fn phase(
         breakdown.join(" ")
     );
     println!(
-        "round {} workers={workers}: {} jobs in {:.2} s = {rate:.0} jobs/s (enqueue alone took \
+        "round {} {kind:?} workers={workers}: {} jobs in {:.2} s = {rate:.0} jobs/s (enqueue alone took \
          {:.2} s = {:.0}/s); CPU µs/job: this process={} postgres={}; load average {}",
         round + 1,
         args.jobs,
@@ -312,6 +353,46 @@ async fn enqueue_all(
         done.context("an enqueueing task panicked")??;
     }
     Ok(started.elapsed())
+}
+
+/// Waits until `total` jobs have finished: counts `…:done` notifications, and every second
+/// (in case one was missed) the finished rows.
+async fn wait_finished(
+    listener: &mut sqlx::postgres::PgListener,
+    api: &ApiHandle,
+    total: u64,
+) -> anyhow::Result<()> {
+    let total = i64::try_from(total)?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    // Jobs finished before the listener started (the warm-up) count from the table.
+    let mut done = finished_count(api).await?;
+    let mut next_count = Instant::now() + Duration::from_secs(1);
+    while done < total {
+        ensure!(
+            Instant::now() < deadline,
+            "only {done} of {total} jobs finished after 10 minutes"
+        );
+        match tokio::time::timeout_at(next_count.into(), listener.recv()).await {
+            Ok(note) => {
+                if note?.payload().ends_with(":done") {
+                    done += 1;
+                }
+            }
+            Err(_) => {
+                done = finished_count(api).await?;
+                next_count = Instant::now() + Duration::from_secs(1);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn finished_count(api: &ApiHandle) -> anyhow::Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE finished_at IS NOT NULL")
+            .fetch_one(&api.pool)
+            .await?,
+    )
 }
 
 /// Waits until `total` jobs are `succeeded` (polling every 20 ms: the count scans the table,

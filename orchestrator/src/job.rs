@@ -61,6 +61,13 @@ impl Failure {
     }
 }
 
+/// What an assignment turned into: a run to start, or a job already done without one.
+pub(crate) enum Planned {
+    Run(Plan),
+    /// A `noop` job: nothing to start; it succeeds at once, its output being its input.
+    Done(Finished),
+}
+
 /// What the worker needs to run a job.
 pub(crate) struct Plan {
     pub executor: Arc<dyn Executor>,
@@ -102,7 +109,7 @@ struct EventSnapshot {
 pub(crate) fn plan(
     a: &Assignment,
     executors: &HashMap<&'static str, Arc<dyn Executor>>,
-) -> Result<Plan, Failure> {
+) -> Result<Planned, Failure> {
     let mut de = serde_json::Deserializer::from_str(&a.spec_json);
     let snapshot: EventSnapshot = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -116,6 +123,9 @@ pub(crate) fn plan(
             false,
         )
     })?;
+    if snapshot.runtime == "noop" {
+        return Ok(Planned::Done(noop_finished(a)));
+    }
     // An unknown runtime can be a newer api than this worker: another worker may know it.
     let runtime: Runtime =
         snapshot
@@ -206,7 +216,7 @@ pub(crate) fn plan(
                 .collect()
         })
         .unwrap_or_default();
-    Ok(Plan {
+    Ok(Planned::Run(Plan {
         executor: executor.clone(),
         spec,
         files: RunFiles {
@@ -214,7 +224,19 @@ pub(crate) fn plan(
             event,
             variables,
         },
-    })
+    }))
+}
+
+/// The `Finished` of a `noop` job: succeeded, its output the job's input (JSON from the api,
+/// passed on untouched; an absent input is no output).
+fn noop_finished(a: &Assignment) -> Finished {
+    Finished {
+        job_id: a.job_id.clone(),
+        lease_token: a.lease_token,
+        exit_code: Some(0),
+        output_json: a.input_json.trim().to_owned(),
+        ..Finished::default()
+    }
 }
 
 /// The server of an ssh job (`Assignment.server_json`; empty for other executors). Errors name
@@ -644,6 +666,32 @@ mod tests {
         }
     }
 
+    /// The plan of an assignment that must run.
+    fn run_plan(a: &Assignment, executors: &HashMap<&'static str, Arc<dyn Executor>>) -> Plan {
+        match plan(a, executors) {
+            Ok(Planned::Run(plan)) => plan,
+            Ok(Planned::Done(f)) => panic!("done without running: {f:?}"),
+            Err(f) => panic!("not planned: {f:?}"),
+        }
+    }
+
+    #[test]
+    fn a_noop_job_is_done_at_once_with_its_input_as_output() {
+        let mut a = assignment(serde_json::json!({"runtime": "noop", "executor": "container"}));
+        a.input_json = r#"{"n": 1}"#.into();
+        // No executor needed, not even the one the event names.
+        let Ok(Planned::Done(f)) = plan(&a, &executors()) else {
+            panic!("a noop job must be done without a run");
+        };
+        assert_eq!(
+            (f.job_id.as_str(), f.lease_token),
+            (a.job_id.as_str(), a.lease_token)
+        );
+        assert_eq!(f.exit_code, Some(0));
+        assert_eq!(f.error_kind, WireKind::Unspecified as i32);
+        assert_eq!(f.output_json, r#"{"n": 1}"#);
+    }
+
     #[test]
     fn plans_a_local_script() {
         let a = assignment(serde_json::json!({
@@ -651,7 +699,7 @@ mod tests {
             "executor": "local", "env": {"A": "1"}, "timeout_seconds": 7,
             "labels": {}, "some_future_field": [1, 2]
         }));
-        let plan = plan(&a, &executors()).unwrap();
+        let plan = run_plan(&a, &executors());
         assert_eq!(plan.executor.name(), "local");
         assert_eq!(plan.spec.runtime, Runtime::Bash);
         assert_eq!(plan.spec.content.as_deref(), Some("echo hi"));
@@ -681,7 +729,7 @@ mod tests {
             "runtime": "python", "content": "print(1)", "executor": "container",
             "image": "python:3.13-slim", "network": true, "limits": {"memory_mib": 256, "cpus": 0.5}
         }));
-        let planned = plan(&a, &executors).unwrap();
+        let planned = run_plan(&a, &executors);
         assert_eq!(planned.spec.image.as_deref(), Some("python:3.13-slim"));
         assert!(planned.spec.network);
         let limits = planned.spec.limits.unwrap();
@@ -701,7 +749,7 @@ mod tests {
             "host_key_policy": "strict", "host_key": "ssh-ed25519 AAAA", "max_concurrent": 2
         })
         .to_string();
-        let plan_ssh = plan(&a, &executors).unwrap();
+        let plan_ssh = run_plan(&a, &executors);
         let target = plan_ssh.spec.ssh.unwrap();
         assert_eq!(target.server_id.to_string(), server_id);
         assert_eq!((target.host.as_str(), target.port), ("10.0.0.5", 2222));

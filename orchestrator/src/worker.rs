@@ -436,7 +436,7 @@ impl Shared {
             job::plan(&a, &self.executors)
         };
         let run_id = st.next_id();
-        let mut entry = JobEntry {
+        let entry = JobEntry {
             run_id,
             lease_token: a.lease_token,
             cancel: CancellationToken::new(),
@@ -447,15 +447,25 @@ impl Shared {
             finished: None,
             span: span.clone(),
         };
+        let done = |st: &mut State, mut entry: JobEntry, finished: Finished| {
+            entry.finished = Some(finished.clone());
+            st.jobs.insert(a.job_id.clone(), entry);
+            st.send(Outgoing::Msg(WorkerMsg::Finished(finished)));
+        };
         match plan {
             Err(failure) => {
                 tracing::warn!(error = %failure.message, "job not run");
-                let finished = failure.finished(&a.job_id, a.lease_token, 0);
-                entry.finished = Some(finished.clone());
-                st.jobs.insert(a.job_id.clone(), entry);
-                st.send(Outgoing::Msg(WorkerMsg::Finished(finished)));
+                done(
+                    &mut st,
+                    entry,
+                    failure.finished(&a.job_id, a.lease_token, 0),
+                );
             }
-            Ok(plan) => {
+            Ok(job::Planned::Done(finished)) => {
+                tracing::info!("noop job done");
+                done(&mut st, entry, finished);
+            }
+            Ok(job::Planned::Run(plan)) => {
                 if st.running >= self.config.slots {
                     tracing::warn!(
                         running = st.running,

@@ -3,6 +3,7 @@
 //! [`session`].
 
 mod session;
+mod writes;
 
 use std::pin::Pin;
 
@@ -12,9 +13,7 @@ use futures::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::AppState;
-use crate::auth::hash_token;
 use crate::model::Role;
-use crate::storage::tokens;
 
 pub struct WorkerGrpc {
     state: AppState,
@@ -47,7 +46,7 @@ impl WorkerService for WorkerGrpc {
             .ok_or_else(|| {
                 Status::unauthenticated("missing `authorization: Bearer <worker token>` metadata")
             })?;
-        let info = tokens::find_by_hash(&self.state.pool, &hash_token(token))
+        let info = crate::auth::verify(&self.state, token)
             .await
             .map_err(|e| crate::error::grpc_status(&e))?
             .ok_or_else(|| Status::unauthenticated("unknown or revoked token"))?;

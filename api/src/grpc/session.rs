@@ -14,20 +14,23 @@ use baton_proto::v1::{
     ServerMessage, Stream as PbStream, Welcome, WorkerMessage,
 };
 use baton_proto::{ServerMsg, WorkerMsg};
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 use uuid::Uuid;
 
 use super::SessionStream;
+use super::writes::{self, Applied, JobWrite};
 use crate::AppState;
 use crate::dispatch::WorkerConn;
 use crate::model::job::ErrorKind;
 use crate::model::{JobError, LogLine};
 use crate::storage::queue::{self, Outcome};
-use crate::storage::{StorageError, logs, workers};
+use crate::storage::{StorageError, workers};
 
+/// At most this many waiting messages are handled together.
+const MAX_GROUP: usize = 256;
 /// How long a new stream may take to say `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const KNOWN_EXECUTORS: [&str; 3] = ["container", "ssh", "local"];
@@ -126,13 +129,35 @@ pub(super) async fn open(
                 _ = stop.cancelled() => break,
                 next = inbound.message() => next,
             };
-            match next {
-                Ok(Some(msg)) => session.handle(msg).await,
-                Ok(None) => break,
+            // Whatever else has already arrived is handled with it (its writes in one
+            // transaction); the stream's order is kept.
+            let mut batch = Vec::new();
+            let mut ended = match next {
+                Ok(Some(msg)) => {
+                    batch.push(msg);
+                    false
+                }
+                Ok(None) => true,
                 Err(status) => {
                     tracing::info!(worker.id = %conn.worker_id, %status, "worker stream ended");
-                    break;
+                    true
                 }
+            };
+            while !ended && batch.len() < MAX_GROUP {
+                // `message` is cancel safe: a message not yet complete stays buffered.
+                match inbound.message().now_or_never() {
+                    None => break,
+                    Some(Ok(Some(msg))) => batch.push(msg),
+                    Some(Ok(None)) => ended = true,
+                    Some(Err(status)) => {
+                        tracing::info!(worker.id = %conn.worker_id, %status, "worker stream ended");
+                        ended = true;
+                    }
+                }
+            }
+            session.handle_all(batch).await;
+            if ended {
+                break;
             }
         }
         state.dispatcher.disconnect(&conn);
@@ -258,42 +283,126 @@ impl Session {
         }
     }
 
-    async fn handle(&self, msg: WorkerMessage) {
-        let Some(msg) = msg.msg else {
-            return self.notice("", "empty message").await;
-        };
+    /// Handles messages in order; runs of job writes go to the database together.
+    async fn handle_all(&self, msgs: Vec<WorkerMessage>) {
+        let mut pending = Vec::new();
+        for msg in msgs {
+            let Some(msg) = msg.msg else {
+                self.notice("", "empty message").await;
+                continue;
+            };
+            match self.job_write(msg).await {
+                Ok(Some(write)) => pending.push(write),
+                Ok(None) => {}
+                Err(other) => {
+                    self.flush(std::mem::take(&mut pending)).await;
+                    self.handle(other).await;
+                }
+            }
+        }
+        self.flush(pending).await;
+    }
+
+    /// The write a job message asks for (`Ok(None)` when it was refused with a notice), or
+    /// the message back when it is not a job write.
+    async fn job_write(&self, msg: WorkerMsg) -> Result<Option<JobWrite>, WorkerMsg> {
+        Ok(match msg {
+            WorkerMsg::Started(m) => self
+                .job_id(&m.job_id)
+                .await
+                .map(|job_id| JobWrite::Started {
+                    job_id,
+                    token: m.lease_token,
+                }),
+            WorkerMsg::Progress(m) => {
+                self.job_id(&m.job_id)
+                    .await
+                    .map(|job_id| JobWrite::Progress {
+                        job_id,
+                        token: m.lease_token,
+                        percent: i16::try_from(m.percent.min(100)).unwrap_or(100),
+                    })
+            }
+            WorkerMsg::Logs(batch) => self.log_write(batch).await,
+            WorkerMsg::Finished(f) => self.job_id(&f.job_id).await.map(|job_id| {
+                let outcome = outcome_of(&f);
+                JobWrite::Finished {
+                    job_id,
+                    token: f.lease_token,
+                    outcome,
+                    variables: f.variables,
+                }
+            }),
+            other => return Err(other),
+        })
+    }
+
+    async fn handle(&self, msg: WorkerMsg) {
         match msg {
             WorkerMsg::Hello(_) => {
                 self.notice("", "Hello may only be sent once per stream")
                     .await
             }
-            WorkerMsg::Started(m) => {
-                let Some(job_id) = self.job_id(&m.job_id).await else {
-                    return;
-                };
-                if let Err(e) = queue::mark_running(&self.state.pool, job_id, m.lease_token).await {
-                    self.refused(job_id, e).await;
-                }
-            }
-            WorkerMsg::Progress(m) => {
-                let Some(job_id) = self.job_id(&m.job_id).await else {
-                    return;
-                };
-                let percent = i16::try_from(m.percent.min(100)).unwrap_or(100);
-                if let Err(e) =
-                    queue::set_progress(&self.state.pool, job_id, m.lease_token, percent).await
-                {
-                    self.refused(job_id, e).await;
-                }
-            }
-            WorkerMsg::Logs(batch) => self.logs(batch).await,
             WorkerMsg::Heartbeat(hb) => self.heartbeat(hb).await,
-            WorkerMsg::Finished(f) => self.finished(f).await,
             WorkerMsg::HostKeySeen(seen) => self.host_key_seen(seen).await,
             WorkerMsg::Drain(_) => {
                 tracing::info!(worker.id = %self.conn.worker_id, "worker is draining");
                 self.conn.set_draining();
             }
+            job_write => {
+                // Not reached: job writes are grouped by `handle_all`.
+                if let Ok(Some(write)) = self.job_write(job_write).await {
+                    self.flush(vec![write]).await;
+                }
+            }
+        }
+    }
+
+    /// Applies job writes and answers each once they are committed.
+    async fn flush(&self, pending: Vec<JobWrite>) {
+        if pending.is_empty() {
+            return;
+        }
+        let mut freed = false;
+        for applied in writes::apply(&self.state, pending).await {
+            match applied {
+                Applied::Started | Applied::Progress => {}
+                Applied::Logs {
+                    job_id,
+                    stored_seq,
+                    bytes,
+                } => {
+                    metrics::counter!(crate::metrics::LOG_BYTES).increment(bytes as u64);
+                    self.send(ServerMsg::LogAck(LogAck {
+                        job_id: job_id.to_string(),
+                        stored_seq,
+                    }))
+                    .await;
+                }
+                Applied::Finished {
+                    job_id,
+                    done,
+                    outcome,
+                } => {
+                    self.finished(job_id, done, &outcome).await;
+                    freed = true;
+                }
+                // Lines went missing on the way: the run cannot be recorded as complete.
+                // Dropping the lease lets the reaper run the job again rather than store it
+                // without its logs.
+                Applied::Refused {
+                    job_id,
+                    error: e @ StorageError::LogsIncomplete { .. },
+                } => {
+                    self.notice(&job_id.to_string(), e.to_string()).await;
+                    self.lease_lost(job_id, "log lines were lost; the job will run again")
+                        .await;
+                }
+                Applied::Refused { job_id, error } => self.refused(job_id, error).await,
+            }
+        }
+        if freed {
+            self.state.dispatcher.wake();
         }
     }
 
@@ -370,10 +479,8 @@ impl Session {
         values
     }
 
-    async fn logs(&self, batch: baton_proto::v1::LogBatch) {
-        let Some(job_id) = self.job_id(&batch.job_id).await else {
-            return;
-        };
+    async fn log_write(&self, batch: baton_proto::v1::LogBatch) -> Option<JobWrite> {
+        let job_id = self.job_id(&batch.job_id).await?;
         let secrets = self.secrets_of(job_id).await;
         let lines: Vec<LogLine> = batch
             .lines
@@ -391,34 +498,11 @@ impl Session {
                     .unwrap_or_else(chrono::Utc::now),
             })
             .collect();
-        let cap = self.state.config.log_cap_bytes;
-        let stored = async {
-            let mut tx = self.state.pool.begin().await?;
-            let appended = logs::append_batch(
-                &mut tx,
-                job_id,
-                batch.lease_token,
-                &lines,
-                cap,
-                self.state.config.lease,
-            )
-            .await?;
-            tx.commit().await?;
-            Ok::<_, StorageError>(appended)
-        }
-        .await;
-        match stored {
-            Ok(appended) => {
-                let bytes: usize = lines.iter().map(|l| l.text.len()).sum();
-                metrics::counter!(crate::metrics::LOG_BYTES).increment(bytes as u64);
-                self.send(ServerMsg::LogAck(LogAck {
-                    job_id: job_id.to_string(),
-                    stored_seq: appended.stored_seq,
-                }))
-                .await
-            }
-            Err(e) => self.refused(job_id, e).await,
-        }
+        Some(JobWrite::Logs {
+            job_id,
+            token: batch.lease_token,
+            lines,
+        })
     }
 
     async fn heartbeat(&self, hb: baton_proto::v1::Heartbeat) {
@@ -459,57 +543,23 @@ impl Session {
         let _ = workers::seen(&self.state.pool, self.conn.worker_id, held.len() as i32).await;
     }
 
-    async fn finished(&self, f: baton_proto::v1::Finished) {
-        let Some(job_id) = self.job_id(&f.job_id).await else {
-            return;
+    /// A completion is recorded: count it, free the slot, acknowledge it.
+    async fn finished(&self, job_id: Uuid, done: queue::Completion, outcome: &Outcome) {
+        tracing::debug!(job.id = %job_id, ?done, "job completion recorded");
+        let status = match done {
+            queue::Completion::Finished { status, .. } => status.as_str(),
+            queue::Completion::Retrying { .. } => "retrying",
         };
-        let outcome = outcome_of(&f);
-        let recorded = async {
-            let mut tx = self.state.pool.begin().await?;
-            let done = queue::complete(&mut tx, job_id, f.lease_token, &outcome).await?;
-            if matches!(done, queue::Completion::Finished { .. }) {
-                crate::actions::after_finish(
-                    &mut tx,
-                    &self.state.vault,
-                    self.state.config.chain_depth_limit,
-                    job_id,
-                    &f.variables,
-                )
-                .await?;
-            }
-            tx.commit().await?;
-            Ok::<_, StorageError>(done)
+        metrics::counter!(crate::metrics::JOBS_COMPLETED, "status" => status).increment(1);
+        if let Some(err) = &outcome.error {
+            metrics::counter!(crate::metrics::JOB_ERRORS, "kind" => err.kind.as_str()).increment(1);
         }
+        self.conn.release(job_id);
+        self.secrets.lock().await.remove(&job_id);
+        self.send(ServerMsg::FinishedAck(FinishedAck {
+            job_id: job_id.to_string(),
+        }))
         .await;
-        match recorded {
-            Ok(done) => {
-                tracing::debug!(job.id = %job_id, ?done, "job completion recorded");
-                let status = match done {
-                    queue::Completion::Finished { status, .. } => status.as_str(),
-                    queue::Completion::Retrying { .. } => "retrying",
-                };
-                metrics::counter!(crate::metrics::JOBS_COMPLETED, "status" => status).increment(1);
-                if let Some(err) = &outcome.error {
-                    metrics::counter!(crate::metrics::JOB_ERRORS, "kind" => err.kind.as_str())
-                        .increment(1);
-                }
-                self.conn.release(job_id);
-                self.secrets.lock().await.remove(&job_id);
-                self.state.dispatcher.wake();
-                self.send(ServerMsg::FinishedAck(FinishedAck {
-                    job_id: job_id.to_string(),
-                }))
-                .await;
-            }
-            // Lines went missing on the way: the run cannot be recorded as complete. Dropping
-            // the lease lets the reaper run the job again rather than store it without its logs.
-            Err(e @ StorageError::LogsIncomplete { .. }) => {
-                self.notice(&job_id.to_string(), e.to_string()).await;
-                self.lease_lost(job_id, "log lines were lost; the job will run again")
-                    .await;
-            }
-            Err(e) => self.refused(job_id, e).await,
-        }
     }
 }
 

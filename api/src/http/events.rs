@@ -13,6 +13,7 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
 use crate::model::{Event, EventPatch, NewEvent, Role, RunRequest};
+use crate::storage::audit::AuditEntry;
 use crate::storage::{events, queue};
 
 #[utoipa::path(post, path = "/api/v1/events", tag = "events", request_body = NewEvent,
@@ -183,10 +184,11 @@ pub async fn run_event(
     let id = parse_uuid("id", &id)?;
     let request = request.unwrap_or_default();
     request.validate()?;
-    let mut tx = state.pool.begin().await?;
-    let event = events::get_event(&mut *tx, id).await?;
-    let enqueued = queue::enqueue(
-        &mut *tx,
+    // Two round trips, no explicit transaction: the job and its audit row go in one
+    // statement; an event deleted in between makes it fail as not found.
+    let event = events::get_event(&state.pool, id).await?;
+    let enqueued = queue::enqueue_audited(
+        &state.pool,
         &queue::NewJob {
             event: &event,
             input: request.input.unwrap_or_else(|| json!({})),
@@ -196,20 +198,16 @@ pub async fn run_event(
             parent: None,
             created_by: Some(caller.token_id),
         },
+        &AuditEntry {
+            token_id: Some(caller.token_id),
+            actor: &caller.name,
+            action: "event.run",
+            target_type: "job",
+            target_id: None,
+            detail: json!({"event_id": id}),
+        },
     )
     .await?;
-    if enqueued.created {
-        audit(
-            &mut *tx,
-            &caller,
-            "event.run",
-            "job",
-            enqueued.job_id,
-            json!({"event_id": id}),
-        )
-        .await?;
-    }
-    tx.commit().await?;
     Ok((
         StatusCode::ACCEPTED,
         axum::Json(RunAccepted {

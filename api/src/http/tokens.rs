@@ -61,5 +61,7 @@ pub async fn revoke_token(
     tokens::revoke_token(&mut *tx, id).await?;
     audit(&mut *tx, &caller, "token.revoke", "token", id, json!({})).await?;
     tx.commit().await?;
+    // Other replicas hear of it by NOTIFY; this one stops accepting it before answering.
+    state.tokens.forget(id);
     Ok(StatusCode::NO_CONTENT)
 }

@@ -20,8 +20,11 @@ pub enum Runtime {
     Node,
     Exec,
     Http,
+    /// Starts nothing and succeeds at once, its output being its input: a join or fan-out
+    /// step in a chain, and a way to measure the orchestration alone.
+    Noop,
 }
-text_enum!(Runtime { Bash => "bash", Sh => "sh", Python => "python", Node => "node", Exec => "exec", Http => "http" });
+text_enum!(Runtime { Bash => "bash", Sh => "sh", Python => "python", Node => "node", Exec => "exec", Http => "http", Noop => "noop" });
 
 impl Runtime {
     /// Script runtimes carry their program in `content`.

@@ -56,6 +56,24 @@ pub struct Enqueued {
 
 /// Queues a job. With an idempotency key, a repeat for the same event returns the first job.
 pub async fn enqueue(db: impl PgExecutor<'_>, job: &NewJob<'_>) -> Result<Enqueued> {
+    insert_job(db, job, None).await
+}
+
+/// [`enqueue`], recording `entry` in the audit log when the job is new (its target is the new
+/// job, whatever `entry` says), in the same statement: one round trip for `POST /events/{id}/run`.
+pub async fn enqueue_audited(
+    db: impl PgExecutor<'_>,
+    job: &NewJob<'_>,
+    entry: &super::audit::AuditEntry<'_>,
+) -> Result<Enqueued> {
+    insert_job(db, job, Some(entry)).await
+}
+
+async fn insert_job(
+    db: impl PgExecutor<'_>,
+    job: &NewJob<'_>,
+    audit: Option<&super::audit::AuditEntry<'_>>,
+) -> Result<Enqueued> {
     let id = Uuid::now_v7();
     let (parent, root, depth) = match job.parent {
         Some(link) => (Some(link.parent_job_id), link.root_job_id, link.depth),
@@ -64,12 +82,19 @@ pub async fn enqueue(db: impl PgExecutor<'_>, job: &NewJob<'_>) -> Result<Enqueu
     let spec = serde_json::to_value(job.event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     // The no-op DO UPDATE makes a conflicting insert wait for and return the existing row
     // (DO NOTHING would return nothing under a race); `xmax = 0` tells a fresh insert apart.
+    // The audit row ($15…) is written only for a fresh insert, and only when an action is given.
     let row: (Uuid, bool) = sqlx::query_as(
-        "INSERT INTO jobs (id, event_id, status, priority, run_at, max_attempts, idempotency_key,
-                           executor, labels, spec, input, parent_job_id, root_job_id, depth, created_by)
-         VALUES ($1, $2, 'queued', $3, coalesce($4, now()), $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-         ON CONFLICT (event_id, idempotency_key) DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key
-         RETURNING id, (xmax = 0)",
+        "WITH job AS (
+             INSERT INTO jobs (id, event_id, status, priority, run_at, max_attempts, idempotency_key,
+                               executor, labels, spec, input, parent_job_id, root_job_id, depth, created_by)
+             VALUES ($1, $2, 'queued', $3, coalesce($4, now()), $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+             ON CONFLICT (event_id, idempotency_key) DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key
+             RETURNING id, (xmax = 0) AS created
+         ), audited AS (
+             INSERT INTO audit_log (token_id, actor, action, target_type, target_id, detail)
+             SELECT $18, $15, $16, 'job', job.id::text, $17 FROM job WHERE job.created AND $16 IS NOT NULL
+         )
+         SELECT id, created FROM job",
     )
     .bind(id)
     .bind(job.event.id)
@@ -85,8 +110,19 @@ pub async fn enqueue(db: impl PgExecutor<'_>, job: &NewJob<'_>) -> Result<Enqueu
     .bind(root)
     .bind(depth)
     .bind(job.created_by)
+    .bind(audit.map(|a| a.actor))
+    .bind(audit.map(|a| a.action))
+    .bind(audit.map(|a| Json(&a.detail)))
+    .bind(audit.and_then(|a| a.token_id))
     .fetch_one(db)
-    .await?;
+    .await
+    .map_err(|e| match e {
+        // The event was deleted since it was read.
+        sqlx::Error::Database(d) if d.is_foreign_key_violation() => {
+            StorageError::EventNotFound(job.event.id)
+        }
+        other => other.into(),
+    })?;
     Ok(Enqueued {
         job_id: row.0,
         created: row.1,
@@ -270,12 +306,12 @@ pub enum Completion {
     Finished {
         status: JobStatus,
         dead: bool,
+        /// Whether the job's event has actions, so the completion may set something in motion
+        /// (see `crate::actions::after_finish`); most completions need no more queries.
+        has_actions: bool,
     },
     /// Another attempt was queued for `run_at`.
-    Retrying {
-        attempt: i32,
-        run_at: DateTime<Utc>,
-    },
+    Retrying { attempt: i32, run_at: DateTime<Utc> },
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -298,6 +334,11 @@ pub async fn complete(
     token: i64,
     outcome: &Outcome,
 ) -> Result<Completion> {
+    if outcome.error.is_none()
+        && let Some(done) = complete_success(&mut *conn, job_id, token, outcome).await?
+    {
+        return Ok(done);
+    }
     let state: Option<LeasedState> = sqlx::query_as(
         "SELECT attempt, max_attempts, lease_losses, cancel_requested, last_log_seq,
                 (spec->>'retry_backoff_seconds')::int AS backoff_seconds,
@@ -372,13 +413,15 @@ pub async fn complete(
         Some(_) => JobStatus::Failed,
     };
     let dead = matches!(status, JobStatus::Failed | JobStatus::TimedOut);
-    sqlx::query(
+    let has_actions: bool = sqlx::query_scalar(
         "UPDATE jobs SET status = $2, dead = $3, finished_at = now(),
+             started_at = coalesce(started_at, now()),
              lease_token = NULL, lease_expires_at = NULL, completed_token = $10,
              exit_code = $4, exit_signal = $5, error_kind = $6, error_message = $7,
              output = $8, condition = $9,
              progress = CASE WHEN $2 = 'succeeded' THEN 100 ELSE progress END
-         WHERE id = $1",
+         WHERE id = $1
+         RETURNING EXISTS (SELECT 1 FROM event_actions a WHERE a.event_id = jobs.event_id)",
     )
     .bind(job_id)
     .bind(status.as_str())
@@ -390,9 +433,47 @@ pub async fn complete(
     .bind(outcome.output.as_ref().map(Json))
     .bind(outcome.condition)
     .bind(token)
-    .execute(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
-    Ok(Completion::Finished { status, dead })
+    Ok(Completion::Finished {
+        status,
+        dead,
+        has_actions,
+    })
+}
+
+/// The common case in one statement: a success under a live lease with every line stored.
+/// `None` when any of that does not hold; [`complete`] then finds out what to do or report.
+async fn complete_success(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    token: i64,
+    outcome: &Outcome,
+) -> Result<Option<Completion>> {
+    let has_actions: Option<bool> = sqlx::query_scalar(
+        "UPDATE jobs SET status = 'succeeded', dead = false, finished_at = now(),
+             started_at = coalesce(started_at, now()),
+             lease_token = NULL, lease_expires_at = NULL, completed_token = $2,
+             exit_code = $3, exit_signal = $4, error_kind = NULL, error_message = NULL,
+             output = $5, condition = $6, progress = 100
+         WHERE id = $1 AND lease_token = $2 AND lease_expires_at > now()
+           AND status IN ('claimed', 'running') AND last_log_seq >= $7
+         RETURNING EXISTS (SELECT 1 FROM event_actions a WHERE a.event_id = jobs.event_id)",
+    )
+    .bind(job_id)
+    .bind(token)
+    .bind(outcome.exit_code)
+    .bind(outcome.exit_signal)
+    .bind(outcome.output.as_ref().map(Json))
+    .bind(outcome.condition)
+    .bind(outcome.last_log_seq.unwrap_or(0))
+    .fetch_optional(conn)
+    .await?;
+    Ok(has_actions.map(|has_actions| Completion::Finished {
+        status: JobStatus::Succeeded,
+        dead: false,
+        has_actions,
+    }))
 }
 
 /// Exponential backoff with "equal jitter": half the capped delay, plus a random part of the

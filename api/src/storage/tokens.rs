@@ -62,17 +62,27 @@ pub async fn list_tokens(db: impl PgExecutor<'_>) -> Result<Vec<Token>> {
 }
 
 /// Revokes a token (kept for the audit trail).
+/// Every replica forgets the token when the transaction commits (`NOTIFY` on
+/// [`REVOKED_CHANNEL`]).
 pub async fn revoke_token(db: impl PgExecutor<'_>, id: Uuid) -> Result<()> {
-    let done =
-        sqlx::query("UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1")
-            .bind(id)
-            .execute(db)
-            .await?;
-    if done.rows_affected() == 0 {
+    let revoked: Option<bool> = sqlx::query_scalar(
+        "WITH revoked AS (
+             UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 RETURNING id
+         )
+         SELECT pg_notify($2, id::text) IS NULL FROM revoked",
+    )
+    .bind(id)
+    .bind(REVOKED_CHANNEL)
+    .fetch_optional(db)
+    .await?;
+    if revoked.is_none() {
         return Err(StorageError::TokenNotFound(id));
     }
     Ok(())
 }
+
+/// The channel a revocation is announced on; the payload is the token's id.
+pub const REVOKED_CHANNEL: &str = "baton_token_revoked";
 
 /// Whether any live admin token exists (the bootstrap generates one when none does).
 pub async fn admin_exists(db: impl PgExecutor<'_>) -> Result<bool> {

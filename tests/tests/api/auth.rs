@@ -1,7 +1,9 @@
 //! Authentication (401), roles (403), token management and the audit log.
 
 use baton_api::model::Role;
-use baton_tests::{bash_event, send, spawn_app};
+use std::time::{Duration, Instant};
+
+use baton_tests::{bash_event, send, spawn_app, spawn_replica};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
@@ -41,6 +43,49 @@ async fn missing_malformed_unknown_and_revoked_tokens_get_401() {
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, _) = send(app.request_as(&viewer, Method::GET, "/api/v1/events")).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+/// Replicas remember verified tokens (so a busy client costs no token query per request);
+/// a revocation on one replica must still reach the others at once, not after the cache's TTL.
+#[tokio::test]
+async fn a_token_revoked_on_one_replica_is_refused_by_the_others() {
+    let app = spawn_app().await;
+    let other = spawn_replica(app.database_url.clone(), |_| {}).await;
+    let operator = app.token(Role::Operator).await;
+    // Both replicas verify (and so cache) it.
+    for replica in [&app, &other] {
+        let (status, _) = send(replica.request_as(&operator, Method::GET, "/api/v1/events")).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let (_, tokens) = app.get("/api/v1/tokens").await;
+    let id = tokens
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .find(|t| t["role"] == "operator")
+        .expect("operator")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let (status, _) = app.delete(&format!("/api/v1/tokens/{id}")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    // The revoking replica refuses it before answering the DELETE.
+    let (status, _) = send(app.request_as(&operator, Method::GET, "/api/v1/events")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // The other hears of it by NOTIFY: well within the cache's 30 s.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = send(other.request_as(&operator, Method::GET, "/api/v1/events")).await;
+        if status == StatusCode::UNAUTHORIZED {
+            break;
+        }
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            Instant::now() < deadline,
+            "the other replica still accepts a token revoked 10 s ago"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]

@@ -309,7 +309,8 @@ async fn fencing_rejects_a_stale_completion() {
         done,
         Completion::Finished {
             status: JobStatus::Succeeded,
-            dead: false
+            dead: false,
+            has_actions: false,
         }
     );
     // Completing twice is refused too: the lease is gone once the job finished.
@@ -459,7 +460,8 @@ async fn failures_retry_with_backoff_then_go_dead() {
         r,
         Completion::Finished {
             status: JobStatus::Failed,
-            dead: true
+            dead: true,
+            has_actions: false,
         }
     );
     let job = queue::get_job(&pool, id).await.expect("job");
@@ -486,7 +488,8 @@ async fn failures_retry_with_backoff_then_go_dead() {
         r,
         Completion::Finished {
             status: JobStatus::Failed,
-            dead: true
+            dead: true,
+            has_actions: false,
         }
     );
 }
@@ -536,7 +539,8 @@ async fn cancelling_a_queued_job_is_immediate_and_a_finished_one_conflicts() {
         r.expect("complete"),
         Completion::Finished {
             status: JobStatus::Cancelled,
-            dead: false
+            dead: false,
+            has_actions: false,
         }
     );
 }

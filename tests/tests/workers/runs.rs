@@ -276,3 +276,35 @@ async fn progress_lines_and_retries_with_dead_letter() {
     assert_eq!(dead["items"][0]["id"], id.as_str());
     worker.stop().await;
 }
+
+/// `noop` starts nothing: the job succeeds with its input as its output, on any executor the
+/// worker offers, and a payload given to it is refused when the event is created.
+#[tokio::test]
+async fn a_noop_job_succeeds_at_once_passing_its_input_on() {
+    let app = spawn_app().await;
+    let (status, err) = app
+        .post(
+            "/api/v1/events",
+            &json!({"name": "bad-noop", "runtime": "noop", "content": "echo", "executor": "local"}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert!(err.to_string().contains("content"), "{err}");
+    let ev = app
+        .create_event(&json!({"name": "join", "runtime": "noop", "executor": "local"}))
+        .await;
+    let ev = ev["id"].as_str().expect("id").to_owned();
+    let worker = InProcessWorker::start(&app, 2).await;
+    let id = app
+        .run_event(&ev, &json!({"input": {"from": "upstream", "n": 3}}))
+        .await;
+    let job = wait_finished(&app, &id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["output"], json!({"from": "upstream", "n": 3}), "{job}");
+    assert!(
+        job["started_at"].is_string(),
+        "a start time is recorded: {job}"
+    );
+    assert!(all_lines(&app, &id).await.is_empty(), "no output lines");
+    worker.stop().await;
+}

@@ -1,0 +1,206 @@
+//! The database writes a worker's job messages ask for (`Started`, `Progress`, `LogBatch`,
+//! `Finished`), applied as a group: the messages that were already waiting on a stream are
+//! written in one transaction — one commit for many jobs' starts, log batches and completions
+//! instead of one each.
+//!
+//! A refusal about one job (its lease is lost, a log gap, lines missing before a completion)
+//! writes nothing and does not spoil the group: those checks come before any write. Any other
+//! error (the database) rolls the group back, and its writes are applied again one per
+//! transaction, so one bad write cannot hold back the others.
+
+use std::collections::HashMap;
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::model::LogLine;
+use crate::storage::queue::{self, Completion, Outcome};
+use crate::storage::{StorageError, logs};
+
+/// One job message's write, checked and decoded.
+#[derive(Debug)]
+pub(super) enum JobWrite {
+    Started {
+        job_id: Uuid,
+        token: i64,
+    },
+    Progress {
+        job_id: Uuid,
+        token: i64,
+        percent: i16,
+    },
+    Logs {
+        job_id: Uuid,
+        token: i64,
+        /// Already masked.
+        lines: Vec<LogLine>,
+    },
+    Finished {
+        job_id: Uuid,
+        token: i64,
+        outcome: Outcome,
+        variables: HashMap<String, String>,
+    },
+}
+
+impl JobWrite {
+    pub(super) fn job_id(&self) -> Uuid {
+        match self {
+            JobWrite::Started { job_id, .. }
+            | JobWrite::Progress { job_id, .. }
+            | JobWrite::Logs { job_id, .. }
+            | JobWrite::Finished { job_id, .. } => *job_id,
+        }
+    }
+}
+
+/// What a write did, acted on (acknowledged, counted) once its transaction committed.
+#[derive(Debug)]
+pub(super) enum Applied {
+    Started,
+    Progress,
+    Logs {
+        job_id: Uuid,
+        stored_seq: i64,
+        bytes: usize,
+    },
+    Finished {
+        job_id: Uuid,
+        done: Completion,
+        outcome: Outcome,
+    },
+    /// Nothing was written for this message.
+    Refused {
+        job_id: Uuid,
+        error: StorageError,
+    },
+}
+
+/// Applies `writes` in order; returns what each did, in the same order.
+pub(super) async fn apply(state: &AppState, writes: Vec<JobWrite>) -> Vec<Applied> {
+    if writes.len() > 1 {
+        match apply_in_one_transaction(state, &writes).await {
+            Ok(applied) => return applied,
+            Err(e) => {
+                tracing::warn!(error = %e, writes = writes.len(), "a grouped write failed; applying its writes one by one");
+            }
+        }
+    }
+    let mut applied = Vec::with_capacity(writes.len());
+    for write in writes {
+        let job_id = write.job_id();
+        let single = std::slice::from_ref(&write);
+        applied.push(match apply_in_one_transaction(state, single).await {
+            Ok(mut one) => one.pop().unwrap_or(Applied::Refused {
+                job_id,
+                error: StorageError::JobNotFound(job_id),
+            }),
+            Err(error) => Applied::Refused { job_id, error },
+        });
+    }
+    applied
+}
+
+async fn apply_in_one_transaction(
+    state: &AppState,
+    writes: &[JobWrite],
+) -> Result<Vec<Applied>, StorageError> {
+    let mut tx = state.pool.begin().await?;
+    let mut applied = Vec::with_capacity(writes.len());
+    for write in writes {
+        applied.push(write_one(state, &mut tx, write).await?);
+    }
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// Errors decided before the write makes any change, so the transaction can go on.
+fn is_refusal(e: &StorageError) -> bool {
+    matches!(
+        e,
+        StorageError::LeaseLost { .. }
+            | StorageError::JobNotFound(_)
+            | StorageError::LogGap { .. }
+            | StorageError::LogsIncomplete { .. }
+    )
+}
+
+/// One write. A refusal is an [`Applied::Refused`]; an error returned here aborts the
+/// transaction.
+async fn write_one(
+    state: &AppState,
+    conn: &mut PgConnection,
+    write: &JobWrite,
+) -> Result<Applied, StorageError> {
+    let job_id = write.job_id();
+    let refused = |error: StorageError| {
+        if is_refusal(&error) {
+            Ok(Applied::Refused { job_id, error })
+        } else {
+            Err(error)
+        }
+    };
+    match write {
+        JobWrite::Started { token, .. } => {
+            match queue::mark_running(&mut *conn, job_id, *token).await {
+                Ok(()) => Ok(Applied::Started),
+                Err(e) => refused(e),
+            }
+        }
+        JobWrite::Progress { token, percent, .. } => {
+            match queue::set_progress(&mut *conn, job_id, *token, *percent).await {
+                Ok(()) => Ok(Applied::Progress),
+                Err(e) => refused(e),
+            }
+        }
+        JobWrite::Logs { token, lines, .. } => {
+            let appended = logs::append_batch(
+                conn,
+                job_id,
+                *token,
+                lines,
+                state.config.log_cap_bytes,
+                state.config.lease,
+            )
+            .await;
+            match appended {
+                Ok(appended) => Ok(Applied::Logs {
+                    job_id,
+                    stored_seq: appended.stored_seq,
+                    bytes: lines.iter().map(|l| l.text.len()).sum(),
+                }),
+                Err(e) => refused(e),
+            }
+        }
+        JobWrite::Finished {
+            token,
+            outcome,
+            variables,
+            ..
+        } => {
+            let done = match queue::complete(conn, job_id, *token, outcome).await {
+                Ok(done) => done,
+                Err(e) => return refused(e),
+            };
+            if let Completion::Finished { has_actions, .. } = done
+                && (has_actions || !variables.is_empty())
+            {
+                // Past the completion's write: whatever fails here aborts the transaction.
+                crate::actions::after_finish(
+                    conn,
+                    &state.vault,
+                    state.config.chain_depth_limit,
+                    job_id,
+                    variables,
+                )
+                .await?;
+            }
+            Ok(Applied::Finished {
+                job_id,
+                done,
+                outcome: outcome.clone(),
+            })
+        }
+    }
+}

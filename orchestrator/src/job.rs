@@ -63,7 +63,7 @@ impl Failure {
 
 /// What an assignment turned into: a run to start, or a job already done without one.
 pub(crate) enum Planned {
-    Run(Plan),
+    Run(Box<Plan>),
     /// A `noop` job: nothing to start; it succeeds at once, its output being its input.
     Done(Finished),
 }
@@ -216,7 +216,7 @@ pub(crate) fn plan(
                 .collect()
         })
         .unwrap_or_default();
-    Ok(Planned::Run(Plan {
+    Ok(Planned::Run(Box::new(Plan {
         executor: executor.clone(),
         spec,
         files: RunFiles {
@@ -224,7 +224,7 @@ pub(crate) fn plan(
             event,
             variables,
         },
-    }))
+    })))
 }
 
 /// The `Finished` of a `noop` job: succeeded, its output the job's input (JSON from the api,
@@ -669,7 +669,7 @@ mod tests {
     /// The plan of an assignment that must run.
     fn run_plan(a: &Assignment, executors: &HashMap<&'static str, Arc<dyn Executor>>) -> Plan {
         match plan(a, executors) {
-            Ok(Planned::Run(plan)) => plan,
+            Ok(Planned::Run(plan)) => *plan,
             Ok(Planned::Done(f)) => panic!("done without running: {f:?}"),
             Err(f) => panic!("not planned: {f:?}"),
         }

@@ -482,7 +482,7 @@ impl Shared {
                 let (cancel, wake) = (entry.cancel.clone(), entry.wake.clone());
                 st.jobs.insert(a.job_id.clone(), entry);
                 st.running += 1;
-                let task = job::run(self.clone(), key, plan, cancel, wake);
+                let task = job::run(self.clone(), key, *plan, cancel, wake);
                 self.tasks.spawn(task.instrument(span.clone()));
             }
         }

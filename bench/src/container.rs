@@ -14,6 +14,11 @@
 //! **The reference** is `docker run --rm IMAGE true` as a child process, waited for; it
 //! includes the CLI's own start-up, which is what a user of the CLI pays.
 //!
+//! **The engine's floor** (`engine`) is what any container run costs the engine, whoever asks:
+//! create (a bare body: image, command, network `none` as Baton's runs), start, wait, remove,
+//! straight through the Engine API with no files, no attach and no hardening. Neither Baton nor the CLI can go below it, so
+//! it bounds the ratio: `engine / docker_cli` is the best any client could reach.
+//!
 //! The kinds alternate run by run (so a change of machine load hits them alike) after an
 //! unmeasured warm-up of each. `ratio` = median(baton) / median(docker CLI); target ≤ 0.7.
 
@@ -23,6 +28,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use baton_worker::executor::{ContainerConfig, ContainerExecutor, RunSpec, run_collect};
 use baton_worker::rundir::{self, RunFiles};
+use bollard::Docker;
+use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::query_parameters::{
+    CreateContainerOptions, RemoveContainerOptionsBuilder, WaitContainerOptionsBuilder,
+};
+use futures::StreamExt as _;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -50,6 +61,7 @@ pub struct Args {
 enum Kind {
     Baton,
     DockerCli,
+    Engine,
     Api,
 }
 
@@ -58,6 +70,7 @@ impl Kind {
         match self {
             Kind::Baton => "baton",
             Kind::DockerCli => "docker_cli",
+            Kind::Engine => "engine",
             Kind::Api => "api",
         }
     }
@@ -78,7 +91,9 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
         true => Some(ApiSide::start(&args.image).await?),
         false => None,
     };
-    let mut kinds = vec![Kind::Baton, Kind::DockerCli];
+    let docker =
+        Docker::connect_with_local_defaults().context("connecting to the Docker engine")?;
+    let mut kinds = vec![Kind::Baton, Kind::DockerCli, Kind::Engine];
     if api.is_some() {
         kinds.push(Kind::Api);
     }
@@ -101,6 +116,7 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
             match kind {
                 Kind::Baton => through_executor(&executor, scratch.path()).await?,
                 Kind::DockerCli => docker_run(&args.image).await?,
+                Kind::Engine => engine_floor(&docker, &args.image).await?,
                 Kind::Api => match &api {
                     Some(api) => api.one().await?,
                     None => bail!("no api started"),
@@ -127,12 +143,15 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
     }
 
     let baton = median(&samples[0]);
-    let docker = median(&samples[1]);
+    let cli = median(&samples[1]);
+    let engine = median(&samples[2]);
     let mut summary = Summary::new("container")
         .field("baton_ms", format!("{baton:.1}"))
-        .field("docker_cli_ms", format!("{docker:.1}"))
-        .field("ratio", format!("{:.2}", baton / docker));
-    if let Some(values) = samples.get(2) {
+        .field("docker_cli_ms", format!("{cli:.1}"))
+        .field("ratio", format!("{:.2}", baton / cli))
+        .field("engine_ms", format!("{engine:.1}"))
+        .field("engine_ratio", format!("{:.2}", engine / cli));
+    if let Some(values) = samples.get(3) {
         summary = summary.field("api_ms", format!("{:.1}", median(values)));
     }
     Ok(summary)
@@ -203,6 +222,44 @@ async fn docker_run(image: &str) -> anyhow::Result<()> {
         .context("running docker")?;
     ensure!(status.success(), "docker run --rm {image} true: {status}");
     Ok(())
+}
+
+/// One bare create → start → wait → remove through the Engine API (see the module docs).
+async fn engine_floor(docker: &Docker, image: &str) -> anyhow::Result<()> {
+    let body = ContainerCreateBody {
+        image: Some(image.to_owned()),
+        cmd: Some(vec!["true".to_owned()]),
+        // As Baton's runs (no network unless asked): a network namespace with a bridge
+        // endpoint costs the engine more at start than none.
+        host_config: Some(HostConfig {
+            network_mode: Some("none".to_owned()),
+            ..HostConfig::default()
+        }),
+        ..ContainerCreateBody::default()
+    };
+    let id = docker
+        .create_container(None::<CreateContainerOptions>, body)
+        .await
+        .context("creating a bare container")?
+        .id;
+    let ran = async {
+        docker.start_container(&id, None).await?;
+        let options = WaitContainerOptionsBuilder::new()
+            .condition("not-running")
+            .build();
+        let mut wait = docker.wait_container(&id, Some(options));
+        while let Some(status) = wait.next().await {
+            status?;
+        }
+        Ok::<_, bollard::errors::Error>(())
+    }
+    .await;
+    let options = RemoveContainerOptionsBuilder::new().force(true).build();
+    docker
+        .remove_container(&id, Some(options))
+        .await
+        .context("removing the bare container")?;
+    ran.context("running the bare container")
 }
 
 /// A private PostgreSQL, an api replica and an in-process worker offering `container`, and an

@@ -74,10 +74,16 @@ async fn wait_containers(
 struct RemoveOnDrop(Vec<String>);
 
 impl Drop for RemoveOnDrop {
+    // Never panics (it may run while a failed test unwinds): failures are ignored.
     fn drop(&mut self) {
         for worker in &self.0 {
-            for id in containers(LABEL_WORKER, worker) {
-                let _ = docker(&["rm", "-fv", &id]);
+            let listed = Command::new("docker")
+                .args(["ps", "-aq", "--filter"])
+                .arg(format!("label={LABEL_WORKER}={worker}"))
+                .output();
+            let Ok(listed) = listed else { continue };
+            for id in String::from_utf8_lossy(&listed.stdout).split_whitespace() {
+                let _ = Command::new("docker").args(["rm", "-fv", id]).output();
             }
         }
     }

@@ -13,6 +13,7 @@
 //! PostgreSQL with a migrated template database, medians) are in [`support`].
 #![forbid(unsafe_code)]
 
+mod container;
 mod dispatch;
 mod logs;
 mod queue;
@@ -44,6 +45,9 @@ enum Bench {
     /// End-to-end jobs/s of `exec true` through api + gRPC + PostgreSQL with 1 and 4
     /// in-process workers, beside the raw SQL loop of `queue`.
     Throughput(throughput::Args),
+    /// `true` in a fresh container through the container executor (and, with `--api`, the
+    /// whole api + worker path) vs `docker run --rm IMAGE true`: medians and their ratio.
+    Container(container::Args),
     /// One job printing 200 MB: MiB/s persisted and lines lost.
     Logs(logs::Args),
 }
@@ -59,6 +63,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Dispatch(args) => dispatch::run(args).await,
             Bench::Throughput(args) => throughput::run(args).await,
             Bench::Logs(args) => logs::run(args).await,
+            Bench::Container(args) => container::run(args).await,
         }
     })?;
     println!("{summary}");

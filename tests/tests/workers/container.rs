@@ -13,7 +13,7 @@ use crate::chains::{data_flows, placed_event};
 use crate::support::{InProcessWorker, all_lines, wait_finished};
 
 /// Builds the default runtime images once per test binary (quick when they exist).
-fn ensure_images() {
+pub(crate) fn ensure_images() {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let script = Path::new(env!("CARGO_MANIFEST_DIR"))

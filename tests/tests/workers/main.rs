@@ -3,6 +3,7 @@
 
 mod chains;
 mod container;
+mod container_reaping;
 mod failover;
 mod runs;
 mod ssh;

@@ -70,6 +70,11 @@ pub struct WorkerProcess {
 
 impl WorkerProcess {
     pub async fn start(app: &TestApp, slots: u32) -> Self {
+        Self::start_with_args(app, slots, &["--allow-local"]).await
+    }
+
+    /// A worker process with `extra` command-line flags (after `--api-url` and `--slots`).
+    pub async fn start_with_args(app: &TestApp, slots: u32, extra: &[&str]) -> Self {
         let token = app.token(Role::Worker).await;
         let child = Command::new(env!("CARGO_BIN_EXE_baton-test-worker"))
             .args([
@@ -77,8 +82,8 @@ impl WorkerProcess {
                 &app.grpc_address,
                 "--slots",
                 &slots.to_string(),
-                "--allow-local",
             ])
+            .args(extra)
             .env("BATON_WORKER_TOKEN", token)
             .env("BATON_WORKER_DRAIN_TIMEOUT", "20s")
             .stdin(Stdio::null())

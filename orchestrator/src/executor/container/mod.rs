@@ -632,7 +632,8 @@ impl ContainerExecutor {
         outcome
     }
 
-    /// Create, upload, attach, start, supervise, collect. The caller removes the container.
+    /// Create; upload and attach (overlapped); start, supervise; inspect and collect (overlapped).
+    /// The caller removes the container.
     #[allow(clippy::too_many_arguments)]
     async fn run_container(
         &self,
@@ -660,23 +661,26 @@ impl ContainerExecutor {
         let upload = UploadToContainerOptionsBuilder::new()
             .path(MOUNT_DIR)
             .build();
-        if let Err(e) = self
-            .docker
-            .upload_to_container(name, Some(upload), bollard::body_full(archive.into()))
-            .await
-        {
-            return fail(ExecError::start_failed(format!(
-                "cannot upload the run's files into the container: {}",
-                engine_message(&e)
-            )));
-        }
         let attach = AttachContainerOptionsBuilder::new()
             .stream(true)
             .stdout(true)
             .stderr(true)
             .logs(false)
             .build();
-        let output = match self.docker.attach_container(name, Some(attach)).await {
+        // Independent requests, both needed before start: the upload is the slow one (the
+        // engine mounts the container's file system to unpack into it), so attach meanwhile.
+        let (uploaded, attached) = tokio::join!(
+            self.docker
+                .upload_to_container(name, Some(upload), bollard::body_full(archive.into())),
+            self.docker.attach_container(name, Some(attach)),
+        );
+        if let Err(e) = uploaded {
+            return fail(ExecError::start_failed(format!(
+                "cannot upload the run's files into the container: {}",
+                engine_message(&e)
+            )));
+        }
+        let output = match attached {
             Ok(a) => a.output,
             Err(e) => {
                 return fail(ExecError::start_failed(format!(
@@ -748,13 +752,16 @@ impl ContainerExecutor {
         );
 
         let mut outcome = RunOutcome::default();
-        // The engine's record of the exit: OOMKilled, and the code if the wait failed.
-        let state = self
-            .docker
-            .inspect_container(name, None)
-            .await
-            .ok()
-            .and_then(|c| c.state);
+        // The engine's record of the exit (OOMKilled, and the code if the wait failed) and the
+        // download of out/ are independent requests on the stopped container: overlap them.
+        let (inspected, collected) =
+            tokio::join!(self.docker.inspect_container(name, None), async {
+                match &spec.run_dir {
+                    Some(run_dir) => self.collect_out(name, &run_dir.join("out")).await,
+                    None => Ok(()),
+                }
+            });
+        let state = inspected.ok().and_then(|c| c.state);
         let oom = state.as_ref().and_then(|s| s.oom_killed).unwrap_or(false);
         let code = match exit {
             Ok(code) => Some(code),
@@ -815,8 +822,7 @@ impl ContainerExecutor {
                 std::io::Error::other(e),
             ));
         }
-        if let Some(run_dir) = &spec.run_dir
-            && let Err(e) = self.collect_out(name, &run_dir.join("out")).await
+        if let Err(e) = collected
             && outcome.error.is_none()
         {
             outcome.error = Some(e);

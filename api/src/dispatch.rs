@@ -365,5 +365,6 @@ fn assignment(job: &ClaimedJob, variables: &Value) -> Assignment {
         context_json: context.to_string(),
         lease_expires_at_ms: job.lease_expires_at.timestamp_millis(),
         server_json: String::new(),
+        log_seq_base: job.last_log_seq,
     }
 }

@@ -562,7 +562,7 @@ const CLAIM_SQL: &str = "WITH picked AS (
              heartbeat_at = now()
          FROM picked WHERE j.id = picked.id
          RETURNING j.id, j.event_id, j.attempt, j.priority, j.run_at, j.lease_token,
-                   j.lease_expires_at, j.spec, j.input, j.parent_job_id, j.root_job_id";
+                   j.lease_expires_at, j.spec, j.input, j.parent_job_id, j.root_job_id, j.last_log_seq";
 
 /// [`queue::complete`]'s statement for a success, sent without a transaction around it.
 const COMPLETE_SUCCESS_SQL: &str =

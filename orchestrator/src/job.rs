@@ -73,6 +73,9 @@ pub(crate) struct Plan {
     pub executor: Arc<dyn Executor>,
     pub spec: RunSpec,
     pub files: RunFiles,
+    /// The job's last stored log line (earlier attempts'): this run's lines follow it.
+    pub log_seq_base: i64,
+    pub attempt: i32,
 }
 
 /// The part of the event snapshot (`Assignment.spec_json`) the worker uses; other fields are
@@ -224,6 +227,8 @@ pub(crate) fn plan(
             event,
             variables,
         },
+        log_seq_base: a.log_seq_base.max(0),
+        attempt: a.attempt,
     })))
 }
 
@@ -439,6 +444,8 @@ pub(crate) async fn run(
         executor,
         mut spec,
         files,
+        log_seq_base,
+        attempt,
     } = plan;
     let dir = shared
         .files
@@ -472,7 +479,7 @@ pub(crate) async fn run(
         }
     };
 
-    let mut batcher = Batcher::new(BatchLimits::default());
+    let mut batcher = Batcher::new(BatchLimits::default()).continuing_after(log_seq_base);
     let mut lost = false;
     let mut blocked = false;
     let limit = shared.config.max_unacked_log_bytes;
@@ -488,6 +495,13 @@ pub(crate) async fn run(
         }
     };
 
+    if log_seq_base > 0 {
+        // The job's log already holds an earlier attempt's lines: show where this one starts.
+        let note = format!("baton: attempt {attempt} starts");
+        if let Some(lines) = batcher.push(WireStream::System, note, now_ms(), Instant::now()) {
+            flush(lines, &mut lost, &mut blocked);
+        }
+    }
     for k in skipped {
         let note = format!(
             "baton: variable `{}` was not given to the run: not a valid key",

@@ -72,6 +72,13 @@ impl Batcher {
         }
     }
 
+    /// The same batcher numbering from `seq + 1`: the lines of a retry follow those its job's
+    /// earlier attempts stored.
+    pub fn continuing_after(mut self, seq: i64) -> Self {
+        self.next_seq = seq.max(0) + 1;
+        self
+    }
+
     /// Adds a line (read at `now`, Unix time `ts_ms`). Returns the batch when this line
     /// completed it.
     pub fn push(

@@ -153,6 +153,8 @@ pub struct ClaimedJob {
     pub input: Json<Value>,
     pub parent_job_id: Option<Uuid>,
     pub root_job_id: Uuid,
+    /// The last log line stored for the job (by earlier attempts): this run's lines follow.
+    pub last_log_seq: i64,
 }
 
 /// Claims up to `limit` due jobs that the worker can run, highest priority first, each under
@@ -176,7 +178,7 @@ pub async fn claim_batch(
              heartbeat_at = now()
          FROM picked WHERE j.id = picked.id
          RETURNING j.id, j.event_id, j.attempt, j.priority, j.run_at, j.lease_token,
-                   j.lease_expires_at, j.spec, j.input, j.parent_job_id, j.root_job_id",
+                   j.lease_expires_at, j.spec, j.input, j.parent_job_id, j.root_job_id, j.last_log_seq",
     )
     .bind(req.worker_id)
     .bind(req.executors)

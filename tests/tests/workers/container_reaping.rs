@@ -170,6 +170,18 @@ echo recovered"#,
     assert_eq!(job["status"], "succeeded", "{job}");
     // Succeeding at all shows the retry took the short branch: attempt 1 would sleep 300 s.
     assert_eq!(job["attempt"], 2, "the lost lease was retried: {job}");
+    // Both attempts' lines are kept, the retry's after the first's.
+    let texts: Vec<String> = all_lines(&app, &id)
+        .await
+        .iter()
+        .filter_map(|l| l["text"].as_str().map(str::to_owned))
+        .collect();
+    let started = texts.iter().position(|t| t == "started");
+    let recovered = texts.iter().position(|t| t == "recovered");
+    assert!(
+        matches!((started, recovered), (Some(a), Some(b)) if a < b),
+        "{texts:?}"
+    );
     wait_containers(
         LABEL_WORKER,
         &worker_id,

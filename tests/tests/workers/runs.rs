@@ -256,8 +256,8 @@ async fn progress_lines_and_retries_with_dead_letter() {
 
     let ev = app
         .create_event(
-            &json!({"name": "flaky", "runtime": "sh", "content": "exit 7", "executor": "local",
-            "max_attempts": 3, "retry_backoff_seconds": 0}),
+            &json!({"name": "flaky", "runtime": "sh", "content": "echo \"try $$\"; exit 7",
+            "executor": "local", "max_attempts": 3, "retry_backoff_seconds": 0}),
         )
         .await;
     let id = app
@@ -272,6 +272,21 @@ async fn progress_lines_and_retries_with_dead_letter() {
         ),
         (Some("failed"), Some(3), Some(7))
     );
+    // Every attempt's lines are kept, in order, each retry marked: none is taken for a
+    // re-send of an earlier attempt's line.
+    let lines = all_lines(&app, &id).await;
+    let texts: Vec<&str> = lines.iter().filter_map(|l| l["text"].as_str()).collect();
+    assert_eq!(texts.len(), 5, "{texts:?}");
+    assert!(texts[0].starts_with("try "), "{texts:?}");
+    assert_eq!(texts[1], "baton: attempt 2 starts");
+    assert!(
+        texts[2].starts_with("try ") && texts[2] != texts[0],
+        "{texts:?}"
+    );
+    assert_eq!(texts[3], "baton: attempt 3 starts");
+    assert!(texts[4].starts_with("try "), "{texts:?}");
+    let seqs: Vec<i64> = lines.iter().filter_map(|l| l["seq"].as_i64()).collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5]);
     let (_, dead) = app.get("/api/v1/jobs?dead=true").await;
     assert_eq!(dead["items"][0]["id"], id.as_str());
     worker.stop().await;

@@ -33,6 +33,10 @@ use crate::support::{self, Summary, quantile};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// The worker's scratch directory (`--scratch-dir` of baton-worker: run directories and
+    /// working directories) [default: the system temp dir].
+    #[arg(long)]
+    scratch_dir: Option<std::path::PathBuf>,
     /// Measured runs (sequential).
     #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..))]
     runs: u64,
@@ -61,7 +65,9 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
     let cluster = support::cluster().await?;
     let api = support::start_api(&cluster, "bench_dispatch", 2, |_| {}).await?;
     let version = support::server_version(&api.pool).await?;
-    let worker = api.start_worker(1).await?;
+    let worker = api
+        .start_worker_with(1, |c| c.scratch_dir = args.scratch_dir.clone())
+        .await?;
     api.wait_workers(1).await?;
     let event = api
         .create_event(&json!({

@@ -243,6 +243,15 @@ impl ApiHandle {
     /// Starts an in-process worker offering `local` with `slots` slots, under a fresh worker
     /// token.
     pub async fn start_worker(&self, slots: u32) -> anyhow::Result<WorkerHandle> {
+        self.start_worker_with(slots, |_| {}).await
+    }
+
+    /// [`ApiHandle::start_worker`], with the worker's config adjusted first.
+    pub async fn start_worker_with(
+        &self,
+        slots: u32,
+        adjust: impl FnOnce(&mut baton_worker::WorkerConfig),
+    ) -> anyhow::Result<WorkerHandle> {
         let answer = self
             .rest
             .post(
@@ -257,6 +266,7 @@ impl ApiHandle {
         config.allow_local = true;
         config.slots = slots;
         config.drain_timeout = Duration::from_secs(5);
+        adjust(&mut config);
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(baton_worker::run(config, async move {
             let _ = rx.await;

@@ -65,6 +65,10 @@ impl Kind {
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// The worker's scratch directory (`--scratch-dir` of baton-worker: run directories and
+    /// working directories) [default: the system temp dir].
+    #[arg(long)]
+    scratch_dir: Option<std::path::PathBuf>,
     /// Job kinds, one phase per kind and worker count.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "noop,exec")]
     kinds: Vec<Kind>,
@@ -202,7 +206,11 @@ async fn phase(
     .await?;
     let mut handles = Vec::new();
     for _ in 0..workers {
-        handles.push(api.start_worker(args.slots).await?);
+        let scratch = args.scratch_dir.clone();
+        handles.push(
+            api.start_worker_with(args.slots, |c| c.scratch_dir = scratch)
+                .await?,
+        );
     }
     api.wait_workers(usize::try_from(workers)?).await?;
     let event = api.create_event(&kind.event()).await?;

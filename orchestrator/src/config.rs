@@ -79,6 +79,13 @@ pub struct WorkerConfig {
     #[arg(long, env = "BATON_WORKER_MAX_UNACKED_LOG_BYTES", default_value = "16MiB",
           value_parser = parse_size)]
     pub max_unacked_log_bytes: usize,
+
+    /// Where the worker keeps its per-run files (`$BATON_DIR`, and for local runs the script
+    /// and the working directory) [default: the system temp dir]. A tmpfs such as `/dev/shm`
+    /// makes starting a run faster when the disk is busy; scripts that write large files into
+    /// their working directory then use memory.
+    #[arg(long, env = "BATON_WORKER_SCRATCH_DIR")]
+    pub scratch_dir: Option<std::path::PathBuf>,
 }
 
 impl WorkerConfig {
@@ -99,6 +106,7 @@ impl WorkerConfig {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
             max_unacked_log_bytes: DEFAULT_MAX_UNACKED_LOG_BYTES,
+            scratch_dir: None,
         }
     }
 }
@@ -118,6 +126,7 @@ impl fmt::Debug for WorkerConfig {
             .field("drain_timeout", &self.drain_timeout)
             .field("max_output_bytes", &self.max_output_bytes)
             .field("max_unacked_log_bytes", &self.max_unacked_log_bytes)
+            .field("scratch_dir", &self.scratch_dir)
             .finish()
     }
 }

@@ -59,7 +59,10 @@ async fn offered_executors(
         executors.insert(executor.name(), executor);
     };
     if config.allow_local {
-        offer(Arc::new(LocalExecutor::default()));
+        offer(Arc::new(LocalExecutor::new(crate::executor::LocalConfig {
+            temp_root: config.scratch_dir.clone(),
+            ..Default::default()
+        })));
     }
     offer(Arc::new(SshExecutor::new(SshConfig::default())));
     let mut container = None;
@@ -658,7 +661,7 @@ impl Worker {
             .clone()
             .filter(|n| !n.trim().is_empty())
             .unwrap_or_else(|| hostname.clone());
-        let files = ScratchDir::create(None)
+        let files = ScratchDir::create(config.scratch_dir.as_deref())
             .context("cannot create the worker's private temporary directory")?;
         let (changes, _) = watch::channel(0);
         Ok(Worker {

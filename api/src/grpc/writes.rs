@@ -79,6 +79,16 @@ pub(super) enum Applied {
 
 /// Applies `writes` in order; returns what each did, in the same order.
 pub(super) async fn apply(state: &AppState, writes: Vec<JobWrite>) -> Vec<Applied> {
+    if let [write @ (JobWrite::Started { .. } | JobWrite::Progress { .. })] = writes.as_slice() {
+        // One statement alone needs no transaction around it (two round trips fewer before
+        // `started_at` is taken).
+        let job_id = write.job_id();
+        let done = match state.pool.acquire().await {
+            Ok(mut conn) => write_one(state, &mut conn, write).await,
+            Err(e) => Err(e.into()),
+        };
+        return vec![done.unwrap_or_else(|error| Applied::Refused { job_id, error })];
+    }
     if writes.len() > 1 {
         match apply_in_one_transaction(state, &writes).await {
             Ok(applied) => return applied,

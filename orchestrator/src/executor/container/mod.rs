@@ -51,6 +51,16 @@
 //!   exist in the image is detected from the init process's `exec … failed` message; for
 //!   `exec`, an exit code of 126/127 within [`ContainerConfig::startup_window`] is also a start
 //!   failure, as for the local executor.
+//! * **Pre-started containers.** With [`ContainerConfig::spares`] > 0 (the default: 1), a run
+//!   whose image, network and limits match a *spare* — a container made the same way and
+//!   started before the job arrived, running an idle process — takes it instead of creating
+//!   and starting its own: the files are uploaded into the running container and the command
+//!   runs as an exec (`exec.rs`; `spares.rs` keeps the pool, replaces a taken spare in the
+//!   background and expires unused ones). The container still serves that run only and is
+//!   removed after it; hardening, limits, streaming, timeout and cancellation (every process
+//!   of the run), out-of-memory reporting and start failures behave as described here. A run
+//!   without a matching ready spare takes the cold path (the rest of this list).
+//!   [`ContainerExecutor::shutdown`] removes the spares.
 //! * **Clean-up and orphans.** Every container is labelled [`LABEL_WORKER`] (the worker id),
 //!   [`LABEL_JOB`] (the job id) and [`LABEL_MANAGED`], and is removed with its volume when the
 //!   run ends, whatever the outcome (also when the run's future is dropped: the removal is then

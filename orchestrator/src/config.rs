@@ -8,6 +8,8 @@ use std::time::Duration;
 pub const DEFAULT_API_URL: &str = "http://127.0.0.1:8081";
 /// Default number of job slots.
 pub const DEFAULT_SLOTS: u32 = 4;
+/// Default number of pre-started containers per container configuration (`--container-spares`).
+pub const DEFAULT_CONTAINER_SPARES: u32 = 1;
 /// Default time running jobs get to finish on shutdown before they are cancelled.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default limit of a run's `output.json` (and of the total size of its variable writes).
@@ -57,6 +59,14 @@ pub struct WorkerConfig {
           value_parser = clap::builder::BoolishValueParser::new())]
     pub no_container: bool,
 
+    /// Pre-started ("spare") containers kept for each recently used container configuration
+    /// (image, network, limits) and, at start, for each default image; a run takes one instead
+    /// of creating and starting its own (each is used by one run only, then removed). `0`
+    /// turns spares off. See docs/containers.md.
+    #[arg(long, env = "BATON_WORKER_CONTAINER_SPARES", default_value_t = DEFAULT_CONTAINER_SPARES,
+          value_parser = clap::value_parser!(u32).range(0..=16))]
+    pub container_spares: u32,
+
     /// This worker's id (a UUID) [default: a new one at each start]. Give a restarted worker
     /// the same id so it keeps its identity and removes the containers its previous run left.
     #[arg(long, env = "BATON_WORKER_ID")]
@@ -102,6 +112,7 @@ impl WorkerConfig {
             labels: Labels::default(),
             allow_local: false,
             no_container: false,
+            container_spares: DEFAULT_CONTAINER_SPARES,
             worker_id: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
@@ -122,6 +133,7 @@ impl fmt::Debug for WorkerConfig {
             .field("labels", &self.labels)
             .field("allow_local", &self.allow_local)
             .field("no_container", &self.no_container)
+            .field("container_spares", &self.container_spares)
             .field("worker_id", &self.worker_id)
             .field("drain_timeout", &self.drain_timeout)
             .field("max_output_bytes", &self.max_output_bytes)
@@ -290,6 +302,7 @@ mod tests {
         assert_eq!(c.slots, 4);
         assert!(!c.allow_local);
         assert!(!c.no_container);
+        assert_eq!(c.container_spares, 1);
         assert_eq!(c.worker_id, None);
         assert_eq!(c.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
         assert_eq!(c.max_output_bytes, DEFAULT_MAX_OUTPUT_BYTES);
@@ -310,11 +323,14 @@ mod tests {
             "--max-output-bytes",
             "2MiB",
             "--no-container",
+            "--container-spares",
+            "0",
             "--worker-id",
             "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b",
         ])
         .unwrap();
         assert!(cli.config.no_container);
+        assert_eq!(cli.config.container_spares, 0);
         assert_eq!(
             cli.config.worker_id.map(|id| id.to_string()).as_deref(),
             Some("0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b")

@@ -69,7 +69,9 @@ async fn offered_executors(
     if config.no_container {
         tracing::info!("the container executor is disabled (--no-container)");
     } else {
-        match ContainerExecutor::connect(ContainerConfig::new(worker_id.to_string())).await {
+        let mut container_config = ContainerConfig::new(worker_id.to_string());
+        container_config.spares = usize::try_from(config.container_spares).unwrap_or(1);
+        match ContainerExecutor::connect(container_config).await {
             Ok(executor) => {
                 let executor = Arc::new(executor);
                 offer(executor.clone());
@@ -694,9 +696,14 @@ impl Worker {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let shared = self.shared;
         let stop = CancellationToken::new();
-        let reaper = self
-            .container
-            .map(|c| c.spawn_reaper(REAP_INTERVAL, stop.child_token()));
+        let container = self.container;
+        let reaper = container.as_ref().map(|c| {
+            // Orphans first (a crashed predecessor's containers, spares included), then the
+            // spares of the default images.
+            let reaper = c.spawn_reaper(REAP_INTERVAL, stop.child_token());
+            c.prewarm();
+            reaper
+        });
         tracing::info!(
             worker.id = %shared.worker_id,
             name = %shared.name,
@@ -749,6 +756,9 @@ impl Worker {
             && let Err(e) = reaper.await
         {
             tracing::warn!(error = %e, "container reaper task failed");
+        }
+        if let Some(container) = &container {
+            container.shutdown().await;
         }
         shared.tasks.close();
         if tokio::time::timeout(FINAL_ACK_WAIT, shared.tasks.wait())

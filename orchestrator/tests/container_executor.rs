@@ -5,6 +5,12 @@
 //! Every test uses its own worker id, so tests running in parallel never see each other's
 //! containers, checks at its end that no container of its worker id is left, and removes any
 //! that are (in a drop guard, so a failing test cleans up too).
+//!
+//! Executors keep pre-started spare containers by default: each harness starts the spares of
+//! the default images and waits for them, so that most runs here take the warm path (a run
+//! in a spare, through an exec); a run with labels, or the first of a configuration, takes the
+//! cold path. "No container left" is checked after the executor's `shutdown`, which removes
+//! the spares.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -12,7 +18,9 @@ use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use baton_worker::executor::container::{LABEL_JOB, LABEL_MANAGED, LABEL_WORKER};
+use baton_worker::executor::container::{
+    ContainerInfo, LABEL_JOB, LABEL_MANAGED, LABEL_SPARE, LABEL_WORKER,
+};
 use baton_worker::executor::{
     ContainerConfig, ContainerExecutor, ErrorKind, ExecError, ExecEvent, Executor, OutputStream,
     PullPolicy, ResourceLimits, RunOutcome, RunResult, RunSpec, Runtime, run_collect,
@@ -82,14 +90,54 @@ impl Harness {
         let mut config = ContainerConfig::new(worker_id.clone());
         config.pull_policy = PullPolicy::Never;
         configure(&mut config);
+        let spares = config.spares * config.default_images.len();
         let executor = ContainerExecutor::connect(config)
             .await
             .expect("connect to the engine");
-        Harness {
+        executor.prewarm();
+        let h = Harness {
             executor: Arc::new(executor),
             worker_id,
             docker: docker().await,
+        };
+        h.wait_idle(spares).await;
+        h
+    }
+
+    /// Waits (bounded) until this executor has `n` spares ready.
+    async fn wait_idle(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.executor.spare_stats().idle != n {
+            assert!(
+                Instant::now() < deadline,
+                "expected {n} spares, have {:?}",
+                self.executor.spare_stats()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// This worker's containers as the executor sees them, without the idle spares.
+    async fn busy(&self) -> Vec<ContainerInfo> {
+        self.executor
+            .containers()
+            .await
+            .expect("list containers")
+            .into_iter()
+            .filter(|c| !(c.spare && c.job_id.is_none()))
+            .collect()
+    }
+
+    /// The idle spares' ids.
+    async fn idle(&self) -> HashSet<String> {
+        self.executor
+            .containers()
+            .await
+            .expect("list containers")
+            .into_iter()
+            .filter(|c| c.spare && c.job_id.is_none())
+            .map(|c| c.id)
+            .collect()
     }
 
     async fn run(&self, spec: RunSpec) -> Run {
@@ -119,17 +167,20 @@ impl Harness {
             .collect()
     }
 
+    /// Removes the spares (the executor's `shutdown`), then checks nothing is left.
     async fn assert_clean(&self) {
+        self.executor.shutdown().await;
         let left = self.leftovers().await;
         assert!(left.is_empty(), "containers left behind: {left:?}");
     }
 
-    /// Waits (bounded) until this worker's only container is there, and returns its id.
+    /// Waits (bounded) until the container of this worker's only run is there, and returns
+    /// its id.
     async fn running_container(&self) -> String {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(id) = self.leftovers().await.into_iter().next() {
-                return id;
+            if let Some(c) = self.busy().await.into_iter().find(|c| c.job_id.is_some()) {
+                return c.id;
             }
             assert!(Instant::now() < deadline, "no container appeared");
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -674,6 +725,7 @@ async fn a_memory_hog_fails_for_memory() {
         memory_mib: Some(64),
         ..ResourceLimits::default()
     });
+    let spec_again = spec.clone();
     let run = h.run(spec).await;
     assert!(
         matches!(
@@ -690,6 +742,22 @@ async fn a_memory_hog_fails_for_memory() {
     assert!(
         summary.contains("out-of-memory") && summary.contains("64 MiB"),
         "{summary}"
+    );
+    // That run's configuration was new (cold path); now it has a spare: the same in one.
+    let idle = h.executor.config().default_images.len() + 1;
+    h.wait_idle(idle).await;
+    let warm = h.executor.spare_stats().warm_runs;
+    let run = h.run(spec_again).await;
+    assert_eq!(h.executor.spare_stats().warm_runs, warm + 1);
+    assert!(
+        matches!(
+            run.outcome.error,
+            Some(ExecError::OutOfMemory {
+                limit_mib: Some(64)
+            })
+        ),
+        "{:?}",
+        run.outcome
     );
     h.assert_clean().await;
 }
@@ -1033,7 +1101,7 @@ async fn an_own_image_with_an_entrypoint_runs_the_script() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reaper_removes_only_this_workers_orphans() {
     let h = Harness::new().await;
-    let other = Harness::new().await;
+    let other = Harness::with(|c| c.spares = 0).await;
     let create = |worker: String, job: Uuid| {
         let docker = h.docker.clone();
         async move {
@@ -1072,7 +1140,7 @@ async fn the_reaper_removes_only_this_workers_orphans() {
         .await
     });
     let deadline = Instant::now() + Duration::from_secs(30);
-    while h.leftovers().await.len() < 3 {
+    while h.busy().await.len() < 3 {
         assert!(
             Instant::now() < deadline,
             "the run's container did not appear"
@@ -1085,6 +1153,7 @@ async fn the_reaper_removes_only_this_workers_orphans() {
         .reap_orphans(&HashSet::from([live_job]))
         .await
         .expect("reap");
+    // The idle spares are this executor's: never orphans.
     assert_eq!(removed, 1);
     let mine: Vec<String> = h.leftovers().await;
     assert!(!mine.contains(&orphan));
@@ -1101,7 +1170,7 @@ async fn the_reaper_removes_only_this_workers_orphans() {
         .executor
         .spawn_reaper(Duration::from_secs(3600), cancel.clone());
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !h.leftovers().await.is_empty() {
+    while !h.busy().await.is_empty() {
         assert!(Instant::now() < deadline, "the reaper did not run");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -1134,11 +1203,12 @@ async fn a_dropped_run_leaves_no_container() {
             other => panic!("no ready line: {other:?}"),
         }
     }
-    assert_eq!(h.leftovers().await.len(), 1);
+    let id = h.running_container().await;
+    assert_eq!(h.busy().await.len(), 1);
     run.abort();
     let _ = run.await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !h.leftovers().await.is_empty() {
+    while h.leftovers().await.contains(&id) {
         assert!(
             Instant::now() < deadline,
             "the abandoned run's container was not removed"
@@ -1168,4 +1238,156 @@ async fn connect_fails_clearly_without_an_engine() {
         .await
         .expect_err("user must be numeric");
     assert!(err.to_string().contains("numeric"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_uses_a_prestarted_spare_and_a_replacement_appears() {
+    let h = Harness::new().await;
+    let images = h.executor.config().default_images.len();
+    let before = h.idle().await;
+    assert_eq!(before.len(), images);
+    let stats = h.executor.spare_stats();
+    assert_eq!((stats.warm_runs, stats.cold_runs), (0, 0));
+    // The spares are labelled as such, carry no job id, and are hardened like any run's
+    // container.
+    let spare = before.iter().next().expect("a spare");
+    let info = h
+        .docker
+        .inspect_container(spare, None)
+        .await
+        .expect("inspect");
+    let labels = info
+        .config
+        .as_ref()
+        .and_then(|c| c.labels.clone())
+        .unwrap_or_default();
+    assert_eq!(labels.get(LABEL_WORKER), Some(&h.worker_id));
+    assert_eq!(labels.get(LABEL_SPARE).map(String::as_str), Some("1"));
+    assert_eq!(labels.get(LABEL_JOB), None);
+    let hc = info.host_config.expect("host config");
+    assert_eq!(hc.readonly_rootfs, Some(true));
+    assert_eq!(hc.cap_drop, Some(vec!["ALL".to_owned()]));
+    assert_eq!(hc.network_mode.as_deref(), Some("none"));
+
+    // The run, in a spare: hardened, its limits, its files, its working directory.
+    let script = r#"
+echo "uid=$(id -u) gid=$(id -g)"
+grep -E '^(CapEff|NoNewPrivs):' /proc/self/status | tr -s '\t ' ' '
+touch /etc/baton-test 2>/dev/null && echo "rootfs=writable" || echo "rootfs=read-only"
+touch /baton/script.bash 2>/dev/null && echo "script=writable" || echo "script=read-only"
+echo x > /tmp/t && echo "tmp=writable"
+echo x > "$HOME/t" && echo "work=writable"
+echo "pwd=$(pwd)"
+if [ -f /sys/fs/cgroup/pids/pids.max ]; then
+  echo "pids=$(cat /sys/fs/cgroup/pids/pids.max)"
+else
+  echo "pids=$(cat /sys/fs/cgroup/pids.max)"
+fi
+"#;
+    let run = h.run(RunSpec::script(Runtime::Bash, script)).await;
+    assert_succeeded(&run);
+    let stdout = run.stdout();
+    for expected in [
+        "uid=10001 gid=10001",
+        "CapEff: 0000000000000000",
+        "NoNewPrivs: 1",
+        "rootfs=read-only",
+        "script=read-only",
+        "tmp=writable",
+        "work=writable",
+        "pwd=/baton/work",
+        "pids=256",
+    ] {
+        assert!(
+            stdout.iter().any(|l| l == expected),
+            "missing {expected:?} in {stdout:?}"
+        );
+    }
+    let stats = h.executor.spare_stats();
+    assert_eq!((stats.warm_runs, stats.cold_runs), (1, 0), "{stats:?}");
+
+    // The used spare is gone, never reused; a replacement took its place.
+    h.wait_idle(images).await;
+    let after = h.idle().await;
+    assert_eq!(
+        before.difference(&after).count(),
+        1,
+        "{before:?} → {after:?}"
+    );
+    assert_eq!(
+        after.difference(&before).count(),
+        1,
+        "{before:?} → {after:?}"
+    );
+    assert_eq!(h.executor.spare_stats().started, images as u64 + 1);
+    h.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spare_serves_only_its_own_configuration() {
+    let h = Harness::new().await;
+    let images = h.executor.config().default_images.len();
+    let probe = "import os\nprint(','.join(sorted(os.listdir('/sys/class/net'))))\n";
+    let interfaces = |run: &Run| run.stdout().first().cloned().unwrap_or_default();
+
+    // The spares have no network: a run asking for one does not take them.
+    let run = h
+        .run(RunSpec::script(Runtime::Python, probe).with_network(true))
+        .await;
+    assert_succeeded(&run);
+    assert_ne!(interfaces(&run), "lo");
+    let stats = h.executor.spare_stats();
+    assert_eq!((stats.warm_runs, stats.cold_runs), (0, 1), "{stats:?}");
+
+    // Now that configuration has a spare of its own, with a network.
+    h.wait_idle(images + 1).await;
+    let run = h
+        .run(RunSpec::script(Runtime::Python, probe).with_network(true))
+        .await;
+    assert_succeeded(&run);
+    assert_ne!(interfaces(&run), "lo");
+    let stats = h.executor.spare_stats();
+    assert_eq!((stats.warm_runs, stats.cold_runs), (1, 1), "{stats:?}");
+
+    // And a run without network still gets none, from its own spare.
+    let run = h.run(RunSpec::script(Runtime::Python, probe)).await;
+    assert_succeeded(&run);
+    assert_eq!(interfaces(&run), "lo");
+    let stats = h.executor.spare_stats();
+    assert_eq!((stats.warm_runs, stats.cold_runs), (2, 1), "{stats:?}");
+
+    // Other limits: another configuration (cold), and labels: never a spare.
+    let limits = ResourceLimits {
+        pids: Some(100),
+        ..ResourceLimits::default()
+    };
+    let run = h
+        .run(RunSpec::script(Runtime::Python, probe).with_limits(limits))
+        .await;
+    assert_succeeded(&run);
+    let run = h
+        .run(RunSpec::script(Runtime::Python, probe).with_label("baton.event_id", "e"))
+        .await;
+    assert_succeeded(&run);
+    let stats = h.executor.spare_stats();
+    assert_eq!(stats.warm_runs, 2, "{stats:?}");
+    h.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_workers_spares_are_reaped_on_restart() {
+    let crashed = Harness::new().await;
+    let images = crashed.executor.config().default_images.len();
+    assert_eq!(crashed.leftovers().await.len(), images);
+    // The same worker id, started again (its predecessor never removed its spares).
+    let mut config = ContainerConfig::new(crashed.worker_id.clone());
+    config.pull_policy = PullPolicy::Never;
+    let restarted = ContainerExecutor::connect(config)
+        .await
+        .expect("connect to the engine");
+    let removed = restarted.reap_orphans(&HashSet::new()).await.expect("reap");
+    assert_eq!(removed, images);
+    assert!(crashed.leftovers().await.is_empty());
+    restarted.shutdown().await;
+    crashed.assert_clean().await;
 }

@@ -76,7 +76,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-pub use container::{ContainerConfig, ContainerExecutor, PullPolicy, ResourceLimits};
+pub use container::{ContainerConfig, ContainerExecutor, PullPolicy, ResourceLimits, SpareStats};
 pub use local::{LocalConfig, LocalExecutor};
 pub use outcome::{ErrorKind, ExecError, RunOutcome, RunResult};
 pub use spec::{

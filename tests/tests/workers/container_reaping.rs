@@ -134,7 +134,9 @@ echo recovered"#,
         &json!({"executor": "container"}),
     )
     .await;
-    let worker_args = ["--worker-id", worker_id.as_str()];
+    // Spares off: this is about a run's job-labelled container (spares left by a crash are
+    // reaped the same way; the executor's tests cover them).
+    let worker_args = ["--worker-id", worker_id.as_str(), "--container-spares", "0"];
     let mut first = WorkerProcess::start_with_args(&app, 1, &worker_args).await;
     let id = app.run_event(&ev, &json!({})).await;
     // Running in its container once it printed its first line.

@@ -51,6 +51,16 @@
 //!   exist in the image is detected from the init process's `exec … failed` message; for
 //!   `exec`, an exit code of 126/127 within [`ContainerConfig::startup_window`] is also a start
 //!   failure, as for the local executor.
+//! * **Pre-started containers.** With [`ContainerConfig::spares`] > 0 (the default: 1), a run
+//!   whose image, network and limits match a *spare* — a container made the same way and
+//!   started before the job arrived, running an idle process — takes it instead of creating
+//!   and starting its own: the files are uploaded into the running container and the command
+//!   runs as an exec (`exec.rs`; `spares.rs` keeps the pool, replaces a taken spare in the
+//!   background and expires unused ones). The container still serves that run only and is
+//!   removed after it; hardening, limits, streaming, timeout and cancellation (every process
+//!   of the run), out-of-memory reporting and start failures behave as described here. A run
+//!   without a matching ready spare takes the cold path (the rest of this list).
+//!   [`ContainerExecutor::shutdown`] removes the spares.
 //! * **Clean-up and orphans.** Every container is labelled [`LABEL_WORKER`] (the worker id),
 //!   [`LABEL_JOB`] (the job id) and [`LABEL_MANAGED`], and is removed with its volume when the
 //!   run ends, whatever the outcome (also when the run's future is dropped: the removal is then
@@ -75,7 +85,9 @@
 //! # }
 //! ```
 
+mod exec;
 mod files;
+mod spares;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -110,6 +122,8 @@ use super::{
     sleep_until_opt,
 };
 use files::Owner;
+pub use spares::SpareStats;
+use spares::{SpareKey, SparePool};
 
 /// Label carrying the id of the worker that owns a container.
 pub const LABEL_WORKER: &str = "baton.worker_id";
@@ -117,6 +131,9 @@ pub const LABEL_WORKER: &str = "baton.worker_id";
 pub const LABEL_JOB: &str = "baton.job_id";
 /// Label `"true"` on every container made by this executor.
 pub const LABEL_MANAGED: &str = "baton.managed";
+/// Label `"1"` on a pre-started spare container (it has no [`LABEL_JOB`]: it is made before
+/// its job is known).
+pub const LABEL_SPARE: &str = "baton.spare";
 
 /// Where the run's volume is mounted in the container.
 pub const MOUNT_DIR: &str = "/baton";
@@ -237,6 +254,14 @@ pub struct ContainerConfig {
     pub api_timeout: Duration,
     /// Longest time a pull may take.
     pub pull_timeout: Duration,
+    /// Pre-started ("spare") containers kept for each recently used configuration (image,
+    /// network, limits), so that a run skips creating and starting its container; 0 turns
+    /// spares off. Every run still gets a container of its own, removed after it.
+    pub spares: usize,
+    /// Most configurations that keep spares at once (the least recently used is dropped).
+    pub spare_configs_max: usize,
+    /// A configuration's spares are removed after it was unused this long.
+    pub spare_ttl: Duration,
 }
 
 impl ContainerConfig {
@@ -278,6 +303,9 @@ impl ContainerConfig {
             max_collect_bytes: 64 * 1024 * 1024,
             api_timeout: Duration::from_secs(120),
             pull_timeout: Duration::from_secs(600),
+            spares: 1,
+            spare_configs_max: 8,
+            spare_ttl: Duration::from_secs(600),
         }
     }
 
@@ -348,6 +376,9 @@ pub struct ContainerInfo {
     pub job_id: Option<Uuid>,
     /// Engine state (`created`, `running`, `exited`, …).
     pub state: String,
+    /// A pre-started spare ([`LABEL_SPARE`]); `job_id` is then the job of the run using it, if
+    /// one of this executor's runs does, else `None` (idle).
+    pub spare: bool,
 }
 
 /// Runs jobs in containers. See the [module documentation](self).
@@ -359,6 +390,8 @@ pub struct ContainerExecutor {
     /// Containers of runs in progress: name → job id. Never reaped.
     live: Arc<Mutex<HashMap<String, Uuid>>>,
     http: http::LazyHttp,
+    /// Pre-started containers; `None` when [`ContainerConfig::spares`] is 0.
+    spares: Option<SparePool>,
 }
 
 impl fmt::Debug for ContainerExecutor {
@@ -403,13 +436,25 @@ impl ContainerExecutor {
         .map_err(|_| no_engine(&"no answer to GET /version"))?
         .map_err(|e| no_engine(&e))?;
         tracing::debug!(%engine, api = ?docker.client_version(), "container executor connected");
+        let live = Arc::new(Mutex::new(HashMap::new()));
+        let spares = (config.spares > 0).then(|| {
+            SparePool::new(
+                docker.clone(),
+                config.worker_id.clone(),
+                Arc::clone(&live),
+                config.spares,
+                config.spare_configs_max,
+                config.spare_ttl,
+            )
+        });
         Ok(ContainerExecutor {
             docker,
             config,
             owner,
             engine,
-            live: Arc::new(Mutex::new(HashMap::new())),
+            live,
             http: http::LazyHttp::default(),
+            spares,
         })
     }
 
@@ -515,7 +560,16 @@ impl ContainerExecutor {
                         .unwrap_or_default(),
                     job_id: labels.get(LABEL_JOB).and_then(|j| Uuid::parse_str(j).ok()),
                     state: c.state.map(|s| s.to_string()).unwrap_or_default(),
+                    spare: labels.get(LABEL_SPARE).is_some_and(|v| v == "1"),
                 })
+            })
+            .map(|mut c: ContainerInfo| {
+                if c.job_id.is_none()
+                    && let Ok(live) = self.live.lock()
+                {
+                    c.job_id = live.get(&c.name).copied().filter(|j| !j.is_nil());
+                }
+                c
             })
             .collect())
     }
@@ -570,6 +624,57 @@ impl ContainerExecutor {
         })
     }
 
+    /// Starts (in the background) the spares of the default configurations: each default
+    /// image with the default limits and no network. Workers call it at start. Nothing when
+    /// spares are off or the pull policy is `always`.
+    pub fn prewarm(&self) {
+        let Some(pool) = self.spares_for_policy() else {
+            return;
+        };
+        let limits = Effective::resolve(None, &self.config.defaults);
+        for image in self.config.default_images.values() {
+            let key = SpareKey::new(image, "none", limits);
+            pool.warm(&key, || self.spare_body(&key));
+        }
+    }
+
+    /// Counters of the spare containers (all zero when spares are off).
+    pub fn spare_stats(&self) -> SpareStats {
+        self.spares
+            .as_ref()
+            .map(SparePool::stats)
+            .unwrap_or_default()
+    }
+
+    /// Stops making spares and removes them (waiting for those being started). Runs in
+    /// progress are not touched. Call it before dropping the executor (a dropped executor
+    /// removes its spares in the background only). Idempotent.
+    pub async fn shutdown(&self) {
+        if let Some(pool) = &self.spares {
+            pool.shutdown().await;
+        }
+    }
+
+    /// The pool, when spares may be used: not with the pull policy `always` (each run must pull,
+    /// and a spare was made from the image as it was).
+    fn spares_for_policy(&self) -> Option<&SparePool> {
+        self.spares
+            .as_ref()
+            .filter(|_| self.config.pull_policy != PullPolicy::Always)
+    }
+
+    /// Takes a spare for `plan`, if it may have one and one is ready. A run with its own labels
+    /// never takes one (labels cannot be added to an existing container).
+    fn take_spare(&self, spec: &RunSpec, plan: &Plan) -> Option<(SpareKey, String)> {
+        let pool = self.spares_for_policy()?;
+        if !spec.labels.is_empty() {
+            return None;
+        }
+        let key = SpareKey::new(&plan.image, &plan.network_mode, plan.limits);
+        let name = pool.take(&key, || self.spare_body(&key))?;
+        Some((key, name))
+    }
+
     async fn remove(&self, container: &str) -> Result<(), String> {
         let options = RemoveContainerOptionsBuilder::new()
             .force(true)
@@ -599,6 +704,23 @@ impl ContainerExecutor {
             Ok(plan) => plan,
             Err(e) => return RunOutcome::from_error(e, started.elapsed()),
         };
+        if cancel.is_cancelled() {
+            return RunOutcome::from_error(ExecError::Cancelled, started.elapsed());
+        }
+        if let Some((key, spare)) = self.take_spare(&spec, &plan) {
+            // The image is there: the spare was made from it.
+            match self
+                .run_in_spare(&spec, &plan, &spare, &events, &cancel, started)
+                .await
+            {
+                Ok(outcome) => return outcome,
+                Err(unusable) => {
+                    if let Some(pool) = &self.spares {
+                        pool.failed(&key, &unusable.0);
+                    }
+                }
+            }
+        }
         let ready = tokio::select! {
             biased;
             _ = cancel.cancelled() => Err(ExecError::Cancelled),
@@ -751,7 +873,6 @@ impl ContainerExecutor {
             )
         );
 
-        let mut outcome = RunOutcome::default();
         // The engine's record of the exit (OOMKilled, and the code if the wait failed) and the
         // download of out/ are independent requests on the stopped container: overlap them.
         let (inspected, collected) =
@@ -763,20 +884,48 @@ impl ContainerExecutor {
             });
         let state = inspected.ok().and_then(|c| c.state);
         let oom = state.as_ref().and_then(|s| s.oom_killed).unwrap_or(false);
+        let engine_code = state
+            .as_ref()
+            .filter(|s| s.running != Some(true))
+            .and_then(|s| s.exit_code);
+        self.finish(
+            spec,
+            plan,
+            name,
+            Ended {
+                exit,
+                engine_code,
+                stop,
+                oom,
+                ran_for: exited - run_started,
+                report,
+                collected,
+            },
+        )
+    }
+
+    /// The outcome of a run that ended (either path).
+    fn finish(&self, spec: &RunSpec, plan: &Plan, name: &str, ended: Ended) -> RunOutcome {
+        let Ended {
+            exit,
+            engine_code,
+            stop,
+            oom,
+            ran_for,
+            report,
+            collected,
+        } = ended;
+        let mut outcome = RunOutcome::default();
         let code = match exit {
             Ok(code) => Some(code),
             Err(e) => {
-                let code = state
-                    .as_ref()
-                    .filter(|s| s.running != Some(true))
-                    .and_then(|s| s.exit_code);
-                if code.is_none() {
+                if engine_code.is_none() {
                     outcome.error = Some(ExecError::io(
                         "waiting for the container",
                         std::io::Error::other(e),
                     ));
                 }
-                code
+                engine_code
             }
         };
         let code = code.map(|c| i32::try_from(c).unwrap_or(i32::MAX));
@@ -796,9 +945,7 @@ impl ContainerExecutor {
                 });
             }
             None => {
-                if let Some(reason) =
-                    self.start_failure(spec, plan, code, exited - run_started, &report.tail)
-                {
+                if let Some(reason) = self.start_failure(spec, plan, code, ran_for, &report) {
                     outcome.error = Some(ExecError::StartFailed { reason });
                 } else if oom && code != Some(0) {
                     outcome.error = Some(ExecError::OutOfMemory {
@@ -812,7 +959,7 @@ impl ContainerExecutor {
         }
         if report.abandoned {
             tracing::warn!(job.id = %spec.job_id, container = %name,
-                "stopped reading output: the attach stream stayed open after the container exited");
+                "stopped reading output: the output stream stayed open after the run exited");
         }
         if let Some(e) = report.error
             && outcome.error.is_none()
@@ -927,17 +1074,20 @@ impl ContainerExecutor {
         plan: &Plan,
         code: Option<i32>,
         ran_for: Duration,
-        stderr_tail: &[String],
+        report: &AttachReport,
     ) -> Option<String> {
         let code = code?;
         if code != 126 && code != 127 {
             return None;
         }
+        let stderr_tail = &report.tail;
         let program = plan.cmd.first().map(String::as_str).unwrap_or_default();
-        if let Some(line) = stderr_tail
-            .iter()
-            .find(|l| l.contains("[FATAL tini") && l.contains("exec"))
-        {
+        // The init process's message (cold path, on stderr), or the engine's when an exec
+        // cannot start its program (warm path, written on the exec's stdout).
+        if let Some(line) = stderr_tail.iter().chain(&report.out_tail).find(|l| {
+            (l.contains("[FATAL tini") && l.contains("exec"))
+                || l.contains("OCI runtime exec failed")
+        }) {
             return Some(format!(
                 "cannot run `{program}` in image `{}`: {}",
                 plan.image,
@@ -1084,11 +1234,11 @@ impl ContainerExecutor {
         Ok(env.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
     }
 
-    fn container_body(&self, plan: &Plan) -> ContainerCreateBody {
-        let limits = plan.limits;
+    /// The hardening, limits and mounts of every container, cold or spare.
+    fn host_config(&self, limits: Effective, network_mode: &str) -> HostConfig {
         let memory =
             i64::try_from(limits.memory_mib.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX);
-        let host_config = HostConfig {
+        HostConfig {
             readonly_rootfs: Some(true),
             cap_drop: Some(vec!["ALL".to_owned()]),
             security_opt: Some(vec!["no-new-privileges:true".to_owned()]),
@@ -1097,7 +1247,7 @@ impl ContainerExecutor {
             memory: Some(memory),
             memory_swap: Some(memory),
             nano_cpus: Some((limits.cpus * 1e9).round() as i64),
-            network_mode: Some(plan.network_mode.clone()),
+            network_mode: Some(network_mode.to_owned()),
             tmpfs: Some(HashMap::from([(
                 "/tmp".to_owned(),
                 format!("rw,nosuid,nodev,size={}m,mode=1777", limits.tmp_mib),
@@ -1116,7 +1266,11 @@ impl ContainerExecutor {
             ipc_mode: Some("private".to_owned()),
             auto_remove: Some(false),
             ..HostConfig::default()
-        };
+        }
+    }
+
+    fn container_body(&self, plan: &Plan) -> ContainerCreateBody {
+        let host_config = self.host_config(plan.limits, &plan.network_mode);
         ContainerCreateBody {
             image: Some(plan.image.clone()),
             cmd: Some(plan.cmd.clone()),
@@ -1134,6 +1288,54 @@ impl ContainerExecutor {
             stop_signal: Some("SIGTERM".to_owned()),
             host_config: Some(host_config),
             ..ContainerCreateBody::default()
+        }
+    }
+}
+
+impl ContainerExecutor {
+    /// A spare of `key`: the run's container without the run (see `spares.rs`). The idle
+    /// process runs as another user than the runs', no environment beyond the image's (each
+    /// run's is given to its exec), no attach.
+    fn spare_body(&self, key: &SpareKey) -> ContainerCreateBody {
+        let limits = Effective {
+            memory_mib: key.memory_mib,
+            cpus: f64::from_bits(key.cpus_bits),
+            pids: key.pids,
+            tmp_mib: key.tmp_mib,
+        };
+        let idle = spares::idle_user(self.owner.uid);
+        ContainerCreateBody {
+            image: Some(key.image.clone()),
+            cmd: Some(spares::IDLE_COMMAND.map(str::to_owned).to_vec()),
+            entrypoint: Some(Vec::new()),
+            user: Some(format!("{idle}:{idle}")),
+            working_dir: Some(MOUNT_DIR.to_owned()),
+            labels: Some(HashMap::from([
+                (LABEL_WORKER.to_owned(), self.config.worker_id.clone()),
+                (LABEL_MANAGED.to_owned(), "true".to_owned()),
+                (LABEL_SPARE.to_owned(), "1".to_owned()),
+            ])),
+            attach_stdin: Some(false),
+            attach_stdout: Some(false),
+            attach_stderr: Some(false),
+            open_stdin: Some(false),
+            tty: Some(false),
+            stop_signal: Some("SIGTERM".to_owned()),
+            host_config: Some(self.host_config(limits, &key.network_mode)),
+            ..ContainerCreateBody::default()
+        }
+    }
+}
+
+impl SpareKey {
+    fn new(image: &str, network_mode: &str, limits: Effective) -> Self {
+        SpareKey {
+            image: image.to_owned(),
+            network_mode: network_mode.to_owned(),
+            memory_mib: limits.memory_mib,
+            cpus_bits: limits.cpus.to_bits(),
+            pids: limits.pids,
+            tmp_mib: limits.tmp_mib,
         }
     }
 }
@@ -1210,6 +1412,20 @@ impl Drop for ContainerGuard {
             }
         });
     }
+}
+
+/// How a run ended, as both paths observe it.
+struct Ended {
+    /// The exit code from the engine's wait (cold) or exec inspection (warm).
+    exit: Result<i64, String>,
+    /// The container's exit code from its inspection, used when `exit` failed.
+    engine_code: Option<i64>,
+    stop: Option<Stop>,
+    oom: bool,
+    /// From start to the observed exit.
+    ran_for: Duration,
+    report: AttachReport,
+    collected: Result<(), ExecError>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -1325,6 +1541,8 @@ impl Effective {
 #[derive(Debug, Default)]
 struct AttachReport {
     tail: Vec<String>,
+    /// The last stdout lines (where the engine writes why an exec could not start).
+    out_tail: Vec<String>,
     abandoned: bool,
     error: Option<String>,
 }
@@ -1346,7 +1564,7 @@ async fn pump_attach(
     let mut report = AttachReport::default();
     let mut out_split = LineSplitter::new(max_line_bytes);
     let mut err_split = LineSplitter::new(max_line_bytes);
-    let mut out_sink = LineSink::new(events, OutputStream::Stdout, 0);
+    let mut out_sink = LineSink::new(events, OutputStream::Stdout, STDERR_TAIL_LINES);
     let mut err_sink = LineSink::new(events, OutputStream::Stderr, STDERR_TAIL_LINES);
     let mut exit_seen: Option<Instant> = None;
     loop {
@@ -1399,6 +1617,7 @@ async fn pump_attach(
     finish_chunk(&mut out_split, &mut out_sink).await;
     finish_chunk(&mut err_split, &mut err_sink).await;
     report.tail = err_sink.into_tail();
+    report.out_tail = out_sink.into_tail();
     report
 }
 

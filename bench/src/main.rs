@@ -10,12 +10,14 @@
 //! ## Adding a benchmark
 //! Write `src/NAME.rs` with a `clap::Args` struct and `pub async fn run(args) ->
 //! anyhow::Result<Summary>`, and add a variant to [`Bench`]. Shared pieces (a private
-//! PostgreSQL with a migrated template database, medians) are in [`support`].
+//! PostgreSQL with a migrated template database, medians) are in [`support`]; fixtures shared
+//! with the tests (a private sshd) in `baton-testkit`.
 #![forbid(unsafe_code)]
 
 mod dispatch;
 mod logs;
 mod queue;
+mod ssh;
 mod support;
 mod throughput;
 
@@ -46,6 +48,9 @@ enum Bench {
     Throughput(throughput::Args),
     /// One job printing 200 MB: MiB/s persisted and lines lost.
     Logs(logs::Args),
+    /// A trivial run through the SSH executor over a pooled connection vs a fresh
+    /// `ssh -o ControlMaster=no host true`, alternating: medians and their ratio.
+    Ssh(ssh::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,6 +64,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Dispatch(args) => dispatch::run(args).await,
             Bench::Throughput(args) => throughput::run(args).await,
             Bench::Logs(args) => logs::run(args).await,
+            Bench::Ssh(args) => ssh::run(args).await,
         }
     })?;
     println!("{summary}");

@@ -1,12 +1,8 @@
 //! Tests of the SSH executor against a real OpenSSH `sshd` started by the test (see
-//! `support/sshd.rs`), on 127.0.0.1 with generated keys. No mocks; synchronisation waits on
+//! `baton_testkit::sshd`), on 127.0.0.1 with generated keys. No mocks; synchronisation waits on
 //! conditions with generous deadlines.
 
 #![allow(clippy::unwrap_used)] // a panic is how a test reports a failure
-
-mod support {
-    pub mod sshd;
-}
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -15,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use baton_testkit::sshd::{Sshd, free_port, login_user, shared_dir};
 use baton_worker::executor::ssh::{
     BreakerConfig, BreakerState, HostKeyPolicy, SshAuth, SshConfig, SshError, SshExecutor,
     SshTarget,
@@ -24,7 +21,6 @@ use baton_worker::executor::{
     Runtime, run_collect,
 };
 use baton_worker::rundir::{self, RunFiles, ScratchDir};
-use support::sshd::{Sshd, free_port, login_user, shared_dir};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;

@@ -6,7 +6,4 @@ mod container;
 mod failover;
 mod runs;
 mod ssh;
-// The orchestrator's test sshd, shared rather than copied.
-#[path = "../../../orchestrator/tests/support/sshd.rs"]
-mod sshd;
 mod support;

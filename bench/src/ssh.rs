@@ -120,7 +120,7 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
         bench.sshd.accepted_logins(),
         support::load_average()
     );
-    bench.check_remote_clean()?;
+    bench.check_remote_clean().await?;
 
     let p50 = quantile(&baton, 0.5);
     let fresh_p50 = quantile(&fresh, 0.5);
@@ -248,17 +248,24 @@ impl Bench {
         Ok(ms(elapsed))
     }
 
-    /// Every run's directory on the server was removed.
-    fn check_remote_clean(&self) -> anyhow::Result<()> {
-        let left: Vec<_> = std::fs::read_dir(self.remote_tmp.path())?
-            .filter_map(Result::ok)
-            .map(|e| e.file_name())
-            .collect();
-        ensure!(
-            left.is_empty(),
-            "run directories left on the server: {left:?}"
-        );
-        Ok(())
+    /// Every run's directory on the server was removed (the last cleanup may still be
+    /// finishing: the executor confirms it in the background).
+    async fn check_remote_clean(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left: Vec<_> = std::fs::read_dir(self.remote_tmp.path())?
+                .filter_map(Result::ok)
+                .map(|e| e.file_name())
+                .collect();
+            if left.is_empty() {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "run directories left on the server: {left:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 

@@ -1003,7 +1003,7 @@ async fn fifty_runs_share_at_most_max_concurrent_connections() {
         let done = done.clone();
         let max_tcp = max_tcp.clone();
         std::thread::spawn(move || {
-            let probe = support::sshd::Sshd::established_for_port;
+            let probe = Sshd::established_for_port;
             while !done.load(Ordering::SeqCst) {
                 max_tcp.fetch_max(probe(port), Ordering::SeqCst);
                 std::thread::sleep(Duration::from_millis(5));

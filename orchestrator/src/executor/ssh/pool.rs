@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use russh::client::{AuthResult, Handle};
 use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey};
+use russh_sftp::client::SftpSession;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -91,6 +92,9 @@ impl Counters {
 /// One authenticated connection.
 pub(crate) struct Conn {
     handle: SshHandle,
+    /// The SFTP session the last run left open on this connection, for the next one: opening
+    /// one costs a channel, the subsystem request and the protocol's init exchange.
+    sftp: Option<SftpSession>,
     id: u64,
     fingerprint: u64,
     counters: Arc<Counters>,
@@ -216,6 +220,18 @@ pub(crate) struct Lease {
 impl Lease {
     pub(crate) fn handle(&self) -> Option<&SshHandle> {
         self.conn.as_ref().map(|c| &c.handle)
+    }
+
+    /// The SFTP session a previous run left open on this connection, if any.
+    pub(crate) fn take_sftp(&mut self) -> Option<SftpSession> {
+        self.conn.as_mut().and_then(|c| c.sftp.take())
+    }
+
+    /// Keeps `sftp` (opened on this connection, in a known state) for the connection's next run.
+    pub(crate) fn keep_sftp(&mut self, sftp: SftpSession) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.sftp = Some(sftp);
+        }
     }
 
     /// Returns the connection to the idle list (unless it is closed).
@@ -546,6 +562,7 @@ impl Pool {
                 server.counters.opened.fetch_add(1, Ordering::SeqCst);
                 lease.conn = Some(Conn {
                     handle,
+                    sftp: None,
                     id: self.next_id.fetch_add(1, Ordering::SeqCst),
                     fingerprint,
                     counters: server.counters.clone(),

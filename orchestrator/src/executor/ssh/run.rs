@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use russh::client::Msg;
 use russh::{Channel, ChannelMsg, Sig};
+use russh_sftp::client::SftpSession;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::pool::{AcquireError, Lease, SshHandle};
 use super::remote::{self, RemoteDir, RunFiles, START_FAILED_CODE};
-use super::transfer::{self, Entry};
+use super::transfer::{self, Entry, RequestError};
 use super::{SshConfig, SshError, SshExecutor, SshTarget};
 use crate::executor::output::{LineSplitter, parse_progress};
 use crate::executor::{
@@ -182,7 +183,7 @@ enum Exit {
 
 /// What `setup` got running.
 struct Running {
-    sftp: russh_sftp::client::SftpSession,
+    sftp: SftpSession,
     control: Channel<Msg>,
     main: Channel<Msg>,
     early: Vec<ChannelMsg>,
@@ -247,7 +248,11 @@ impl RemoteRun<'_> {
                 );
             }
         };
-        self.supervise(running).await
+        let (outcome, healthy, sftp) = self.supervise(running).await;
+        if healthy {
+            lease.keep_sftp(sftp);
+        }
+        (outcome, healthy)
     }
 
     /// Uploads the files and starts the control channel and the run.
@@ -259,13 +264,11 @@ impl RemoteRun<'_> {
         progress: &AtomicU8,
     ) -> Result<Running, Fail> {
         let timeout_secs = self.config.operation_timeout.as_secs().max(1);
-        let sftp = match lease.handle() {
-            Some(handle) => transfer::open(handle, timeout_secs).await,
-            None => Err("no connection".to_owned()),
-        };
-        let sftp = match sftp {
+        // A reused connection may have died while idle: its first request tells, and it is
+        // then replaced once.
+        let sftp = match self.make_root(lease, timeout_secs).await {
             Ok(sftp) => sftp,
-            Err(e) if lease.reused => {
+            Err(RequestError::Session(e)) if lease.reused => {
                 tracing::debug!(
                     server.id = %self.target.server_id, error = %e,
                     "pooled ssh connection is dead, reconnecting"
@@ -274,23 +277,16 @@ impl RemoteRun<'_> {
                     .pool
                     .reconnect(lease, self.target, self.config, self.cancel, self.deadline)
                     .await?;
-                let handle = lease
-                    .handle()
-                    .ok_or_else(|| self.session_error("no connection"))?;
-                transfer::open(handle, timeout_secs)
+                self.make_root(lease, timeout_secs)
                     .await
-                    .map_err(|e| self.session_error(e))?
+                    .map_err(|e| self.session_error(e.to_string()))?
             }
-            Err(e) => return Err(self.session_error(e)),
+            Err(e) => return Err(self.session_error(e.to_string())),
         };
+        progress.store(SETUP_DIR_CREATED, Ordering::SeqCst);
         let handle = lease
             .handle()
             .ok_or_else(|| self.session_error("no connection"))?;
-
-        transfer::make_dir(&sftp, self.dir.root(), 0o700)
-            .await
-            .map_err(|e| self.session_error(e))?;
-        progress.store(SETUP_DIR_CREATED, Ordering::SeqCst);
         transfer::put_file(
             &sftp,
             &self.dir.path("control.sh"),
@@ -299,14 +295,22 @@ impl RemoteRun<'_> {
         )
         .await
         .map_err(|e| self.session_error(e))?;
-        let (control, _) = start_exec(handle, &self.dir.sh_command("control.sh"))
-            .await
-            .map_err(|e| self.session_error(format!("cannot start the control channel: {e}")))?;
-        progress.store(SETUP_CONTROL_STARTED, Ordering::SeqCst);
 
-        transfer::upload(&sftp, self.dir.root(), uploads, 0o600)
-            .await
-            .map_err(|e| self.session_error(e))?;
+        // The control channel starts while the rest is uploaded: both only need `control.sh`.
+        let start_control = async {
+            let started = start_exec(handle, &self.dir.sh_command("control.sh")).await;
+            if started.is_ok() {
+                progress.store(SETUP_CONTROL_STARTED, Ordering::SeqCst);
+            }
+            started
+        };
+        let (control, uploaded) = tokio::join!(
+            start_control,
+            transfer::upload(&sftp, self.dir.root(), uploads, 0o600)
+        );
+        let (control, _) = control
+            .map_err(|e| self.session_error(format!("cannot start the control channel: {e}")))?;
+        uploaded.map_err(|e| self.session_error(e))?;
         let (main, early) = start_exec(handle, &self.dir.sh_command("start.sh"))
             .await
             .map_err(|e| match e {
@@ -327,9 +331,32 @@ impl RemoteRun<'_> {
         })
     }
 
+    /// The connection's SFTP session (the one a previous run left, or a new one) with the run's
+    /// directory created in it (mode 0700, failing if the name exists).
+    async fn make_root(
+        &self,
+        lease: &mut Lease,
+        timeout_secs: u64,
+    ) -> Result<SftpSession, RequestError> {
+        let sftp = match lease.take_sftp() {
+            Some(sftp) => sftp,
+            None => {
+                let handle = lease
+                    .handle()
+                    .ok_or_else(|| RequestError::Session("no connection".to_owned()))?;
+                transfer::open(handle, timeout_secs)
+                    .await
+                    .map_err(RequestError::Session)?
+            }
+        };
+        transfer::make_dir(&sftp, self.dir.root(), 0o700).await?;
+        Ok(sftp)
+    }
+
     /// Streams the run's output until it ends, stops it on timeout or cancellation, then
-    /// collects `out/` and cleans up.
-    async fn supervise(&self, running: Running) -> (RunOutcome, bool) {
+    /// collects `out/` and starts the cleanup. Returns the outcome, whether the connection may
+    /// be pooled again, and the SFTP session (worth keeping only then).
+    async fn supervise(&self, running: Running) -> (RunOutcome, bool, SftpSession) {
         let Running {
             sftp,
             mut control,
@@ -617,34 +644,39 @@ impl RemoteRun<'_> {
                 }
             }
         }
-        let _ = sftp.close().await;
 
-        // End of input: `control.sh` kills what is left and removes the directory.
-        let cleaned = async {
-            if !control_open {
-                return false;
-            }
-            if control.eof().await.is_err() {
-                return false;
-            }
-            loop {
-                match control.wait().await {
-                    Some(ChannelMsg::Close) | None => return true,
-                    Some(_) => {}
+        // End of input: `control.sh` kills what is left and removes the directory. Its
+        // confirmation (the channel closing) is awaited in the background: the outcome does
+        // not depend on it, and the connection's next run may start meanwhile, on channels of
+        // its own. Should the connection drop first, the server cleans up all the same.
+        if control_open && control.eof().await.is_ok() {
+            let timeout = config.operation_timeout;
+            let job_id = spec.job_id;
+            let dir = self.dir.root().to_owned();
+            tokio::spawn(async move {
+                let closed = async {
+                    while let Some(msg) = control.wait().await {
+                        if matches!(msg, ChannelMsg::Close) {
+                            return true;
+                        }
+                    }
+                    false
+                };
+                if !matches!(tokio::time::timeout(timeout, closed).await, Ok(true)) {
+                    tracing::warn!(
+                        job.id = %job_id, dir,
+                        "could not confirm the cleanup of the remote run directory"
+                    );
                 }
-            }
-        };
-        match tokio::time::timeout(config.operation_timeout, cleaned).await {
-            Ok(true) => {}
-            Ok(false) | Err(_) => {
-                healthy = false;
-                tracing::warn!(
-                    job.id = %spec.job_id, dir = self.dir.root(),
-                    "could not confirm the cleanup of the remote run directory"
-                );
-            }
+            });
+        } else {
+            healthy = false;
+            tracing::warn!(
+                job.id = %spec.job_id, dir = self.dir.root(),
+                "could not start the cleanup of the remote run directory"
+            );
         }
-        (outcome, healthy)
+        (outcome, healthy, sftp)
     }
 
     /// A start failure: `start.sh` gave up (exit 127 with `start-error`), or, for `exec` runs,

@@ -44,14 +44,46 @@ fn attrs(mode: u32) -> FileAttributes {
     }
 }
 
+/// A failed SFTP request.
+#[derive(Debug)]
+pub(crate) enum RequestError {
+    /// The server answered with a failure status.
+    Refused(String),
+    /// No answer: the session or the connection is unusable.
+    Session(String),
+}
+
+impl std::fmt::Display for RequestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RequestError::Refused(e) | RequestError::Session(e) => f.write_str(e),
+        }
+    }
+}
+
+impl RequestError {
+    fn new(what: String, e: russh_sftp::client::error::Error) -> Self {
+        match e {
+            russh_sftp::client::error::Error::Status(_) => {
+                RequestError::Refused(format!("{what}: {e}"))
+            }
+            _ => RequestError::Session(format!("{what}: {e}")),
+        }
+    }
+}
+
 /// Creates the directory `path` (it must not exist) with mode `mode`.
-pub(crate) async fn make_dir(sftp: &SftpSession, path: &str, mode: u32) -> Result<(), String> {
+pub(crate) async fn make_dir(
+    sftp: &SftpSession,
+    path: &str,
+    mode: u32,
+) -> Result<(), RequestError> {
     sftp.create_dir(path)
         .await
-        .map_err(|e| format!("cannot create {path}: {e}"))?;
+        .map_err(|e| RequestError::new(format!("cannot create {path}"), e))?;
     sftp.set_metadata(path, attrs(mode))
         .await
-        .map_err(|e| format!("cannot set the mode of {path}: {e}"))
+        .map_err(|e| RequestError::new(format!("cannot set the mode of {path}"), e))
 }
 
 /// Creates the file `path` (it must not exist) with `data` and mode `mode`.
@@ -145,17 +177,33 @@ pub(crate) fn local_tree(root: &Path) -> io::Result<Vec<Entry>> {
     Ok(entries)
 }
 
-/// Uploads `entries` under the existing remote directory `remote_root`: directories (mode 0700)
-/// one by one, then files (mode `file_mode`) several at a time.
+/// Uploads `entries` under the existing remote directory `remote_root`: directories level by
+/// level, each level's at once, then files (mode `file_mode`) several at a time.
+///
+/// Directories get the server's default mode rather than an explicit one: `remote_root` is
+/// private (0700), which keeps everything under it private, and not setting the mode saves a
+/// round trip per directory.
 pub(crate) async fn upload(
     sftp: &SftpSession,
     remote_root: &str,
     entries: &[Entry],
     file_mode: u32,
 ) -> Result<(), String> {
-    for entry in entries {
-        if let Entry::Dir(rel) = entry {
-            make_dir(sftp, &format!("{remote_root}/{rel}"), 0o700).await?;
+    let mut dirs: Vec<&str> = entries
+        .iter()
+        .filter_map(|e| match e {
+            Entry::Dir(rel) => Some(rel.as_str()),
+            Entry::File(..) => None,
+        })
+        .collect();
+    dirs.sort_by_key(|d| d.matches('/').count());
+    for level in dirs.chunk_by(|a, b| a.matches('/').count() == b.matches('/').count()) {
+        let mut running: FuturesUnordered<_> = level
+            .iter()
+            .map(|rel| create_dir(sftp, format!("{remote_root}/{rel}")))
+            .collect();
+        while let Some(result) = running.next().await {
+            result?;
         }
     }
     let files = entries.iter().filter_map(|e| match e {
@@ -176,6 +224,13 @@ pub(crate) async fn upload(
             None => return Ok(()),
         }
     }
+}
+
+/// Creates the directory `path` (it must not exist) with the server's default mode.
+async fn create_dir(sftp: &SftpSession, path: String) -> Result<(), String> {
+    sftp.create_dir(path.as_str())
+        .await
+        .map_err(|e| format!("cannot create {path}: {e}"))
 }
 
 async fn put_owned(sftp: &SftpSession, path: String, data: &[u8], mode: u32) -> Result<(), String> {

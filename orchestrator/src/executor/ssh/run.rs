@@ -287,39 +287,42 @@ impl RemoteRun<'_> {
         let handle = lease
             .handle()
             .ok_or_else(|| self.session_error("no connection"))?;
-        transfer::put_file(
-            &sftp,
-            &self.dir.path("control.sh"),
-            files.control_sh.as_bytes(),
-            0o600,
-        )
-        .await
-        .map_err(|e| self.session_error(e))?;
-
-        // The control channel starts while the rest is uploaded: both only need `control.sh`.
+        // Channels open while files are written (a round trip each, spent in parallel); the
+        // control channel runs `control.sh` as soon as it is written, during the rest of the
+        // upload; the run starts once everything is there.
+        let control_path = self.dir.path("control.sh");
+        let (control_sh, control) = tokio::join!(
+            transfer::put_file(&sftp, &control_path, files.control_sh.as_bytes(), 0o600,),
+            open_channel(handle)
+        );
+        control_sh.map_err(|e| self.session_error(e))?;
+        let control_error =
+            |e: StartError| self.session_error(format!("cannot start the control channel: {e}"));
+        let control = control.map_err(control_error)?;
         let start_control = async {
-            let started = start_exec(handle, &self.dir.sh_command("control.sh")).await;
+            let started = exec_on(control, &self.dir.sh_command("control.sh")).await;
             if started.is_ok() {
                 progress.store(SETUP_CONTROL_STARTED, Ordering::SeqCst);
             }
             started
         };
-        let (control, uploaded) = tokio::join!(
+        let (control, main, uploaded) = tokio::join!(
             start_control,
+            open_channel(handle),
             transfer::upload(&sftp, self.dir.root(), uploads, 0o600)
         );
-        let (control, _) = control
-            .map_err(|e| self.session_error(format!("cannot start the control channel: {e}")))?;
+        let (control, _) = control.map_err(control_error)?;
         uploaded.map_err(|e| self.session_error(e))?;
-        let (main, early) = start_exec(handle, &self.dir.sh_command("start.sh"))
+        let start_error = |e| match e {
+            StartError::Refused => Fail::Exec(ExecError::start_failed(format!(
+                "the SSH server {} refused to run a command",
+                self.address()
+            ))),
+            StartError::Channel(e) => self.session_error(e),
+        };
+        let (main, early) = exec_on(main.map_err(start_error)?, &self.dir.sh_command("start.sh"))
             .await
-            .map_err(|e| match e {
-                StartError::Refused => Fail::Exec(ExecError::start_failed(format!(
-                    "the SSH server {} refused to run a command",
-                    self.address()
-                ))),
-                StartError::Channel(e) => self.session_error(e),
-            })?;
+            .map_err(start_error)?;
         main.eof()
             .await
             .map_err(|e| self.session_error(format!("cannot close the run's stdin: {e}")))?;
@@ -749,10 +752,23 @@ async fn start_exec(
     handle: &SshHandle,
     command: &str,
 ) -> Result<(Channel<Msg>, Vec<ChannelMsg>), StartError> {
-    let mut channel = handle
+    exec_on(open_channel(handle).await?, command).await
+}
+
+/// Opens a session channel.
+async fn open_channel(handle: &SshHandle) -> Result<Channel<Msg>, StartError> {
+    handle
         .channel_open_session()
         .await
-        .map_err(|e| StartError::Channel(format!("cannot open a channel: {e}")))?;
+        .map_err(|e| StartError::Channel(format!("cannot open a channel: {e}")))
+}
+
+/// Runs `command` in the open session `channel`, waiting for the server's confirmation.
+/// Messages that arrive before it are returned.
+async fn exec_on(
+    mut channel: Channel<Msg>,
+    command: &str,
+) -> Result<(Channel<Msg>, Vec<ChannelMsg>), StartError> {
     channel
         .exec(true, command)
         .await

@@ -177,8 +177,9 @@ pub(crate) fn local_tree(root: &Path) -> io::Result<Vec<Entry>> {
     Ok(entries)
 }
 
-/// Uploads `entries` under the existing remote directory `remote_root`: directories level by
-/// level, each level's at once, then files (mode `file_mode`) several at a time.
+/// Uploads `entries` under the existing remote directory `remote_root`: files (mode
+/// `file_mode`) several at a time, each as soon as its directory exists; directories level by
+/// level, each level's at once.
 ///
 /// Directories get the server's default mode rather than an explicit one: `remote_root` is
 /// private (0700), which keeps everything under it private, and not setting the mode saves a
@@ -189,28 +190,46 @@ pub(crate) async fn upload(
     entries: &[Entry],
     file_mode: u32,
 ) -> Result<(), String> {
-    let mut dirs: Vec<&str> = entries
-        .iter()
-        .filter_map(|e| match e {
-            Entry::Dir(rel) => Some(rel.as_str()),
-            Entry::File(..) => None,
-        })
-        .collect();
-    dirs.sort_by_key(|d| d.matches('/').count());
-    for level in dirs.chunk_by(|a, b| a.matches('/').count() == b.matches('/').count()) {
-        let mut running: FuturesUnordered<_> = level
-            .iter()
-            .map(|rel| create_dir(sftp, format!("{remote_root}/{rel}")))
-            .collect();
-        while let Some(result) = running.next().await {
-            result?;
+    let mut dirs: Vec<&str> = Vec::new();
+    let mut top_files = Vec::new();
+    let mut nested_files = Vec::new();
+    for entry in entries {
+        match entry {
+            Entry::Dir(rel) => dirs.push(rel),
+            Entry::File(rel, data) => {
+                let file = (format!("{remote_root}/{rel}"), data.as_slice());
+                if rel.contains('/') {
+                    nested_files.push(file);
+                } else {
+                    top_files.push(file);
+                }
+            }
         }
     }
-    let files = entries.iter().filter_map(|e| match e {
-        Entry::File(rel, data) => Some((format!("{remote_root}/{rel}"), data.as_slice())),
-        Entry::Dir(_) => None,
-    });
-    let mut queue = files;
+    dirs.sort_by_key(|d| d.matches('/').count());
+    let nested = async {
+        for level in dirs.chunk_by(|a, b| a.matches('/').count() == b.matches('/').count()) {
+            let mut running: FuturesUnordered<_> = level
+                .iter()
+                .map(|rel| create_dir(sftp, format!("{remote_root}/{rel}")))
+                .collect();
+            while let Some(result) = running.next().await {
+                result?;
+            }
+        }
+        put_files(sftp, nested_files, file_mode).await
+    };
+    let (top, nested) = tokio::join!(put_files(sftp, top_files, file_mode), nested);
+    top.and(nested)
+}
+
+/// Writes `files` (`(path, data)`), [`PARALLEL_TRANSFERS`] at a time.
+async fn put_files(
+    sftp: &SftpSession,
+    files: Vec<(String, &[u8])>,
+    file_mode: u32,
+) -> Result<(), String> {
+    let mut queue = files.into_iter();
     let mut running = FuturesUnordered::new();
     loop {
         while running.len() < PARALLEL_TRANSFERS {

@@ -22,6 +22,7 @@ use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey};
 use russh_sftp::client::SftpSession;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -95,6 +96,9 @@ pub(crate) struct Conn {
     /// The SFTP session the last run left open on this connection, for the next one: opening
     /// one costs a channel, the subsystem request and the protocol's init exchange.
     sftp: Option<SftpSession>,
+    /// The last run's cleanup, confirmed in the background: true once the server removed the
+    /// run's directory. The next run on this connection waits for it.
+    cleanup: Option<JoinHandle<bool>>,
     id: u64,
     fingerprint: u64,
     counters: Arc<Counters>,
@@ -225,6 +229,18 @@ impl Lease {
     /// The SFTP session a previous run left open on this connection, if any.
     pub(crate) fn take_sftp(&mut self) -> Option<SftpSession> {
         self.conn.as_mut().and_then(|c| c.sftp.take())
+    }
+
+    /// The previous run's cleanup on this connection, if it was left to finish in the background.
+    pub(crate) fn take_cleanup(&mut self) -> Option<JoinHandle<bool>> {
+        self.conn.as_mut().and_then(|c| c.cleanup.take())
+    }
+
+    /// Leaves `cleanup` (true when the server confirmed it) for the connection's next run.
+    pub(crate) fn set_cleanup(&mut self, cleanup: JoinHandle<bool>) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.cleanup = Some(cleanup);
+        }
     }
 
     /// Keeps `sftp` (opened on this connection, in a known state) for the connection's next run.
@@ -563,6 +579,7 @@ impl Pool {
                 lease.conn = Some(Conn {
                     handle,
                     sftp: None,
+                    cleanup: None,
                     id: self.next_id.fetch_add(1, Ordering::SeqCst),
                     fingerprint,
                     counters: server.counters.clone(),

@@ -9,6 +9,7 @@ use russh::client::Msg;
 use russh::{Channel, ChannelMsg, Sig};
 use russh_sftp::client::SftpSession;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -248,9 +249,12 @@ impl RemoteRun<'_> {
                 );
             }
         };
-        let (outcome, healthy, sftp) = self.supervise(running).await;
+        let (outcome, healthy, sftp, cleanup) = self.supervise(running).await;
         if healthy {
             lease.keep_sftp(sftp);
+            if let Some(cleanup) = cleanup {
+                lease.set_cleanup(cleanup);
+            }
         }
         (outcome, healthy)
     }
@@ -264,6 +268,20 @@ impl RemoteRun<'_> {
         progress: &AtomicU8,
     ) -> Result<Running, Fail> {
         let timeout_secs = self.config.operation_timeout.as_secs().max(1);
+        // The previous run on this connection finished its cleanup in the background. Only a
+        // connection on which it was confirmed is used further (as when it was awaited there).
+        if let Some(cleanup) = lease.take_cleanup()
+            && !cleanup.await.unwrap_or(false)
+        {
+            tracing::debug!(
+                server.id = %self.target.server_id,
+                "the previous run's cleanup was not confirmed, reconnecting"
+            );
+            self.executor
+                .pool
+                .reconnect(lease, self.target, self.config, self.cancel, self.deadline)
+                .await?;
+        }
         // A reused connection may have died while idle: its first request tells, and it is
         // then replaced once.
         let sftp = match self.make_root(lease, timeout_secs).await {
@@ -358,8 +376,12 @@ impl RemoteRun<'_> {
 
     /// Streams the run's output until it ends, stops it on timeout or cancellation, then
     /// collects `out/` and starts the cleanup. Returns the outcome, whether the connection may
-    /// be pooled again, and the SFTP session (worth keeping only then).
-    async fn supervise(&self, running: Running) -> (RunOutcome, bool, SftpSession) {
+    /// be pooled again, the SFTP session (worth keeping only then) and the cleanup's
+    /// confirmation (true when the server removed the directory).
+    async fn supervise(
+        &self,
+        running: Running,
+    ) -> (RunOutcome, bool, SftpSession, Option<JoinHandle<bool>>) {
         let Running {
             sftp,
             mut control,
@@ -650,13 +672,14 @@ impl RemoteRun<'_> {
 
         // End of input: `control.sh` kills what is left and removes the directory. Its
         // confirmation (the channel closing) is awaited in the background: the outcome does
-        // not depend on it, and the connection's next run may start meanwhile, on channels of
-        // its own. Should the connection drop first, the server cleans up all the same.
+        // not depend on it. The connection's next run waits for it, and reconnects if it did
+        // not come (a connection dropping makes the server clean up all the same).
+        let mut cleanup = None;
         if control_open && control.eof().await.is_ok() {
             let timeout = config.operation_timeout;
             let job_id = spec.job_id;
             let dir = self.dir.root().to_owned();
-            tokio::spawn(async move {
+            cleanup = Some(tokio::spawn(async move {
                 let closed = async {
                     while let Some(msg) = control.wait().await {
                         if matches!(msg, ChannelMsg::Close) {
@@ -665,13 +688,15 @@ impl RemoteRun<'_> {
                     }
                     false
                 };
-                if !matches!(tokio::time::timeout(timeout, closed).await, Ok(true)) {
+                let confirmed = matches!(tokio::time::timeout(timeout, closed).await, Ok(true));
+                if !confirmed {
                     tracing::warn!(
                         job.id = %job_id, dir,
                         "could not confirm the cleanup of the remote run directory"
                     );
                 }
-            });
+                confirmed
+            }));
         } else {
             healthy = false;
             tracing::warn!(
@@ -679,7 +704,7 @@ impl RemoteRun<'_> {
                 "could not start the cleanup of the remote run directory"
             );
         }
-        (outcome, healthy, sftp)
+        (outcome, healthy, sftp, cleanup)
     }
 
     /// A start failure: `start.sh` gave up (exit 127 with `start-error`), or, for `exec` runs,

@@ -73,14 +73,22 @@ impl RequestError {
 }
 
 /// Creates the directory `path` (it must not exist) with mode `mode`.
+///
+/// The mode request is sent right behind the creation, without waiting for its answer (one
+/// round trip instead of two): OpenSSH's sftp-server handles requests in order. A server that
+/// does not may answer that the directory does not exist yet; the mode is then set again once
+/// the creation is confirmed.
 pub(crate) async fn make_dir(
     sftp: &SftpSession,
     path: &str,
     mode: u32,
 ) -> Result<(), RequestError> {
-    sftp.create_dir(path)
-        .await
-        .map_err(|e| RequestError::new(format!("cannot create {path}"), e))?;
+    let (created, moded) =
+        tokio::join!(sftp.create_dir(path), sftp.set_metadata(path, attrs(mode)));
+    created.map_err(|e| RequestError::new(format!("cannot create {path}"), e))?;
+    if moded.is_ok() {
+        return Ok(());
+    }
     sftp.set_metadata(path, attrs(mode))
         .await
         .map_err(|e| RequestError::new(format!("cannot set the mode of {path}"), e))

@@ -12,9 +12,10 @@
 //!   with [`rundir::prepare`] and the worker's helpers directory (both prepared before the clock
 //!   starts, as the worker does before it calls the executor), so the executor uploads them over
 //!   SFTP with its generated scripts, starts the control channel and the run, waits for the
-//!   exit, collects `out/` and has the server remove the run's directory. The connection comes
-//!   from the executor's pool (opened by the warm-up; the benchmark checks that no other was
-//!   opened).
+//!   exit, collects `out/` and tells the server to remove the run's directory (the executor
+//!   awaits that confirmation in the background, before the connection's next run; the
+//!   benchmark checks at the end that every directory is gone). The connection comes from the
+//!   executor's pool (opened by the warm-up; the benchmark checks that no other was opened).
 //! - `fresh_ssh`: the wall time of an OpenSSH client process `ssh -o ControlMaster=no -o
 //!   BatchMode=yes … user@127.0.0.1 true` (no configuration file, the same user key, the host
 //!   key pinned in a private known-hosts file): process start, TCP, key exchange,

@@ -310,7 +310,7 @@ impl RemoteRun<'_> {
         // upload; the run starts once everything is there.
         let control_path = self.dir.path("control.sh");
         let (control_sh, control) = tokio::join!(
-            transfer::put_file(&sftp, &control_path, files.control_sh.as_bytes(), 0o600,),
+            transfer::put_file(&sftp, &control_path, files.control_sh.as_bytes(), 0o600),
             open_channel(handle)
         );
         control_sh.map_err(|e| self.session_error(e))?;
@@ -680,13 +680,16 @@ impl RemoteRun<'_> {
             let job_id = spec.job_id;
             let dir = self.dir.root().to_owned();
             cleanup = Some(tokio::spawn(async move {
+                // The channel closes once `control.sh` has removed the directory and exited (no
+                // more messages: the connection is gone, and with it the server's side of the
+                // run, which `control.sh` cleans up on its own).
                 let closed = async {
-                    while let Some(msg) = control.wait().await {
-                        if matches!(msg, ChannelMsg::Close) {
-                            return true;
+                    loop {
+                        match control.wait().await {
+                            Some(ChannelMsg::Close) | None => return true,
+                            Some(_) => {}
                         }
                     }
-                    false
                 };
                 let confirmed = matches!(tokio::time::timeout(timeout, closed).await, Ok(true));
                 if !confirmed {

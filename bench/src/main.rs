@@ -10,13 +10,15 @@
 //! ## Adding a benchmark
 //! Write `src/NAME.rs` with a `clap::Args` struct and `pub async fn run(args) ->
 //! anyhow::Result<Summary>`, and add a variant to [`Bench`]. Shared pieces (a private
-//! PostgreSQL with a migrated template database, medians) are in [`support`].
+//! PostgreSQL with a migrated template database, medians) are in [`support`]; fixtures shared
+//! with the tests (a private sshd) in `baton-testkit`.
 #![forbid(unsafe_code)]
 
 mod container;
 mod dispatch;
 mod logs;
 mod queue;
+mod ssh;
 mod support;
 mod throughput;
 
@@ -50,6 +52,9 @@ enum Bench {
     Container(container::Args),
     /// One job printing 200 MB: MiB/s persisted and lines lost.
     Logs(logs::Args),
+    /// A trivial run through the SSH executor over a pooled connection vs a fresh
+    /// `ssh -o ControlMaster=no host true`, alternating: medians and their ratio.
+    Ssh(ssh::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -71,6 +76,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Throughput(args) => throughput::run(args).await,
             Bench::Logs(args) => logs::run(args).await,
             Bench::Container(args) => container::run(args).await,
+            Bench::Ssh(args) => ssh::run(args).await,
         }
     })?;
     println!("{summary}");

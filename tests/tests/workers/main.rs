@@ -7,7 +7,4 @@ mod container_reaping;
 mod failover;
 mod runs;
 mod ssh;
-// The orchestrator's test sshd, shared rather than copied.
-#[path = "../../../orchestrator/tests/support/sshd.rs"]
-mod sshd;
 mod support;

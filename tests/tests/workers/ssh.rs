@@ -1,12 +1,12 @@
 //! Jobs on the ssh executor, through the api: a test sshd registered as a server (`strict`
 //! host key), its credentials carried to the worker in the assignment.
 
+use baton_testkit::sshd::{Sshd, login_user};
 use baton_tests::{TestApp, spawn_app};
 use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::chains::{data_flows, placed_event};
-use crate::sshd::{Sshd, login_user};
 use crate::support::{InProcessWorker, wait_finished};
 
 /// Registers `sshd` as a server pinned to `host_key`; returns its id.

@@ -29,14 +29,18 @@
 //!    authentication; at most [`SshConfig::connect_timeout`]). Waiting for a slot counts
 //!    against the run's timeout and stops on cancellation. A pooled connection found dead is
 //!    replaced once, transparently.
-//! 2. **Upload.** Over SFTP, a fresh directory `{remote_temp_dir}/baton-{job}-{random}` is
-//!    created with mode 0700 (an `mkdir` that fails if the name exists), and receives the
-//!    generated `control.sh`, `start.sh` and `env.sh`, the script (`script.bash`, …, mode
-//!    0600), the helpers from [`RunSpec::helpers_dir`] into `helpers/` and the per-run directory
-//!    [`RunSpec::run_dir`] into `run/` (`$BATON_DIR`), plus `work/`, the working directory
-//!    unless [`RunSpec::workdir`] names one (a path on the server, relative to the login
-//!    directory unless absolute).
-//! 3. **Start.** A control channel runs `control.sh`; the run's channel runs `start.sh`, which
+//! 2. **Upload.** Over SFTP (one session per connection, kept open between runs), a fresh
+//!    directory `{remote_temp_dir}/baton-{job}-{random}` is created with mode 0700 (an `mkdir`
+//!    that fails if the name exists), and receives the generated `control.sh`, `start.sh` and
+//!    `env.sh`, the script (`script.bash`, …, mode 0600), the helpers from
+//!    [`RunSpec::helpers_dir`] into `helpers/` and the per-run directory [`RunSpec::run_dir`]
+//!    into `run/` (`$BATON_DIR`), plus `work/`, the working directory unless
+//!    [`RunSpec::workdir`] names one (a path on the server, relative to the login directory
+//!    unless absolute). Requests that do not depend on each other are in flight together
+//!    (files several at a time, each as soon as its directory exists; the channels open
+//!    meanwhile), so a run costs a few round trips rather than one per request.
+//! 3. **Start.** A control channel runs `control.sh` (as soon as it is written, while the rest
+//!    uploads); the run's channel runs `start.sh`, which
 //!    leads its own process group, records its id, loads the environment and `exec`s the
 //!    interpreter (`bash`, `sh`, `python3`, `node` from the login `PATH` unless configured) or
 //!    the `exec` argv, with stdin from `/dev/null`. Everything runs under `/bin/sh` whatever
@@ -55,8 +59,10 @@
 //!    `run_dir/out/`, so the worker collects the output exactly as for a local run. Closing the
 //!    control channel's input then makes it kill anything left and `rm -rf` the directory. The
 //!    same happens on the server if the connection drops (worker crash, network loss, run
-//!    future dropped): `control.sh` sees end of input. The connection goes back to the pool
-//!    only after a clean run.
+//!    future dropped): `control.sh` sees end of input. The outcome is returned once the input
+//!    is closed; the removal's confirmation (the control channel closing) is awaited in the
+//!    background, and the connection's next run waits for it and reconnects if it did not
+//!    come. The connection goes back to the pool only after a clean run.
 //!
 //! # Errors
 //!
@@ -98,7 +104,9 @@
 //!
 //! A process that leaves the run's process group (`setsid`, daemons) is out of reach, as for
 //! local runs. If the connection is lost during a run, the outcome is a retryable
-//! [`SshError::Session`]; the server kills the run when it notices the disconnection.
+//! [`SshError::Session`]; the server kills the run when it notices the disconnection. A server
+//! that dies during a run, or in the few milliseconds after its outcome while the directory is
+//! being removed, keeps the directory (until its temporary directory is cleaned).
 
 mod breaker;
 mod error;

@@ -19,8 +19,10 @@ use std::time::Duration;
 
 use russh::client::{AuthResult, Handle};
 use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey};
+use russh_sftp::client::SftpSession;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -91,6 +93,12 @@ impl Counters {
 /// One authenticated connection.
 pub(crate) struct Conn {
     handle: SshHandle,
+    /// The SFTP session the last run left open on this connection, for the next one: opening
+    /// one costs a channel, the subsystem request and the protocol's init exchange.
+    sftp: Option<SftpSession>,
+    /// The last run's cleanup, confirmed in the background: true once the server removed the
+    /// run's directory. The next run on this connection waits for it.
+    cleanup: Option<JoinHandle<bool>>,
     id: u64,
     fingerprint: u64,
     counters: Arc<Counters>,
@@ -216,6 +224,30 @@ pub(crate) struct Lease {
 impl Lease {
     pub(crate) fn handle(&self) -> Option<&SshHandle> {
         self.conn.as_ref().map(|c| &c.handle)
+    }
+
+    /// The SFTP session a previous run left open on this connection, if any.
+    pub(crate) fn take_sftp(&mut self) -> Option<SftpSession> {
+        self.conn.as_mut().and_then(|c| c.sftp.take())
+    }
+
+    /// The previous run's cleanup on this connection, if it was left to finish in the background.
+    pub(crate) fn take_cleanup(&mut self) -> Option<JoinHandle<bool>> {
+        self.conn.as_mut().and_then(|c| c.cleanup.take())
+    }
+
+    /// Leaves `cleanup` (true when the server confirmed it) for the connection's next run.
+    pub(crate) fn set_cleanup(&mut self, cleanup: JoinHandle<bool>) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.cleanup = Some(cleanup);
+        }
+    }
+
+    /// Keeps `sftp` (opened on this connection, in a known state) for the connection's next run.
+    pub(crate) fn keep_sftp(&mut self, sftp: SftpSession) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.sftp = Some(sftp);
+        }
     }
 
     /// Returns the connection to the idle list (unless it is closed).
@@ -546,6 +578,8 @@ impl Pool {
                 server.counters.opened.fetch_add(1, Ordering::SeqCst);
                 lease.conn = Some(Conn {
                     handle,
+                    sftp: None,
+                    cleanup: None,
                     id: self.next_id.fetch_add(1, Ordering::SeqCst),
                     fingerprint,
                     counters: server.counters.clone(),

@@ -7,13 +7,15 @@ use std::time::Duration;
 
 use russh::client::Msg;
 use russh::{Channel, ChannelMsg, Sig};
+use russh_sftp::client::SftpSession;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::pool::{AcquireError, Lease, SshHandle};
 use super::remote::{self, RemoteDir, RunFiles, START_FAILED_CODE};
-use super::transfer::{self, Entry};
+use super::transfer::{self, Entry, RequestError};
 use super::{SshConfig, SshError, SshExecutor, SshTarget};
 use crate::executor::output::{LineSplitter, parse_progress};
 use crate::executor::{
@@ -182,7 +184,7 @@ enum Exit {
 
 /// What `setup` got running.
 struct Running {
-    sftp: russh_sftp::client::SftpSession,
+    sftp: SftpSession,
     control: Channel<Msg>,
     main: Channel<Msg>,
     early: Vec<ChannelMsg>,
@@ -247,7 +249,14 @@ impl RemoteRun<'_> {
                 );
             }
         };
-        self.supervise(running).await
+        let (outcome, healthy, sftp, cleanup) = self.supervise(running).await;
+        if healthy {
+            lease.keep_sftp(sftp);
+            if let Some(cleanup) = cleanup {
+                lease.set_cleanup(cleanup);
+            }
+        }
+        (outcome, healthy)
     }
 
     /// Uploads the files and starts the control channel and the run.
@@ -259,13 +268,25 @@ impl RemoteRun<'_> {
         progress: &AtomicU8,
     ) -> Result<Running, Fail> {
         let timeout_secs = self.config.operation_timeout.as_secs().max(1);
-        let sftp = match lease.handle() {
-            Some(handle) => transfer::open(handle, timeout_secs).await,
-            None => Err("no connection".to_owned()),
-        };
-        let sftp = match sftp {
+        // The previous run on this connection finished its cleanup in the background. Only a
+        // connection on which it was confirmed is used further (as when it was awaited there).
+        if let Some(cleanup) = lease.take_cleanup()
+            && !cleanup.await.unwrap_or(false)
+        {
+            tracing::debug!(
+                server.id = %self.target.server_id,
+                "the previous run's cleanup was not confirmed, reconnecting"
+            );
+            self.executor
+                .pool
+                .reconnect(lease, self.target, self.config, self.cancel, self.deadline)
+                .await?;
+        }
+        // A reused connection may have died while idle: its first request tells, and it is
+        // then replaced once.
+        let sftp = match self.make_root(lease, timeout_secs).await {
             Ok(sftp) => sftp,
-            Err(e) if lease.reused => {
+            Err(RequestError::Session(e)) if lease.reused => {
                 tracing::debug!(
                     server.id = %self.target.server_id, error = %e,
                     "pooled ssh connection is dead, reconnecting"
@@ -274,48 +295,52 @@ impl RemoteRun<'_> {
                     .pool
                     .reconnect(lease, self.target, self.config, self.cancel, self.deadline)
                     .await?;
-                let handle = lease
-                    .handle()
-                    .ok_or_else(|| self.session_error("no connection"))?;
-                transfer::open(handle, timeout_secs)
+                self.make_root(lease, timeout_secs)
                     .await
-                    .map_err(|e| self.session_error(e))?
+                    .map_err(|e| self.session_error(e.to_string()))?
             }
-            Err(e) => return Err(self.session_error(e)),
+            Err(e) => return Err(self.session_error(e.to_string())),
         };
+        progress.store(SETUP_DIR_CREATED, Ordering::SeqCst);
         let handle = lease
             .handle()
             .ok_or_else(|| self.session_error("no connection"))?;
-
-        transfer::make_dir(&sftp, self.dir.root(), 0o700)
+        // Channels open while files are written (a round trip each, spent in parallel); the
+        // control channel runs `control.sh` as soon as it is written, during the rest of the
+        // upload; the run starts once everything is there.
+        let control_path = self.dir.path("control.sh");
+        let (control_sh, control) = tokio::join!(
+            transfer::put_file(&sftp, &control_path, files.control_sh.as_bytes(), 0o600),
+            open_channel(handle)
+        );
+        control_sh.map_err(|e| self.session_error(e))?;
+        let control_error =
+            |e: StartError| self.session_error(format!("cannot start the control channel: {e}"));
+        let control = control.map_err(control_error)?;
+        let start_control = async {
+            let started = exec_on(control, &self.dir.sh_command("control.sh")).await;
+            if started.is_ok() {
+                progress.store(SETUP_CONTROL_STARTED, Ordering::SeqCst);
+            }
+            started
+        };
+        let (control, main, uploaded) = tokio::join!(
+            start_control,
+            open_channel(handle),
+            transfer::upload(&sftp, self.dir.root(), uploads, 0o600)
+        );
+        let (control, _) = control.map_err(control_error)?;
+        uploaded.map_err(|e| self.session_error(e))?;
+        let start_error = |e| match e {
+            StartError::Refused => Fail::Exec(ExecError::start_failed(format!(
+                "the SSH server {} refused to run a command",
+                self.address()
+            ))),
+            StartError::Channel(e) => self.session_error(e),
+        };
+        let (main, early) = exec_on(main.map_err(start_error)?, &self.dir.sh_command("start.sh"))
             .await
-            .map_err(|e| self.session_error(e))?;
-        progress.store(SETUP_DIR_CREATED, Ordering::SeqCst);
-        transfer::put_file(
-            &sftp,
-            &self.dir.path("control.sh"),
-            files.control_sh.as_bytes(),
-            0o600,
-        )
-        .await
-        .map_err(|e| self.session_error(e))?;
-        let (control, _) = start_exec(handle, &self.dir.sh_command("control.sh"))
-            .await
-            .map_err(|e| self.session_error(format!("cannot start the control channel: {e}")))?;
-        progress.store(SETUP_CONTROL_STARTED, Ordering::SeqCst);
-
-        transfer::upload(&sftp, self.dir.root(), uploads, 0o600)
-            .await
-            .map_err(|e| self.session_error(e))?;
-        let (main, early) = start_exec(handle, &self.dir.sh_command("start.sh"))
-            .await
-            .map_err(|e| match e {
-                StartError::Refused => Fail::Exec(ExecError::start_failed(format!(
-                    "the SSH server {} refused to run a command",
-                    self.address()
-                ))),
-                StartError::Channel(e) => self.session_error(e),
-            })?;
+            .map_err(start_error)?;
         main.eof()
             .await
             .map_err(|e| self.session_error(format!("cannot close the run's stdin: {e}")))?;
@@ -327,9 +352,36 @@ impl RemoteRun<'_> {
         })
     }
 
+    /// The connection's SFTP session (the one a previous run left, or a new one) with the run's
+    /// directory created in it (mode 0700, failing if the name exists).
+    async fn make_root(
+        &self,
+        lease: &mut Lease,
+        timeout_secs: u64,
+    ) -> Result<SftpSession, RequestError> {
+        let sftp = match lease.take_sftp() {
+            Some(sftp) => sftp,
+            None => {
+                let handle = lease
+                    .handle()
+                    .ok_or_else(|| RequestError::Session("no connection".to_owned()))?;
+                transfer::open(handle, timeout_secs)
+                    .await
+                    .map_err(RequestError::Session)?
+            }
+        };
+        transfer::make_dir(&sftp, self.dir.root(), 0o700).await?;
+        Ok(sftp)
+    }
+
     /// Streams the run's output until it ends, stops it on timeout or cancellation, then
-    /// collects `out/` and cleans up.
-    async fn supervise(&self, running: Running) -> (RunOutcome, bool) {
+    /// collects `out/` and starts the cleanup. Returns the outcome, whether the connection may
+    /// be pooled again, the SFTP session (worth keeping only then) and the cleanup's
+    /// confirmation (true when the server removed the directory).
+    async fn supervise(
+        &self,
+        running: Running,
+    ) -> (RunOutcome, bool, SftpSession, Option<JoinHandle<bool>>) {
         let Running {
             sftp,
             mut control,
@@ -617,34 +669,45 @@ impl RemoteRun<'_> {
                 }
             }
         }
-        let _ = sftp.close().await;
 
-        // End of input: `control.sh` kills what is left and removes the directory.
-        let cleaned = async {
-            if !control_open {
-                return false;
-            }
-            if control.eof().await.is_err() {
-                return false;
-            }
-            loop {
-                match control.wait().await {
-                    Some(ChannelMsg::Close) | None => return true,
-                    Some(_) => {}
+        // End of input: `control.sh` kills what is left and removes the directory. Its
+        // confirmation (the channel closing) is awaited in the background: the outcome does
+        // not depend on it. The connection's next run waits for it, and reconnects if it did
+        // not come (a connection dropping makes the server clean up all the same).
+        let mut cleanup = None;
+        if control_open && control.eof().await.is_ok() {
+            let timeout = config.operation_timeout;
+            let job_id = spec.job_id;
+            let dir = self.dir.root().to_owned();
+            cleanup = Some(tokio::spawn(async move {
+                // The channel closes once `control.sh` has removed the directory and exited (no
+                // more messages: the connection is gone, and with it the server's side of the
+                // run, which `control.sh` cleans up on its own).
+                let closed = async {
+                    loop {
+                        match control.wait().await {
+                            Some(ChannelMsg::Close) | None => return true,
+                            Some(_) => {}
+                        }
+                    }
+                };
+                let confirmed = matches!(tokio::time::timeout(timeout, closed).await, Ok(true));
+                if !confirmed {
+                    tracing::warn!(
+                        job.id = %job_id, dir,
+                        "could not confirm the cleanup of the remote run directory"
+                    );
                 }
-            }
-        };
-        match tokio::time::timeout(config.operation_timeout, cleaned).await {
-            Ok(true) => {}
-            Ok(false) | Err(_) => {
-                healthy = false;
-                tracing::warn!(
-                    job.id = %spec.job_id, dir = self.dir.root(),
-                    "could not confirm the cleanup of the remote run directory"
-                );
-            }
+                confirmed
+            }));
+        } else {
+            healthy = false;
+            tracing::warn!(
+                job.id = %spec.job_id, dir = self.dir.root(),
+                "could not start the cleanup of the remote run directory"
+            );
         }
-        (outcome, healthy)
+        (outcome, healthy, sftp, cleanup)
     }
 
     /// A start failure: `start.sh` gave up (exit 127 with `start-error`), or, for `exec` runs,
@@ -717,10 +780,23 @@ async fn start_exec(
     handle: &SshHandle,
     command: &str,
 ) -> Result<(Channel<Msg>, Vec<ChannelMsg>), StartError> {
-    let mut channel = handle
+    exec_on(open_channel(handle).await?, command).await
+}
+
+/// Opens a session channel.
+async fn open_channel(handle: &SshHandle) -> Result<Channel<Msg>, StartError> {
+    handle
         .channel_open_session()
         .await
-        .map_err(|e| StartError::Channel(format!("cannot open a channel: {e}")))?;
+        .map_err(|e| StartError::Channel(format!("cannot open a channel: {e}")))
+}
+
+/// Runs `command` in the open session `channel`, waiting for the server's confirmation.
+/// Messages that arrive before it are returned.
+async fn exec_on(
+    mut channel: Channel<Msg>,
+    command: &str,
+) -> Result<(Channel<Msg>, Vec<ChannelMsg>), StartError> {
     channel
         .exec(true, command)
         .await

@@ -44,14 +44,54 @@ fn attrs(mode: u32) -> FileAttributes {
     }
 }
 
+/// A failed SFTP request.
+#[derive(Debug)]
+pub(crate) enum RequestError {
+    /// The server answered with a failure status.
+    Refused(String),
+    /// No answer: the session or the connection is unusable.
+    Session(String),
+}
+
+impl std::fmt::Display for RequestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RequestError::Refused(e) | RequestError::Session(e) => f.write_str(e),
+        }
+    }
+}
+
+impl RequestError {
+    fn new(what: String, e: russh_sftp::client::error::Error) -> Self {
+        match e {
+            russh_sftp::client::error::Error::Status(_) => {
+                RequestError::Refused(format!("{what}: {e}"))
+            }
+            _ => RequestError::Session(format!("{what}: {e}")),
+        }
+    }
+}
+
 /// Creates the directory `path` (it must not exist) with mode `mode`.
-pub(crate) async fn make_dir(sftp: &SftpSession, path: &str, mode: u32) -> Result<(), String> {
-    sftp.create_dir(path)
-        .await
-        .map_err(|e| format!("cannot create {path}: {e}"))?;
+///
+/// The mode request is sent right behind the creation, without waiting for its answer (one
+/// round trip instead of two): OpenSSH's sftp-server handles requests in order. A server that
+/// does not may answer that the directory does not exist yet; the mode is then set again once
+/// the creation is confirmed.
+pub(crate) async fn make_dir(
+    sftp: &SftpSession,
+    path: &str,
+    mode: u32,
+) -> Result<(), RequestError> {
+    let (created, moded) =
+        tokio::join!(sftp.create_dir(path), sftp.set_metadata(path, attrs(mode)));
+    created.map_err(|e| RequestError::new(format!("cannot create {path}"), e))?;
+    if moded.is_ok() {
+        return Ok(());
+    }
     sftp.set_metadata(path, attrs(mode))
         .await
-        .map_err(|e| format!("cannot set the mode of {path}: {e}"))
+        .map_err(|e| RequestError::new(format!("cannot set the mode of {path}"), e))
 }
 
 /// Creates the file `path` (it must not exist) with `data` and mode `mode`.
@@ -145,24 +185,59 @@ pub(crate) fn local_tree(root: &Path) -> io::Result<Vec<Entry>> {
     Ok(entries)
 }
 
-/// Uploads `entries` under the existing remote directory `remote_root`: directories (mode 0700)
-/// one by one, then files (mode `file_mode`) several at a time.
+/// Uploads `entries` under the existing remote directory `remote_root`: files (mode
+/// `file_mode`) several at a time, each as soon as its directory exists; directories level by
+/// level, each level's at once.
+///
+/// Directories get the server's default mode rather than an explicit one: `remote_root` is
+/// private (0700), which keeps everything under it private, and not setting the mode saves a
+/// round trip per directory.
 pub(crate) async fn upload(
     sftp: &SftpSession,
     remote_root: &str,
     entries: &[Entry],
     file_mode: u32,
 ) -> Result<(), String> {
+    let mut dirs: Vec<&str> = Vec::new();
+    let mut top_files = Vec::new();
+    let mut nested_files = Vec::new();
     for entry in entries {
-        if let Entry::Dir(rel) = entry {
-            make_dir(sftp, &format!("{remote_root}/{rel}"), 0o700).await?;
+        match entry {
+            Entry::Dir(rel) => dirs.push(rel),
+            Entry::File(rel, data) => {
+                let file = (format!("{remote_root}/{rel}"), data.as_slice());
+                if rel.contains('/') {
+                    nested_files.push(file);
+                } else {
+                    top_files.push(file);
+                }
+            }
         }
     }
-    let files = entries.iter().filter_map(|e| match e {
-        Entry::File(rel, data) => Some((format!("{remote_root}/{rel}"), data.as_slice())),
-        Entry::Dir(_) => None,
-    });
-    let mut queue = files;
+    dirs.sort_by_key(|d| d.matches('/').count());
+    let nested = async {
+        for level in dirs.chunk_by(|a, b| a.matches('/').count() == b.matches('/').count()) {
+            let mut running: FuturesUnordered<_> = level
+                .iter()
+                .map(|rel| create_dir(sftp, format!("{remote_root}/{rel}")))
+                .collect();
+            while let Some(result) = running.next().await {
+                result?;
+            }
+        }
+        put_files(sftp, nested_files, file_mode).await
+    };
+    let (top, nested) = tokio::join!(put_files(sftp, top_files, file_mode), nested);
+    top.and(nested)
+}
+
+/// Writes `files` (`(path, data)`), [`PARALLEL_TRANSFERS`] at a time.
+async fn put_files(
+    sftp: &SftpSession,
+    files: Vec<(String, &[u8])>,
+    file_mode: u32,
+) -> Result<(), String> {
+    let mut queue = files.into_iter();
     let mut running = FuturesUnordered::new();
     loop {
         while running.len() < PARALLEL_TRANSFERS {
@@ -176,6 +251,13 @@ pub(crate) async fn upload(
             None => return Ok(()),
         }
     }
+}
+
+/// Creates the directory `path` (it must not exist) with the server's default mode.
+async fn create_dir(sftp: &SftpSession, path: String) -> Result<(), String> {
+    sftp.create_dir(path.as_str())
+        .await
+        .map_err(|e| format!("cannot create {path}: {e}"))
 }
 
 async fn put_owned(sftp: &SftpSession, path: String, data: &[u8], mode: u32) -> Result<(), String> {

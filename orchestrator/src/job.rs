@@ -478,11 +478,11 @@ pub(crate) async fn run(
     let limit = shared.config.max_unacked_log_bytes;
 
     // Hands a closed batch to the shared state (which sends it when connected).
-    let flush = |lines: Vec<baton_proto::v1::LogLine>, lost: &mut bool, blocked: &mut bool| {
+    let flush = |chunk: crate::logbook::Chunk, lost: &mut bool, blocked: &mut bool| {
         if *lost {
             return;
         }
-        match shared.job_logs(&key, lines) {
+        match shared.job_logs(&key, chunk) {
             Some(unacked) => *blocked = unacked > limit,
             None => *lost = true,
         }
@@ -493,7 +493,7 @@ pub(crate) async fn run(
             "baton: variable `{}` was not given to the run: not a valid key",
             k.escape_debug()
         );
-        if let Some(lines) = batcher.push(WireStream::System, note, now_ms(), Instant::now()) {
+        if let Some(lines) = batcher.push(WireStream::System, &note, now_ms(), Instant::now()) {
             flush(lines, &mut lost, &mut blocked);
         }
     }
@@ -534,8 +534,21 @@ pub(crate) async fn run(
                         OutputStream::Stdout => WireStream::Stdout,
                         OutputStream::Stderr => WireStream::Stderr,
                     };
-                    if let Some(lines) = batcher.push(stream, text, now_ms(), Instant::now()) {
+                    if let Some(lines) = batcher.push(stream, &text, now_ms(), Instant::now()) {
                         flush(lines, &mut lost, &mut blocked);
+                    }
+                }
+                Some(ExecEvent::Lines { stream, lines }) => {
+                    let stream = match stream {
+                        OutputStream::Stdout => WireStream::Stdout,
+                        OutputStream::Stderr => WireStream::Stderr,
+                    };
+                    // Lines read together share their time: one clock reading per block.
+                    let (ts_ms, now) = (now_ms(), Instant::now());
+                    for text in lines.iter() {
+                        if let Some(lines) = batcher.push(stream, text, ts_ms, now) {
+                            flush(lines, &mut lost, &mut blocked);
+                        }
                     }
                 }
                 Some(ExecEvent::Progress(p)) => {
@@ -589,9 +602,7 @@ pub(crate) async fn run(
     };
     let verdict = verdict(&outcome, &collected);
     for note in &verdict.notes {
-        if let Some(lines) =
-            batcher.push(WireStream::System, note.clone(), now_ms(), Instant::now())
-        {
+        if let Some(lines) = batcher.push(WireStream::System, note, now_ms(), Instant::now()) {
             flush(lines, &mut lost, &mut blocked);
         }
     }

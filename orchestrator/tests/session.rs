@@ -808,35 +808,34 @@ touch "$DONE"
     )));
     // acknowledge nothing: the worker must stop sending after about `limit` bytes
     let mut got = Received::default();
-    let sent_bytes = |got: &Received| -> usize {
-        got.lines()
-            .iter()
-            .map(|l| baton_worker::logbook::line_cost(l))
-            .sum()
-    };
+    // What the worker counts against the limit: encoded bytes plus an overhead per line.
+    let mut sent = 0usize;
     let deadline = Instant::now() + DEADLINE;
     let mut quiet_heartbeats = 0;
     while quiet_heartbeats < 10 {
         assert!(
             Instant::now() < deadline,
-            "the worker never went quiet ({} bytes sent)",
-            sent_bytes(&got)
+            "the worker never went quiet ({sent} bytes sent)"
         );
         let before = got.batches.len();
         for msg in conn.until_heartbeat(|_| true).await {
             match msg {
-                WorkerMsg::Logs(b) => got.batches.push(decoded(b)),
+                WorkerMsg::Logs(b) => {
+                    sent += b.chunk.len();
+                    let b = decoded(b);
+                    sent += b.lines.len() * baton_worker::logbook::LINE_OVERHEAD_BYTES;
+                    got.batches.push(b);
+                }
                 WorkerMsg::Started(_) => got.started += 1,
                 other => panic!("unexpected {other:?}"),
             }
         }
-        if got.batches.len() == before && sent_bytes(&got) > limit {
+        if got.batches.len() == before && sent > limit {
             quiet_heartbeats += 1;
         } else {
             quiet_heartbeats = 0;
         }
     }
-    let sent = sent_bytes(&got);
     assert!(sent > limit, "sends up to the limit ({sent})");
     assert!(
         sent <= limit + 256 * 1024,

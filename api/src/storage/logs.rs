@@ -310,7 +310,7 @@ mod tests {
     #[test]
     fn cap_keeps_what_fits_then_a_marker() {
         let fresh = chunk(&["aaaa", "bbbb", "cccc", "dd"]);
-        let capped = cap(&fresh, 2, 10).unwrap();
+        let capped = cap(&fresh, 3, 10).unwrap();
         let lines = decoded(&capped.kept);
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0], (Stream::Stdout, 0, "aaaa".to_owned()));

@@ -312,7 +312,10 @@ mod tests {
         assert_eq!(back, expected);
         let summary = validate(&chunk).unwrap();
         assert_eq!(summary.lines, 6);
-        assert_eq!(summary.text_bytes, input.iter().map(|l| l.2.len()).sum());
+        assert_eq!(
+            summary.text_bytes,
+            input.iter().map(|l| l.2.len()).sum::<usize>()
+        );
         assert_eq!(summary.last_ts_ms, i64::MIN);
     }
 

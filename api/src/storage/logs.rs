@@ -166,14 +166,19 @@ struct Capped {
     dropped: (usize, i64),
 }
 
-/// The lines of `fresh` that fit under `cap_bytes` after `stored_bytes` (negative: the cap was
+/// The lines of `fresh` that fit under `cap_bytes` after `stored_bytes` (above the cap: it was
 /// reached before), then the truncation marker in place of the first line that does not.
 fn cap(
     fresh: &[u8],
     stored_bytes: i64,
     cap_bytes: i64,
 ) -> std::result::Result<Capped, logchunk::ChunkError> {
-    let mut bytes = stored_bytes;
+    // Past the cap already (log_bytes is pinned at cap + 1): drop everything, no new marker.
+    let mut bytes = if stored_bytes > cap_bytes {
+        -1
+    } else {
+        stored_bytes
+    };
     let mut dropped = (0usize, 0i64);
     let mut it = logchunk::lines(fresh);
     let mut kept_end = 0;
@@ -319,8 +324,8 @@ mod tests {
         assert_eq!(capped.kept_bytes, 4 + truncation_marker(10).len() as i64);
         assert_eq!(capped.kept_lines, 2);
 
-        // already over the cap: everything is dropped, no marker
-        let capped = cap(&fresh, -1, 10).unwrap();
+        // already over the cap (pinned at cap + 1): everything is dropped, no second marker
+        let capped = cap(&fresh, 11, 10).unwrap();
         assert!(capped.kept.is_empty());
         assert_eq!(capped.kept_lines, 0);
         assert_eq!(capped.dropped, (4, 14));

@@ -706,15 +706,11 @@ async fn output_past_the_log_cap_is_counted_not_kept() {
             _ => None,
         })
         .await;
-    // 20 lines of 6-7 bytes: ~14 fit in 100 bytes.
-    for (from, to) in [(1, 10), (11, 20)] {
+    // 30 lines of 6-7 bytes: ~14 fit in 100 bytes. The cap is reached inside the second
+    // batch; the third is dropped whole, without a second marker.
+    for (from, to) in [(1, 10), (11, 20), (21, 30)] {
         worker
-            .send(WorkerMsg::Logs(LogBatch {
-                job_id: id.clone(),
-                lease_token: a.lease_token,
-                lines: lines(from, to),
-                ..LogBatch::default()
-            }))
+            .send(WorkerMsg::Logs(chunk_batch(&id, a.lease_token, from, to)))
             .await;
         worker
             .next_matching(|m| match m {
@@ -723,7 +719,7 @@ async fn output_past_the_log_cap_is_counted_not_kept() {
             })
             .await;
     }
-    worker.send(finished(&id, a.lease_token, 20)).await;
+    worker.send(finished(&id, a.lease_token, 30)).await;
     worker
         .next_matching(|m| match m {
             ServerMsg::FinishedAck(_) => Some(()),
@@ -746,6 +742,8 @@ async fn output_past_the_log_cap_is_counted_not_kept() {
             .fetch_one(&app.pool)
             .await
             .expect("counts");
-    assert_eq!(stored_seq, 20);
-    assert_eq!(dropped as usize, 20 - (stored.len() - 1));
+    let markers = stored.iter().filter(|l| l["stream"] == "system").count();
+    assert_eq!(markers, 1, "one marker: {stored:?}");
+    assert_eq!(stored_seq, 30);
+    assert_eq!(dropped as usize, 30 - (stored.len() - 1));
 }

@@ -27,8 +27,10 @@ use crate::logbook::{BatchLimits, Batcher};
 use crate::rundir::{self, Collected, RunFiles};
 use crate::worker::{JobKey, Shared};
 
-/// Capacity of the channel between an executor and its job task (events, mostly lines).
-const EVENTS_CAPACITY: usize = 1024;
+/// Capacity of the channel between an executor and its job task (events: mostly blocks of
+/// lines, one per read of at most 64 KiB, or single lines). Small, so that a job held back by
+/// unacknowledged logs has at most a few MiB waiting here.
+const EVENTS_CAPACITY: usize = 64;
 
 /// Why a job ends without (or before) running: the error reported in its `Finished`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -73,7 +73,8 @@ pub async fn append_batch(
         dropped_lines: 0,
     };
     let lines = chunk.summary.lines as i64;
-    if lines == 0 || chunk.first_seq + lines - 1 <= stored_seq {
+    let last_seq = chunk.first_seq.saturating_add(lines - 1);
+    if lines == 0 || last_seq <= stored_seq {
         return Ok(unchanged);
     }
     if chunk.first_seq > stored_seq + 1 {
@@ -91,7 +92,6 @@ pub async fn append_batch(
         std::borrow::Cow::Owned(logchunk::skip(&chunk.data, resent).map_err(decode_error)?)
     };
     let first_seq = stored_seq + 1;
-    let last_seq = chunk.first_seq + lines - 1;
     let new_lines = (last_seq - stored_seq) as usize;
     let fresh_bytes = if resent == 0 {
         chunk.summary.text_bytes as i64

@@ -86,7 +86,9 @@ impl Batcher {
     /// completed it.
     pub fn push(&mut self, stream: Stream, text: &str, ts_ms: i64, now: Instant) -> Option<Chunk> {
         if self.writer.is_empty() {
-            self.writer = ChunkWriter::with_capacity(self.limits.max_bytes.min(1 << 20) + 1024);
+            // Small to start with: a trickle of lines makes small batches, kept until
+            // acknowledged; a flood grows the buffer by doubling.
+            self.writer = ChunkWriter::with_capacity(4096);
         }
         self.writer.push(stream, ts_ms, text);
         self.next_seq += 1;

@@ -192,13 +192,7 @@ async fn one(
     .bind(id)
     .fetch_one(&api.pool)
     .await?;
-    let system_lines: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM job_logs, json_array_elements(lines::json) AS l
-         WHERE job_id = $1 AND lines LIKE '%\"system\"%' AND l->>'stream' <> 'stdout'",
-    )
-    .bind(id)
-    .fetch_one(&api.pool)
-    .await?;
+    let system_lines = non_stdout_lines(&api.pool, id).await?;
     let at: Vec<DateTime<Utc>> =
         sqlx::query_scalar("SELECT created_at FROM job_logs WHERE job_id = $1 ORDER BY first_seq")
             .bind(id)
@@ -260,4 +254,25 @@ async fn one(
         mib_per_s,
         lost_lines,
     })
+}
+
+/// Stored lines that are not stdout (Baton's notes, stderr), decoding every chunk.
+async fn non_stdout_lines(pool: &sqlx::PgPool, job_id: uuid::Uuid) -> anyhow::Result<i64> {
+    use baton_proto::{logchunk, v1::Stream};
+    use futures::TryStreamExt;
+
+    let mut rows = sqlx::query_scalar::<_, Vec<u8>>(
+        "SELECT chunk FROM job_logs WHERE job_id = $1 AND chunk IS NOT NULL",
+    )
+    .bind(job_id)
+    .fetch(pool);
+    let mut count = 0;
+    while let Some(chunk) = rows.try_next().await? {
+        for line in logchunk::lines(&chunk) {
+            if line?.stream != Stream::Stdout {
+                count += 1;
+            }
+        }
+    }
+    Ok(count)
 }

@@ -27,8 +27,10 @@ use crate::logbook::{BatchLimits, Batcher};
 use crate::rundir::{self, Collected, RunFiles};
 use crate::worker::{JobKey, Shared};
 
-/// Capacity of the channel between an executor and its job task (events, mostly lines).
-const EVENTS_CAPACITY: usize = 1024;
+/// Capacity of the channel between an executor and its job task (events: mostly blocks of
+/// lines, one per read of at most 64 KiB, or single lines). Small, so that a job held back by
+/// unacknowledged logs has at most a few MiB waiting here.
+const EVENTS_CAPACITY: usize = 64;
 
 /// Why a job ends without (or before) running: the error reported in its `Finished`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -485,11 +487,11 @@ pub(crate) async fn run(
     let limit = shared.config.max_unacked_log_bytes;
 
     // Hands a closed batch to the shared state (which sends it when connected).
-    let flush = |lines: Vec<baton_proto::v1::LogLine>, lost: &mut bool, blocked: &mut bool| {
+    let flush = |chunk: crate::logbook::Chunk, lost: &mut bool, blocked: &mut bool| {
         if *lost {
             return;
         }
-        match shared.job_logs(&key, lines) {
+        match shared.job_logs(&key, chunk) {
             Some(unacked) => *blocked = unacked > limit,
             None => *lost = true,
         }
@@ -498,7 +500,7 @@ pub(crate) async fn run(
     if log_seq_base > 0 {
         // The job's log already holds an earlier attempt's lines: show where this one starts.
         let note = format!("baton: attempt {attempt} starts");
-        if let Some(lines) = batcher.push(WireStream::System, note, now_ms(), Instant::now()) {
+        if let Some(lines) = batcher.push(WireStream::System, &note, now_ms(), Instant::now()) {
             flush(lines, &mut lost, &mut blocked);
         }
     }
@@ -507,7 +509,7 @@ pub(crate) async fn run(
             "baton: variable `{}` was not given to the run: not a valid key",
             k.escape_debug()
         );
-        if let Some(lines) = batcher.push(WireStream::System, note, now_ms(), Instant::now()) {
+        if let Some(lines) = batcher.push(WireStream::System, &note, now_ms(), Instant::now()) {
             flush(lines, &mut lost, &mut blocked);
         }
     }
@@ -548,8 +550,21 @@ pub(crate) async fn run(
                         OutputStream::Stdout => WireStream::Stdout,
                         OutputStream::Stderr => WireStream::Stderr,
                     };
-                    if let Some(lines) = batcher.push(stream, text, now_ms(), Instant::now()) {
+                    if let Some(lines) = batcher.push(stream, &text, now_ms(), Instant::now()) {
                         flush(lines, &mut lost, &mut blocked);
+                    }
+                }
+                Some(ExecEvent::Lines { stream, lines }) => {
+                    let stream = match stream {
+                        OutputStream::Stdout => WireStream::Stdout,
+                        OutputStream::Stderr => WireStream::Stderr,
+                    };
+                    // Lines read together share their time: one clock reading per block.
+                    let (ts_ms, now) = (now_ms(), Instant::now());
+                    for text in lines.iter() {
+                        if let Some(lines) = batcher.push(stream, text, ts_ms, now) {
+                            flush(lines, &mut lost, &mut blocked);
+                        }
                     }
                 }
                 Some(ExecEvent::Progress(p)) => {
@@ -603,9 +618,7 @@ pub(crate) async fn run(
     };
     let verdict = verdict(&outcome, &collected);
     for note in &verdict.notes {
-        if let Some(lines) =
-            batcher.push(WireStream::System, note.clone(), now_ms(), Instant::now())
-        {
+        if let Some(lines) = batcher.push(WireStream::System, note, now_ms(), Instant::now()) {
             flush(lines, &mut lost, &mut blocked);
         }
     }

@@ -44,7 +44,8 @@
 //!   `docs/helpers.md` specifies (`input.json`, `event.json` from the context's `"event"`,
 //!   `vars/KEY` from its `"variables"`), next to the runtime helpers, which are embedded in
 //!   the binary and written once per worker to a private temporary directory. Output lines
-//!   are numbered 1, 2, 3, … and sent in `LogBatch`es closed when they reach a size or a
+//!   are numbered 1, 2, 3, …, encoded into a chunk (`baton_proto::logchunk`) and sent in
+//!   `LogBatch`es closed when they reach a size or a
 //!   number of lines, or 20 ms after their first line ([`logbook::BatchLimits`]). A job with
 //!   more than
 //!   [`WorkerConfig::max_unacked_log_bytes`] unacknowledged stops reading its executor's

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use baton_proto::v1::{
-    Assignment, Drain, Finished, Heartbeat, HeldJob, Hello, HostKeySeen, LogBatch, LogLine,
-    Progress, ServerMessage, Started, Welcome, WorkerMessage,
+    Assignment, Drain, Finished, Heartbeat, HeldJob, Hello, HostKeySeen, LogBatch, Progress,
+    ServerMessage, Started, Welcome, WorkerMessage,
 };
 use baton_proto::{ServerMsg, WorkerMsg};
 use tokio::sync::{Notify, mpsc, watch};
@@ -24,7 +24,7 @@ use crate::config::WorkerConfig;
 use crate::executor::ssh::{SshConfig, SshExecutor};
 use crate::executor::{ContainerConfig, ContainerExecutor, Executor, LocalExecutor};
 use crate::job::{self, Failure};
-use crate::logbook::Unacked;
+use crate::logbook::{Chunk, Unacked};
 use crate::rundir::ScratchDir;
 use crate::session;
 
@@ -304,7 +304,7 @@ impl Shared {
                     lease_token,
                 })));
             }
-            let resent: usize = entry.log.pending().map(|b| b.lines.len()).sum();
+            let resent = entry.log.lines();
             if resent > 0 {
                 tracing::info!(
                     lines = resent,
@@ -526,15 +526,17 @@ impl Shared {
 
     /// A closed batch: kept until acknowledged, sent now if connected. Returns the job's
     /// unacknowledged bytes, or `None` when the job is no longer held.
-    pub(crate) fn job_logs(&self, key: &JobKey, lines: Vec<LogLine>) -> Option<usize> {
+    pub(crate) fn job_logs(&self, key: &JobKey, chunk: Chunk) -> Option<usize> {
         let mut st = self.lock();
         let entry = st.entry(key)?;
         let batch = Arc::new(LogBatch {
             job_id: key.job_id.clone(),
             lease_token: key.lease_token,
-            lines,
+            lines: Vec::new(),
+            first_seq: chunk.first_seq,
+            chunk: chunk.data,
         });
-        entry.log.push(batch.clone());
+        entry.log.push(batch.clone(), chunk.lines);
         let unacked = entry.log.bytes();
         st.send(Outgoing::Logs(batch));
         Some(unacked)

@@ -612,11 +612,13 @@ async fn cancel_stops_the_run_at_once() {
         .await
         .expect("events")
     {
-        if matches!(&event, ExecEvent::Line { text, .. } if text == "ready") {
-            cancelled_at = Some(Instant::now());
-            cancel.cancel();
+        for event in event.into_single_lines() {
+            if matches!(&event, ExecEvent::Line { text, .. } if text == "ready") {
+                cancelled_at = Some(Instant::now());
+                cancel.cancel();
+            }
+            events.push(event);
         }
-        events.push(event);
     }
     let outcome = run.await.expect("run task");
     let cancelled_at = cancelled_at.expect("saw ready");
@@ -1198,7 +1200,15 @@ async fn a_dropped_run_leaves_no_container() {
     });
     loop {
         match tokio::time::timeout(RUN_DEADLINE, rx.recv()).await {
-            Ok(Some(ExecEvent::Line { text, .. })) if text == "ready" => break,
+            Ok(Some(event))
+                if event
+                    .clone()
+                    .into_single_lines()
+                    .iter()
+                    .any(|e| matches!(e, ExecEvent::Line { text, .. } if text == "ready")) =>
+            {
+                break;
+            }
             Ok(Some(_)) => {}
             other => panic!("no ready line: {other:?}"),
         }

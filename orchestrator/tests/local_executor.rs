@@ -143,10 +143,12 @@ async fn recv_until_line(rx: &mut mpsc::Receiver<ExecEvent>, line: &str) -> Vec<
     let mut seen = Vec::new();
     tokio::time::timeout(RUN_DEADLINE, async {
         while let Some(event) = rx.recv().await {
-            let hit = matches!(&event, ExecEvent::Line { stream: OutputStream::Stdout, text } if text == line);
-            seen.push(event);
-            if hit {
-                return;
+            for event in event.into_single_lines() {
+                let hit = matches!(&event, ExecEvent::Line { stream: OutputStream::Stdout, text } if text == line);
+                seen.push(event);
+                if hit {
+                    return;
+                }
             }
         }
         panic!("run ended before printing {line:?}; saw {seen:?}");
@@ -447,7 +449,10 @@ async fn ten_megabytes_of_output_arrive_complete_and_in_order() {
     let mut bytes = 0usize;
     let collect = async {
         while let Some(event) = rx.recv().await {
-            if let ExecEvent::Line { stream, text } = event {
+            for event in event.into_single_lines() {
+                let ExecEvent::Line { stream, text } = event else {
+                    continue;
+                };
                 assert_eq!(stream, OutputStream::Stdout, "unexpected stderr: {text}");
                 let expected = format!("{count:08} {}", "x".repeat(90));
                 assert_eq!(text, expected, "line {count}");

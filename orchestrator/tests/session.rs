@@ -241,6 +241,26 @@ fn assignment(job_id: Uuid, lease: i64, script: &str, env: &[(&str, &str)]) -> A
     }
 }
 
+/// `batch` with its chunk decoded into `lines` (one `LogLine` each, numbered from
+/// `first_seq`), so tests look at lines whatever format the worker sent them in.
+fn decoded(batch: LogBatch) -> LogBatch {
+    let mut lines = batch.lines;
+    for (seq, line) in (batch.first_seq..).zip(baton_proto::logchunk::lines(&batch.chunk)) {
+        let line = line.expect("the worker sent a malformed chunk");
+        lines.push(LogLine {
+            seq,
+            stream: line.stream as i32,
+            text: line.text.to_owned(),
+            ts_ms: line.ts_ms,
+        });
+    }
+    LogBatch {
+        lines,
+        chunk: Vec::new(),
+        ..batch
+    }
+}
+
 /// Log lines and the `Finished` of one job, as received.
 #[derive(Default)]
 struct Received {
@@ -278,6 +298,7 @@ async fn receive(
                 got.started += 1;
             }
             WorkerMsg::Logs(batch) => {
+                let batch = decoded(batch);
                 assert_eq!(batch.job_id, id);
                 assert!(!batch.lines.is_empty(), "empty batch");
                 if ack {
@@ -787,35 +808,34 @@ touch "$DONE"
     )));
     // acknowledge nothing: the worker must stop sending after about `limit` bytes
     let mut got = Received::default();
-    let sent_bytes = |got: &Received| -> usize {
-        got.lines()
-            .iter()
-            .map(|l| baton_worker::logbook::line_cost(l))
-            .sum()
-    };
+    // What the worker counts against the limit: encoded bytes plus an overhead per line.
+    let mut sent = 0usize;
     let deadline = Instant::now() + DEADLINE;
     let mut quiet_heartbeats = 0;
     while quiet_heartbeats < 10 {
         assert!(
             Instant::now() < deadline,
-            "the worker never went quiet ({} bytes sent)",
-            sent_bytes(&got)
+            "the worker never went quiet ({sent} bytes sent)"
         );
         let before = got.batches.len();
         for msg in conn.until_heartbeat(|_| true).await {
             match msg {
-                WorkerMsg::Logs(b) => got.batches.push(b),
+                WorkerMsg::Logs(b) => {
+                    sent += b.chunk.len();
+                    let b = decoded(b);
+                    sent += b.lines.len() * baton_worker::logbook::LINE_OVERHEAD_BYTES;
+                    got.batches.push(b);
+                }
                 WorkerMsg::Started(_) => got.started += 1,
                 other => panic!("unexpected {other:?}"),
             }
         }
-        if got.batches.len() == before && sent_bytes(&got) > limit {
+        if got.batches.len() == before && sent > limit {
             quiet_heartbeats += 1;
         } else {
             quiet_heartbeats = 0;
         }
     }
-    let sent = sent_bytes(&got);
     assert!(sent > limit, "sends up to the limit ({sent})");
     assert!(
         sent <= limit + 256 * 1024,
@@ -983,6 +1003,7 @@ async fn large_output_streams_in_large_batches() {
         match conn.recv().await {
             WorkerMsg::Started(_) | WorkerMsg::Progress(_) => {}
             WorkerMsg::Logs(batch) => {
+                let batch = decoded(batch);
                 for line in &batch.lines {
                     assert_eq!(line.seq, next_seq);
                     next_seq += 1;

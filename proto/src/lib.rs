@@ -13,3 +13,5 @@ pub mod v1 {
 
 pub use v1::server_message::Msg as ServerMsg;
 pub use v1::worker_message::Msg as WorkerMsg;
+
+pub mod logchunk;

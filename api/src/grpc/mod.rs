@@ -2,6 +2,7 @@
 //! with role `worker` in `authorization: Bearer …`) happens here; the stream's life is in
 //! [`session`].
 
+mod log_batch;
 mod session;
 mod writes;
 

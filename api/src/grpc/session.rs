@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use baton_proto::v1::{
     ErrorKind as PbErrorKind, ErrorNotice, FinishedAck, Hello, LeaseLost, LogAck, ResumedJob,
-    ServerMessage, Stream as PbStream, Welcome, WorkerMessage,
+    ServerMessage, Welcome, WorkerMessage,
 };
 use baton_proto::{ServerMsg, WorkerMsg};
 use futures::{FutureExt as _, StreamExt};
@@ -24,8 +24,8 @@ use super::SessionStream;
 use super::writes::{self, Applied, JobWrite};
 use crate::AppState;
 use crate::dispatch::WorkerConn;
+use crate::model::JobError;
 use crate::model::job::ErrorKind;
-use crate::model::{JobError, LogLine};
 use crate::storage::queue::{self, Outcome};
 use crate::storage::{StorageError, workers};
 
@@ -482,27 +482,18 @@ impl Session {
     async fn log_write(&self, batch: baton_proto::v1::LogBatch) -> Option<JobWrite> {
         let job_id = self.job_id(&batch.job_id).await?;
         let secrets = self.secrets_of(job_id).await;
-        let lines: Vec<LogLine> = batch
-            .lines
-            .into_iter()
-            .map(|l| LogLine {
-                seq: l.seq,
-                stream: match PbStream::try_from(l.stream) {
-                    Ok(PbStream::Stderr) => "stderr",
-                    Ok(PbStream::System) => "system",
-                    _ => "stdout",
-                }
-                .to_owned(),
-                text: crate::secrets::mask(&l.text, &secrets),
-                ts: chrono::DateTime::from_timestamp_millis(l.ts_ms)
-                    .unwrap_or_else(chrono::Utc::now),
-            })
-            .collect();
-        Some(JobWrite::Logs {
-            job_id,
-            token: batch.lease_token,
-            lines,
-        })
+        let token = batch.lease_token;
+        match super::log_batch::checked_chunk(batch, &secrets) {
+            Ok(chunk) => Some(JobWrite::Logs {
+                job_id,
+                token,
+                chunk,
+            }),
+            Err(e) => {
+                self.notice(&job_id.to_string(), e.to_string()).await;
+                None
+            }
+        }
     }
 
     async fn heartbeat(&self, hb: baton_proto::v1::Heartbeat) {

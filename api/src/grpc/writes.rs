@@ -14,9 +14,9 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::AppState;
-use crate::model::LogLine;
+use crate::storage::StorageError;
+use crate::storage::logs::{self, NewChunk};
 use crate::storage::queue::{self, Completion, Outcome};
-use crate::storage::{StorageError, logs};
 
 /// One job message's write, checked and decoded.
 #[derive(Debug)]
@@ -33,8 +33,8 @@ pub(super) enum JobWrite {
     Logs {
         job_id: Uuid,
         token: i64,
-        /// Already masked.
-        lines: Vec<LogLine>,
+        /// Checked, and already masked.
+        chunk: NewChunk,
     },
     Finished {
         job_id: Uuid,
@@ -164,12 +164,12 @@ async fn write_one(
                 Err(e) => refused(e),
             }
         }
-        JobWrite::Logs { token, lines, .. } => {
+        JobWrite::Logs { token, chunk, .. } => {
             let appended = logs::append_batch(
                 conn,
                 job_id,
                 *token,
-                lines,
+                chunk,
                 state.config.log_cap_bytes,
                 state.config.lease,
             )
@@ -178,7 +178,7 @@ async fn write_one(
                 Ok(appended) => Ok(Applied::Logs {
                     job_id,
                     stored_seq: appended.stored_seq,
-                    bytes: lines.iter().map(|l| l.text.len()).sum(),
+                    bytes: chunk.summary.text_bytes,
                 }),
                 Err(e) => refused(e),
             }

@@ -35,7 +35,7 @@
 //! # Contract shared by all executors
 //!
 //! * **Events.** [`ExecEvent::Started`] comes first (once the process exists), then the output
-//!   as [`ExecEvent::Line`]s as it is produced — not at the end. Order is preserved within a
+//!   as [`ExecEvent::Lines`] (or [`ExecEvent::Line`]s) as it is produced — not at the end. Order is preserved within a
 //!   stream; stdout and stderr are read concurrently, so their interleaving is only
 //!   approximately chronological. Lines are split on `\n` (a trailing `\r` is dropped), capped
 //!   at a maximum length (longer lines are emitted in pieces, see
@@ -63,6 +63,7 @@
 
 pub mod container;
 pub mod http;
+pub mod line_block;
 pub mod local;
 mod outcome;
 pub mod output;
@@ -77,6 +78,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use container::{ContainerConfig, ContainerExecutor, PullPolicy, ResourceLimits, SpareStats};
+pub use line_block::LineBlock;
 pub use local::{LocalConfig, LocalExecutor};
 pub use outcome::{ErrorKind, ExecError, RunOutcome, RunResult};
 pub use spec::{
@@ -118,8 +120,33 @@ pub enum ExecEvent {
         /// The text (lossily decoded UTF-8, at most the line cap in bytes).
         text: String,
     },
+    /// Lines read together from one stream (what a flood of output comes as), in order.
+    Lines {
+        /// The stream they were written to.
+        stream: OutputStream,
+        /// The texts, as in [`ExecEvent::Line`].
+        lines: LineBlock,
+    },
     /// The run reported its progress (0–100) with a `PROGRESS: N` line.
     Progress(u8),
+}
+
+impl ExecEvent {
+    /// This event as single-line events: a [`ExecEvent::Lines`] becomes one
+    /// [`ExecEvent::Line`] per line, anything else stays as it is. For consumers that look at
+    /// lines one by one (tests, mostly).
+    pub fn into_single_lines(self) -> Vec<ExecEvent> {
+        match self {
+            ExecEvent::Lines { stream, lines } => lines
+                .iter()
+                .map(|text| ExecEvent::Line {
+                    stream,
+                    text: text.to_owned(),
+                })
+                .collect(),
+            other => vec![other],
+        }
+    }
 }
 
 /// Runs one [`RunSpec`] somewhere (this host, a container, an SSH server).
@@ -147,7 +174,8 @@ pub trait Executor: Send + Sync {
     ) -> BoxFuture<'_, RunOutcome>;
 }
 
-/// Runs `spec` and collects all its events in memory (convenient for small runs and tests).
+/// Runs `spec` and collects all its events in memory (convenient for small runs and tests),
+/// line blocks as single [`ExecEvent::Line`]s.
 pub async fn run_collect(
     executor: &dyn Executor,
     spec: RunSpec,
@@ -158,7 +186,7 @@ pub async fn run_collect(
     let collect = async {
         let mut events = Vec::new();
         while let Some(event) = rx.recv().await {
-            events.push(event);
+            events.extend(event.into_single_lines());
         }
         events
     };

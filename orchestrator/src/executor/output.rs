@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::{ExecEvent, OutputStream};
+use super::{ExecEvent, LineBlock, OutputStream};
 
 /// Default cap of a single emitted line, in bytes (longer lines are split).
 pub const DEFAULT_MAX_LINE_BYTES: usize = 64 * 1024;
@@ -124,14 +124,19 @@ pub fn parse_progress(line: &str) -> Option<u8> {
     (value <= 100).then_some(value)
 }
 
-/// Forwards lines to the events channel. Sending waits when the channel is full (lines are
-/// never dropped); once the receiver is gone, lines are discarded but the stream is still read.
+/// Forwards lines to the events channel, as one [`ExecEvent::Lines`] per read. Sending waits
+/// when the channel is full (lines are never dropped); once the receiver is gone, lines are
+/// discarded but the stream is still read.
 pub(crate) struct LineSink<'a> {
     events: &'a mpsc::Sender<ExecEvent>,
     stream: OutputStream,
     closed: bool,
     tail: VecDeque<String>,
     tail_keep: usize,
+    /// Lines not sent yet.
+    block: LineBlock,
+    /// Events to send before `block` (earlier lines and the progress they reported).
+    ready: Vec<ExecEvent>,
 }
 
 impl<'a> LineSink<'a> {
@@ -146,16 +151,19 @@ impl<'a> LineSink<'a> {
             closed: false,
             tail: VecDeque::new(),
             tail_keep,
+            block: LineBlock::default(),
+            ready: Vec::new(),
         }
     }
 
-    pub(crate) async fn line(&mut self, bytes: &[u8]) {
-        let text = String::from_utf8_lossy(bytes).into_owned();
+    /// Adds a line; [`LineSink::flush`] sends it.
+    pub(crate) fn line(&mut self, bytes: &[u8]) {
+        let text = String::from_utf8_lossy(bytes);
         if self.tail_keep > 0 {
             if self.tail.len() == self.tail_keep {
                 self.tail.pop_front();
             }
-            let mut short = text.clone();
+            let mut short = text.clone().into_owned();
             truncate_at_char(&mut short, 512);
             self.tail.push_back(short);
         }
@@ -163,19 +171,31 @@ impl<'a> LineSink<'a> {
             OutputStream::Stdout => parse_progress(&text),
             OutputStream::Stderr => None,
         };
-        self.send(ExecEvent::Line {
-            stream: self.stream,
-            text,
-        })
-        .await;
+        self.block.push(&text);
         if let Some(p) = progress {
-            self.send(ExecEvent::Progress(p)).await;
+            // The progress follows its line: close the block here.
+            let lines = std::mem::take(&mut self.block);
+            self.ready.push(ExecEvent::Lines {
+                stream: self.stream,
+                lines,
+            });
+            self.ready.push(ExecEvent::Progress(p));
         }
     }
 
-    async fn send(&mut self, event: ExecEvent) {
-        if !self.closed && self.events.send(event).await.is_err() {
-            self.closed = true;
+    /// Sends the lines added so far.
+    pub(crate) async fn flush(&mut self) {
+        let mut ready = std::mem::take(&mut self.ready);
+        if !self.block.is_empty() {
+            ready.push(ExecEvent::Lines {
+                stream: self.stream,
+                lines: std::mem::take(&mut self.block),
+            });
+        }
+        for event in ready {
+            if !self.closed && self.events.send(event).await.is_err() {
+                self.closed = true;
+            }
         }
     }
 
@@ -196,20 +216,14 @@ fn truncate_at_char(s: &mut String, max: usize) {
 
 /// Feeds a whole in-memory chunk through a splitter into a sink.
 pub(crate) async fn push_chunk(splitter: &mut LineSplitter, sink: &mut LineSink<'_>, data: &[u8]) {
-    let mut lines: Vec<Vec<u8>> = Vec::new();
-    splitter.push(data, |l| lines.push(l.to_vec()));
-    for l in lines {
-        sink.line(&l).await;
-    }
+    splitter.push(data, |l| sink.line(l));
+    sink.flush().await;
 }
 
 /// Flushes a splitter's last partial line into a sink.
 pub(crate) async fn finish_chunk(splitter: &mut LineSplitter, sink: &mut LineSink<'_>) {
-    let mut lines: Vec<Vec<u8>> = Vec::new();
-    splitter.finish(|l| lines.push(l.to_vec()));
-    for l in lines {
-        sink.line(&l).await;
-    }
+    splitter.finish(|l| sink.line(l));
+    sink.flush().await;
 }
 
 /// How long to keep reading a pipe after the main process has exited and its group was killed.

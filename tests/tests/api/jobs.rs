@@ -4,6 +4,8 @@ use std::collections::HashSet;
 
 use baton_api::model::LogLine;
 use baton_api::storage::{logs, queue};
+use baton_proto::logchunk::{self, ChunkWriter};
+use baton_proto::v1::Stream;
 use baton_tests::{bash_event, spawn_app};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -161,8 +163,26 @@ async fn logs_page_by_sequence_and_say_when_done() {
         text: format!("line {seq}"),
         ts: chrono::Utc::now(),
     };
-    let chunk1: Vec<LogLine> = (1..=3).map(line).collect();
-    let chunk2: Vec<LogLine> = (4..=5).map(line).collect();
+    // Lines 1..=3 as a row written before migration 0005 (a JSON array), the rest as chunks.
+    let legacy: Vec<LogLine> = (1..=3).map(line).collect();
+    let chunk = |seqs: std::ops::RangeInclusive<i64>| {
+        let mut w = ChunkWriter::default();
+        for l in seqs.clone().map(line) {
+            let stream = if l.stream == "stderr" {
+                Stream::Stderr
+            } else {
+                Stream::Stdout
+            };
+            w.push(stream, l.ts.timestamp_millis(), &l.text);
+        }
+        let data = w.into_bytes();
+        logs::NewChunk {
+            first_seq: *seqs.start(),
+            summary: logchunk::validate(&data).expect("valid"),
+            data,
+        }
+    };
+    let chunk2 = chunk(4..=5);
     let claimed = queue::claim_batch(
         &app.pool,
         &queue::ClaimRequest {
@@ -179,20 +199,24 @@ async fn logs_page_by_sequence_and_say_when_done() {
     let mut conn = app.pool.acquire().await.expect("conn");
     let cap = 1 << 20;
     let lease = std::time::Duration::from_secs(60);
-    assert_eq!(
-        logs::append_batch(&mut conn, id, token, &chunk1, cap, lease)
-            .await
-            .expect("append")
-            .stored_seq,
-        3
-    );
-    assert_eq!(
-        logs::append_batch(&mut conn, id, token, &chunk2, cap, lease)
-            .await
-            .expect("append")
-            .new_lines,
-        2
-    );
+    sqlx::query(
+        "INSERT INTO job_logs (job_id, first_seq, last_seq, lines, bytes) VALUES ($1, 1, 3, $2, 18)",
+    )
+    .bind(id)
+    .bind(serde_json::to_string(&legacy).expect("json"))
+    .execute(&mut *conn)
+    .await
+    .expect("legacy row");
+    sqlx::query("UPDATE jobs SET last_log_seq = 3, log_bytes = 18 WHERE id = $1")
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .expect("legacy seq");
+    // A re-send overlapping the stored lines: only 4 and 5 are new.
+    let appended = logs::append_batch(&mut conn, id, token, &chunk(2..=5), cap, lease)
+        .await
+        .expect("append");
+    assert_eq!((appended.new_lines, appended.stored_seq), (2, 5));
     let again = logs::append_batch(&mut conn, id, token, &chunk2, cap, lease)
         .await
         .expect("append");

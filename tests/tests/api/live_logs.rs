@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use baton_api::model::Role;
-use baton_proto::v1::{Finished, LogBatch, LogLine, Stream};
+use baton_proto::v1::{Finished, LogBatch, Stream};
 use baton_proto::{ServerMsg, WorkerMsg};
 use baton_tests::protocol::{ScriptedWorker, hello};
 use baton_tests::{TestApp, bash_event, spawn_app, spawn_replica};
@@ -13,17 +13,17 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 fn batch(job_id: &str, token: i64, from: i64, to: i64) -> WorkerMsg {
+    // As a worker sends lines: one encoded chunk.
+    let mut chunk = baton_proto::logchunk::ChunkWriter::default();
+    for seq in from..=to {
+        chunk.push(Stream::Stdout, 0, &format!("line {seq}"));
+    }
     WorkerMsg::Logs(LogBatch {
         job_id: job_id.to_owned(),
         lease_token: token,
-        lines: (from..=to)
-            .map(|seq| LogLine {
-                seq,
-                stream: Stream::Stdout as i32,
-                text: format!("line {seq}"),
-                ts_ms: 0,
-            })
-            .collect(),
+        first_seq: from,
+        chunk: chunk.into_bytes(),
+        ..LogBatch::default()
     })
 }
 

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use baton_api::model::Role;
+use baton_proto::logchunk::ChunkWriter;
 use baton_proto::v1::{
     Drain, ErrorKind, Finished, Heartbeat, HeldJob, LogBatch, LogLine, Progress, Started, Stream,
     WorkerMessage,
@@ -31,6 +32,21 @@ fn lines(from: i64, to: i64) -> Vec<LogLine> {
             ts_ms: 1_700_000_000_000 + seq,
         })
         .collect()
+}
+
+/// Lines `from..=to` as a worker of this version sends them: one encoded chunk.
+fn chunk_batch(job_id: &str, token: i64, from: i64, to: i64) -> LogBatch {
+    let mut chunk = ChunkWriter::default();
+    for line in lines(from, to) {
+        chunk.push(Stream::Stdout, line.ts_ms, &line.text);
+    }
+    LogBatch {
+        job_id: job_id.to_owned(),
+        lease_token: token,
+        first_seq: from,
+        chunk: chunk.into_bytes(),
+        ..LogBatch::default()
+    }
 }
 
 fn finished(job_id: &str, token: i64, last_seq: i64) -> WorkerMsg {
@@ -111,6 +127,7 @@ async fn pushes_no_more_than_the_free_slots_and_records_a_full_run() {
             job_id: id.clone(),
             lease_token: tok,
             lines: lines(1, 3),
+            ..LogBatch::default()
         }))
         .await;
     let ack = worker
@@ -327,6 +344,7 @@ async fn stale_tokens_and_unknown_jobs_are_refused_without_harm() {
             job_id: "not-a-uuid".into(),
             lease_token: 1,
             lines: lines(1, 1),
+            ..LogBatch::default()
         }))
         .await;
     let notice = worker
@@ -350,6 +368,7 @@ async fn stale_tokens_and_unknown_jobs_are_refused_without_harm() {
             job_id: id.clone(),
             lease_token: a.lease_token,
             lines: lines(5, 6),
+            ..LogBatch::default()
         }))
         .await;
     let gap = worker
@@ -359,6 +378,33 @@ async fn stale_tokens_and_unknown_jobs_are_refused_without_harm() {
         })
         .await;
     assert!(gap.message.contains("continue at 1"), "{gap:?}");
+    // A malformed chunk (a line longer than the bytes left) is refused with a notice, and
+    // nothing of it is stored.
+    let mut bad = chunk_batch(&id, a.lease_token, 1, 2);
+    bad.chunk.truncate(bad.chunk.len() - 1);
+    worker.send(WorkerMsg::Logs(bad)).await;
+    let malformed = worker
+        .next_matching(|m| match m {
+            ServerMsg::Error(e) => Some(e.clone()),
+            _ => None,
+        })
+        .await;
+    assert!(
+        malformed.message.contains("malformed log batch"),
+        "{malformed:?}"
+    );
+    let mut both = chunk_batch(&id, a.lease_token, 1, 2);
+    both.lines = lines(1, 2);
+    worker.send(WorkerMsg::Logs(both)).await;
+    let both = worker
+        .next_matching(|m| match m {
+            ServerMsg::Error(e) => Some(e.clone()),
+            _ => None,
+        })
+        .await;
+    assert!(both.message.contains("not both"), "{both:?}");
+    let (_, logs) = app.get(&format!("/api/v1/jobs/{id}/logs")).await;
+    assert_eq!(logs["lines"], json!([]));
 
     // The stream still works: the real token completes the job.
     worker.send(finished(&id, a.lease_token, 0)).await;
@@ -517,6 +563,7 @@ async fn a_reconnecting_worker_resumes_its_jobs_and_logs_are_stored_once() {
             job_id: id.clone(),
             lease_token: a.lease_token,
             lines: lines(1, 4),
+            ..LogBatch::default()
         }))
         .await;
     worker
@@ -538,13 +585,10 @@ async fn a_reconnecting_worker_resumes_its_jobs_and_logs_are_stored_once() {
     let r = &welcome.resumed[0];
     assert!(r.held && !r.finished);
     assert_eq!(r.stored_seq, 4);
-    // The worker re-sends a batch that overlaps what is stored, then the rest.
+    // The worker re-sends a batch that overlaps what is stored, then the rest (as a chunk,
+    // after lines sent one message each: either format continues the other).
     worker
-        .send(WorkerMsg::Logs(LogBatch {
-            job_id: id.clone(),
-            lease_token: a.lease_token,
-            lines: lines(3, 7),
-        }))
+        .send(WorkerMsg::Logs(chunk_batch(&id, a.lease_token, 3, 7)))
         .await;
     let ack = worker
         .next_matching(|m| match m {
@@ -662,14 +706,11 @@ async fn output_past_the_log_cap_is_counted_not_kept() {
             _ => None,
         })
         .await;
-    // 20 lines of 6-7 bytes: ~14 fit in 100 bytes.
-    for (from, to) in [(1, 10), (11, 20)] {
+    // 30 lines of 6-7 bytes: ~14 fit in 100 bytes. The cap is reached inside the second
+    // batch; the third is dropped whole, without a second marker.
+    for (from, to) in [(1, 10), (11, 20), (21, 30)] {
         worker
-            .send(WorkerMsg::Logs(LogBatch {
-                job_id: id.clone(),
-                lease_token: a.lease_token,
-                lines: lines(from, to),
-            }))
+            .send(WorkerMsg::Logs(chunk_batch(&id, a.lease_token, from, to)))
             .await;
         worker
             .next_matching(|m| match m {
@@ -678,7 +719,7 @@ async fn output_past_the_log_cap_is_counted_not_kept() {
             })
             .await;
     }
-    worker.send(finished(&id, a.lease_token, 20)).await;
+    worker.send(finished(&id, a.lease_token, 30)).await;
     worker
         .next_matching(|m| match m {
             ServerMsg::FinishedAck(_) => Some(()),
@@ -701,6 +742,8 @@ async fn output_past_the_log_cap_is_counted_not_kept() {
             .fetch_one(&app.pool)
             .await
             .expect("counts");
-    assert_eq!(stored_seq, 20);
-    assert_eq!(dropped as usize, 20 - (stored.len() - 1));
+    let markers = stored.iter().filter(|l| l["stream"] == "system").count();
+    assert_eq!(markers, 1, "one marker: {stored:?}");
+    assert_eq!(stored_seq, 30);
+    assert_eq!(dropped as usize, 30 - (stored.len() - 1));
 }

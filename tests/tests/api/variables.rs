@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use baton_api::model::Role;
-use baton_proto::v1::{ErrorKind, Finished, LogBatch, LogLine, Stream};
+use baton_proto::v1::{ErrorKind, Finished, LogBatch, Stream};
 use baton_proto::{ServerMsg, WorkerMsg};
 use baton_tests::protocol::{ScriptedWorker, hello};
 use baton_tests::{bash_event, spawn_app};
@@ -142,15 +142,15 @@ async fn scripts_receive_variables_write_them_back_and_secrets_are_masked_in_log
         "scripts can read secrets"
     );
 
+    // As a worker sends lines: one encoded chunk.
+    let mut chunk = baton_proto::logchunk::ChunkWriter::default();
+    chunk.push(Stream::Stdout, 0, "using s3cr3t-value twice: s3cr3t-value");
     w.send(WorkerMsg::Logs(LogBatch {
         job_id: job.clone(),
         lease_token: a.lease_token,
-        lines: vec![LogLine {
-            seq: 1,
-            stream: Stream::Stdout as i32,
-            text: "using s3cr3t-value twice: s3cr3t-value".into(),
-            ts_ms: 0,
-        }],
+        first_seq: 1,
+        chunk: chunk.into_bytes(),
+        ..LogBatch::default()
     }))
     .await;
     w.next_matching(|m| match m {

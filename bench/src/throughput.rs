@@ -233,6 +233,8 @@ async fn phase(
     let enqueue_elapsed = enqueue_all(&api, &event, args.jobs, args.clients, args.enqueue).await?;
     wait_finished(&mut finished, &api, args.warmup_jobs + args.jobs).await?;
     let elapsed = started.elapsed();
+    // Its connection goes back to the pool, which `api.stop` closes (and waits for).
+    drop(finished);
     wait_succeeded(&api, args.warmup_jobs + args.jobs).await?;
     let cpu_after = (
         support::cpu_time("self"),

@@ -70,7 +70,10 @@ pub struct WorkerProcess {
 
 impl WorkerProcess {
     pub async fn start(app: &TestApp, slots: u32) -> Self {
-        Self::start_with_args(app, slots, &["--allow-local"]).await
+        // No container executor: a process killed with SIGKILL would leave its pre-started
+        // containers behind (a restart with the same --worker-id reaps them; these tests'
+        // workers get a new id each time).
+        Self::start_with_args(app, slots, &["--allow-local", "--no-container"]).await
     }
 
     /// A worker process with `extra` command-line flags (after `--api-url` and `--slots`).

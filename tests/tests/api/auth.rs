@@ -26,15 +26,7 @@ async fn missing_malformed_unknown_and_revoked_tokens_get_401() {
     let (status, _) = send(app.request_as(&viewer, Method::GET, "/api/v1/events")).await;
     assert_eq!(status, StatusCode::OK);
     let (_, tokens) = app.get("/api/v1/tokens").await;
-    let id = tokens
-        .as_array()
-        .expect("tokens")
-        .iter()
-        .find(|t| t["role"] == "viewer")
-        .expect("viewer")["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let id = token_id(&tokens, "viewer");
     assert!(
         tokens.to_string().find(&viewer).is_none(),
         "secrets are never listed"
@@ -43,6 +35,19 @@ async fn missing_malformed_unknown_and_revoked_tokens_get_401() {
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, _) = send(app.request_as(&viewer, Method::GET, "/api/v1/events")).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+/// The id of the (first) token with `role` in a `GET /api/v1/tokens` answer.
+fn token_id(tokens: &serde_json::Value, role: &str) -> String {
+    tokens
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .find(|t| t["role"] == role)
+        .unwrap_or_else(|| panic!("no {role} token in {tokens}"))["id"]
+        .as_str()
+        .expect("id")
+        .to_owned()
 }
 
 /// Replicas remember verified tokens (so a busy client costs no token query per request);
@@ -58,15 +63,7 @@ async fn a_token_revoked_on_one_replica_is_refused_by_the_others() {
         assert_eq!(status, StatusCode::OK);
     }
     let (_, tokens) = app.get("/api/v1/tokens").await;
-    let id = tokens
-        .as_array()
-        .expect("tokens")
-        .iter()
-        .find(|t| t["role"] == "operator")
-        .expect("operator")["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let id = token_id(&tokens, "operator");
     let (status, _) = app.delete(&format!("/api/v1/tokens/{id}")).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     // The revoking replica refuses it before answering the DELETE.

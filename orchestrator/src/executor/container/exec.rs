@@ -187,17 +187,14 @@ impl ContainerExecutor {
                 Err(stop) => {
                     tracing::debug!(job.id = %spec.job_id, container = %name, ?stop, "stopping container run");
                     self.terminate_run(name).await;
-                    let r = match tokio::time::timeout(spec.kill_grace, &mut wait).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            self.signal(name, "SIGKILL").await;
-                            tokio::time::timeout(self.config.api_timeout, &mut wait)
-                                .await
-                                .unwrap_or_else(|_| {
-                                    Err("the run's process did not end after SIGKILL".to_owned())
-                                })
-                        }
-                    };
+                    let r = self
+                        .kill_after_grace(
+                            name,
+                            spec.kill_grace,
+                            &mut wait,
+                            "the run's process did not end after SIGKILL",
+                        )
+                        .await;
                     (r, Some(stop))
                 }
             };

@@ -843,17 +843,14 @@ impl ContainerExecutor {
                 Err(stop) => {
                     tracing::debug!(job.id = %spec.job_id, container = %name, ?stop, "stopping container run");
                     self.signal(name, "SIGTERM").await;
-                    let r = match tokio::time::timeout(spec.kill_grace, &mut wait).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            self.signal(name, "SIGKILL").await;
-                            tokio::time::timeout(self.config.api_timeout, &mut wait)
-                                .await
-                                .unwrap_or_else(|_| {
-                                    Err("the container did not stop after SIGKILL".to_owned())
-                                })
-                        }
-                    };
+                    let r = self
+                        .kill_after_grace(
+                            name,
+                            spec.kill_grace,
+                            &mut wait,
+                            "the container did not stop after SIGKILL",
+                        )
+                        .await;
                     (r, Some(stop))
                 }
             };
@@ -1048,6 +1045,26 @@ impl ContainerExecutor {
             Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
             Some(Err(e)) => Err(engine_message(&e)),
             None => Err("the engine ended the wait request without an exit status".to_owned()),
+        }
+    }
+
+    /// After a stop was asked for: waits `grace` for `wait` to end, then SIGKILLs the
+    /// container and waits once more (`stuck` is the error if even that does not end it).
+    async fn kill_after_grace<T>(
+        &self,
+        container: &str,
+        grace: Duration,
+        wait: &mut std::pin::Pin<&mut impl std::future::Future<Output = Result<T, String>>>,
+        stuck: &str,
+    ) -> Result<T, String> {
+        match tokio::time::timeout(grace, wait.as_mut()).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.signal(container, "SIGKILL").await;
+                tokio::time::timeout(self.config.api_timeout, wait.as_mut())
+                    .await
+                    .unwrap_or_else(|_| Err(stuck.to_owned()))
+            }
         }
     }
 

@@ -208,6 +208,7 @@ impl Dispatcher {
                     continue;
                 }
                 any_free = true;
+                let claim_started = std::time::Instant::now();
                 let jobs = queue::claim_batch(
                     &self.pool,
                     &ClaimRequest {
@@ -219,6 +220,12 @@ impl Dispatcher {
                     },
                 )
                 .await?;
+                tracing::trace!(
+                    free,
+                    claimed = jobs.len(),
+                    took_us = claim_started.elapsed().as_micros() as u64,
+                    "claimed"
+                );
                 any_full_batch |= jobs.len() == free as usize;
                 for job in jobs {
                     self.push(conn, job, &mut variables).await?;

@@ -548,21 +548,10 @@ const INSERT_SQL: &str = "INSERT INTO jobs (id, event_id, status, priority, run_
          RETURNING id, (xmax = 0)";
 
 /// [`queue::claim_batch`].
-const CLAIM_SQL: &str = "WITH picked AS (
-             SELECT id FROM jobs
-             WHERE status = 'queued' AND run_at <= now()
-               AND executor = ANY($2) AND labels <@ $3
-             ORDER BY priority DESC, run_at, id
-             LIMIT $4
-             FOR UPDATE SKIP LOCKED
-         )
-         UPDATE jobs j
-         SET status = 'claimed', worker_id = $1, lease_token = nextval('lease_token_seq'),
-             lease_expires_at = now() + $5 * interval '1 millisecond', claimed_at = now(),
-             heartbeat_at = now()
-         FROM picked WHERE j.id = picked.id
-         RETURNING j.id, j.event_id, j.attempt, j.priority, j.run_at, j.lease_token,
-                   j.lease_expires_at, j.spec, j.input, j.parent_job_id, j.root_job_id, j.last_log_seq";
+const CLAIM_SQL: &str =
+    "SELECT id, event_id, attempt, priority, run_at, lease_token, lease_expires_at, spec, input,
+                parent_job_id, root_job_id, last_log_seq
+         FROM claim_jobs($1, $2, $3, $4, $5)";
 
 /// [`queue::complete`]'s statement for a success, sent without a transaction around it.
 const COMPLETE_SUCCESS_SQL: &str =

@@ -1,8 +1,9 @@
 //! The job queue: enqueue, batch claim under a lease, renew, complete, reap, cancel.
 //!
 //! Correctness rests on three rules:
-//! - a claim is one `UPDATE … FROM (SELECT … FOR UPDATE SKIP LOCKED)`: concurrent claimers skip
-//!   each other's rows instead of waiting or double-claiming;
+//! - a claim is one `UPDATE … FROM (SELECT … FOR UPDATE SKIP LOCKED)` (inside the `claim_jobs`
+//!   function, which pins the plan to the claim index's order): concurrent claimers skip each
+//!   other's rows instead of waiting or double-claiming;
 //! - every claim draws a new fencing token from `lease_token_seq`; every later write by the
 //!   worker names the token and is refused ([`StorageError::LeaseLost`]) if it is not current or
 //!   the lease has expired;
@@ -163,22 +164,12 @@ pub async fn claim_batch(
     db: impl PgExecutor<'_>,
     req: &ClaimRequest<'_>,
 ) -> Result<Vec<ClaimedJob>> {
+    // The statement lives in a function (migration 0006) that pins its plan to the claim
+    // index's order.
     let mut jobs: Vec<ClaimedJob> = sqlx::query_as(
-        "WITH picked AS (
-             SELECT id FROM jobs
-             WHERE status = 'queued' AND run_at <= now()
-               AND executor = ANY($2) AND labels <@ $3
-             ORDER BY priority DESC, run_at, id
-             LIMIT $4
-             FOR UPDATE SKIP LOCKED
-         )
-         UPDATE jobs j
-         SET status = 'claimed', worker_id = $1, lease_token = nextval('lease_token_seq'),
-             lease_expires_at = now() + $5 * interval '1 millisecond', claimed_at = now(),
-             heartbeat_at = now()
-         FROM picked WHERE j.id = picked.id
-         RETURNING j.id, j.event_id, j.attempt, j.priority, j.run_at, j.lease_token,
-                   j.lease_expires_at, j.spec, j.input, j.parent_job_id, j.root_job_id, j.last_log_seq",
+        "SELECT id, event_id, attempt, priority, run_at, lease_token, lease_expires_at, spec, input,
+                parent_job_id, root_job_id, last_log_seq
+         FROM claim_jobs($1, $2, $3, $4, $5)",
     )
     .bind(req.worker_id)
     .bind(req.executors)

@@ -91,6 +91,7 @@ impl ApiError {
                     Some("name".into()),
                 ),
                 S::EventBusy(_) => (StatusCode::CONFLICT, "event_busy", None),
+                S::EventChanged(_) => (StatusCode::CONFLICT, "event_changed", None),
                 S::LeaseLost { .. } => (StatusCode::CONFLICT, "lease_lost", None),
                 S::LogGap { .. } | S::LogsIncomplete { .. } => {
                     (StatusCode::CONFLICT, "log_sequence", None)
@@ -140,7 +141,7 @@ pub fn grpc_status(err: &StorageError) -> tonic::Status {
             tonic::Status::failed_precondition(err.to_string())
         }
         S::LogGap { .. } | S::LogsIncomplete { .. } => tonic::Status::out_of_range(err.to_string()),
-        S::JobFinished { .. } | S::EventBusy(_) | S::EventNameTaken(_) => {
+        S::JobFinished { .. } | S::EventBusy(_) | S::EventNameTaken(_) | S::EventChanged(_) => {
             tonic::Status::failed_precondition(err.to_string())
         }
         S::Database(_) => {

@@ -30,6 +30,7 @@ pub mod config;
 pub mod crypto;
 pub mod dispatch;
 pub mod error;
+pub mod event_cache;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
@@ -58,6 +59,8 @@ pub struct AppState {
     pub outbox_wake: Arc<tokio::sync::Notify>,
     /// Tokens verified recently.
     pub tokens: Arc<token_cache::TokenCache>,
+    /// Events recently run here (checked against their revision on every enqueue).
+    pub events: Arc<event_cache::EventCache>,
     /// Encrypts and decrypts secrets at rest.
     pub vault: crypto::Vault,
     /// This replica's id (in logs and the `workers` table).

@@ -81,6 +81,7 @@ impl Api {
                 hub: notify::LogHub::default(),
                 outbox_wake: Arc::new(tokio::sync::Notify::new()),
                 tokens: Arc::default(),
+                events: Arc::default(),
                 vault,
                 api_id: uuid::Uuid::now_v7().to_string(),
                 stop: CancellationToken::new(),

@@ -14,7 +14,7 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
 use crate::model::{Event, EventPatch, NewEvent, Role, RunRequest};
 use crate::storage::audit::AuditEntry;
-use crate::storage::{events, queue};
+use crate::storage::{StorageError, events, queue};
 
 #[utoipa::path(post, path = "/api/v1/events", tag = "events", request_body = NewEvent,
     responses((status = 201, body = Event), (status = 422, body = ErrorBody), (status = 409, body = ErrorBody)))]
@@ -106,6 +106,7 @@ pub async fn patch_event(
     )
     .await?;
     tx.commit().await?;
+    state.events.forget(id);
     Ok(axum::Json(event))
 }
 
@@ -160,6 +161,7 @@ pub async fn delete_event(
     events::delete_event(&mut *tx, id).await?;
     audit(&mut *tx, &caller, "event.delete", "event", id, json!({})).await?;
     tx.commit().await?;
+    state.events.forget(id);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -182,32 +184,42 @@ pub async fn run_event(
 ) -> Result<(StatusCode, axum::Json<RunAccepted>), ApiError> {
     caller.require(Role::Operator)?;
     let id = parse_uuid("id", &id)?;
-    let request = request.unwrap_or_default();
+    let mut request = request.unwrap_or_default();
     request.validate()?;
-    // Two round trips, no explicit transaction: the job and its audit row go in one
-    // statement; an event deleted in between makes it fail as not found.
-    let event = events::get_event(&state.pool, id).await?;
-    let enqueued = queue::enqueue_audited(
-        &state.pool,
-        &queue::NewJob {
+    // Usually one statement: the event comes from this replica's cache, and the job and its
+    // audit row are inserted together, only if the event is still at the cached revision.
+    // Otherwise the event is read again and the insert retried once.
+    let mut event = state.events.get(&state.pool, id).await?;
+    let mut input = request.input.take().unwrap_or_else(|| json!({}));
+    let mut second_try = false;
+    let enqueued = loop {
+        let job = queue::NewJob {
             event: &event,
-            input: request.input.unwrap_or_else(|| json!({})),
+            input,
             priority: request.priority.unwrap_or(event.spec.priority),
             run_at: request.run_at,
             idempotency_key: request.idempotency_key.as_deref(),
             parent: None,
             created_by: Some(caller.token_id),
-        },
-        &AuditEntry {
+        };
+        let entry = AuditEntry {
             token_id: Some(caller.token_id),
             actor: &caller.name,
             action: "event.run",
             target_type: "job",
             target_id: None,
             detail: json!({"event_id": id}),
-        },
-    )
-    .await?;
+        };
+        match queue::enqueue_audited(&state.pool, &job, &entry).await {
+            Err(StorageError::EventChanged(_) | StorageError::EventNotFound(_)) if !second_try => {
+                second_try = true;
+                input = job.input;
+                state.events.forget(id);
+                event = state.events.load(&state.pool, id).await?;
+            }
+            done => break done?,
+        }
+    };
     Ok((
         StatusCode::ACCEPTED,
         axum::Json(RunAccepted {

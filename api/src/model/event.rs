@@ -221,6 +221,9 @@ pub struct Event {
     #[serde(flatten)]
     #[sqlx(flatten)]
     pub spec: NewEvent,
+    /// Starts at 1 and grows with every change of the definition; a job's `spec` records the
+    /// revision it ran.
+    pub revision: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

@@ -35,6 +35,9 @@ pub enum StorageError {
     ServerInUse(Uuid),
     #[error("an event named {0:?} already exists")]
     EventNameTaken(String),
+    /// The event was changed or deleted after the copy a job was to be made from was read.
+    #[error("event {0} changed while the job was being queued; try again")]
+    EventChanged(Uuid),
     #[error("event {0} has queued or running jobs; cancel them first")]
     EventBusy(Uuid),
     /// The caller's fencing token is not the job's current one, or the lease expired: another

@@ -84,11 +84,14 @@ async fn insert_job(
     // The no-op DO UPDATE makes a conflicting insert wait for and return the existing row
     // (DO NOTHING would return nothing under a race); `xmax = 0` tells a fresh insert apart.
     // The audit row ($15…) is written only for a fresh insert, and only when an action is given.
-    let row: (Uuid, bool) = sqlx::query_as(
+    // The job is inserted only while the event is at the revision `spec` was taken from ($19):
+    // the caller's copy may come from a cache.
+    let row: Option<(Uuid, bool)> = sqlx::query_as(
         "WITH job AS (
              INSERT INTO jobs (id, event_id, status, priority, run_at, max_attempts, idempotency_key,
                                executor, labels, spec, input, parent_job_id, root_job_id, depth, created_by)
-             VALUES ($1, $2, 'queued', $3, coalesce($4, now()), $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+             SELECT $1, e.id, 'queued', $3, coalesce($4, now()), $5, $6, $7, $8, $9, $10, $11, $12, $13, $14
+             FROM events e WHERE e.id = $2 AND e.revision = $19
              ON CONFLICT (event_id, idempotency_key) DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key
              RETURNING id, (xmax = 0) AS created
          ), audited AS (
@@ -115,7 +118,8 @@ async fn insert_job(
     .bind(audit.map(|a| a.action))
     .bind(audit.map(|a| Json(&a.detail)))
     .bind(audit.and_then(|a| a.token_id))
-    .fetch_one(db)
+    .bind(job.event.revision)
+    .fetch_optional(db)
     .await
     .map_err(|e| match e {
         // The event was deleted since it was read.
@@ -124,6 +128,7 @@ async fn insert_job(
         }
         other => other.into(),
     })?;
+    let row = row.ok_or(StorageError::EventChanged(job.event.id))?;
     Ok(Enqueued {
         job_id: row.0,
         created: row.1,

@@ -332,3 +332,58 @@ async fn run_takes_input_priority_run_at_and_idempotency_keys() {
         assert_eq!(err["error"]["field"], field, "{body}: {err}");
     }
 }
+
+/// A replica remembers the events it ran; a change made through another replica must still
+/// reach the next run there (the enqueue checks the event's revision).
+#[tokio::test]
+async fn a_run_uses_the_definition_changed_or_deleted_on_another_replica() {
+    let app = spawn_app().await;
+    let other = baton_tests::spawn_replica(app.database_url.clone(), |_| {}).await;
+    let ev = app.create_event(&bash_event("cached")).await;
+    let id = ev["id"].as_str().expect("id").to_owned();
+    assert_eq!(ev["revision"], 1);
+
+    // The definition a job was queued with (its snapshot, as the worker receives it).
+    let snapshot = async |job_id: &str| -> Value {
+        let id = uuid::Uuid::parse_str(job_id).expect("job id");
+        sqlx::query_scalar("SELECT spec FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(&app.pool)
+            .await
+            .expect("job row")
+    };
+    let first = app.run_event(&id, &json!({})).await;
+    let spec = snapshot(&first).await;
+    assert_eq!(spec["content"], ev["content"]);
+    assert_eq!(spec["revision"], 1);
+
+    let (status, patched) = other
+        .patch(
+            &format!("/api/v1/events/{id}"),
+            &json!({"content": "echo second"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{patched}");
+    assert_eq!(patched["revision"], 2);
+
+    // Straight after the change, on the replica that ran the old definition.
+    let second = app.run_event(&id, &json!({})).await;
+    let spec = snapshot(&second).await;
+    assert_eq!(spec["content"], "echo second");
+    assert_eq!(spec["revision"], 2);
+
+    // Deleted elsewhere: a clean 404, not a job of a deleted event.
+    for job_id in [&first, &second] {
+        let (status, _) = app
+            .post(&format!("/api/v1/jobs/{job_id}/cancel"), &json!({}))
+            .await;
+        assert!(status.is_success(), "cancel {job_id}: {status}");
+    }
+    let (status, body) = other.delete(&format!("/api/v1/events/{id}")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let (status, body) = app
+        .post(&format!("/api/v1/events/{id}/run"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"]["code"], "event_not_found");
+}

@@ -3,17 +3,21 @@
 //! written in one transaction — one commit for many jobs' starts, log batches and completions
 //! instead of one each.
 //!
+//! Completions that are all plain successes (the usual burst from a busy worker) skip the
+//! transaction: one statement completes every one whose event has no actions.
+//!
 //! A refusal about one job (its lease is lost, a log gap, lines missing before a completion)
 //! writes nothing and does not spoil the group: those checks come before any write. Any other
 //! error (the database) rolls the group back, and its writes are applied again one per
 //! transaction, so one bad write cannot hold back the others.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::AppState;
+use crate::model::JobStatus;
 use crate::storage::StorageError;
 use crate::storage::logs::{self, NewChunk};
 use crate::storage::queue::{self, Completion, Outcome};
@@ -45,6 +49,21 @@ pub(super) enum JobWrite {
 }
 
 impl JobWrite {
+    /// A success with no variables to write: it can complete in one statement with others.
+    fn plain_success(&self) -> Option<(Uuid, i64, &Outcome)> {
+        match self {
+            JobWrite::Finished {
+                job_id,
+                token,
+                outcome,
+                variables,
+            } if outcome.error.is_none() && variables.is_empty() => {
+                Some((*job_id, *token, outcome))
+            }
+            _ => None,
+        }
+    }
+
     pub(super) fn job_id(&self) -> Uuid {
         match self {
             JobWrite::Started { job_id, .. }
@@ -89,6 +108,9 @@ pub(super) async fn apply(state: &AppState, writes: Vec<JobWrite>) -> Vec<Applie
         };
         return vec![done.unwrap_or_else(|error| Applied::Refused { job_id, error })];
     }
+    if writes.iter().all(|w| w.plain_success().is_some()) {
+        return apply_successes(state, writes).await;
+    }
     if writes.len() > 1 {
         match apply_in_one_transaction(state, &writes).await {
             Ok(applied) => return applied,
@@ -97,6 +119,60 @@ pub(super) async fn apply(state: &AppState, writes: Vec<JobWrite>) -> Vec<Applie
             }
         }
     }
+    one_by_one(state, writes).await
+}
+
+/// Completions that are all plain successes: one autocommitted statement for those whose event
+/// has no actions, the usual path (one transaction each) for the rest — which also tells a
+/// refused one apart.
+async fn apply_successes(state: &AppState, writes: Vec<JobWrite>) -> Vec<Applied> {
+    let runs: Vec<_> = writes.iter().filter_map(JobWrite::plain_success).collect();
+    let mut completed: HashSet<Uuid> = match queue::complete_successes(&state.pool, &runs).await {
+        Ok(ids) => ids.into_iter().collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, writes = writes.len(), "completing a group failed; completing its jobs one by one");
+            HashSet::new()
+        }
+    };
+    let mut slots = Vec::with_capacity(writes.len());
+    let mut others = Vec::new();
+    for write in writes {
+        match write {
+            // `remove`: a job reported twice in one group completes once.
+            JobWrite::Finished {
+                job_id, outcome, ..
+            } if completed.remove(&job_id) => slots.push(Ok(Applied::Finished {
+                job_id,
+                done: Completion::Finished {
+                    status: JobStatus::Succeeded,
+                    dead: false,
+                    has_actions: false,
+                },
+                outcome,
+            })),
+            other => {
+                slots.push(Err(other.job_id()));
+                others.push(other);
+            }
+        }
+    }
+    let mut others = one_by_one(state, others).await.into_iter();
+    slots
+        .into_iter()
+        .map(|slot| {
+            slot.unwrap_or_else(|job_id| {
+                // `one_by_one` answers every write; this is only a fallback.
+                others.next().unwrap_or(Applied::Refused {
+                    job_id,
+                    error: StorageError::JobNotFound(job_id),
+                })
+            })
+        })
+        .collect()
+}
+
+/// Each write in its own transaction, so one failing write cannot hold back the others.
+async fn one_by_one(state: &AppState, writes: Vec<JobWrite>) -> Vec<Applied> {
     let mut applied = Vec::with_capacity(writes.len());
     for write in writes {
         let job_id = write.job_id();

@@ -474,6 +474,57 @@ async fn complete_success(
     }))
 }
 
+/// Completes many successful runs in one statement: the common case of a busy worker, whose
+/// waiting completions arrive together. Only jobs whose event has no actions are completed here
+/// (an action must be evaluated in the completion's transaction); the ids completed are
+/// returned, and the caller completes the others one by one with [`complete`], which also
+/// explains a refusal.
+pub async fn complete_successes(
+    db: impl PgExecutor<'_>,
+    runs: &[(Uuid, i64, &Outcome)],
+) -> Result<Vec<Uuid>> {
+    let mut ids = Vec::with_capacity(runs.len());
+    let mut tokens = Vec::with_capacity(runs.len());
+    let mut exit_codes = Vec::with_capacity(runs.len());
+    let mut exit_signals = Vec::with_capacity(runs.len());
+    let mut outputs = Vec::with_capacity(runs.len());
+    let mut conditions = Vec::with_capacity(runs.len());
+    let mut last_seqs = Vec::with_capacity(runs.len());
+    for (id, token, outcome) in runs {
+        debug_assert!(outcome.error.is_none(), "only successes complete here");
+        ids.push(*id);
+        tokens.push(*token);
+        exit_codes.push(outcome.exit_code);
+        exit_signals.push(outcome.exit_signal);
+        outputs.push(outcome.output.as_ref().map(Json));
+        conditions.push(outcome.condition);
+        last_seqs.push(outcome.last_log_seq.unwrap_or(0));
+    }
+    // The same change as `complete_success`, row by row from the arrays.
+    Ok(sqlx::query_scalar(
+        "UPDATE jobs SET status = 'succeeded', dead = false, finished_at = now(),
+             started_at = coalesce(started_at, now()),
+             lease_token = NULL, lease_expires_at = NULL, completed_token = r.token,
+             exit_code = r.exit_code, exit_signal = r.exit_signal, error_kind = NULL,
+             error_message = NULL, output = r.output, condition = r.condition, progress = 100
+         FROM unnest($1::uuid[], $2::bigint[], $3::int[], $4::int[], $5::jsonb[], $6::bool[],
+                     $7::bigint[]) AS r(id, token, exit_code, exit_signal, output, condition, last_seq)
+         WHERE jobs.id = r.id AND jobs.lease_token = r.token AND jobs.lease_expires_at > now()
+           AND jobs.status IN ('claimed', 'running') AND jobs.last_log_seq >= r.last_seq
+           AND NOT EXISTS (SELECT 1 FROM event_actions a WHERE a.event_id = jobs.event_id)
+         RETURNING jobs.id",
+    )
+    .bind(ids)
+    .bind(tokens)
+    .bind(exit_codes)
+    .bind(exit_signals)
+    .bind(outputs)
+    .bind(conditions)
+    .bind(last_seqs)
+    .fetch_all(db)
+    .await?)
+}
+
 /// Exponential backoff with "equal jitter": half the capped delay, plus a random part of the
 /// other half, so retries of many jobs failing together spread out.
 pub fn retry_delay(attempts_done: i32, base_seconds: i32, max_seconds: i32) -> Duration {

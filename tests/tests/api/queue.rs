@@ -567,3 +567,59 @@ async fn enqueue_notifies_listeners_on_commit() {
         .expect("notification");
     assert_eq!(note.payload(), "local");
 }
+
+/// A group of successes completes in one statement, except a run whose lease is gone (left
+/// for the one-by-one path to refuse) and a run whose event has actions (they must be
+/// evaluated in the completion's own transaction).
+#[tokio::test]
+async fn successes_complete_together_but_not_stale_ones_or_those_with_actions() {
+    let pool = test_pool().await;
+    let plain = event(&pool, "plain", 1).await;
+    let chained = event(&pool, "chained", 1).await;
+    let action: baton_api::model::action::NewAction = serde_json::from_value(json!({
+        "trigger": "always", "action": {"type": "run_event", "event_id": plain.id}
+    }))
+    .expect("action");
+    baton_api::storage::actions::insert_action(&pool, chained.id, &action)
+        .await
+        .expect("insert action");
+    for ev in [&plain, &plain, &plain, &chained] {
+        queue::enqueue(&pool, &new_job(ev)).await.expect("enqueue");
+    }
+    let jobs = claim(&pool, Uuid::now_v7(), 10, Duration::from_secs(60)).await;
+    assert_eq!(jobs.len(), 4);
+    let mut success = Outcome::success();
+    success.output = Some(json!({"ok": true}));
+    let runs: Vec<_> = jobs
+        .iter()
+        .enumerate()
+        // The second run reports with a stale token.
+        .map(|(i, j)| (j.id, j.lease_token + i64::from(i == 1), &success))
+        .collect();
+    let done: HashSet<Uuid> = queue::complete_successes(&pool, &runs)
+        .await
+        .expect("complete")
+        .into_iter()
+        .collect();
+    let expected: HashSet<Uuid> = jobs
+        .iter()
+        .enumerate()
+        .filter(|(i, j)| *i != 1 && j.event_id == plain.id)
+        .map(|(_, j)| j.id)
+        .collect();
+    assert_eq!(done, expected);
+    for job in &jobs {
+        let (status, output): (String, Option<serde_json::Value>) =
+            sqlx::query_as("SELECT status, output FROM jobs WHERE id = $1")
+                .bind(job.id)
+                .fetch_one(&pool)
+                .await
+                .expect("job");
+        if done.contains(&job.id) {
+            assert_eq!(status, "succeeded");
+            assert_eq!(output, Some(json!({"ok": true})));
+        } else {
+            assert_eq!(status, "claimed", "job {} must be left alone", job.id);
+        }
+    }
+}

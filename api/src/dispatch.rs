@@ -91,6 +91,9 @@ pub struct Dispatcher {
     vault: crate::crypto::Vault,
     conns: Mutex<Vec<Arc<WorkerConn>>>,
     wake: Notify,
+    /// Set when a job that is not yet due may have been queued: the next pass asks the
+    /// database when the earliest one is due instead of trusting what it learnt before.
+    due_unknown: AtomicBool,
     next_conn_id: AtomicU64,
     round_robin: AtomicUsize,
 }
@@ -103,6 +106,7 @@ impl Dispatcher {
             vault,
             conns: Mutex::new(Vec::new()),
             wake: Notify::new(),
+            due_unknown: AtomicBool::new(true),
             next_conn_id: AtomicU64::new(1),
             round_robin: AtomicUsize::new(0),
         })
@@ -111,6 +115,13 @@ impl Dispatcher {
     /// Asks the dispatch loop to look for work (cheap; coalesces).
     pub fn wake(&self) {
         self.wake.notify_one();
+    }
+
+    /// A job was queued to run later (or notifications may have been missed): the loop must
+    /// find out again when the next delayed job is due.
+    pub fn wake_for_later(&self) {
+        self.due_unknown.store(true, Ordering::SeqCst);
+        self.wake();
     }
 
     /// Registers a worker's connection; it gets work from the next dispatch pass.
@@ -171,8 +182,10 @@ impl Dispatcher {
 
     /// The dispatch loop; returns when `stop` is cancelled.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        // When the earliest delayed job is due, as last read (`None`: there was none).
+        let mut next_due = None;
         loop {
-            let sleep_for = match self.dispatch_pass().await {
+            let sleep_for = match self.dispatch_pass(&mut next_due).await {
                 Ok(sleep_for) => sleep_for,
                 Err(e) => {
                     tracing::warn!(error = %e, "dispatch pass failed; retrying shortly");
@@ -182,14 +195,18 @@ impl Dispatcher {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(sleep_for) => {}
+                // A delayed job is due, or the fallback poll: either way, read again.
+                _ = tokio::time::sleep(sleep_for) => self.due_unknown.store(true, Ordering::SeqCst),
             }
         }
     }
 
     /// Claims and pushes work until no worker with free slots gets a full batch; returns how
     /// long to sleep before the next pass if nothing wakes the loop.
-    async fn dispatch_pass(&self) -> Result<Duration, crate::storage::StorageError> {
+    async fn dispatch_pass(
+        &self,
+        next_due: &mut Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<Duration, crate::storage::StorageError> {
         loop {
             let conns = self.lock_conns().clone();
             if conns.is_empty() {
@@ -201,6 +218,11 @@ impl Dispatcher {
             let mut variables = HashMap::new();
             let mut any_full_batch = false;
             let mut any_free = false;
+            // Offers (executors, labels) whose claim came back short: the queue holds nothing
+            // more for a worker offering the same, so it is not asked again in this pass (with
+            // many alike workers and a drained queue, one claim per wake instead of one per
+            // worker).
+            let mut drained: Vec<&WorkerConn> = Vec::new();
             for i in 0..conns.len() {
                 let conn = &conns[(start + i) % conns.len()];
                 let free = conn.free_slots();
@@ -208,6 +230,12 @@ impl Dispatcher {
                     continue;
                 }
                 any_free = true;
+                if drained
+                    .iter()
+                    .any(|d| d.executors == conn.executors && d.labels == conn.labels)
+                {
+                    continue;
+                }
                 let claim_started = std::time::Instant::now();
                 let jobs = queue::claim_batch(
                     &self.pool,
@@ -226,7 +254,11 @@ impl Dispatcher {
                     took_us = claim_started.elapsed().as_micros() as u64,
                     "claimed"
                 );
-                any_full_batch |= jobs.len() == free as usize;
+                if jobs.len() == free as usize {
+                    any_full_batch = true;
+                } else {
+                    drained.push(conn);
+                }
                 for job in jobs {
                     self.push(conn, job, &mut variables).await?;
                 }
@@ -236,9 +268,22 @@ impl Dispatcher {
                     return Ok(FALLBACK_POLL);
                 }
                 // Sleep until the next delayed job is due (or the fallback, whichever is first).
-                let next = queue::next_due_at(&self.pool).await?;
-                let until_due = next
-                    .and_then(|at| (at - chrono::Utc::now()).to_std().ok())
+                // The database is asked only when that may have changed: a delayed job was
+                // queued, or the one known is due now.
+                let now = chrono::Utc::now();
+                if self.due_unknown.swap(false, Ordering::SeqCst)
+                    || next_due.is_some_and(|at| at <= now)
+                {
+                    match queue::next_due_at(&self.pool).await {
+                        Ok(at) => *next_due = at,
+                        Err(e) => {
+                            self.due_unknown.store(true, Ordering::SeqCst);
+                            return Err(e);
+                        }
+                    }
+                }
+                let until_due = next_due
+                    .and_then(|at| (at - now).to_std().ok())
                     .map_or(FALLBACK_POLL, |d| d.min(FALLBACK_POLL));
                 return Ok(until_due + Duration::from_millis(1));
             }

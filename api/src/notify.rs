@@ -97,7 +97,7 @@ pub async fn run(state: crate::AppState, stop: CancellationToken) {
             // Revocations may have been missed.
             state.tokens.clear();
             state.outbox_wake.notify_one();
-            dispatcher.wake();
+            dispatcher.wake_for_later();
             hub.publish(LogSignal::Resync);
         }
         first = false;
@@ -108,6 +108,10 @@ pub async fn run(state: crate::AppState, stop: CancellationToken) {
             };
             match note {
                 Ok(Some(note)) => match note.channel() {
+                    // The payload is the executor, with `:later` for a job not yet due.
+                    QUEUED_CHANNEL if note.payload().ends_with(":later") => {
+                        dispatcher.wake_for_later()
+                    }
                     QUEUED_CHANNEL => dispatcher.wake(),
                     OUTBOX_CHANNEL => state.outbox_wake.notify_one(),
                     REVOKED_CHANNEL => match Uuid::parse_str(note.payload()) {
@@ -129,7 +133,7 @@ pub async fn run(state: crate::AppState, stop: CancellationToken) {
                 // The connection dropped; sqlx reconnects on the next call. Resync then.
                 Ok(None) => {
                     state.tokens.clear();
-                    dispatcher.wake();
+                    dispatcher.wake_for_later();
                     hub.publish(LogSignal::Resync);
                 }
                 Err(e) => {

@@ -148,6 +148,9 @@ pub struct ApiHandle {
     pub pool: PgPool,
     /// The database's name (for [`backends_cpu`]).
     pub database: String,
+    /// The replica's live-log signals (job finished, lines stored), as its own `LISTEN`
+    /// connection receives them.
+    pub hub: baton_api::notify::LogHub,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -177,6 +180,7 @@ pub async fn start_api(
     let grpc = listen()?;
     let http_address = format!("http://{}", http.local_addr()?);
     let grpc_address = format!("http://{}", grpc.local_addr()?);
+    let hub = api.state.hub.clone();
     let (tx, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(api.serve(http, grpc, async move {
         let _ = rx.await;
@@ -186,6 +190,7 @@ pub async fn start_api(
         rest: Rest::new(http_address, ADMIN_TOKEN)?,
         pool,
         database: name.to_owned(),
+        hub,
         shutdown: Some(tx),
         server: Some(server),
     })

@@ -225,16 +225,15 @@ async fn phase(
         support::backends_cpu(&api.pool, &api.database).await?,
     );
     let stats_before = db_stats(&api).await?;
-    // Finished jobs are counted from the NOTIFY every completion sends (for live log tails)
-    // rather than by polling the table, which would load PostgreSQL during the measurement.
-    let mut finished = sqlx::postgres::PgListener::connect_with(&api.pool).await?;
-    finished.listen(baton_api::notify::LOGS_CHANNEL).await?;
+    // Finished jobs are counted from the NOTIFY every completion sends (for live log tails),
+    // as the replica's own listener passes it on, rather than by polling the table or with a
+    // second `LISTEN` connection: either would load PostgreSQL during the measurement (every
+    // notifying commit signals each listening backend).
+    let mut finished = api.hub.subscribe();
     let started = Instant::now();
     let enqueue_elapsed = enqueue_all(&api, &event, args.jobs, args.clients, args.enqueue).await?;
     wait_finished(&mut finished, &api, args.warmup_jobs + args.jobs).await?;
     let elapsed = started.elapsed();
-    // Its connection goes back to the pool, which `api.stop` closes (and waits for).
-    drop(finished);
     wait_succeeded(&api, args.warmup_jobs + args.jobs).await?;
     let cpu_after = (
         support::cpu_time("self"),
@@ -365,10 +364,10 @@ async fn enqueue_all(
     Ok(started.elapsed())
 }
 
-/// Waits until `total` jobs have finished: counts `…:done` notifications, and every second
-/// (in case one was missed) the finished rows.
+/// Waits until `total` jobs have finished: counts the replica's finish signals, and every
+/// second (or when signals were missed) the finished rows.
 async fn wait_finished(
-    listener: &mut sqlx::postgres::PgListener,
+    signals: &mut tokio::sync::broadcast::Receiver<baton_api::notify::LogSignal>,
     api: &ApiHandle,
     total: u64,
 ) -> anyhow::Result<()> {
@@ -382,13 +381,10 @@ async fn wait_finished(
             Instant::now() < deadline,
             "only {done} of {total} jobs finished after 10 minutes"
         );
-        match tokio::time::timeout_at(next_count.into(), listener.recv()).await {
-            Ok(note) => {
-                if note?.payload().ends_with(":done") {
-                    done += 1;
-                }
-            }
-            Err(_) => {
+        match tokio::time::timeout_at(next_count.into(), signals.recv()).await {
+            Ok(Ok(baton_api::notify::LogSignal::Finished { .. })) => done += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => {
                 done = finished_count(api).await?;
                 next_count = Instant::now() + Duration::from_secs(1);
             }

@@ -644,12 +644,15 @@ pub struct ReapedJob {
 
 /// Returns jobs whose lease expired to the queue (attempt + 1), or finishes them when they
 /// were being cancelled or have lost too many leases. Safe to run on every replica at once:
-/// rows are locked with SKIP LOCKED and the lease condition is rechecked by the UPDATE.
+/// rows are locked with SKIP LOCKED and the lease condition is rechecked by the UPDATE. The
+/// leased jobs are found through `jobs_status_idx` (there are at most as many as worker
+/// slots; migration 0009 says why there is no index on the lease's expiry).
 pub async fn reap_expired(db: impl PgExecutor<'_>) -> Result<Vec<ReapedJob>> {
     Ok(sqlx::query_as(
         "WITH expired AS (
              SELECT id, cancel_requested, lease_losses + 1 > $1 AS exhausted FROM jobs
-             WHERE lease_token IS NOT NULL AND lease_expires_at < now()
+             WHERE status IN ('claimed', 'running') AND lease_token IS NOT NULL
+               AND lease_expires_at < now()
              ORDER BY lease_expires_at
              LIMIT 1000
              FOR UPDATE SKIP LOCKED

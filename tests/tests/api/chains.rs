@@ -216,6 +216,36 @@ async fn a_delayed_action_queues_its_run_for_later() {
     );
 }
 
+/// A job queued for later reaches an idle worker when it is due — promptly, not at the next
+/// fallback poll (5 s): the queue notification says it is for later, so the dispatcher looks
+/// up when it is due even though it had learnt that nothing was waiting.
+#[tokio::test]
+async fn a_job_for_later_is_dispatched_when_due() {
+    let app = spawn_app().await;
+    let ev = event(&app, "soon").await;
+    let mut w = worker(&app).await;
+    // One run now, so the dispatcher has looked and found nothing else waiting.
+    app.run_event(&ev, &json!({})).await;
+    let first = assignment(&mut w).await;
+    finish(&mut w, &first, true, None, None).await;
+
+    let run_at = chrono::Utc::now() + chrono::Duration::seconds(2);
+    let job_id = app
+        .run_event(&ev, &json!({"run_at": run_at.to_rfc3339()}))
+        .await;
+    let a = assignment(&mut w).await;
+    let arrived = chrono::Utc::now();
+    assert_eq!(a.job_id, job_id);
+    assert!(
+        arrived >= run_at,
+        "dispatched {arrived} before it was due ({run_at})"
+    );
+    assert!(
+        arrived < run_at + chrono::Duration::milliseconds(2500),
+        "dispatched {arrived}, long after it was due ({run_at})"
+    );
+}
+
 #[tokio::test]
 async fn a_cycle_stops_at_the_depth_limit_with_a_recorded_reason() {
     let app = spawn_app_with(|c| c.chain_depth_limit = 3).await;

@@ -566,6 +566,16 @@ async fn enqueue_notifies_listeners_on_commit() {
         .expect("in time")
         .expect("notification");
     assert_eq!(note.payload(), "local");
+
+    // A job for later says so: dispatchers then look up when it is due.
+    let mut later = new_job(&ev);
+    later.run_at = Some(chrono::Utc::now() + chrono::Duration::seconds(60));
+    queue::enqueue(&pool, &later).await.expect("enqueue");
+    let note = tokio::time::timeout(Duration::from_secs(30), listener.recv())
+        .await
+        .expect("in time")
+        .expect("notification");
+    assert_eq!(note.payload(), "local:later");
 }
 
 /// A group of successes completes in one statement, except a run whose lease is gone (left

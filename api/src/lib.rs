@@ -25,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 pub mod actions;
+pub mod announce;
 pub mod auth;
 pub mod config;
 pub mod crypto;
@@ -59,6 +60,8 @@ pub struct AppState {
     pub outbox_wake: Arc<tokio::sync::Notify>,
     /// Tokens verified recently.
     pub tokens: Arc<token_cache::TokenCache>,
+    /// Tells the other replicas about runs queued here.
+    pub announcer: Arc<announce::Announcer>,
     /// Events recently run here (checked against their revision on every enqueue).
     pub events: Arc<event_cache::EventCache>,
     /// Encrypts and decrypts secrets at rest.

@@ -82,6 +82,7 @@ impl Api {
                 outbox_wake: Arc::new(tokio::sync::Notify::new()),
                 tokens: Arc::default(),
                 events: Arc::default(),
+                announcer: Arc::default(),
                 vault,
                 api_id: uuid::Uuid::now_v7().to_string(),
                 stop: CancellationToken::new(),
@@ -106,6 +107,11 @@ impl Api {
                 stop.clone(),
             )),
             tokio::spawn(state.dispatcher.clone().run(stop.clone())),
+            tokio::spawn({
+                let (announcer, pool, stop) =
+                    (state.announcer.clone(), state.pool.clone(), stop.clone());
+                async move { announcer.run(pool, stop).await }
+            }),
             tokio::spawn(notify::run(state.clone(), stop.clone())),
             tokio::spawn(
                 crate::outbox::Deliverer::new(

@@ -176,6 +176,25 @@ impl Harness {
 
     /// Waits (bounded) until the container of this worker's only run is there, and returns
     /// its id.
+    /// The running job's container as the engine describes it. A spare taken for the run may
+    /// turn out unusable and be replaced by a fresh container (the cold path): a container
+    /// gone by the time it is inspected is looked up again.
+    async fn inspect_running(&self) -> bollard::models::ContainerInspectResponse {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let id = self.running_container().await;
+            match self.docker.inspect_container(&id, None).await {
+                Ok(info) => return info,
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("inspect {id}: {e}"),
+            }
+        }
+    }
+
     async fn running_container(&self) -> String {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -846,12 +865,7 @@ sleep 10
         run_collect(executor.as_ref(), spec, CancellationToken::new()).await
     });
     // While it runs: what the engine says about the container.
-    let id = h.running_container().await;
-    let info = h
-        .docker
-        .inspect_container(&id, None)
-        .await
-        .expect("inspect");
+    let info = h.inspect_running().await;
     let labels = info
         .config
         .as_ref()

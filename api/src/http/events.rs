@@ -220,6 +220,18 @@ pub async fn run_event(
             done => break done?,
         }
     };
+    if enqueued.created {
+        // Inserted without a notification: wake this replica's dispatcher now and tell the
+        // others (one notification for a burst of runs).
+        // Any `run_at` counts as later: whether it is due is the database clock's call.
+        let later = request.run_at.is_some();
+        if later {
+            state.dispatcher.wake_for_later();
+        } else {
+            state.dispatcher.wake();
+        }
+        state.announcer.queued(later);
+    }
     Ok((
         StatusCode::ACCEPTED,
         axum::Json(RunAccepted {

@@ -62,6 +62,10 @@ pub async fn enqueue(db: impl PgExecutor<'_>, job: &NewJob<'_>) -> Result<Enqueu
 
 /// [`enqueue`], recording `entry` in the audit log when the job is new (its target is the new
 /// job, whatever `entry` says), in the same statement: one round trip for `POST /events/{id}/run`.
+///
+/// The row trigger does not `NOTIFY` for this job: the caller announces it once the statement
+/// committed (`crate::announce`), so a burst of runs costs one notification instead of one per
+/// job. Use it only outside an explicit transaction (the quiet setting lasts until commit).
 pub async fn enqueue_audited(
     db: impl PgExecutor<'_>,
     job: &NewJob<'_>,
@@ -85,13 +89,17 @@ async fn insert_job(
     // (DO NOTHING would return nothing under a race); `xmax = 0` tells a fresh insert apart.
     // The audit row ($15…) is written only for a fresh insert, and only when an action is given.
     // The job is inserted only while the event is at the revision `spec` was taken from ($19):
-    // the caller's copy may come from a cache.
+    // the caller's copy may come from a cache. With an audit entry the caller announces the
+    // job itself: `quiet` sets `baton.announced` for this transaction before the row is
+    // inserted, and the `jobs_notify_queued` trigger skips such rows (migration 0010).
     let row: Option<(Uuid, bool)> = sqlx::query_as(
-        "WITH job AS (
+        "WITH quiet AS (
+             SELECT CASE WHEN $16 IS NOT NULL THEN set_config('baton.announced', 'on', true) END
+         ), job AS (
              INSERT INTO jobs (id, event_id, status, priority, run_at, max_attempts, idempotency_key,
                                executor, labels, spec, input, parent_job_id, root_job_id, depth, created_by)
              SELECT $1, e.id, 'queued', $3, coalesce($4, now()), $5, $6, $7, $8, $9, $10, $11, $12, $13, $14
-             FROM events e WHERE e.id = $2 AND e.revision = $19
+             FROM events e CROSS JOIN quiet WHERE e.id = $2 AND e.revision = $19
              ON CONFLICT (event_id, idempotency_key) DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key
              RETURNING id, (xmax = 0) AS created
          ), audited AS (

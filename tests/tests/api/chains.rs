@@ -246,6 +246,29 @@ async fn a_job_for_later_is_dispatched_when_due() {
     );
 }
 
+/// A run queued through one replica reaches a worker connected to another promptly: the
+/// queuing replica announces it (one notification per burst of runs), well before the other's
+/// fallback poll (5 s) would find it.
+#[tokio::test]
+async fn a_run_queued_on_one_replica_reaches_a_worker_on_another() {
+    let app = spawn_app().await;
+    let other = baton_tests::spawn_replica(app.database_url.clone(), |_| {}).await;
+    let ev = event(&app, "across").await;
+    let mut w = worker(&other).await;
+    for _ in 0..3 {
+        let queued_at = std::time::Instant::now();
+        let job_id = app.run_event(&ev, &json!({})).await;
+        let a = assignment(&mut w).await;
+        assert_eq!(a.job_id, job_id);
+        assert!(
+            queued_at.elapsed() < Duration::from_millis(2500),
+            "took {:?} to reach the other replica's worker",
+            queued_at.elapsed()
+        );
+        finish(&mut w, &a, true, None, None).await;
+    }
+}
+
 #[tokio::test]
 async fn a_cycle_stops_at_the_depth_limit_with_a_recorded_reason() {
     let app = spawn_app_with(|c| c.chain_depth_limit = 3).await;

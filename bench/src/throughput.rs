@@ -72,8 +72,9 @@ pub struct Args {
     /// Job kinds, one phase per kind and worker count.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "noop,exec")]
     kinds: Vec<Kind>,
-    /// Jobs per measured phase.
-    #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Jobs per measured phase (as many as the raw loop's, so both are steady-state figures:
+    /// a shorter phase is dominated by a fresh replica's first seconds).
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
     jobs: u64,
     /// Worker counts, one phase each.
     #[arg(long, value_delimiter = ',', default_value = "1,4")]

@@ -5,11 +5,13 @@
 //! A run queued through `POST /events/{id}/run` is inserted without one
 //! ([`crate::storage::queue::enqueue_audited`]); the handler wakes this replica's dispatcher
 //! in-process and asks the announcer to tell the other replicas. The announcer sends one
-//! notification at a time: the runs queued while one is on its way share the next. If this
-//! replica dies between a run's commit and its announcement, the other replicas find the job
-//! on their fallback poll (seconds), and nothing is lost.
+//! notification at a time: the runs queued while one is on its way share the next. A failed
+//! notification is sent again (after a short pause). If this replica dies between a run's
+//! commit and its announcement, the other replicas find the job on their fallback poll
+//! (seconds), and nothing is lost.
 
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::sync::Notify;
@@ -19,6 +21,8 @@ use crate::storage::queue::QUEUED_CHANNEL;
 
 const DUE_NOW: u8 = 1;
 const LATER: u8 = 2;
+/// The pause before a failed notification is sent again.
+const RETRY_AFTER: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Default)]
 pub struct Announcer {
@@ -35,24 +39,33 @@ impl Announcer {
         self.wake.notify_one();
     }
 
-    /// Sends the announcements until `stop`, then the last one owed.
+    /// Sends the announcements until `stop`, then the last one owed. The replica stops it
+    /// after its HTTP server drained, so runs queued during the drain are announced too.
     pub async fn run(&self, pool: PgPool, stop: CancellationToken) {
         loop {
             let stopping = tokio::select! {
                 _ = stop.cancelled() => true,
                 _ = self.wake.notified() => false,
             };
-            self.announce(&pool).await;
+            if !self.announce(&pool).await && !stopping {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(RETRY_AFTER) => {}
+                }
+                self.wake.notify_one();
+                continue;
+            }
             if stopping {
                 return;
             }
         }
     }
 
-    async fn announce(&self, pool: &PgPool) {
+    /// Sends what is owed, if anything; false when that failed (it stays owed).
+    async fn announce(&self, pool: &PgPool) -> bool {
         let pending = self.pending.swap(0, Ordering::SeqCst);
         if pending == 0 {
-            return;
+            return true;
         }
         // The payload names no executor (dispatchers do not filter on it); `:later` makes
         // them look up when the next delayed job is due.
@@ -67,7 +80,10 @@ impl Announcer {
             .execute(pool)
             .await
         {
-            tracing::warn!(error = %e, "could not announce queued jobs; other replicas find them on their fallback poll");
+            tracing::warn!(error = %e, "could not announce queued jobs; trying again");
+            self.pending.fetch_or(pending, Ordering::SeqCst);
+            return false;
         }
+        true
     }
 }

@@ -24,6 +24,9 @@ use crate::storage::queue::{self, ClaimRequest, ClaimedJob};
 
 /// How often the dispatcher looks for work even without a notification.
 const FALLBACK_POLL: Duration = Duration::from_secs(5);
+/// How soon to look again for a delayed job the database does not yet consider due although
+/// this host's clock says it is.
+const CLOCK_SKEW_RETRY: Duration = Duration::from_millis(20);
 
 /// The sending half of a worker's stream.
 pub type WorkerTx = mpsc::Sender<Result<ServerMessage, tonic::Status>>;
@@ -282,8 +285,10 @@ impl Dispatcher {
                         }
                     }
                 }
+                // A time already past (this host's clock ahead of the database's): look again
+                // shortly rather than at the fallback poll.
                 let until_due = next_due
-                    .and_then(|at| (at - now).to_std().ok())
+                    .map(|at| (at - now).to_std().unwrap_or(CLOCK_SKEW_RETRY))
                     .map_or(FALLBACK_POLL, |d| d.min(FALLBACK_POLL));
                 return Ok(until_due + Duration::from_millis(1));
             }

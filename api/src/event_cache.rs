@@ -4,7 +4,7 @@
 //! still at the entry's revision (`events.revision`, checked in the same statement). A stale
 //! entry — the event changed or was deleted, on any replica — makes the enqueue insert
 //! nothing; the caller then forgets it and reads the event again. So no invalidation message is
-//! needed and a job never snapshots a replaced definition.
+//! needed and a job is never made from a definition replaced before its insert began.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -100,6 +100,8 @@ impl Api {
     ) -> anyhow::Result<()> {
         let state = self.state;
         let stop = state.stop.clone();
+        // Stopped only once the HTTP server drained: runs queued until then are announced.
+        let announcer_stop = CancellationToken::new();
         let background = [
             tokio::spawn(reaper::run(
                 state.pool.clone(),
@@ -108,8 +110,11 @@ impl Api {
             )),
             tokio::spawn(state.dispatcher.clone().run(stop.clone())),
             tokio::spawn({
-                let (announcer, pool, stop) =
-                    (state.announcer.clone(), state.pool.clone(), stop.clone());
+                let (announcer, pool, stop) = (
+                    state.announcer.clone(),
+                    state.pool.clone(),
+                    announcer_stop.clone(),
+                );
                 async move { announcer.run(pool, stop).await }
             }),
             tokio::spawn(notify::run(state.clone(), stop.clone())),
@@ -151,6 +156,7 @@ impl Api {
             .with_graceful_shutdown(async move { http_stop.cancelled().await });
         let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
         stop.cancel();
+        announcer_stop.cancel();
         for task in background {
             let _ = task.await;
         }

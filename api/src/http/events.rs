@@ -175,7 +175,9 @@ pub struct RunAccepted {
 
 #[utoipa::path(post, path = "/api/v1/events/{id}/run", tag = "events", params(("id" = Uuid, Path)),
     request_body(content = Option<RunRequest>, description = "optional"),
-    responses((status = 202, body = RunAccepted), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses((status = 202, body = RunAccepted), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "event_changed: the event changed twice while the run was being queued; try again"),
+        (status = 422, body = ErrorBody)))]
 pub async fn run_event(
     State(state): State<AppState>,
     caller: Caller,
@@ -190,6 +192,13 @@ pub async fn run_event(
     // audit row are inserted together, only if the event is still at the cached revision.
     // Otherwise the event is read again and the insert retried once.
     let mut event = state.events.get(&state.pool, id).await?;
+    // The insert does not notify: this guard announces the run when the handler ends, also
+    // if the request is dropped while the insert is in flight (it may have committed).
+    let mut announce = Announce {
+        state: &state,
+        later: request.run_at.is_some(),
+        armed: true,
+    };
     let mut input = request.input.take().unwrap_or_else(|| json!({}));
     let mut second_try = false;
     let enqueued = loop {
@@ -217,21 +226,16 @@ pub async fn run_event(
                 state.events.forget(id);
                 event = state.events.load(&state.pool, id).await?;
             }
-            done => break done?,
+            Err(e) => {
+                // A database error may have hit the commit itself: announce then, to be sure.
+                announce.armed = matches!(e, StorageError::Database(_));
+                return Err(e.into());
+            }
+            Ok(done) => break done,
         }
     };
-    if enqueued.created {
-        // Inserted without a notification: wake this replica's dispatcher now and tell the
-        // others (one notification for a burst of runs).
-        // Any `run_at` counts as later: whether it is due is the database clock's call.
-        let later = request.run_at.is_some();
-        if later {
-            state.dispatcher.wake_for_later();
-        } else {
-            state.dispatcher.wake();
-        }
-        state.announcer.queued(later);
-    }
+    // A repeat of an idempotent run queued nothing new.
+    announce.armed = enqueued.created;
     Ok((
         StatusCode::ACCEPTED,
         axum::Json(RunAccepted {
@@ -239,4 +243,28 @@ pub async fn run_event(
             created: enqueued.created,
         }),
     ))
+}
+
+/// Announces a run queued through the REST API when dropped (see [`crate::announce`]): wakes
+/// this replica's dispatcher and tells the others. An announcement of a run that did not
+/// commit only costs a dispatch pass.
+struct Announce<'a> {
+    state: &'a AppState,
+    /// Any `run_at` counts as later: whether it is due is the database clock's call.
+    later: bool,
+    armed: bool,
+}
+
+impl Drop for Announce<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if self.later {
+            self.state.dispatcher.wake_for_later();
+        } else {
+            self.state.dispatcher.wake();
+        }
+        self.state.announcer.queued(self.later);
+    }
 }

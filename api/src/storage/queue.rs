@@ -8,7 +8,9 @@
 //!   worker names the token and is refused ([`StorageError::LeaseLost`]) if it is not current or
 //!   the lease has expired;
 //! - a row trigger sends `NOTIFY baton_job_queued` whenever a job becomes `queued`, in the
-//!   same transaction, so dispatchers wake on commit and never poll for work.
+//!   same transaction, so dispatchers wake on commit and never poll for work — except for runs
+//!   queued through the REST API, which their replica announces once per burst
+//!   (`crate::announce`; a lost announcement is covered by the dispatchers' fallback poll).
 
 use chrono::{DateTime, Utc};
 use rand::Rng;
@@ -66,6 +68,8 @@ pub async fn enqueue(db: impl PgExecutor<'_>, job: &NewJob<'_>) -> Result<Enqueu
 /// The row trigger does not `NOTIFY` for this job: the caller announces it once the statement
 /// committed (`crate::announce`), so a burst of runs costs one notification instead of one per
 /// job. Use it only outside an explicit transaction (the quiet setting lasts until commit).
+/// The job is inserted only while the event is still at `job.event`'s revision (the caller's
+/// copy may be cached): [`StorageError::EventChanged`] otherwise.
 pub async fn enqueue_audited(
     db: impl PgExecutor<'_>,
     job: &NewJob<'_>,
@@ -88,9 +92,9 @@ async fn insert_job(
     // The no-op DO UPDATE makes a conflicting insert wait for and return the existing row
     // (DO NOTHING would return nothing under a race); `xmax = 0` tells a fresh insert apart.
     // The audit row ($15…) is written only for a fresh insert, and only when an action is given.
-    // The job is inserted only while the event is at the revision `spec` was taken from ($19):
-    // the caller's copy may come from a cache. With an audit entry the caller announces the
-    // job itself: `quiet` sets `baton.announced` for this transaction before the row is
+    // With an audit entry (the REST path, whose copy of the event may come from a cache) the
+    // job is inserted only while the event is at the revision `spec` was taken from ($19), and
+    // the caller announces the job itself: `quiet` sets `baton.announced` for this transaction before the row is
     // inserted, and the `jobs_notify_queued` trigger skips such rows (migration 0010).
     let row: Option<(Uuid, bool)> = sqlx::query_as(
         "WITH quiet AS (
@@ -99,7 +103,8 @@ async fn insert_job(
              INSERT INTO jobs (id, event_id, status, priority, run_at, max_attempts, idempotency_key,
                                executor, labels, spec, input, parent_job_id, root_job_id, depth, created_by)
              SELECT $1, e.id, 'queued', $3, coalesce($4, now()), $5, $6, $7, $8, $9, $10, $11, $12, $13, $14
-             FROM events e CROSS JOIN quiet WHERE e.id = $2 AND e.revision = $19
+             FROM events e CROSS JOIN quiet
+             WHERE e.id = $2 AND ($19::bigint IS NULL OR e.revision = $19)
              ON CONFLICT (event_id, idempotency_key) DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key
              RETURNING id, (xmax = 0) AS created
          ), audited AS (
@@ -126,7 +131,7 @@ async fn insert_job(
     .bind(audit.map(|a| a.action))
     .bind(audit.map(|a| Json(&a.detail)))
     .bind(audit.and_then(|a| a.token_id))
-    .bind(job.event.revision)
+    .bind(audit.map(|_| job.event.revision))
     .fetch_optional(db)
     .await
     .map_err(|e| match e {
@@ -136,7 +141,12 @@ async fn insert_job(
         }
         other => other.into(),
     })?;
-    let row = row.ok_or(StorageError::EventChanged(job.event.id))?;
+    let row = row.ok_or(if audit.is_some() {
+        StorageError::EventChanged(job.event.id)
+    } else {
+        // Without a revision to match, only a deleted event inserts nothing.
+        StorageError::EventNotFound(job.event.id)
+    })?;
     Ok(Enqueued {
         job_id: row.0,
         created: row.1,

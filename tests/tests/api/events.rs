@@ -387,3 +387,37 @@ async fn a_run_uses_the_definition_changed_or_deleted_on_another_replica() {
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     assert_eq!(body["error"]["code"], "event_not_found");
 }
+
+/// A run queued through the REST API is announced by its replica, not by the row trigger:
+/// listeners get the replica's `any` (once per burst), never the trigger's per-job `local`.
+#[tokio::test]
+async fn a_run_is_announced_by_its_replica_not_by_the_row_trigger() {
+    let app = spawn_app().await;
+    let ev = app.create_event(&bash_event("announced")).await;
+    let id = ev["id"].as_str().expect("id").to_owned();
+    let mut listener = sqlx::postgres::PgListener::connect_with(&app.pool)
+        .await
+        .expect("listener");
+    listener
+        .listen(baton_api::storage::queue::QUEUED_CHANNEL)
+        .await
+        .expect("listen");
+    app.run_event(&id, &json!({})).await;
+    let wait = std::time::Duration::from_secs(30);
+    let note = tokio::time::timeout(wait, listener.recv())
+        .await
+        .expect("in time")
+        .expect("notification");
+    assert_eq!(note.payload(), "any");
+    // A delayed run says so.
+    let later = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    app.run_event(&id, &json!({"run_at": later})).await;
+    let note = tokio::time::timeout(wait, listener.recv())
+        .await
+        .expect("in time")
+        .expect("notification");
+    assert_eq!(note.payload(), "any:later");
+    // Nothing else arrived: the trigger stayed quiet for both inserts.
+    let extra = tokio::time::timeout(std::time::Duration::from_millis(300), listener.recv()).await;
+    assert!(extra.is_err(), "unexpected notification: {extra:?}");
+}

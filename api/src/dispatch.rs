@@ -239,7 +239,6 @@ impl Dispatcher {
                 {
                     continue;
                 }
-                let claim_started = std::time::Instant::now();
                 let jobs = queue::claim_batch(
                     &self.pool,
                     &ClaimRequest {
@@ -251,12 +250,6 @@ impl Dispatcher {
                     },
                 )
                 .await?;
-                tracing::trace!(
-                    free,
-                    claimed = jobs.len(),
-                    took_us = claim_started.elapsed().as_micros() as u64,
-                    "claimed"
-                );
                 if jobs.len() == free as usize {
                     any_full_batch = true;
                 } else {

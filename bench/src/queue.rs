@@ -553,7 +553,8 @@ const CLAIM_SQL: &str =
                 parent_job_id, root_job_id, last_log_seq
          FROM claim_jobs($1, $2, $3, $4, $5)";
 
-/// [`queue::complete`]'s statement for a success, sent without a transaction around it.
+/// A success's completion as one plain autocommitted `UPDATE` (the module sets the same
+/// columns, from arrays, in `queue::complete`'s one statement for a success).
 const COMPLETE_SUCCESS_SQL: &str =
     "UPDATE jobs SET status = 'succeeded', dead = false, finished_at = now(),
              started_at = coalesce(started_at, now()),

@@ -223,7 +223,7 @@ pub async fn run_event(
             Err(StorageError::EventChanged(_) | StorageError::EventNotFound(_)) if !second_try => {
                 second_try = true;
                 input = job.input;
-                state.events.forget(id);
+                // Replaces the stale entry (or forgets it if the event is gone).
                 event = state.events.load(&state.pool, id).await?;
             }
             Err(e) => {

@@ -466,26 +466,8 @@ async fn complete_success(
     token: i64,
     outcome: &Outcome,
 ) -> Result<Option<Completion>> {
-    let has_actions: Option<bool> = sqlx::query_scalar(
-        "UPDATE jobs SET status = 'succeeded', dead = false, finished_at = now(),
-             started_at = coalesce(started_at, now()),
-             lease_token = NULL, lease_expires_at = NULL, completed_token = $2,
-             exit_code = $3, exit_signal = $4, error_kind = NULL, error_message = NULL,
-             output = $5, condition = $6, progress = 100
-         WHERE id = $1 AND lease_token = $2 AND lease_expires_at > now()
-           AND status IN ('claimed', 'running') AND last_log_seq >= $7
-         RETURNING EXISTS (SELECT 1 FROM event_actions a WHERE a.event_id = jobs.event_id)",
-    )
-    .bind(job_id)
-    .bind(token)
-    .bind(outcome.exit_code)
-    .bind(outcome.exit_signal)
-    .bind(outcome.output.as_ref().map(Json))
-    .bind(outcome.condition)
-    .bind(outcome.last_log_seq.unwrap_or(0))
-    .fetch_optional(conn)
-    .await?;
-    Ok(has_actions.map(|has_actions| Completion::Finished {
+    let done = succeed(conn, &[(job_id, token, outcome)], true).await?;
+    Ok(done.first().map(|&(_, has_actions)| Completion::Finished {
         status: JobStatus::Succeeded,
         dead: false,
         has_actions,
@@ -501,6 +483,18 @@ pub async fn complete_successes(
     db: impl PgExecutor<'_>,
     runs: &[(Uuid, i64, &Outcome)],
 ) -> Result<Vec<Uuid>> {
+    let done = succeed(db, runs, false).await?;
+    Ok(done.into_iter().map(|(id, _)| id).collect())
+}
+
+/// Records `runs` as succeeded, each only under its live lease with every line stored (and,
+/// unless `with_actions`, only if its event has no actions). Returns the jobs completed, each
+/// with whether its event has actions.
+async fn succeed(
+    db: impl PgExecutor<'_>,
+    runs: &[(Uuid, i64, &Outcome)],
+    with_actions: bool,
+) -> Result<Vec<(Uuid, bool)>> {
     let mut ids = Vec::with_capacity(runs.len());
     let mut tokens = Vec::with_capacity(runs.len());
     let mut exit_codes = Vec::with_capacity(runs.len());
@@ -518,8 +512,7 @@ pub async fn complete_successes(
         conditions.push(outcome.condition);
         last_seqs.push(outcome.last_log_seq.unwrap_or(0));
     }
-    // The same change as `complete_success`, row by row from the arrays.
-    Ok(sqlx::query_scalar(
+    Ok(sqlx::query_as(
         "UPDATE jobs SET status = 'succeeded', dead = false, finished_at = now(),
              started_at = coalesce(started_at, now()),
              lease_token = NULL, lease_expires_at = NULL, completed_token = r.token,
@@ -529,8 +522,9 @@ pub async fn complete_successes(
                      $7::bigint[]) AS r(id, token, exit_code, exit_signal, output, condition, last_seq)
          WHERE jobs.id = r.id AND jobs.lease_token = r.token AND jobs.lease_expires_at > now()
            AND jobs.status IN ('claimed', 'running') AND jobs.last_log_seq >= r.last_seq
-           AND NOT EXISTS (SELECT 1 FROM event_actions a WHERE a.event_id = jobs.event_id)
-         RETURNING jobs.id",
+           AND ($8 OR NOT EXISTS (SELECT 1 FROM event_actions a WHERE a.event_id = jobs.event_id))
+         RETURNING jobs.id,
+                   $8 AND EXISTS (SELECT 1 FROM event_actions a WHERE a.event_id = jobs.event_id)",
     )
     .bind(ids)
     .bind(tokens)
@@ -539,6 +533,7 @@ pub async fn complete_successes(
     .bind(outputs)
     .bind(conditions)
     .bind(last_seqs)
+    .bind(with_actions)
     .fetch_all(db)
     .await?)
 }

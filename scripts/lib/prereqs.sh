@@ -40,3 +40,28 @@ ensure_docker() {
     exit 1
   fi
 }
+
+# schemathesis (PyPI) for the OpenAPI fuzz test, in a virtual environment outside the clone,
+# pinned and cached by version. Exports BATON_SCHEMATHESIS for tests/tests/fuzz.rs.
+SCHEMATHESIS_VERSION=4.32.5
+ensure_schemathesis() {
+  local venv="${BATON_CACHE_DIR:-$HOME/.cache/baton}/venv-schemathesis-$SCHEMATHESIS_VERSION"
+  if [ ! -x "$venv/bin/schemathesis" ]; then
+    echo "==> installing schemathesis $SCHEMATHESIS_VERSION into $venv"
+    rm -rf "$venv"
+    if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+      if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+      else
+        echo "python3 cannot create a virtual environment: install python3-venv" >&2
+        exit 1
+      fi
+    fi
+    "$venv/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+  fi
+  export BATON_SCHEMATHESIS="$venv/bin/schemathesis"
+}

@@ -6,6 +6,7 @@ mod events;
 mod extract;
 mod health;
 mod jobs;
+mod openapi;
 mod servers;
 mod stream;
 mod tokens;
@@ -20,7 +21,6 @@ use serde::Serialize;
 use serde_json::Value;
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -29,31 +29,10 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::storage::audit::{self, AuditEntry};
 
-#[derive(OpenApi)]
-#[openapi(
-    info(title = "Baton API", description = "Queue, run and chain jobs on Baton's workers."),
-    modifiers(&BearerAuth),
-    security(("bearer" = [])),
-    components(schemas(crate::error::ErrorBody))
-)]
-struct ApiDoc;
-
-struct BearerAuth;
-
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        );
-    }
-}
-
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.body_limit_bytes;
-    let (api, spec) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (api, spec) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .routes(routes!(events::create_event, events::list_events))
         .routes(routes!(
             events::get_event,
@@ -82,7 +61,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .split_for_parts();
-    let spec = std::sync::Arc::new(spec);
+    let spec = std::sync::Arc::new(openapi::with_common_responses(spec));
     api.route(
         "/api/v1/openapi.json",
         axum::routing::get(move || {

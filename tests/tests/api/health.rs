@@ -56,6 +56,35 @@ async fn openapi_documents_every_route() {
 }
 
 #[tokio::test]
+async fn openapi_declares_the_answers_every_operation_can_give() {
+    let app = spawn_app().await;
+    let (status, spec) = send(app.anonymous(Method::GET, "/api/v1/openapi.json")).await;
+    assert_eq!(status, StatusCode::OK);
+    let paths = spec["paths"].as_object().expect("paths");
+    let mut checked = 0;
+    for (path, item) in paths {
+        for (method, op) in item.as_object().expect("path item") {
+            let responses = op["responses"].as_object().expect("responses");
+            let public = path == "/healthz" || path == "/readyz";
+            for status in ["401", "403", "429"] {
+                assert_eq!(
+                    responses.contains_key(status),
+                    !public,
+                    "{method} {path}: {status} documented? {responses:?}"
+                );
+            }
+            if op.get("requestBody").is_some() {
+                for status in ["400", "413", "422"] {
+                    assert!(responses.contains_key(status), "{method} {path}: {status}");
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 20, "only {checked} operations in the document");
+}
+
+#[tokio::test]
 async fn metrics_report_queue_depth_in_prometheus_format() {
     let app = spawn_app().await;
     let ev = app.create_event(&baton_tests::bash_event("m")).await;

@@ -38,6 +38,7 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod outbox;
+pub mod process;
 pub mod reaper;
 pub mod secrets;
 pub mod server;

@@ -386,6 +386,44 @@ impl Cluster {
         Ok(())
     }
 
+    /// Crashes the server and starts it again on the same port: `pg_ctl restart -m immediate`
+    /// (every backend is killed without a checkpoint, as in a power cut or an OOM kill, and
+    /// the server recovers from its WAL on start). For fault tests: every client connection
+    /// breaks, and clients must reconnect by themselves.
+    pub fn restart_immediate(&self) -> Result<(), DevDbError> {
+        let state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !state.running {
+            return Err(DevDbError::Io {
+                context: "restarting the private PostgreSQL cluster".into(),
+                source: std::io::Error::other("the cluster was stopped"),
+            });
+        }
+        // `restart` reuses the options of the last start (postmaster.opts): same port, socket
+        // directory and settings.
+        let out = self
+            .owner
+            .command(self.bins.bin("pg_ctl"))
+            .arg("restart")
+            .arg("-D")
+            .arg(&self.data_dir)
+            .arg("-l")
+            .arg(&self.log_file)
+            .args(["-m", "immediate", "-w", "-t", "60"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(DevDbError::io("running pg_ctl restart"))?;
+        if !out.status.success() {
+            return Err(DevDbError::Io {
+                context: "pg_ctl restart -m immediate".into(),
+                source: std::io::Error::other(output_text(&out)),
+            });
+        }
+        Ok(())
+    }
+
     async fn admin_connection(&self) -> Result<PgConnection, DevDbError> {
         let opts = PgConnectOptions::new_without_pgpass()
             .host("127.0.0.1")

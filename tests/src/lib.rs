@@ -145,6 +145,30 @@ pub async fn spawn_replica_on(
     }
 }
 
+/// A handle on a replica that runs elsewhere (another process): the same request helpers as
+/// [`spawn_app`]'s, a pool on its database, and nothing to stop.
+pub async fn attach(address: String, grpc_address: String, database_url: String) -> TestApp {
+    init_tracing();
+    let pool = PgPoolOptions::new()
+        .max_connections(5)
+        .connect(&database_url)
+        .await
+        .expect("connect to the replica's database");
+    TestApp {
+        address,
+        grpc_address,
+        admin_token: ADMIN_TOKEN.to_owned(),
+        pool,
+        database_url,
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("http client"),
+        shutdown: None,
+        server: None,
+    }
+}
+
 /// Binds 127.0.0.1:`port`, retrying for a while: a port just released by a stopped replica
 /// may take a moment to be free again.
 async fn bind_retrying(port: u16) -> tokio::net::TcpListener {

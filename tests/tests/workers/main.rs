@@ -2,6 +2,7 @@
 //! where a test kills them), real processes — and nothing lost when things fail.
 
 mod chains;
+mod chaos;
 mod container;
 mod container_reaping;
 mod failover;

@@ -182,3 +182,88 @@ pub fn alive(pid: i32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
         && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
 }
+
+/// An api replica in its own process (so it can be killed for real), on an existing database,
+/// with the harness's admin token and master key.
+pub struct ApiProcess {
+    pub child: Child,
+    pub address: String,
+    pub grpc_address: String,
+}
+
+impl ApiProcess {
+    /// Starts `baton-test-api` on free loopback ports with `env` (e.g. `BATON_LEASE_SECONDS`)
+    /// and waits until it answers `/healthz`.
+    pub async fn start(database_url: &str, env: &[(&str, &str)]) -> Self {
+        // A port found free may be taken before the process binds it: then it exits, and we
+        // try other ports.
+        for _ in 0..5 {
+            let (http, grpc) = (free_port(), free_port());
+            let mut child = Command::new(env!("CARGO_BIN_EXE_baton-test-api"))
+                .env("BATON_DATABASE_URL", database_url)
+                .env("BATON_LISTEN", format!("127.0.0.1:{http}"))
+                .env("BATON_GRPC_LISTEN", format!("127.0.0.1:{grpc}"))
+                .env("BATON_ADMIN_TOKEN", baton_tests::ADMIN_TOKEN)
+                .env("BATON_MASTER_KEY", baton_tests::MASTER_KEY)
+                .envs(env.iter().copied())
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("start the api process");
+            let address = format!("http://127.0.0.1:{http}");
+            let client = reqwest::Client::new();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                if child.try_wait().expect("wait").is_some() {
+                    break; // exited: try other ports
+                }
+                let up = client
+                    .get(format!("{address}/healthz"))
+                    .timeout(Duration::from_secs(2))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
+                if up {
+                    return Self {
+                        child,
+                        address,
+                        grpc_address: format!("http://127.0.0.1:{grpc}"),
+                    };
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the api process did not come up"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        panic!("the api process kept exiting at start");
+    }
+
+    /// A request handle on this replica.
+    pub async fn app(&self, database_url: &str) -> TestApp {
+        baton_tests::attach(
+            self.address.clone(),
+            self.grpc_address.clone(),
+            database_url.to_owned(),
+        )
+        .await
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ApiProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}

@@ -1,0 +1,354 @@
+//! Chaos: real `baton-api` and `baton-worker` processes and a real PostgreSQL, each fault
+//! injected for real (SIGKILL, SIGSTOP/SIGCONT, a crash-restart of the database), each test
+//! bounded by deadlines and stopping by itself. What Baton promises under each fault is in
+//! docs/architecture.md ("Faults and what Baton promises").
+
+use std::time::Duration;
+
+use baton_tests::test_database;
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+use sqlx::Row;
+use uuid::Uuid;
+
+use crate::support::{ApiProcess, WorkerProcess, all_lines, local_event, wait_job};
+
+/// Lease and reaper settings that make a lost worker visible within seconds.
+const SHORT_LEASE: [(&str, &str); 2] = [
+    ("BATON_LEASE_SECONDS", "3"),
+    ("BATON_REAPER_INTERVAL_SECONDS", "0.2"),
+];
+
+/// Every job of `event_id`, as `(id, status, attempt, worker_id)`.
+async fn jobs_of(pool: &sqlx::PgPool, event_id: &str) -> Vec<(Uuid, String, i32, Option<Uuid>)> {
+    sqlx::query(
+        "SELECT id, status::text AS status, attempt, worker_id FROM jobs WHERE event_id = $1::uuid ORDER BY id",
+    )
+    .bind(event_id)
+    .fetch_all(pool)
+    .await
+    .expect("jobs")
+    .into_iter()
+    .map(|r| {
+        (
+            r.get("id"),
+            r.get("status"),
+            r.get("attempt"),
+            r.get("worker_id"),
+        )
+    })
+    .collect()
+}
+
+/// Waits until `check(jobs)` holds for the event's jobs (180 s at most).
+async fn wait_jobs(
+    pool: &sqlx::PgPool,
+    event_id: &str,
+    what: &str,
+    check: impl Fn(&[(Uuid, String, i32, Option<Uuid>)]) -> bool,
+) -> Vec<(Uuid, String, i32, Option<Uuid>)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let jobs = jobs_of(pool, event_id).await;
+        if check(&jobs) {
+            return jobs;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: never happened; jobs: {jobs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn texts(lines: &[Value]) -> Vec<String> {
+    lines
+        .iter()
+        .filter_map(|l| l["text"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_worker_killed_with_50_runs_in_flight_loses_none_and_records_each_once() {
+    let db = test_database().await;
+    let api = ApiProcess::start(&db, &SHORT_LEASE).await;
+    let app = api.app(&db).await;
+    // The first attempts wait for `go`, created only after their worker is dead.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let go = dir.path().join("go");
+    let ev = local_event(
+        &app,
+        "in-flight",
+        "sh",
+        &format!(
+            "echo start; while [ ! -e {} ]; do sleep 0.1; done; echo done",
+            go.display()
+        ),
+    )
+    .await;
+    let mut first = WorkerProcess::start(&app, 50).await;
+    let mut ids = Vec::new();
+    for _ in 0..50 {
+        ids.push(app.run_event(&ev, &json!({})).await);
+    }
+    wait_jobs(&app.pool, &ev, "50 runs in flight", |jobs| {
+        jobs.len() == 50 && jobs.iter().all(|j| j.1 == "running")
+    })
+    .await;
+    first.signal(Signal::SIGKILL);
+    assert!(!first.wait().await, "killed");
+    let killed_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&app.pool)
+        .await
+        .expect("now");
+    std::fs::write(&go, "").expect("go");
+    let second = WorkerProcess::start(&app, 50).await;
+
+    let jobs = wait_jobs(&app.pool, &ev, "every run finished", |jobs| {
+        jobs.iter()
+            .all(|j| !matches!(j.1.as_str(), "queued" | "claimed" | "running"))
+    })
+    .await;
+    assert_eq!(jobs.len(), 50, "no run lost, none added");
+    for (id, status, attempt, _) in &jobs {
+        assert_eq!(status, "succeeded", "job {id}");
+        assert_eq!(*attempt, 2, "job {id} ran once more after the kill");
+    }
+    // Reassigned within the lease + 5 s of the kill.
+    let late: Vec<(Uuid, f64)> = sqlx::query_as(
+        "SELECT id, extract(epoch FROM claimed_at - $2)::float8 FROM jobs
+         WHERE event_id = $1::uuid AND claimed_at > $2 + interval '8 seconds'",
+    )
+    .bind(&ev)
+    .bind(killed_at)
+    .fetch_all(&app.pool)
+    .await
+    .expect("claims");
+    assert!(late.is_empty(), "claimed later than lease + 5 s: {late:?}");
+    // Each completion recorded once: one `done`, after the retry's marker.
+    for id in &ids {
+        let lines = texts(&all_lines(&app, id).await);
+        assert_eq!(
+            lines.iter().filter(|t| *t == "done").count(),
+            1,
+            "job {id}: {lines:?}"
+        );
+        assert!(
+            lines.iter().any(|t| t.contains("attempt 2")),
+            "job {id}: {lines:?}"
+        );
+    }
+    drop(second);
+}
+
+#[tokio::test]
+async fn a_worker_paused_past_its_lease_is_replaced_and_its_late_completion_refused() {
+    let db = test_database().await;
+    let api = ApiProcess::start(&db, &SHORT_LEASE).await;
+    let app = api.app(&db).await;
+    let (w1, w2) = (Uuid::now_v7(), Uuid::now_v7());
+    let worker = |id: Uuid, label: &'static str| {
+        let app = &app;
+        async move {
+            WorkerProcess::start_with_args(
+                app,
+                1,
+                &[
+                    "--allow-local",
+                    "--no-container",
+                    "--worker-id",
+                    &id.to_string(),
+                    "--labels",
+                    label,
+                ],
+            )
+            .await
+        }
+    };
+    // Runs wait for `go`, then count themselves in `finished`.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (go, finished) = (dir.path().join("go"), dir.path().join("finished"));
+    let ev = local_event(
+        &app,
+        "partitioned",
+        "sh",
+        &format!(
+            "echo start; while [ ! -e {go} ]; do sleep 0.1; done; echo done; echo x >> {finished}",
+            go = go.display(),
+            finished = finished.display()
+        ),
+    )
+    .await;
+    let first = worker(w1, "box=one").await;
+    let id = app.run_event(&ev, &json!({})).await;
+    wait_job(&app, &id, |j| {
+        j["status"] == "running" && j["worker_id"] == w1.to_string()
+    })
+    .await;
+
+    // Cut off: the process stops answering (as behind a partition) past its lease.
+    first.signal(Signal::SIGSTOP);
+    wait_job(&app, &id, |j| j["attempt"] == 2).await;
+    let second = worker(w2, "box=two").await;
+    wait_job(&app, &id, |j| j["worker_id"] == w2.to_string()).await;
+    // Both runs' scripts end, the first while its worker is still stopped; on waking, that
+    // worker reports a completion under its old lease.
+    std::fs::write(&go, "").expect("go");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(&finished).map_or(0, |t| t.lines().count()) < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the runs never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    first.signal(Signal::SIGCONT);
+
+    let job = wait_job(&app, &id, |j| j["status"] == "succeeded").await;
+    assert_eq!(job["worker_id"], w2.to_string(), "{job}");
+    assert_eq!(job["attempt"], 2, "{job}");
+    let lines = texts(&all_lines(&app, &id).await);
+    assert_eq!(
+        lines.iter().filter(|t| *t == "done").count(),
+        1,
+        "only the current lease's run is recorded: {lines:?}"
+    );
+
+    // The woken worker was told its lease was lost and freed its slot: it runs a job meant
+    // for it alone.
+    let probe = app
+        .create_event(
+            &json!({"name": "probe", "runtime": "sh", "content": "echo probe",
+            "executor": "local", "labels": {"box": "one"}}),
+        )
+        .await;
+    let probe_id = app
+        .run_event(probe["id"].as_str().expect("id"), &json!({}))
+        .await;
+    let probe_job = wait_job(&app, &probe_id, |j| j["status"] == "succeeded").await;
+    assert_eq!(probe_job["worker_id"], w1.to_string(), "{probe_job}");
+    drop(second);
+    drop(first);
+}
+
+#[tokio::test]
+async fn a_database_crash_restart_under_load_loses_no_job_and_the_api_recovers_by_itself() {
+    // A cluster of its own: the restart must not disturb the other tests' databases.
+    let cluster = std::sync::Arc::new(
+        baton_devdb::Cluster::throwaway()
+            .await
+            .expect("a private cluster"),
+    );
+    let db_name = cluster
+        .create_unique_database("chaos", None)
+        .await
+        .expect("database");
+    let db = cluster.url(&db_name);
+    let api = ApiProcess::start(
+        &db,
+        &[
+            ("BATON_LEASE_SECONDS", "5"),
+            ("BATON_REAPER_INTERVAL_SECONDS", "0.5"),
+        ],
+    )
+    .await;
+    let app = api.app(&db).await;
+    let ev = local_event(
+        &app,
+        "steady",
+        "sh",
+        "for i in 1 2 3 4 5; do echo line $i; sleep 0.1; done",
+    )
+    .await;
+    let worker = WorkerProcess::start(&app, 4).await;
+
+    // Load: a run every 100 ms; the database crashes and restarts after the tenth.
+    let mut accepted = Vec::new();
+    let mut outcomes = Vec::new();
+    let mut restart = None;
+    for i in 0..30 {
+        if i == 10 {
+            let cluster = cluster.clone();
+            restart = Some(tokio::task::spawn_blocking(move || {
+                cluster.restart_immediate()
+            }));
+        }
+        let answer = app
+            .request(reqwest::Method::POST, &format!("/api/v1/events/{ev}/run"))
+            .json(&json!({}))
+            .timeout(Duration::from_secs(20))
+            .send()
+            .await;
+        match answer {
+            Ok(r) if r.status() == reqwest::StatusCode::ACCEPTED => {
+                let body: Value = r.json().await.expect("json");
+                accepted.push(body["job_id"].as_str().expect("job_id").to_owned());
+                outcomes.push(true);
+            }
+            Ok(r) => {
+                assert!(
+                    r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE
+                        || r.status() == reqwest::StatusCode::INTERNAL_SERVER_ERROR,
+                    "unexpected answer while the database restarts: {}",
+                    r.status()
+                );
+                outcomes.push(false);
+            }
+            Err(e) => panic!("the api stopped answering: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    restart
+        .expect("restarted")
+        .await
+        .expect("restart task")
+        .expect("pg_ctl restart");
+    // Once the database is back, the api serves again with no help.
+    for _ in 0..10 {
+        accepted.push(app.run_event(&ev, &json!({})).await);
+    }
+    tracing::info!(
+        ?outcomes,
+        "runs accepted (true) or refused during the restart"
+    );
+
+    // Every job the database holds ends, and every accepted one succeeded with all its lines.
+    let jobs = wait_jobs(&app.pool, &ev, "every job finished", |jobs| {
+        jobs.iter()
+            .all(|j| !matches!(j.1.as_str(), "queued" | "claimed" | "running"))
+    })
+    .await;
+    for id in &accepted {
+        let job = jobs
+            .iter()
+            .find(|j| j.0.to_string() == *id)
+            .unwrap_or_else(|| panic!("accepted job {id} was lost"));
+        assert_eq!(job.1, "succeeded", "job {id}");
+        let lines = texts(&all_lines(&app, id).await);
+        let wanted: Vec<String> = (1..=5).map(|i| format!("line {i}")).collect();
+        let got: Vec<String> = lines
+            .into_iter()
+            .filter(|t| t.starts_with("line "))
+            .collect();
+        // A run interrupted by the crash ran again: its lines are those of both attempts.
+        assert!(got.ends_with(&wanted), "job {id}: lines {got:?}");
+    }
+    // The notification listener came back: a LISTEN connection exists again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let listening: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'LISTEN%'")
+                .fetch_one(&app.pool)
+                .await
+                .expect("pg_stat_activity");
+        if listening > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the api never listened again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(worker);
+}

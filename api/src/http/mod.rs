@@ -6,9 +6,13 @@ mod events;
 mod extract;
 mod health;
 mod jobs;
+mod openapi_responses;
+pub mod rate_limit;
 mod servers;
 mod stream;
+pub mod stream_slots;
 mod tokens;
+mod uri_guard;
 mod variables;
 mod workers;
 
@@ -50,9 +54,10 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// The whole HTTP surface.
+/// The whole HTTP surface. `state.pool` is the REST pool (see [`crate::server`]).
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.body_limit_bytes;
+    let limiter = std::sync::Arc::new(rate_limit::RateLimiter::new(&state.config));
     let (api, spec) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(events::create_event, events::list_events))
         .routes(routes!(
@@ -82,6 +87,9 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .split_for_parts();
+    let mut spec = spec;
+    // After the routes are in: the modifiers of `ApiDoc` run before.
+    utoipa::Modify::modify(&openapi_responses::CommonResponses, &mut spec);
     let spec = std::sync::Arc::new(spec);
     api.route(
         "/api/v1/openapi.json",
@@ -94,6 +102,11 @@ pub fn router(state: AppState) -> Router {
     .fallback(not_found)
     .method_not_allowed_fallback(method_not_allowed)
     .layer(DefaultBodyLimit::max(body_limit))
+    .layer(axum::middleware::from_fn(uri_guard::reject_nul))
+    .layer(axum::middleware::from_fn_with_state(
+        limiter,
+        rate_limit::limit,
+    ))
     .layer(TraceLayer::new_for_http())
     .with_state(state)
 }

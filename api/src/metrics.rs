@@ -46,10 +46,28 @@ pub fn handle() -> &'static PrometheusHandle {
     })
 }
 
-/// Refreshes the queue-depth gauges every `interval` until `stop`; a failed refresh keeps the
-/// last values (and is logged).
+/// This replica's last reading of the queue depth (queued, claimed, running), set by
+/// [`refresh_loop`] and rendered by a scrape.
+#[derive(Debug, Default)]
+pub struct QueueDepth(std::sync::Mutex<Option<[i64; 3]>>);
+
+const DEPTH_STATUSES: [&str; 3] = ["queued", "claimed", "running"];
+
+impl QueueDepth {
+    fn set(&self, depth: [i64; 3]) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(depth);
+    }
+
+    fn get(&self) -> Option<[i64; 3]> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Reads the queue depth every `interval` until `stop`; a failed read keeps the last values
+/// (and is logged).
 pub async fn refresh_loop(
     pool: sqlx::PgPool,
+    depth: std::sync::Arc<QueueDepth>,
     interval: std::time::Duration,
     stop: tokio_util::sync::CancellationToken,
 ) {
@@ -61,26 +79,33 @@ pub async fn refresh_loop(
             _ = ticker.tick() => {}
         }
         match crate::storage::queue::depth_by_status(&pool).await {
-            Ok(depth) => {
-                for status in ["queued", "claimed", "running"] {
-                    let n = depth
-                        .iter()
-                        .find(|(s, _)| s == status)
-                        .map_or(0, |(_, n)| *n);
-                    metrics::gauge!("baton_jobs", "status" => status).set(n as f64);
-                }
-            }
+            Ok(rows) => depth.set(DEPTH_STATUSES.map(|status| {
+                rows.iter()
+                    .find(|(s, _)| s == status)
+                    .map_or(0, |(_, n)| *n)
+            })),
             Err(e) => tracing::warn!(error = %e, "cannot refresh the queue-depth metrics"),
         }
     }
 }
 
-/// `GET /metrics`: renders what is recorded; reads nothing from the database.
+/// `GET /metrics`: what is recorded process-wide, then this replica's own gauges (queue depth
+/// as last read, connected workers, open live log streams). Reads nothing from the database.
 pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
-    metrics::gauge!("baton_workers_connected").set(state.dispatcher.connected_workers() as f64);
-    metrics::gauge!("baton_live_log_streams").set(f64::from(state.streams.total()));
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        handle().render(),
-    )
+    use std::fmt::Write;
+    let mut text = handle().render();
+    if let Some(depth) = state.queue_depth.get() {
+        text.push_str("# TYPE baton_jobs gauge\n");
+        for (status, n) in DEPTH_STATUSES.iter().zip(depth) {
+            let _ = writeln!(text, "baton_jobs{{status=\"{status}\"}} {n}");
+        }
+    }
+    let _ = write!(
+        text,
+        "# TYPE baton_workers_connected gauge\nbaton_workers_connected {}\n\
+         # TYPE baton_live_log_streams gauge\nbaton_live_log_streams {}\n",
+        state.dispatcher.connected_workers(),
+        state.streams.total()
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

@@ -90,6 +90,7 @@ impl Api {
             http_pool,
             state: AppState {
                 streams,
+                queue_depth: Arc::default(),
                 pool,
                 config: Arc::new(config),
                 dispatcher,
@@ -139,6 +140,7 @@ impl Api {
             tokio::spawn(notify::run(state.clone(), stop.clone())),
             tokio::spawn(crate::metrics::refresh_loop(
                 state.pool.clone(),
+                state.queue_depth.clone(),
                 state.config.metrics_refresh_interval,
                 stop.clone(),
             )),

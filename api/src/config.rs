@@ -50,7 +50,7 @@ pub struct ApiConfig {
     pub db_pool_size: u32,
     /// Database connections of this replica for the REST API, a pool of its own so a flood of
     /// REST requests cannot starve the worker protocol.
-    #[arg(long, env = "BATON_HTTP_DB_POOL", default_value_t = 10)]
+    #[arg(long, env = "BATON_HTTP_DB_POOL", default_value_t = 20)]
     pub http_db_pool_size: u32,
     /// Requests per second allowed per token (a token bucket; 0: no limit). Past it: 429 with
     /// `Retry-After`.
@@ -112,7 +112,7 @@ impl ApiConfig {
             lease: Duration::from_secs(15),
             reaper_interval: Duration::from_secs(2),
             db_pool_size: 20,
-            http_db_pool_size: 10,
+            http_db_pool_size: 20,
             rate_limit_per_second: 10_000,
             rate_limit_burst: 20_000,
             anonymous_rate_limit_per_second: 100,

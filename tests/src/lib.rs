@@ -122,6 +122,7 @@ pub async fn spawn_replica_on(
     config.admin_token = Some(ADMIN_TOKEN.to_owned());
     config.master_key = Some(MASTER_KEY.to_owned());
     config.db_pool_size = 10;
+    config.http_db_pool_size = 10;
     adjust(&mut config);
     let (api, _) = baton_api::Api::start(config).await.expect("start the api");
     let pool = api.state.pool.clone();

@@ -12,7 +12,8 @@
 //! (the client reconnects with its last sequence number), so a follower of a job due in a year
 //! does not poll for a year; a WebSocket is read while it is written (a close is noticed at
 //! once) and pinged every `BATON_STREAM_PING_SECONDS` (a client silent for two intervals, or
-//! one that stops reading, is dropped).
+//! one that stops reading, is dropped); an SSE stream sends a keep-alive comment as often, so
+//! a client gone away is found by the failed write.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -104,8 +105,9 @@ pub async fn stream_logs(
         None => {
             let events =
                 ReceiverStream::new(items).map(|item| Ok::<_, Infallible>(sse_event(item)));
+            // The keep-alive comment also finds a client gone away (its write fails).
             Sse::new(events)
-                .keep_alive(KeepAlive::default())
+                .keep_alive(KeepAlive::new().interval(ping))
                 .into_response()
         }
     })

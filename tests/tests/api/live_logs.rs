@@ -408,3 +408,22 @@ async fn a_stream_with_nothing_new_ends_when_idle() {
     assert_eq!(idle, json!({"type": "idle", "after": 0}));
     assert!(next_ws(&mut ws).await.is_none(), "then the socket closes");
 }
+
+/// An SSE client that went away frees its slot by the next keep-alive (sent every ping
+/// interval), not at the next line.
+#[tokio::test]
+async fn a_departed_sse_client_frees_its_slot() {
+    let app = baton_tests::spawn_app_with(|c| {
+        c.streams_per_token = 1;
+        c.stream_ping_interval = Duration::from_millis(200);
+    })
+    .await;
+    let id = far_future_job(&app).await;
+    let sse = SseReader::open(&app, &format!("/api/v1/jobs/{id}/logs/stream")).await;
+    assert_eq!(
+        sse_status(&app, &app.admin_token, &id).await,
+        reqwest::StatusCode::TOO_MANY_REQUESTS
+    );
+    drop(sse);
+    slot_freed_within(&app, &id, Duration::from_secs(10)).await;
+}

@@ -27,6 +27,8 @@ use crate::error::ApiError;
 struct Bucket {
     tokens: f64,
     updated: Instant,
+    /// When a request last used it (kept apart from `updated`, which refills move).
+    used: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -50,6 +52,7 @@ impl Bucket {
         Self {
             tokens: rate.burst,
             updated: now,
+            used: now,
         }
     }
 
@@ -62,6 +65,7 @@ impl Bucket {
     /// Takes one token, or says how long until one is available.
     fn take(&mut self, rate: Rate, now: Instant) -> Result<(), Duration> {
         self.refill(rate, now);
+        self.used = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             Ok(())
@@ -96,14 +100,17 @@ struct Buckets<K> {
     rate: Option<Rate>,
     map: HashMap<K, Bucket>,
     last_prune: Option<Instant>,
+    /// A full bucket is dropped once unused this long.
+    keep: Duration,
 }
 
 impl<K: std::hash::Hash + Eq + Clone> Buckets<K> {
-    fn new(rate: Option<Rate>) -> Self {
+    fn new(rate: Option<Rate>, keep: Duration) -> Self {
         Self {
             rate,
             map: HashMap::new(),
             last_prune: None,
+            keep,
         }
     }
 
@@ -135,9 +142,15 @@ impl<K: std::hash::Hash + Eq + Clone> Buckets<K> {
             return;
         }
         self.last_prune = Some(now);
-        self.map.retain(|_, bucket| !bucket.is_full(rate, now));
+        let keep = self.keep;
+        self.map.retain(|_, bucket| {
+            now.saturating_duration_since(bucket.used) < keep || !bucket.is_full(rate, now)
+        });
     }
 }
+
+/// How long a token that authenticated stays known to the limiter after its last request.
+const KNOWN_TOKEN_KEPT: Duration = Duration::from_secs(600);
 
 /// What a request is, for the limiter.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,9 +204,11 @@ impl RateLimiter {
     ) -> Self {
         Self {
             state: Mutex::new(LimiterState {
-                tokens: Buckets::new(per_token),
-                anonymous: Buckets::new(anonymous),
-                auth_failures: Buckets::new(auth_failures),
+                // A verified token stays known a while after its bucket refilled, so a
+                // neighbour spending the address's failure budget does not lock it out.
+                tokens: Buckets::new(per_token, KNOWN_TOKEN_KEPT),
+                anonymous: Buckets::new(anonymous, Duration::ZERO),
+                auth_failures: Buckets::new(auth_failures, Duration::ZERO),
             }),
         }
     }
@@ -258,6 +273,7 @@ impl RateLimiter {
                         Bucket {
                             tokens: 0.0,
                             updated: now,
+                            used: now,
                         },
                     );
                 }
@@ -315,6 +331,7 @@ pub async fn limit(
     let ip = client_ip(&request);
     let credential = credential(&request);
     if let Err(limited) = limiter.admit(ip, &credential, Instant::now()) {
+        metrics::counter!("baton_http_rate_limited_total").increment(1);
         return too_many(&limited);
     }
     let verified = AuthVerified::default();
@@ -433,6 +450,29 @@ mod tests {
             1,
             "only the bucket in use is kept"
         );
+    }
+
+    #[test]
+    fn a_verified_token_stays_known_for_a_while_after_its_bucket_refilled() {
+        let limiter = RateLimiter::with_rates(rate(10, 5), None, rate(1, 1));
+        let t0 = Instant::now();
+        let (good, other) = (Credential::Token(vec![7]), Credential::Token(vec![9]));
+        limiter.record(IP, &good, StatusCode::OK, true, t0);
+        limiter.record(IP, &other, StatusCode::OK, true, t0);
+        let guess = Credential::Token(vec![8]);
+        // A minute later (buckets full again) a neighbour spends the address's failure budget
+        // and another token's request prunes: the good token is still known.
+        let later = t0 + Duration::from_secs(60);
+        limiter.record(IP, &guess, StatusCode::UNAUTHORIZED, false, later);
+        limiter.admit(IP, &other, later).expect("other known");
+        limiter
+            .admit(IP, &good, later)
+            .expect("still known after a minute");
+        // Unused for longer than KNOWN_TOKEN_KEPT it is forgotten (and must authenticate).
+        let much_later = later + KNOWN_TOKEN_KEPT + Duration::from_secs(1);
+        limiter.record(IP, &guess, StatusCode::UNAUTHORIZED, false, much_later);
+        limiter.admit(IP, &other, much_later).expect("a prune pass");
+        assert!(limiter.admit(IP, &good, much_later).is_err(), "forgotten");
     }
 
     #[test]

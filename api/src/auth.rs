@@ -188,6 +188,12 @@ impl FromRequestParts<crate::AppState> for Caller {
         let info = verify(state, token)
             .await?
             .ok_or_else(|| ApiError::Unauthorized("unknown or revoked token".into()))?;
+        if let Some(verified) = parts
+            .extensions
+            .get::<crate::http::rate_limit::AuthVerified>()
+        {
+            verified.mark();
+        }
         Ok(Caller {
             token_id: info.id,
             name: info.name,

@@ -44,9 +44,49 @@ pub struct ApiConfig {
     /// Sender address of email messages.
     #[arg(long, env = "BATON_SMTP_FROM", default_value = "baton@localhost")]
     pub smtp_from: String,
-    /// Database connections of this replica.
+    /// Database connections of this replica for the worker protocol and background loops
+    /// (sessions, dispatcher, reaper, notifications).
     #[arg(long, env = "BATON_DB_POOL", default_value_t = 20)]
     pub db_pool_size: u32,
+    /// Database connections of this replica for the REST API, a pool of its own so a flood of
+    /// REST requests cannot starve the worker protocol.
+    #[arg(long, env = "BATON_HTTP_DB_POOL", default_value_t = 20)]
+    pub http_db_pool_size: u32,
+    /// Requests per second allowed per token (a token bucket; 0: no limit). Past it: 429 with
+    /// `Retry-After`.
+    #[arg(long, env = "BATON_RATE_LIMIT_PER_SECOND", default_value_t = 10_000)]
+    pub rate_limit_per_second: u32,
+    /// Requests a token may make at once above the steady rate.
+    #[arg(long, env = "BATON_RATE_LIMIT_BURST", default_value_t = 20_000)]
+    pub rate_limit_burst: u32,
+    /// Requests per second allowed per client IP without a token (probes, `/metrics`, the
+    /// OpenAPI document; 0: no limit).
+    #[arg(
+        long,
+        env = "BATON_ANONYMOUS_RATE_LIMIT_PER_SECOND",
+        default_value_t = 100
+    )]
+    pub anonymous_rate_limit_per_second: u32,
+    /// Failed authentications (401) per second allowed per client IP, with a burst of ten
+    /// times as many; past it, requests with tokens not recently verified get 429 without a
+    /// database lookup (0: no limit).
+    #[arg(long, env = "BATON_AUTH_FAILURES_PER_SECOND", default_value_t = 2)]
+    pub auth_failures_per_second: u32,
+    /// Live log streams (SSE and WebSocket) one token may hold open at once; past it: 429.
+    #[arg(long, env = "BATON_STREAMS_PER_TOKEN", default_value_t = 32)]
+    pub streams_per_token: u32,
+    /// How often a WebSocket log stream pings its client; a client that has not answered
+    /// within two intervals is dropped.
+    #[arg(long, env = "BATON_STREAM_PING_SECONDS", default_value = "20", value_parser = parse_secs)]
+    pub stream_ping_interval: Duration,
+    /// A live log stream with nothing new (no line, no status change) for this long ends with
+    /// an `idle` event; clients reconnect with their last sequence number.
+    #[arg(long, env = "BATON_STREAM_IDLE_SECONDS", default_value = "300", value_parser = parse_secs)]
+    pub stream_idle_timeout: Duration,
+    /// How often the queue-depth gauges of `/metrics` are refreshed from the database (a
+    /// scrape never queries it).
+    #[arg(long, env = "BATON_METRICS_REFRESH_SECONDS", default_value = "5", value_parser = parse_secs)]
+    pub metrics_refresh_interval: Duration,
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -72,6 +112,15 @@ impl ApiConfig {
             lease: Duration::from_secs(15),
             reaper_interval: Duration::from_secs(2),
             db_pool_size: 20,
+            http_db_pool_size: 20,
+            rate_limit_per_second: 10_000,
+            rate_limit_burst: 20_000,
+            anonymous_rate_limit_per_second: 100,
+            auth_failures_per_second: 2,
+            streams_per_token: 32,
+            stream_ping_interval: Duration::from_secs(20),
+            stream_idle_timeout: Duration::from_secs(300),
+            metrics_refresh_interval: Duration::from_secs(5),
             log_cap_bytes: 16 * 1024 * 1024,
             chain_depth_limit: 20,
             smtp_url: None,

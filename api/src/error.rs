@@ -29,6 +29,12 @@ pub enum ApiError {
     },
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
+    /// A rate limit was reached (the answer carries `Retry-After`).
+    #[error("{0}")]
+    TooManyRequests(String),
+    /// The token holds as many live log streams as it may.
+    #[error("{0}")]
+    TooManyStreams(String),
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error(transparent)]
@@ -70,6 +76,8 @@ impl ApiError {
                 (*status, code, field.clone())
             }
             Self::Conflict { code, .. } => (StatusCode::CONFLICT, code, None),
+            Self::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited", None),
+            Self::TooManyStreams(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_streams", None),
             Self::Crypto(crate::crypto::CryptoError::NoMasterKey) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "master_key_missing", None)
             }

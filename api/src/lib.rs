@@ -69,6 +69,10 @@ pub struct AppState {
     pub vault: crypto::Vault,
     /// This replica's id (in logs and the `workers` table).
     pub api_id: String,
+    /// The last queue-depth reading, for `/metrics`.
+    pub queue_depth: Arc<metrics::QueueDepth>,
+    /// Live log streams open per token (bounded).
+    pub streams: Arc<http::stream_slots::StreamSlots>,
     /// Cancelled when the replica shuts down: ends worker streams and live log streams.
     pub stop: tokio_util::sync::CancellationToken,
 }

@@ -1,6 +1,11 @@
-//! Prometheus metrics at `GET /metrics`: queue depth by status (read from the database at
-//! scrape time, so every replica reports the same truth), connected workers, dispatch latency
-//! (due → handed to a worker), completions by status and errors by kind.
+//! Prometheus metrics at `GET /metrics`: queue depth by status (read from the database by a
+//! background task every `BATON_METRICS_REFRESH_SECONDS`, so every replica reports the same
+//! truth and a scrape never queries the database), connected workers, open live log streams,
+//! dispatch latency (due → handed to a worker), completions by status and errors by kind.
+//!
+//! `/metrics` needs no token, so any Prometheus can scrape it: it shows counts only (no names,
+//! ids or payloads), costs no query, and falls under the per-address limit for requests
+//! without a token.
 
 use std::sync::OnceLock;
 
@@ -41,23 +46,66 @@ pub fn handle() -> &'static PrometheusHandle {
     })
 }
 
-pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
-    let depth: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT status, count(*) FROM jobs WHERE status IN ('queued', 'claimed', 'running') GROUP BY status",
-    )
-    .fetch_all(&state.pool)
-    .await
-    .unwrap_or_default();
-    for status in ["queued", "claimed", "running"] {
-        let n = depth
-            .iter()
-            .find(|(s, _)| s == status)
-            .map_or(0, |(_, n)| *n);
-        metrics::gauge!("baton_jobs", "status" => status).set(n as f64);
+/// This replica's last reading of the queue depth (queued, claimed, running), set by
+/// [`refresh_loop`] and rendered by a scrape.
+#[derive(Debug, Default)]
+pub struct QueueDepth(std::sync::Mutex<Option<[i64; 3]>>);
+
+const DEPTH_STATUSES: [&str; 3] = ["queued", "claimed", "running"];
+
+impl QueueDepth {
+    fn set(&self, depth: [i64; 3]) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(depth);
     }
-    metrics::gauge!("baton_workers_connected").set(state.dispatcher.connected_workers() as f64);
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        handle().render(),
-    )
+
+    fn get(&self) -> Option<[i64; 3]> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Reads the queue depth every `interval` until `stop`; a failed read keeps the last values
+/// (and is logged).
+pub async fn refresh_loop(
+    pool: sqlx::PgPool,
+    depth: std::sync::Arc<QueueDepth>,
+    interval: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        match crate::storage::queue::depth_by_status(&pool).await {
+            Ok(rows) => depth.set(DEPTH_STATUSES.map(|status| {
+                rows.iter()
+                    .find(|(s, _)| s == status)
+                    .map_or(0, |(_, n)| *n)
+            })),
+            Err(e) => tracing::warn!(error = %e, "cannot refresh the queue-depth metrics"),
+        }
+    }
+}
+
+/// `GET /metrics`: what is recorded process-wide, then this replica's own gauges (queue depth
+/// as last read, connected workers, open live log streams). Reads nothing from the database.
+pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
+    use std::fmt::Write;
+    let mut text = handle().render();
+    if let Some(depth) = state.queue_depth.get() {
+        text.push_str("# TYPE baton_jobs gauge\n");
+        for (status, n) in DEPTH_STATUSES.iter().zip(depth) {
+            let _ = writeln!(text, "baton_jobs{{status=\"{status}\"}} {n}");
+        }
+    }
+    let _ = write!(
+        text,
+        "# TYPE baton_workers_connected gauge\nbaton_workers_connected {}\n\
+         # TYPE baton_live_log_streams gauge\nbaton_live_log_streams {}\n",
+        state.dispatcher.connected_workers(),
+        state.streams.total()
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

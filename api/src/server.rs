@@ -2,6 +2,11 @@
 //! gRPC service, run the dispatcher, the listener and the reaper, and stop cleanly when the
 //! shutdown future resolves: worker streams are closed (workers reconnect elsewhere and keep
 //! their jobs), in-flight HTTP requests finish, background loops end.
+//!
+//! Two pools: the worker protocol (gRPC sessions, dispatcher) and the background loops use
+//! `BATON_DB_POOL` connections; the REST API has `BATON_HTTP_DB_POOL` of its own (its router
+//! gets a copy of the state whose `pool` is that one), so a REST flood waits on its own pool
+//! and never starves the workers' reports.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -52,7 +57,10 @@ pub fn redact_url(url: &str) -> String {
 
 /// A running api replica's parts.
 pub struct Api {
+    /// The state of the worker protocol and background loops (`pool`: `BATON_DB_POOL`).
     pub state: AppState,
+    /// The REST API's own pool (`BATON_HTTP_DB_POOL`).
+    pub http_pool: PgPool,
 }
 
 impl Api {
@@ -73,8 +81,16 @@ impl Api {
             crate::crypto::Vault::new(None).expect("a vault without a key always builds")
         });
         let dispatcher = dispatch::Dispatcher::new(pool.clone(), config.lease, vault.clone());
+        let http_pool = PgPoolOptions::new()
+            .max_connections(config.http_db_pool_size.max(1))
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect_lazy_with(pool.connect_options().as_ref().clone());
+        let streams = crate::http::stream_slots::StreamSlots::new(config.streams_per_token);
         Self {
+            http_pool,
             state: AppState {
+                streams,
+                queue_depth: Arc::default(),
                 pool,
                 config: Arc::new(config),
                 dispatcher,
@@ -99,6 +115,10 @@ impl Api {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let state = self.state;
+        let http_state = AppState {
+            pool: self.http_pool,
+            ..state.clone()
+        };
         let stop = state.stop.clone();
         // Stopped only once the HTTP server drained: runs queued until then are announced.
         let announcer_stop = CancellationToken::new();
@@ -118,6 +138,12 @@ impl Api {
                 async move { announcer.run(pool, stop).await }
             }),
             tokio::spawn(notify::run(state.clone(), stop.clone())),
+            tokio::spawn(crate::metrics::refresh_loop(
+                state.pool.clone(),
+                state.queue_depth.clone(),
+                state.config.metrics_refresh_interval,
+                stop.clone(),
+            )),
             tokio::spawn(
                 crate::outbox::Deliverer::new(
                     state.pool.clone(),
@@ -152,14 +178,20 @@ impl Api {
                 async move { grpc_stop.cancelled().await },
             );
         let http_stop = stop.clone();
-        let http_server = axum::serve(http, crate::http::router(state.clone()))
-            .with_graceful_shutdown(async move { http_stop.cancelled().await });
+        let http_pool = http_state.pool.clone();
+        let http_server = axum::serve(
+            http,
+            crate::http::router(http_state)
+                .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { http_stop.cancelled().await });
         let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
         stop.cancel();
         announcer_stop.cancel();
         for task in background {
             let _ = task.await;
         }
+        http_pool.close().await;
         grpc_result.context("serving gRPC")?;
         http_result.context("serving HTTP")
     }

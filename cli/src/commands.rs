@@ -279,32 +279,44 @@ fn print_lines(lines: &[Value]) {
 
 /// Prints lines live (the api's Server-Sent Events stream) until the job finishes.
 async fn follow_logs(client: &Client, id: &str) -> anyhow::Result<()> {
-    let mut response = client
-        .stream(&format!("/api/v1/jobs/{id}/logs/stream"))
-        .await?;
-    let mut buffer: Vec<u8> = Vec::new();
-    while let Some(chunk) = response.chunk().await? {
-        buffer.extend_from_slice(&chunk);
-        while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
-            let block: Vec<u8> = buffer.drain(..end + 2).collect();
-            let block = String::from_utf8_lossy(&block);
-            let mut event = "message";
-            let mut data = String::new();
-            for line in block.lines() {
-                if let Some(e) = line.strip_prefix("event:") {
-                    event = e.trim();
-                } else if let Some(d) = line.strip_prefix("data:") {
-                    data.push_str(d.trim_start());
+    // The api ends a stream that had nothing new for a while with `idle`: resume after it.
+    let mut after = 0i64;
+    loop {
+        let mut response = client
+            .stream(&format!("/api/v1/jobs/{id}/logs/stream?after={after}"))
+            .await?;
+        let mut buffer: Vec<u8> = Vec::new();
+        let mut idle = false;
+        while let Some(chunk) = response.chunk().await? {
+            buffer.extend_from_slice(&chunk);
+            while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = buffer.drain(..end + 2).collect();
+                let block = String::from_utf8_lossy(&block);
+                let mut event = "message";
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(e) = line.strip_prefix("event:") {
+                        event = e.trim();
+                    } else if let Some(d) = line.strip_prefix("data:") {
+                        data.push_str(d.trim_start());
+                    }
+                }
+                let value: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
+                match event {
+                    "line" => {
+                        after = value["seq"].as_i64().unwrap_or(after);
+                        print_lines(&[value]);
+                    }
+                    "idle" => idle = true,
+                    "status" => return Ok(()),
+                    _ => {}
                 }
             }
-            match event {
-                "line" => print_lines(&[serde_json::from_str(&data).unwrap_or(Value::Null)]),
-                "status" => return Ok(()),
-                _ => {}
-            }
+        }
+        if !idle {
+            return Ok(());
         }
     }
-    Ok(())
 }
 
 /// An event id from an id or a name.

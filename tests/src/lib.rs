@@ -82,7 +82,10 @@ pub struct TestApp {
     /// The worker gRPC endpoint, `http://127.0.0.1:PORT`.
     pub grpc_address: String,
     pub admin_token: String,
+    /// The pool of the worker protocol and background loops.
     pub pool: PgPool,
+    /// The REST API's own pool.
+    pub http_pool: PgPool,
     pub database_url: String,
     pub client: reqwest::Client,
     shutdown: Option<oneshot::Sender<()>>,
@@ -119,9 +122,11 @@ pub async fn spawn_replica_on(
     config.admin_token = Some(ADMIN_TOKEN.to_owned());
     config.master_key = Some(MASTER_KEY.to_owned());
     config.db_pool_size = 10;
+    config.http_db_pool_size = 10;
     adjust(&mut config);
     let (api, _) = baton_api::Api::start(config).await.expect("start the api");
     let pool = api.state.pool.clone();
+    let http_pool = api.http_pool.clone();
     let listener = bind_retrying(http_port).await;
     let address = format!("http://{}", listener.local_addr().expect("local addr"));
     let grpc = bind_retrying(grpc_port).await;
@@ -135,6 +140,7 @@ pub async fn spawn_replica_on(
         grpc_address,
         admin_token: ADMIN_TOKEN.to_owned(),
         pool,
+        http_pool,
         database_url,
         client: reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
@@ -158,6 +164,7 @@ pub async fn attach(address: String, grpc_address: String, database_url: String)
         address,
         grpc_address,
         admin_token: ADMIN_TOKEN.to_owned(),
+        http_pool: pool.clone(),
         pool,
         database_url,
         client: reqwest::Client::builder()

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use baton_tests::{bash_event, send, spawn_app};
+use baton_tests::{bash_event, send, spawn_app_with};
 use serde_json::json;
 
 /// Examples generated per operation and phase; keeps the run to a few minutes on 2 cores.
@@ -52,7 +52,9 @@ async fn openapi_fuzzing_finds_no_server_error_and_no_undocumented_status() {
         previous(info);
     }));
 
-    let app = spawn_app().await;
+    // Live log streams of queued jobs end after 2 s of nothing new, not the default 5 minutes:
+    // the fuzzer opens many and waits for each to end.
+    let app = spawn_app_with(|c| c.stream_idle_timeout = Duration::from_secs(2)).await;
     // Something for path parameters and links to find: an event with an action, a queued job,
     // a variable.
     let event = app.create_event(&bash_event("fuzz-seed")).await;

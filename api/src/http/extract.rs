@@ -31,13 +31,28 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 }
 
 /// Parses `bytes` as `T`; an empty body parses as JSON `null` (so `Option<T>` bodies may be
-/// omitted).
+/// omitted). A NUL character anywhere (`\u0000` in a string or a key) is refused with 422
+/// naming the field: PostgreSQL stores neither in `text` nor in `jsonb`.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"null"
     } else {
         bytes
     };
+    if has_escaped_nul(text)
+        && let Ok(value) = serde_json::from_slice::<serde_json::Value>(text)
+        && let Some(field) = nul_path(&value, String::new())
+    {
+        return Err(FieldError::new(
+            if field.is_empty() {
+                "body".to_owned()
+            } else {
+                field
+            },
+            "must not contain NUL characters (\\u0000)",
+        )
+        .into());
+    }
     let mut de = serde_json::Deserializer::from_slice(text);
     let parsed: Result<T, _> = serde_path_to_error::deserialize(&mut de);
     let value = parsed.map_err(|err| {
@@ -69,6 +84,47 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     Ok(value)
 }
 
+/// Whether JSON text contains a `\u0000` escape (a raw NUL is invalid JSON anyway): the
+/// cheap pre-check before looking for the field that holds it.
+fn has_escaped_nul(text: &[u8]) -> bool {
+    const ESCAPE: &[u8] = b"u0000";
+    text.windows(ESCAPE.len() + 1)
+        .enumerate()
+        .filter(|(_, w)| w[0] == b'\\' && &w[1..] == ESCAPE)
+        .any(|(at, _)| {
+            // `\\u0000` is an escaped backslash followed by text: count the backslashes.
+            let run = text[..at].iter().rev().take_while(|b| **b == b'\\').count();
+            run % 2 == 0
+        })
+}
+
+/// The path (`a.b[2].c`, or "" for the root) of the first key or string holding a NUL.
+fn nul_path(value: &serde_json::Value, at: String) -> Option<String> {
+    use serde_json::Value;
+    let join = |key: &str| {
+        if at.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{at}.{key}")
+        }
+    };
+    match value {
+        Value::String(s) => s.contains('\0').then_some(at),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| nul_path(v, format!("{at}[{i}]"))),
+        Value::Object(map) => map.iter().find_map(|(k, v)| {
+            if k.contains('\0') {
+                Some(join(&k.replace('\0', "\\u0000")))
+            } else {
+                nul_path(v, join(k))
+            }
+        }),
+        _ => None,
+    }
+}
+
 /// Parses a UUID from a path or query parameter, naming it on failure.
 pub fn parse_uuid(field: &str, raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw)
@@ -91,11 +147,67 @@ where
         .transpose()
 }
 
+/// The largest log sequence number a client may give as a cursor (`after`): far above any
+/// real one, and small enough that adding a page size to it cannot overflow.
+pub const MAX_SEQ_CURSOR: i64 = 1 << 53;
+
+/// A log cursor (`after`, `Last-Event-ID`): 0..=[`MAX_SEQ_CURSOR`], naming `field` otherwise.
+pub fn seq_cursor(field: &str, value: i64) -> Result<i64, ApiError> {
+    if (0..=MAX_SEQ_CURSOR).contains(&value) {
+        Ok(value)
+    } else {
+        Err(FieldError::new(field, format!("must be between 0 and {MAX_SEQ_CURSOR}")).into())
+    }
+}
+
 /// A page size from `limit`, 1..=max, defaulting to `default`.
 pub fn page_limit(raw: Option<&str>, default: i64, max: i64) -> Result<i64, ApiError> {
     match parse_param::<i64>("limit", raw)? {
         None => Ok(default),
         Some(n) if (1..=max).contains(&n) => Ok(n),
         Some(_) => Err(FieldError::new("limit", format!("must be between 1 and {max}")).into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(body: &str) -> Option<String> {
+        match parse_json::<serde_json::Value>(body.as_bytes()) {
+            Err(ApiError::Validation(e)) => Some(e.field),
+            Ok(_) => None,
+            Err(other) => panic!("unexpected error {other:?}"),
+        }
+    }
+
+    #[test]
+    fn nul_characters_are_refused_naming_the_field() {
+        assert_eq!(
+            field_of(r#"{"input": {"rows": ["a", "b\u0000"]}}"#).as_deref(),
+            Some("input.rows[1]")
+        );
+        assert_eq!(
+            field_of(r#"{"description": "\u0000"}"#).as_deref(),
+            Some("description")
+        );
+        assert_eq!(
+            field_of(r#"{"a": {"k\u0000": 1}}"#).as_deref(),
+            Some("a.k\\u0000")
+        );
+        assert_eq!(field_of(r#""\u0000""#).as_deref(), Some("body"));
+        // An escaped backslash followed by the text `u0000` is not a NUL.
+        assert_eq!(field_of(r#"{"a": "\\u0000"}"#), None);
+        assert_eq!(field_of(r#"{"a": "\\\u0000"}"#).as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn seq_cursors_are_bounded() {
+        assert!(seq_cursor("after", i64::MAX).is_err());
+        assert!(seq_cursor("after", -1).is_err());
+        assert_eq!(
+            seq_cursor("after", MAX_SEQ_CURSOR).ok(),
+            Some(MAX_SEQ_CURSOR)
+        );
     }
 }

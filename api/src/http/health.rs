@@ -19,15 +19,24 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<Va
     let ping = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.pool);
     match tokio::time::timeout(Duration::from_secs(2), ping).await {
         Ok(Ok(_)) => (StatusCode::OK, axum::Json(json!({"status": "ready"}))),
-        Ok(Err(e)) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"status": "unavailable", "reason": format!("database: {e}")})),
-        ),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(
-                json!({"status": "unavailable", "reason": "database did not answer within 2 s"}),
-            ),
-        ),
+        Ok(Err(e)) => {
+            // The detail (hosts, users, server messages) is for the log, not anonymous callers.
+            tracing::warn!(error = %e, "readiness check: the database refused");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(
+                    json!({"status": "unavailable", "reason": "the database is unavailable; see the api log"}),
+                ),
+            )
+        }
+        Err(_) => {
+            tracing::warn!("readiness check: the database did not answer within 2 s");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(
+                    json!({"status": "unavailable", "reason": "the database did not answer within 2 s"}),
+                ),
+            )
+        }
     }
 }

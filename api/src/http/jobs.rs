@@ -6,12 +6,12 @@ use serde::Deserialize;
 use serde_json::json;
 use utoipa::IntoParams;
 
-use super::extract::{page_limit, parse_param, parse_uuid};
+use super::extract::{page_limit, parse_param, parse_uuid, seq_cursor};
 use super::{Page, audit};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
-use crate::model::{FieldError, Job, JobStatus, LogPage, Role};
+use crate::model::{FieldError, Job, JobStatus, JobSummary, LogPage, Role};
 use crate::storage::{logs, queue};
 
 /// A query string that does not parse: name the parameter when serde does.
@@ -43,12 +43,13 @@ pub struct ListJobsQuery {
 }
 
 #[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs", params(ListJobsQuery),
-    responses((status = 200, body = Page<Job>), (status = 422, body = ErrorBody)))]
+    responses((status = 200, body = Page<JobSummary>, description = "jobs without their input and output (get one job for those)"),
+              (status = 422, body = ErrorBody)))]
 pub async fn list_jobs(
     State(state): State<AppState>,
     caller: Caller,
     query: Result<Query<ListJobsQuery>, QueryRejection>,
-) -> Result<axum::Json<Page<Job>>, ApiError> {
+) -> Result<axum::Json<Page<JobSummary>>, ApiError> {
     caller.require(Role::Viewer)?;
     let Query(q) = query.map_err(query_error)?;
     let uuid = |field: &str, raw: &Option<String>| {
@@ -128,10 +129,10 @@ pub async fn get_logs(
     caller.require(Role::Viewer)?;
     let id = parse_uuid("id", &id)?;
     let Query(q) = query.map_err(query_error)?;
-    let after = parse_param::<i64>("after", q.after.as_deref())?.unwrap_or(0);
-    if after < 0 {
-        return Err(FieldError::new("after", "must not be negative").into());
-    }
+    let after = seq_cursor(
+        "after",
+        parse_param::<i64>("after", q.after.as_deref())?.unwrap_or(0),
+    )?;
     let limit = page_limit(q.limit.as_deref(), 1000, 10_000)?;
     // Read the status first: if it is terminal, every line was stored before it was set.
     let status = queue::job_status(&state.pool, id).await?;

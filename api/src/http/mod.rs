@@ -6,10 +6,13 @@ mod events;
 mod extract;
 mod health;
 mod jobs;
-mod openapi;
+mod openapi_responses;
+pub mod rate_limit;
 mod servers;
 mod stream;
+pub mod stream_slots;
 mod tokens;
+mod uri_guard;
 mod variables;
 mod workers;
 
@@ -21,6 +24,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -29,10 +33,32 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::storage::audit::{self, AuditEntry};
 
-/// The whole HTTP surface.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Baton API", description = "Queue, run and chain jobs on Baton's workers."),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    components(schemas(crate::error::ErrorBody))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The whole HTTP surface. `state.pool` is the REST pool (see [`crate::server`]).
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.body_limit_bytes;
-    let (api, spec) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+    let limiter = std::sync::Arc::new(rate_limit::RateLimiter::new(&state.config));
+    let (api, spec) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(events::create_event, events::list_events))
         .routes(routes!(
             events::get_event,
@@ -61,7 +87,10 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .split_for_parts();
-    let spec = std::sync::Arc::new(openapi::with_common_responses(spec));
+    let mut spec = spec;
+    // After the routes are in: the modifiers of `ApiDoc` run before.
+    utoipa::Modify::modify(&openapi_responses::CommonResponses, &mut spec);
+    let spec = std::sync::Arc::new(spec);
     api.route(
         "/api/v1/openapi.json",
         axum::routing::get(move || {
@@ -73,6 +102,11 @@ pub fn router(state: AppState) -> Router {
     .fallback(not_found)
     .method_not_allowed_fallback(method_not_allowed)
     .layer(DefaultBodyLimit::max(body_limit))
+    .layer(axum::middleware::from_fn(uri_guard::reject_nul))
+    .layer(axum::middleware::from_fn_with_state(
+        limiter,
+        rate_limit::limit,
+    ))
     .layer(TraceLayer::new_for_http())
     .with_state(state)
 }

@@ -95,6 +95,71 @@ pub struct Job {
     pub log_lines_dropped: i64,
 }
 
+/// A job in a list (`GET /api/v1/jobs`): everything [`Job`] has except the run's `input` and
+/// `output` bodies, which may be megabytes each; `GET /api/v1/jobs/{id}` returns them.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct JobSummary {
+    pub id: Uuid,
+    pub event_id: Uuid,
+    pub event_name: String,
+    pub status: JobStatus,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub dead: bool,
+    pub priority: i32,
+    pub run_at: DateTime<Utc>,
+    pub exit_code: Option<i32>,
+    pub exit_signal: Option<i32>,
+    pub error: Option<JobError>,
+    pub condition: Option<bool>,
+    pub progress: Option<i16>,
+    pub cancel_requested: bool,
+    pub parent_job_id: Option<Uuid>,
+    pub root_job_id: Uuid,
+    pub depth: i32,
+    pub idempotency_key: Option<String>,
+    pub worker_id: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+    pub claimed_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub action_notes: Vec<String>,
+    pub log_lines_dropped: i64,
+}
+
+impl From<Job> for JobSummary {
+    fn from(j: Job) -> Self {
+        Self {
+            id: j.id,
+            event_id: j.event_id,
+            event_name: j.event_name,
+            status: j.status,
+            attempt: j.attempt,
+            max_attempts: j.max_attempts,
+            dead: j.dead,
+            priority: j.priority,
+            run_at: j.run_at,
+            exit_code: j.exit_code,
+            exit_signal: j.exit_signal,
+            error: j.error,
+            condition: j.condition,
+            progress: j.progress,
+            cancel_requested: j.cancel_requested,
+            parent_job_id: j.parent_job_id,
+            root_job_id: j.root_job_id,
+            depth: j.depth,
+            idempotency_key: j.idempotency_key,
+            worker_id: j.worker_id,
+            created_at: j.created_at,
+            claimed_at: j.claimed_at,
+            started_at: j.started_at,
+            finished_at: j.finished_at,
+            action_notes: j.action_notes,
+            log_lines_dropped: j.log_lines_dropped,
+        }
+    }
+}
+
 /// The body of `POST /api/v1/events/{id}/run` (all optional).
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -127,10 +192,14 @@ impl RunRequest {
                 "must be 1 to 200 printable characters",
             ));
         }
-        if let Some(at) = self.run_at
-            && at > Utc::now() + chrono::Duration::days(366)
-        {
-            return Err(FieldError::new("run_at", "must be within a year from now"));
+        if let Some(at) = self.run_at {
+            // PostgreSQL's timestamps end long before chrono's: bound both sides.
+            if at > Utc::now() + chrono::Duration::days(366) {
+                return Err(FieldError::new("run_at", "must be within a year from now"));
+            }
+            if at < DateTime::UNIX_EPOCH {
+                return Err(FieldError::new("run_at", "must not be before 1970"));
+            }
         }
         Ok(())
     }

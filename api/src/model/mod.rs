@@ -11,7 +11,7 @@ pub mod token;
 pub mod variable;
 
 pub use event::{Event, EventPatch, Executor, HttpRequestSpec, NewEvent, Runtime};
-pub use job::{Job, JobError, JobStatus, LogLine, LogPage, RunRequest};
+pub use job::{Job, JobError, JobStatus, JobSummary, LogLine, LogPage, RunRequest};
 pub use token::{NewToken, Role, Token, TokenCreated};
 
 /// A request field that failed validation: which one, and why.

@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use super::{Result, StorageError};
 use crate::model::job::ErrorKind;
-use crate::model::{Event, Job, JobError, JobStatus};
+use crate::model::{Event, Job, JobError, JobStatus, JobSummary};
 
 /// The channel the enqueue trigger notifies; the payload is the job's executor.
 pub const QUEUED_CHANNEL: &str = "baton_job_queued";
@@ -847,9 +847,15 @@ pub struct JobFilter {
     pub limit: i64,
 }
 
-pub async fn list_jobs(db: impl PgExecutor<'_>, filter: &JobFilter) -> Result<Vec<Job>> {
+/// A page of jobs, newest first, without their input and output bodies (never read: a page of
+/// 500 jobs with 4 MiB inputs each would be 2 GiB).
+pub async fn list_jobs(db: impl PgExecutor<'_>, filter: &JobFilter) -> Result<Vec<JobSummary>> {
+    let columns = JOB_COLUMNS.replace(
+        "j.input, j.output,",
+        "'null'::jsonb AS input, NULL::jsonb AS output,",
+    );
     let sql = format!(
-        "SELECT {JOB_COLUMNS} FROM jobs j
+        "SELECT {columns} FROM jobs j
          WHERE ($1::text IS NULL OR j.status = $1)
            AND ($2::uuid IS NULL OR j.event_id = $2)
            AND ($3::uuid IS NULL OR j.root_job_id = $3)
@@ -867,7 +873,19 @@ pub async fn list_jobs(db: impl PgExecutor<'_>, filter: &JobFilter) -> Result<Ve
         .bind(filter.limit)
         .fetch_all(db)
         .await?;
-    Ok(rows.into_iter().map(Job::from).collect())
+    Ok(rows
+        .into_iter()
+        .map(|row| JobSummary::from(Job::from(row)))
+        .collect())
+}
+
+/// How many jobs are queued, claimed and running (for the metrics).
+pub async fn depth_by_status(db: impl PgExecutor<'_>) -> Result<Vec<(String, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT status, count(*) FROM jobs WHERE status IN ('queued', 'claimed', 'running') GROUP BY status",
+    )
+    .fetch_all(db)
+    .await?)
 }
 
 /// Whether a job has reached a terminal status (used by log readers to know when to stop).

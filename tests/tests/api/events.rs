@@ -421,3 +421,120 @@ async fn a_run_is_announced_by_its_replica_not_by_the_row_trigger() {
     let extra = tokio::time::timeout(std::time::Duration::from_millis(300), listener.recv()).await;
     assert!(extra.is_err(), "unexpected notification: {extra:?}");
 }
+
+/// Every client string that reaches a PostgreSQL `text` or `jsonb` column: a NUL in it is a
+/// 422 naming the field, never a 500 (PostgreSQL stores neither `\0` nor `\u0000`).
+#[tokio::test]
+async fn nul_characters_are_refused_naming_the_field() {
+    let app = spawn_app().await;
+    let ev = app.create_event(&bash_event("nul")).await;
+    let ev = ev["id"].as_str().expect("id").to_owned();
+    let nul = "a\u{0}b";
+    let cases: Vec<(Method, String, Value, &str)> = vec![
+        (
+            Method::POST,
+            "/api/v1/events".into(),
+            json!({"name": "n2", "runtime": "bash", "content": "echo", "executor": "local", "description": nul}),
+            "description",
+        ),
+        (
+            Method::POST,
+            "/api/v1/events".into(),
+            json!({"name": "n3", "runtime": "bash", "content": nul, "executor": "local"}),
+            "content",
+        ),
+        (
+            Method::POST,
+            "/api/v1/events".into(),
+            json!({"name": "n4", "runtime": "bash", "content": "echo", "executor": "local", "env": {"K": nul}}),
+            "env.K",
+        ),
+        (
+            Method::PATCH,
+            format!("/api/v1/events/{ev}"),
+            json!({"description": nul}),
+            "description",
+        ),
+        (
+            Method::POST,
+            format!("/api/v1/events/{ev}/run"),
+            json!({"input": {"rows": ["ok", nul]}}),
+            "input.rows[1]",
+        ),
+        (
+            Method::POST,
+            format!("/api/v1/events/{ev}/run"),
+            json!({"input": {"k\u{0}": 1}}),
+            "input.k\\u0000",
+        ),
+        (
+            Method::POST,
+            format!("/api/v1/events/{ev}/actions"),
+            json!({"trigger": "always", "action": {"type": "send_message", "channel": "webhook",
+                "target": "http://example.test/", "template": nul}}),
+            "action.template",
+        ),
+        (
+            Method::PUT,
+            "/api/v1/variables/v".into(),
+            json!({"value": nul}),
+            "value",
+        ),
+        (
+            Method::POST,
+            "/api/v1/servers".into(),
+            json!({"name": nul, "host": "db.example", "username": "u", "password": "hunter2hunter2", "host_key_policy": "accept_new"}),
+            "name",
+        ),
+        (
+            Method::POST,
+            "/api/v1/tokens".into(),
+            json!({"name": nul, "role": "viewer"}),
+            "name",
+        ),
+    ];
+    for (method, path, body, field) in cases {
+        let (status, err) = send(app.request(method.clone(), &path).json(&body)).await;
+        assert_eq!(
+            (status, err["error"]["field"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some(field)),
+            "{method} {path}: {err}"
+        );
+        assert!(
+            err["error"]["message"]
+                .as_str()
+                .expect("message")
+                .contains("NUL"),
+            "{err}"
+        );
+    }
+    // In the query string or the path.
+    for (path, field) in [
+        ("/api/v1/events?cursor=a%00b", "cursor"),
+        ("/api/v1/variables?scope=%00", "scope"),
+        ("/api/v1/variables/a%00b", "path"),
+    ] {
+        let (status, err) = app.get(path).await;
+        assert_eq!(
+            (status, err["error"]["field"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some(field)),
+            "{path}: {err}"
+        );
+    }
+    // An escaped backslash before `u0000` is text, not a NUL: stored as sent.
+    let (status, job) = app
+        .post(
+            &format!("/api/v1/events/{ev}/run"),
+            &json!({"input": {"k": "\\u0000"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    // Times PostgreSQL cannot store are refused too.
+    let (status, err) = app
+        .post(
+            &format!("/api/v1/events/{ev}/run"),
+            &json!({"run_at": "-100000-01-01T00:00:00Z"}),
+        )
+        .await;
+    assert!(status.is_client_error(), "{status} {err}");
+}

@@ -280,3 +280,94 @@ async fn logs_page_by_sequence_and_say_when_done() {
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn lists_leave_out_input_and_output_which_a_single_job_returns() {
+    let app = spawn_app().await;
+    let ev = app.create_event(&bash_event("big")).await;
+    let ev = ev["id"].as_str().expect("id");
+    let blob = "x".repeat(1 << 20);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(app.run_event(ev, &json!({"input": {"blob": blob}})).await);
+    }
+    let (status, page) = app.get("/api/v1/jobs?limit=500").await;
+    assert_eq!(status, StatusCode::OK);
+    let items = page["items"].as_array().expect("items");
+    assert_eq!(items.len(), 3);
+    for item in items {
+        let item = item.as_object().expect("object");
+        assert!(
+            !item.contains_key("input") && !item.contains_key("output"),
+            "a list item carries no bodies: {:?}",
+            item.keys().collect::<Vec<_>>()
+        );
+        assert_eq!(item["status"], "queued");
+    }
+    assert!(
+        page.to_string().len() < 64 * 1024,
+        "the page is small without the bodies"
+    );
+    let (status, job) = app.get(&format!("/api/v1/jobs/{}", ids[0])).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(job["input"]["blob"].as_str().map(str::len), Some(1 << 20));
+
+    // The OpenAPI document says so.
+    let (_, spec) =
+        baton_tests::send(app.anonymous(reqwest::Method::GET, "/api/v1/openapi.json")).await;
+    let summary = &spec["components"]["schemas"]["JobSummary"]["properties"];
+    assert!(
+        summary["id"].is_object() && summary["status"].is_object(),
+        "{summary}"
+    );
+    assert!(
+        summary["input"].is_null() && summary["output"].is_null(),
+        "{summary}"
+    );
+    let list = spec["paths"]["/api/v1/jobs"]["get"]["responses"]["200"].to_string();
+    assert!(list.contains("JobSummary"), "{list}");
+    assert!(spec["components"]["schemas"]["Job"]["properties"]["input"].is_object());
+}
+
+#[tokio::test]
+async fn log_cursors_past_any_sequence_are_refused_not_overflowed() {
+    let app = spawn_app().await;
+    let ev = app.create_event(&bash_event("c")).await;
+    let id = app
+        .run_event(ev["id"].as_str().expect("id"), &json!({}))
+        .await;
+    for path in [
+        format!("/api/v1/jobs/{id}/logs?after=9223372036854775807"),
+        format!("/api/v1/jobs/{id}/logs?after=9223372036854775807&limit=10000"),
+        format!("/api/v1/jobs/{id}/logs/stream?after=9223372036854775807"),
+        format!("/api/v1/jobs/{id}/logs?after=99999999999999999999"),
+    ] {
+        let (status, err) = app.get(&path).await;
+        assert_eq!(
+            (status, err["error"]["field"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("after")),
+            "{path}: {err}"
+        );
+    }
+    let (status, err) = baton_tests::send(
+        app.request(
+            reqwest::Method::GET,
+            &format!("/api/v1/jobs/{id}/logs/stream"),
+        )
+        .header("last-event-id", "9223372036854775807"),
+    )
+    .await;
+    assert_eq!(
+        (status, err["error"]["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("Last-Event-ID")),
+        "{err}"
+    );
+    // The largest accepted cursor reads an empty page.
+    let (status, page) = app
+        .get(&format!(
+            "/api/v1/jobs/{id}/logs?after=9007199254740992&limit=10000"
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(page["lines"], json!([]));
+}

@@ -265,3 +265,165 @@ async fn next_ws(ws: &mut Ws) -> Option<Value> {
         }
     }
 }
+
+/// A job nobody will run for a year: a stream on it has nothing to say.
+async fn far_future_job(app: &TestApp) -> String {
+    let ev = app.create_event(&bash_event("later")).await;
+    let run_at = chrono::Utc::now() + chrono::Duration::days(360);
+    app.run_event(
+        ev["id"].as_str().expect("id"),
+        &json!({"run_at": run_at.to_rfc3339()}),
+    )
+    .await
+}
+
+async fn open_ws(app: &TestApp, job_id: &str) -> Ws {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!(
+        "{}/api/v1/jobs/{job_id}/logs/stream",
+        app.address.replacen("http", "ws", 1)
+    );
+    let mut request = url.into_client_request().expect("request");
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", app.admin_token)
+            .parse()
+            .expect("header"),
+    );
+    tokio_tungstenite::connect_async(request)
+        .await
+        .expect("websocket")
+        .0
+}
+
+/// The status of opening an SSE stream with `token` (the stream itself is dropped).
+async fn sse_status(app: &TestApp, token: &str, job_id: &str) -> reqwest::StatusCode {
+    let response = app
+        .request_as(
+            token,
+            reqwest::Method::GET,
+            &format!("/api/v1/jobs/{job_id}/logs/stream"),
+        )
+        .send()
+        .await
+        .expect("sent");
+    response.status()
+}
+
+/// Opens SSE streams until one is accepted (a slot was freed), within `within`.
+async fn slot_freed_within(app: &TestApp, job_id: &str, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let status = sse_status(app, &app.admin_token, job_id).await;
+        if status == reqwest::StatusCode::OK {
+            return;
+        }
+        assert_eq!(status, reqwest::StatusCode::TOO_MANY_REQUESTS);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stream's slot was not freed within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn live_streams_are_bounded_per_token() {
+    let app = baton_tests::spawn_app_with(|c| c.streams_per_token = 2).await;
+    let id = far_future_job(&app).await;
+    let _sse = SseReader::open(&app, &format!("/api/v1/jobs/{id}/logs/stream")).await;
+    let _ws = open_ws(&app, &id).await;
+    let (status, err) = baton_tests::send(app.request(
+        reqwest::Method::GET,
+        &format!("/api/v1/jobs/{id}/logs/stream"),
+    ))
+    .await;
+    assert_eq!(status, reqwest::StatusCode::TOO_MANY_REQUESTS, "{err}");
+    assert_eq!(err["error"]["code"], "too_many_streams");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("BATON_STREAMS_PER_TOKEN"),
+        "{err}"
+    );
+    // Other tokens have their own slots.
+    let viewer = app.token(Role::Viewer).await;
+    assert_eq!(
+        sse_status(&app, &viewer, &id).await,
+        reqwest::StatusCode::OK
+    );
+}
+
+/// A WebSocket closed by its client frees its slot at once, not at the next line (which for
+/// this job would come in a year). Pings every 20 s and the 300 s idle limit are far off.
+#[tokio::test]
+async fn a_closed_websocket_is_noticed_at_once() {
+    let app = baton_tests::spawn_app_with(|c| c.streams_per_token = 1).await;
+    let id = far_future_job(&app).await;
+    let mut ws = open_ws(&app, &id).await;
+    assert_eq!(
+        sse_status(&app, &app.admin_token, &id).await,
+        reqwest::StatusCode::TOO_MANY_REQUESTS,
+        "the WebSocket holds the only slot"
+    );
+    ws.close(None).await.expect("close sent");
+    slot_freed_within(&app, &id, Duration::from_secs(5)).await;
+}
+
+/// A WebSocket client that stops answering (never reads, so never pongs) is dropped after two
+/// ping intervals.
+#[tokio::test]
+async fn a_websocket_client_that_stops_answering_pings_is_dropped() {
+    let app = baton_tests::spawn_app_with(|c| {
+        c.streams_per_token = 1;
+        c.stream_ping_interval = Duration::from_millis(200);
+    })
+    .await;
+    let id = far_future_job(&app).await;
+    let silent = open_ws(&app, &id).await;
+    assert_eq!(
+        sse_status(&app, &app.admin_token, &id).await,
+        reqwest::StatusCode::TOO_MANY_REQUESTS
+    );
+    slot_freed_within(&app, &id, Duration::from_secs(10)).await;
+    drop(silent);
+}
+
+/// A reader for a job that stays queued for a year does not poll for a year: with nothing new
+/// for the idle limit the stream ends with an `idle` event saying where to resume.
+#[tokio::test]
+async fn a_stream_with_nothing_new_ends_when_idle() {
+    let app = baton_tests::spawn_app_with(|c| {
+        c.stream_idle_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let id = far_future_job(&app).await;
+    let mut sse = SseReader::open(&app, &format!("/api/v1/jobs/{id}/logs/stream")).await;
+    let (event, data) = sse.next().await.expect("an idle event");
+    assert_eq!((event.as_str(), &data), ("idle", &json!({"after": 0})));
+    assert!(sse.next().await.is_none(), "the stream ends after it");
+    let mut ws = open_ws(&app, &id).await;
+    let idle = next_ws(&mut ws).await.expect("idle message");
+    assert_eq!(idle, json!({"type": "idle", "after": 0}));
+    assert!(next_ws(&mut ws).await.is_none(), "then the socket closes");
+}
+
+/// An SSE client that went away frees its slot by the next keep-alive (sent every ping
+/// interval), not at the next line.
+#[tokio::test]
+async fn a_departed_sse_client_frees_its_slot() {
+    let app = baton_tests::spawn_app_with(|c| {
+        c.streams_per_token = 1;
+        c.stream_ping_interval = Duration::from_millis(200);
+    })
+    .await;
+    let id = far_future_job(&app).await;
+    let sse = SseReader::open(&app, &format!("/api/v1/jobs/{id}/logs/stream")).await;
+    assert_eq!(
+        sse_status(&app, &app.admin_token, &id).await,
+        reqwest::StatusCode::TOO_MANY_REQUESTS
+    );
+    drop(sse);
+    slot_freed_within(&app, &id, Duration::from_secs(10)).await;
+}

@@ -7,6 +7,7 @@ mod chains;
 mod events;
 mod health;
 mod jobs;
+mod limits;
 mod live_logs;
 mod protocol;
 mod queue;

@@ -106,14 +106,15 @@ baton.output({ n: data.n + 1, from: "node", region: baton.getVariable("region") 
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
-    let by_event = |ev: &str| {
-        chain
-            .iter()
-            .find(|j| j["event_id"] == ev)
-            .expect("job")
-            .clone()
+    // Lists leave out input and output: read each job.
+    let by_event = async |ev: &str| {
+        let id = chain.iter().find(|j| j["event_id"] == ev).expect("job")["id"]
+            .as_str()
+            .expect("id")
+            .to_owned();
+        app.get(&format!("/api/v1/jobs/{id}")).await.1
     };
-    let (ja, jb, jc) = (by_event(&a), by_event(&b), by_event(&c));
+    let (ja, jb, jc) = (by_event(&a).await, by_event(&b).await, by_event(&c).await);
     assert_eq!(ja["output"], json!({"n": 2, "from": "bash"}));
     assert_eq!(ja["condition"], true);
     assert_eq!(jb["input"], json!({"n": 2, "from": "bash"}));

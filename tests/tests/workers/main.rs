@@ -6,6 +6,7 @@ mod chaos;
 mod container;
 mod container_reaping;
 mod failover;
+mod hostile;
 mod runs;
 mod ssh;
 mod support;

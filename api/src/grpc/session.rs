@@ -380,14 +380,25 @@ impl Session {
     /// jobs it was assigned (or resumed) through this stream.
     async fn held(&self, raw: &str, token: i64) -> Option<Uuid> {
         let job_id = self.job_id(raw).await?;
-        if self.conn.token_of(job_id) == Some(token) {
-            return Some(job_id);
+        match self.conn.token_of(job_id) {
+            Some(held) if held == token => return Some(job_id),
+            // A stale token (an earlier run's): refused, but the stream keeps the lease it
+            // holds under its current token.
+            Some(_) => {
+                self.send(ServerMsg::LeaseLost(LeaseLost {
+                    job_id: job_id.to_string(),
+                    reason: "stale lease token: the job runs under a newer lease".to_owned(),
+                }))
+                .await
+            }
+            None => {
+                self.lease_lost(
+                    job_id,
+                    "this stream does not hold the job under this lease token",
+                )
+                .await
+            }
         }
-        self.lease_lost(
-            job_id,
-            "this stream does not hold the job under this lease token",
-        )
-        .await;
         None
     }
 
@@ -617,6 +628,15 @@ impl Session {
         let mut outcome = outcome_of(&f);
         let mut variables = f.variables;
         make_storable(&mut outcome, &mut variables);
+        if outcome.output.is_none() && outcome.error.is_none() {
+            // Nothing a secret could be in: no need to load them.
+            return Some(JobWrite::Finished {
+                job_id,
+                token: f.lease_token,
+                outcome,
+                variables,
+            });
+        }
         let secrets = self
             .with_masker(job_id, |masker| masker.secrets().clone())
             .await;

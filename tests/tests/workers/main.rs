@@ -5,6 +5,7 @@ mod chains;
 mod container;
 mod container_reaping;
 mod failover;
+mod reports;
 mod runs;
 mod ssh;
 mod support;

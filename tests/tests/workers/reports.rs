@@ -16,7 +16,7 @@ async fn a_nul_byte_in_a_variable_fails_the_job_as_output_within_seconds() {
         &app,
         "nul-var",
         "bash",
-        r#"printf 'a\0b' > "$BATON_DIR/out/vars/k"; echo done"#,
+        r#"set -e; mkdir -p "$BATON_DIR/out/vars"; printf 'a\0b' > "$BATON_DIR/out/vars/k"; echo done"#,
     )
     .await;
     let worker = InProcessWorker::start(&app, 1).await;

@@ -9,7 +9,7 @@
 //!
 //! A report the database could not take (an error other than a refusal) is answered with a
 //! transient `ErrorNotice`: the worker re-sends it after a pause. A job whose reports keep being
-//! refused is given up ([`GIVE_UP_AFTER`]): failed with the reason if the database lets us,
+//! refused is given up ([`GIVE_UP_AFTER_LEASES`]): failed with the reason if the database lets us,
 //! and in any case no longer held by this stream, so its lease is not renewed again.
 
 use std::collections::HashMap;
@@ -42,9 +42,9 @@ const MAX_GROUP: usize = 256;
 /// How long a new stream may take to say `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const KNOWN_EXECUTORS: [&str; 3] = ["container", "ssh", "local"];
-/// A job whose reports the database has refused for this long (and at least
-/// [`GIVE_UP_MIN_REFUSALS`] times) is given up.
-const GIVE_UP_AFTER: Duration = Duration::from_secs(60);
+/// A job whose reports the database has refused for this many lease periods in a row (and
+/// at least [`GIVE_UP_MIN_REFUSALS`] times) is given up (1 minute with the default lease).
+const GIVE_UP_AFTER_LEASES: u32 = 4;
 const GIVE_UP_MIN_REFUSALS: u32 = 5;
 
 pub(super) async fn open(
@@ -301,7 +301,7 @@ impl Session {
             let mut refusals = lock(&self.refusals);
             let (since, count) = refusals.entry(job_id).or_insert((Instant::now(), 0));
             *count += 1;
-            since.elapsed() >= GIVE_UP_AFTER && *count >= GIVE_UP_MIN_REFUSALS
+            since.elapsed() >= self.give_up_after() && *count >= GIVE_UP_MIN_REFUSALS
         };
         if give_up {
             return self.give_up(job_id, &message).await;
@@ -315,13 +315,17 @@ impl Session {
         .await;
     }
 
-    /// The job's reports have been refused for [`GIVE_UP_AFTER`]: fail it with the reason if
+    fn give_up_after(&self) -> Duration {
+        self.state.config.lease * GIVE_UP_AFTER_LEASES
+    }
+
+    /// The job's reports have been refused for a while: fail it with the reason if
     /// the database takes that, and stop holding it either way (its lease is not renewed
     /// again; the reaper takes it back when it expires).
     async fn give_up(&self, job_id: Uuid, last_error: &str) {
         let reason = format!(
             "the api could not store this job's reports for {} s; last error: {last_error}",
-            GIVE_UP_AFTER.as_secs()
+            self.give_up_after().as_secs()
         );
         tracing::error!(worker.id = %self.conn.worker_id, job.id = %job_id, %reason, "giving up on a job");
         if let Some(token) = self.conn.token_of(job_id) {

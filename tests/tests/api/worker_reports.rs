@@ -15,7 +15,8 @@ use baton_proto::v1::{
 };
 use baton_proto::{ServerMsg, WorkerMsg};
 use baton_tests::protocol::{ScriptedWorker, hello};
-use baton_tests::{TestApp, bash_event, spawn_app};
+use baton_tests::faults::refuse_successes;
+use baton_tests::{TestApp, bash_event, spawn_app, spawn_app_with};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -484,4 +485,64 @@ async fn a_batch_whose_secrets_cannot_be_loaded_is_refused_and_stored_masked_lat
         .await;
     assert_eq!(ack.stored_seq, 2);
     assert_eq!(log_texts(&app, &id).await, vec!["pw=***", "again ***"]);
+}
+
+#[tokio::test]
+async fn the_api_gives_up_on_a_job_whose_completion_it_keeps_refusing() {
+    // Given up after 4 leases of refusals: 8 s here.
+    let app = spawn_app_with(|c| c.lease = Duration::from_secs(2)).await;
+    refuse_successes(&app.pool, i64::MAX).await;
+    let ev = event_id(&app, &bash_event("refused")).await;
+    // A worker that re-sends its completion whatever it is told (as an old worker would).
+    let (mut w, _) = ScriptedWorker::connect(
+        &app.grpc_address,
+        &app.token(Role::Worker).await,
+        hello(Uuid::now_v7(), 1),
+    )
+    .await;
+    let id = app.run_event(&ev, &json!({})).await;
+    let a = assignment(&mut w).await;
+    let started = tokio::time::Instant::now();
+    let lost = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the api kept the job {}",
+            job(&app, &id).await
+        );
+        w.send(WorkerMsg::Heartbeat(baton_proto::v1::Heartbeat {
+            jobs: vec![HeldJob {
+                job_id: id.clone(),
+                lease_token: a.lease_token,
+            }],
+            free_slots: 0,
+        }))
+        .await;
+        w.send(WorkerMsg::Finished(Finished {
+            job_id: id.clone(),
+            lease_token: a.lease_token,
+            exit_code: Some(0),
+            ..Default::default()
+        }))
+        .await;
+        match w.try_next(Duration::from_millis(300)).await {
+            Some(ServerMsg::LeaseLost(l)) => break l,
+            Some(ServerMsg::Error(e)) => assert!(e.transient, "{e:?}"),
+            _ => {}
+        }
+    };
+    assert_eq!(lost.job_id, id);
+    assert!(lost.reason.contains("could not store"), "{lost:?}");
+    let j = job(&app, &id).await;
+    assert_eq!(
+        (j["status"].as_str(), j["error"]["kind"].as_str()),
+        (Some("failed"), Some("infrastructure")),
+        "{j}"
+    );
+    assert!(
+        j["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("injected"),
+        "{j}"
+    );
 }

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use baton_tests::faults::refuse_successes;
+
 use crate::support::{InProcessWorker, local_event, wait_finished};
 
 #[tokio::test]
@@ -40,36 +42,11 @@ async fn a_nul_byte_in_a_variable_fails_the_job_as_output_within_seconds() {
     worker.stop().await;
 }
 
-/// Makes the database refuse a job's success `times` times (a trigger raising an error; the
-/// count is a sequence, which a rolled-back transaction does not undo).
-async fn refuse_successes(app: &baton_tests::TestApp, times: i64) {
-    for sql in [
-        "CREATE SEQUENCE refusals".to_owned(),
-        format!(
-            "CREATE FUNCTION refuse_success() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-                 IF nextval('refusals') <= {times} THEN
-                     RAISE EXCEPTION 'injected: the database refuses this completion';
-                 END IF;
-                 RETURN NEW;
-             END $$"
-        ),
-        "CREATE TRIGGER refuse_success BEFORE UPDATE ON jobs FOR EACH ROW
-         WHEN (NEW.status = 'succeeded') EXECUTE FUNCTION refuse_success()"
-            .to_owned(),
-    ] {
-        sqlx::query(sqlx::AssertSqlSafe(sql))
-            .execute(&app.pool)
-            .await
-            .expect("set up the refusal");
-    }
-}
-
 #[tokio::test]
 async fn a_completion_the_database_refuses_for_a_moment_is_sent_again() {
     let app = baton_tests::spawn_app().await;
     // More refusals than the api's own retry of a failed group absorbs.
-    refuse_successes(&app, 4).await;
+    refuse_successes(&app.pool, 4).await;
     let ev = local_event(&app, "refused-once", "bash", "echo hi").await;
     let worker = InProcessWorker::start(&app, 1).await;
     let id = app.run_event(&ev, &json!({})).await;
@@ -88,7 +65,7 @@ async fn a_completion_the_database_refuses_for_a_moment_is_sent_again() {
 #[tokio::test]
 async fn a_completion_the_database_always_refuses_fails_the_job_with_the_reason() {
     let app = baton_tests::spawn_app().await;
-    refuse_successes(&app, i64::MAX).await;
+    refuse_successes(&app.pool, i64::MAX).await;
     let ev = local_event(&app, "refused-always", "bash", "echo hi").await;
     let worker = InProcessWorker::start(&app, 1).await;
     let id = app.run_event(&ev, &json!({})).await;

@@ -230,7 +230,8 @@ mod tests {
 
     #[test]
     fn masks_each_line_of_a_multi_line_secret() {
-        let pem = "-----BEGIN KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\nYWJjZGVm\n-----END KEY-----\n";
+        let pem =
+            "-----BEGIN KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\nYWJjZGVm\n-----END KEY-----\n";
         let s = secrets(&[pem]);
         assert_eq!(s.mask(pem), "***");
         assert_eq!(s.mask("key: MIIEvQIBADANBgkqhkiG9w0BAQEFAASC"), "key: ***");
@@ -259,6 +260,9 @@ mod tests {
         let s = secrets(&["hunter2"]);
         let mut v = serde_json::json!({"a": ["pw hunter2", 1], "hunter2": {"b": "hunter2"}});
         s.mask_json(&mut v);
-        assert_eq!(v, serde_json::json!({"a": ["pw ***", 1], "***": {"b": "***"}}));
+        assert_eq!(
+            v,
+            serde_json::json!({"a": ["pw ***", 1], "***": {"b": "***"}})
+        );
     }
 }

@@ -48,7 +48,9 @@ pub async fn event_secrets(
     vault: &Vault,
     event_id: Uuid,
 ) -> Result<Secrets, StorageError> {
-    Ok(Secrets::new(readable_variables(db, vault, event_id).await?.1))
+    Ok(Secrets::new(
+        readable_variables(db, vault, event_id).await?.1,
+    ))
 }
 
 /// The secrets the job `job_id` may read, ready to mask with. An error is an error: a caller

@@ -474,7 +474,9 @@ impl Shared {
         if entry.refusals > MAX_REPORT_RETRIES {
             match &entry.finished {
                 Some(f) if !entry.completion_replaced => {
-                    tracing::error!("the completion keeps being refused: reporting an infrastructure failure instead");
+                    tracing::error!(
+                        "the completion keeps being refused: reporting an infrastructure failure instead"
+                    );
                     entry.finished = Some(Finished {
                         job_id: f.job_id.clone(),
                         lease_token: f.lease_token,
@@ -493,7 +495,9 @@ impl Shared {
                     entry.refusals = 0;
                 }
                 Some(_) => {
-                    tracing::error!("even the failure report keeps being refused: giving the job up");
+                    tracing::error!(
+                        "even the failure report keeps being refused: giving the job up"
+                    );
                     if let Some(e) = st.jobs.remove(job_id) {
                         e.drop_run();
                     }

@@ -430,13 +430,14 @@ impl Session {
     /// the message back when it is not a job write.
     async fn job_write(&self, msg: WorkerMsg) -> Result<Option<JobWrite>, WorkerMsg> {
         Ok(match msg {
-            WorkerMsg::Started(m) => self
-                .held(&m.job_id, m.lease_token)
-                .await
-                .map(|job_id| JobWrite::Started {
-                    job_id,
-                    token: m.lease_token,
-                }),
+            WorkerMsg::Started(m) => {
+                self.held(&m.job_id, m.lease_token)
+                    .await
+                    .map(|job_id| JobWrite::Started {
+                        job_id,
+                        token: m.lease_token,
+                    })
+            }
             WorkerMsg::Progress(m) => {
                 self.held(&m.job_id, m.lease_token)
                     .await
@@ -779,9 +780,9 @@ fn json_has_nul(v: &serde_json::Value) -> bool {
     match v {
         serde_json::Value::String(s) => s.contains('\0'),
         serde_json::Value::Array(items) => items.iter().any(json_has_nul),
-        serde_json::Value::Object(map) => map
-            .iter()
-            .any(|(k, v)| k.contains('\0') || json_has_nul(v)),
+        serde_json::Value::Object(map) => {
+            map.iter().any(|(k, v)| k.contains('\0') || json_has_nul(v))
+        }
         _ => false,
     }
 }

@@ -14,8 +14,8 @@ use baton_proto::v1::{
     WorkerMessage,
 };
 use baton_proto::{ServerMsg, WorkerMsg};
-use baton_tests::protocol::{ScriptedWorker, hello};
 use baton_tests::faults::refuse_successes;
+use baton_tests::protocol::{ScriptedWorker, hello};
 use baton_tests::{TestApp, bash_event, spawn_app, spawn_app_with};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -125,9 +125,7 @@ async fn another_workers_stream_cannot_report_on_a_job_it_does_not_hold() {
                 percent: 99,
             }))
             .await;
-        intruder
-            .send(batch(&id, token, 1, &["forged line"]))
-            .await;
+        intruder.send(batch(&id, token, 1, &["forged line"])).await;
         intruder
             .send(WorkerMsg::Finished(Finished {
                 job_id: id.clone(),
@@ -187,9 +185,7 @@ async fn another_workers_stream_cannot_report_on_a_job_it_does_not_hold() {
 #[tokio::test]
 async fn a_host_key_is_pinned_only_for_the_jobs_own_server() {
     let app = spawn_app().await;
-    let server = |name: &str| {
-        json!({"name": name, "host": "127.0.0.1", "username": "u", "password": "pw-123456", "host_key_policy": "accept_new"})
-    };
+    let server = |name: &str| json!({"name": name, "host": "127.0.0.1", "username": "u", "password": "pw-123456", "host_key_policy": "accept_new"});
     let (_, own) = app.post("/api/v1/servers", &server("own")).await;
     let (_, victim) = app.post("/api/v1/servers", &server("victim")).await;
     let own = own["id"].as_str().expect("id").to_owned();
@@ -226,7 +222,11 @@ async fn a_host_key_is_pinned_only_for_the_jobs_own_server() {
         "{notice:?}"
     );
     let (_, v) = app.get(&format!("/api/v1/servers/{victim}")).await;
-    assert_eq!(v["host_key"], Value::Null, "another server's key was pinned");
+    assert_eq!(
+        v["host_key"],
+        Value::Null,
+        "another server's key was pinned"
+    );
     w.send(seen(&own)).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -302,7 +302,10 @@ async fn values_postgres_cannot_store_fail_the_run_as_an_output_error() {
     assert_eq!(j["status"], "failed", "{j}");
     assert_eq!(j["error"]["kind"], "output");
     assert!(
-        j["error"]["message"].as_str().expect("message").contains("\"k\""),
+        j["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("\"k\""),
         "{j}"
     );
     let (status, _) = app.get("/api/v1/variables/fine").await;
@@ -373,7 +376,9 @@ async fn secrets_are_masked_across_cuts_lines_output_errors_and_messages() {
         hello(Uuid::now_v7(), 1),
     )
     .await;
-    let id = app.run_event(&ev, &json!({"input": {"t": token_secret}})).await;
+    let id = app
+        .run_event(&ev, &json!({"input": {"t": token_secret}}))
+        .await;
     let a = assignment(&mut w).await;
     let tok = a.lease_token;
     // The worker cut a long line inside the secret; the two pieces come in two batches.
@@ -425,13 +430,12 @@ async fn secrets_are_masked_across_cuts_lines_output_errors_and_messages() {
             .starts_with("failed with *** and"),
         "{j}"
     );
-    let (body, subject, payload): (String, String, Value) = sqlx::query_as(
-        "SELECT body, subject, payload FROM message_outbox WHERE job_id = $1",
-    )
-    .bind(Uuid::parse_str(&id).expect("uuid"))
-    .fetch_one(&app.pool)
-    .await
-    .expect("a message");
+    let (body, subject, payload): (String, String, Value) =
+        sqlx::query_as("SELECT body, subject, payload FROM message_outbox WHERE job_id = $1")
+            .bind(Uuid::parse_str(&id).expect("uuid"))
+            .fetch_one(&app.pool)
+            .await
+            .expect("a message");
     assert_eq!(body, "input was ***");
     assert_eq!(subject, "about ***");
     assert!(!payload.to_string().contains("5ecr3t"), "{payload}");

@@ -110,9 +110,15 @@ impl Secrets {
         self.needles
             .iter()
             .filter_map(|s| {
+                let last = *text.as_bytes().last()?;
                 (min.max(1)..s.len().min(text.len() + 1))
                     .rev()
-                    .find(|&k| s.is_char_boundary(k) && text.ends_with(&s[..k]))
+                    // The byte test first: a full comparison only where it can match.
+                    .find(|&k| {
+                        s.as_bytes()[k - 1] == last
+                            && s.is_char_boundary(k)
+                            && text.ends_with(&s[..k])
+                    })
             })
             .max()
     }
@@ -123,7 +129,11 @@ impl Secrets {
         self.needles
             .iter()
             .filter_map(|s| {
+                let first = *text.as_bytes().first()?;
                 (1..s.len()).find_map(|k| {
+                    if s.as_bytes()[k] != first {
+                        return None;
+                    }
                     let (start, rest) = (s.get(..k)?, s.get(k..)?);
                     (tail.ends_with(start) && text.starts_with(rest)).then_some(rest.len())
                 })

@@ -917,6 +917,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn re_sends_back_off_doubling_to_a_cap() {
+        let delays: Vec<u64> = (1..=7)
+            .map(|n| resend_delay(n).as_millis() as u64)
+            .collect();
+        assert_eq!(delays, vec![250, 500, 1000, 2000, 4000, 4000, 4000]);
+        assert_eq!(resend_delay(u32::MAX), MAX_RESEND_DELAY);
+    }
+
+    #[test]
     fn refuses_to_start_without_executors() {
         let config = WorkerConfig::new("http://127.0.0.1:1", "t");
         let err = Worker::with_executors(config, HashMap::new()).unwrap_err();

@@ -142,11 +142,16 @@ pub async fn after_finish(
                 template,
                 subject,
             } => {
-                let body = render(template, &context);
+                // The job's secrets never leave in a message (crate::masking).
+                let secrets = crate::secrets::event_secrets(&mut *conn, vault, event.id).await?;
+                let body = secrets.mask(&render(template, &context)).into_owned();
                 let subject = subject
                     .as_deref()
                     .map(|s| render(s, &context))
                     .unwrap_or_else(|| format!("[baton] {} {}", event.spec.name, job.status));
+                let subject = secrets.mask(&subject).into_owned();
+                let mut payload = context.clone();
+                secrets.mask_json(&mut payload);
                 actions::enqueue_message(
                     &mut *conn,
                     &actions::NewMessage {
@@ -156,7 +161,7 @@ pub async fn after_finish(
                         target,
                         subject: &subject,
                         body: &body,
-                        payload: &context,
+                        payload: &payload,
                         delay_seconds: action.delay_seconds,
                     },
                 )

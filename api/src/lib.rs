@@ -34,6 +34,7 @@ pub mod error;
 pub mod event_cache;
 pub mod grpc;
 pub mod http;
+pub mod masking;
 pub mod metrics;
 pub mod model;
 pub mod notify;

@@ -1,27 +1,26 @@
-//! Secret variables on their way to a script and out of its logs: the values a job may read
-//! (global and its event's own, event scope winning), decrypted for the assignment, and masked
-//! as `***` in every log line stored — so in live streams too, which read what is stored.
+//! Secret variables on their way to a script and out of what it produced: the values a job may
+//! read (global and its event's own, event scope winning), decrypted for the assignment, and
+//! the secrets among them, which `crate::masking` masks as `***` in every log line, output,
+//! error and message stored — so in live streams too, which read what is stored.
 
 use std::collections::BTreeMap;
 
-use sqlx::PgPool;
+use sqlx::{PgExecutor, PgPool};
 use uuid::Uuid;
 
 use crate::crypto::Vault;
+use crate::masking::Secrets;
 use crate::storage::{StorageError, variables};
-
-/// What replaces a secret in logs.
-pub const MASK: &str = "***";
 
 /// Variables a run of `event_id` may read, decrypted: key → value, and the secret values.
 pub async fn readable_variables(
-    pool: &PgPool,
+    db: impl PgExecutor<'_>,
     vault: &Vault,
     event_id: Uuid,
 ) -> Result<(BTreeMap<String, String>, Vec<String>), StorageError> {
     let mut values = BTreeMap::new();
     let mut secrets = Vec::new();
-    for row in variables::visible_to(pool, event_id).await? {
+    for row in variables::visible_to(db, event_id).await? {
         let value = match (&row.value, &row.sealed) {
             (Some(v), _) => v.clone(),
             (None, Some(sealed)) => match vault.open(sealed, row.id.as_bytes()) {
@@ -43,44 +42,30 @@ pub async fn readable_variables(
     Ok((values, secrets))
 }
 
-/// The secret values the job `job_id` may read.
-pub async fn readable_secrets(
+/// The secrets a run of `event_id` may read, ready to mask with.
+pub async fn event_secrets(
+    db: impl PgExecutor<'_>,
+    vault: &Vault,
+    event_id: Uuid,
+) -> Result<Secrets, StorageError> {
+    Ok(Secrets::new(
+        readable_variables(db, vault, event_id).await?.1,
+    ))
+}
+
+/// The secrets the job `job_id` may read, ready to mask with. An error is an error: a caller
+/// must not store what it meant to mask (masking nothing would fail open).
+pub async fn job_secrets(
     pool: &PgPool,
     vault: &Vault,
     job_id: Uuid,
-) -> Result<Vec<String>, StorageError> {
+) -> Result<Secrets, StorageError> {
     let event_id: Option<Uuid> = sqlx::query_scalar("SELECT event_id FROM jobs WHERE id = $1")
         .bind(job_id)
         .fetch_optional(pool)
         .await?;
     match event_id {
-        Some(event_id) => Ok(readable_variables(pool, vault, event_id).await?.1),
-        None => Ok(Vec::new()),
-    }
-}
-
-/// `text` with every secret value replaced by [`MASK`].
-pub fn mask(text: &str, secrets: &[String]) -> String {
-    let mut out = text.to_owned();
-    for secret in secrets {
-        if out.contains(secret.as_str()) {
-            out = out.replace(secret.as_str(), MASK);
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn masks_every_occurrence_longest_first() {
-        let secrets = vec!["hunter2-long".to_owned(), "hunter2".to_owned()];
-        assert_eq!(
-            mask("pw=hunter2-long and hunter2", &secrets),
-            "pw=*** and ***"
-        );
-        assert_eq!(mask("nothing here", &secrets), "nothing here");
+        Some(event_id) => event_secrets(pool, vault, event_id).await,
+        None => Ok(Secrets::default()),
     }
 }

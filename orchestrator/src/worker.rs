@@ -35,6 +35,15 @@ const FINAL_ACK_WAIT: Duration = Duration::from_secs(10);
 /// How often the container executor looks for containers of this worker that no run owns.
 const REAP_INTERVAL: Duration = Duration::from_secs(300);
 
+/// How many times a job's reports are re-sent after the api could not store them (a transient
+/// `ErrorNotice`) before its completion is reported as an infrastructure failure instead (and,
+/// if that is refused as often, before the job is given up here).
+const MAX_REPORT_RETRIES: u32 = 5;
+/// The pause before the first re-send; it doubles with each refusal, up to
+/// [`MAX_RESEND_DELAY`].
+const FIRST_RESEND_DELAY: Duration = Duration::from_millis(250);
+const MAX_RESEND_DELAY: Duration = Duration::from_secs(4);
+
 /// The executors a worker with `config` and id `worker_id` offers, by name: `ssh` always,
 /// `container` when a Docker engine answers (unless [`WorkerConfig::no_container`]; without an
 /// engine a warning is logged and it is not offered), `local` with
@@ -126,6 +135,12 @@ struct JobEntry {
     started: bool,
     progress: Option<u32>,
     finished: Option<Finished>,
+    /// The api refused this job's reports this many times in a row (transiently).
+    refusals: u32,
+    /// A re-send of the reports is already on its way.
+    resend_due: bool,
+    /// The completion was replaced by an infrastructure failure after repeated refusals.
+    completion_replaced: bool,
     span: tracing::Span,
 }
 
@@ -134,6 +149,38 @@ impl JobEntry {
         self.cancel.cancel();
         self.wake.notify_one();
     }
+
+    /// What the api has not acknowledged about this job, in order: `Started` (while the run
+    /// goes on), the unacknowledged log lines, the last progress, the completion.
+    fn unacknowledged(&self, job_id: &str) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        let lease_token = self.lease_token;
+        if self.started && self.finished.is_none() {
+            out.push(Outgoing::Msg(WorkerMsg::Started(Started {
+                job_id: job_id.to_owned(),
+                lease_token,
+            })));
+        }
+        out.extend(self.log.pending().cloned().map(Outgoing::Logs));
+        if let (Some(percent), None) = (self.progress, &self.finished) {
+            out.push(Outgoing::Msg(WorkerMsg::Progress(Progress {
+                job_id: job_id.to_owned(),
+                lease_token,
+                percent,
+            })));
+        }
+        if let Some(finished) = &self.finished {
+            out.push(Outgoing::Msg(WorkerMsg::Finished(finished.clone())));
+        }
+        out
+    }
+}
+
+/// The pause before re-sending after the `n`th refusal in a row (n ≥ 1).
+fn resend_delay(n: u32) -> Duration {
+    FIRST_RESEND_DELAY
+        .saturating_mul(1 << n.saturating_sub(1).min(16))
+        .min(MAX_RESEND_DELAY)
 }
 
 struct SessionLink {
@@ -297,13 +344,6 @@ impl Shared {
                     tracing::warn!("the api did not mention this job on resume; re-sending it all");
                 }
             }
-            let (job_id, lease_token) = (job_id.clone(), entry.lease_token);
-            if entry.started && entry.finished.is_none() {
-                out.push(Outgoing::Msg(WorkerMsg::Started(Started {
-                    job_id: job_id.clone(),
-                    lease_token,
-                })));
-            }
             let resent = entry.log.lines();
             if resent > 0 {
                 tracing::info!(
@@ -312,18 +352,10 @@ impl Shared {
                     "re-sending unacknowledged log lines"
                 );
             }
-            out.extend(entry.log.pending().cloned().map(Outgoing::Logs));
-            if let (Some(percent), None) = (entry.progress, &entry.finished) {
-                out.push(Outgoing::Msg(WorkerMsg::Progress(Progress {
-                    job_id,
-                    lease_token,
-                    percent,
-                })));
-            }
-            if let Some(finished) = &entry.finished {
+            if entry.finished.is_some() {
                 tracing::info!("re-sending the unacknowledged completion");
-                out.push(Outgoing::Msg(WorkerMsg::Finished(finished.clone())));
             }
+            out.extend(entry.unacknowledged(job_id));
             true
         });
         st.session = Some(SessionLink { id, tx });
@@ -386,10 +418,11 @@ impl Shared {
             }
             ServerMsg::LogAck(ack) => {
                 let mut st = self.lock();
-                if let Some(e) = st.jobs.get_mut(&ack.job_id)
-                    && e.log.ack(ack.stored_seq) > 0
-                {
-                    e.wake.notify_one();
+                if let Some(e) = st.jobs.get_mut(&ack.job_id) {
+                    e.refusals = 0;
+                    if e.log.ack(ack.stored_seq) > 0 {
+                        e.wake.notify_one();
+                    }
                 }
             }
             ServerMsg::FinishedAck(ack) => {
@@ -408,6 +441,9 @@ impl Shared {
                     tracing::warn!(job.id = %ack.job_id, "completion acknowledged for a job that has not finished here");
                 }
             }
+            ServerMsg::Error(notice) if notice.transient => {
+                self.refused_for_now(&notice.job_id, &notice.message);
+            }
             ServerMsg::Error(notice) => {
                 tracing::warn!(job.id = %notice.job_id, message = %notice.message, "the api refused a message");
             }
@@ -415,6 +451,81 @@ impl Shared {
                 tracing::warn!("unexpected Welcome in an established session (ignored)");
             }
         }
+    }
+
+    /// The api could not store a report about `job_id` for now: re-send what it has not
+    /// acknowledged after a pause (doubling with each refusal in a row). After
+    /// [`MAX_REPORT_RETRIES`] refusals the completion is replaced by an infrastructure failure
+    /// naming the refusal (without the run's output or variables, which may be what the api
+    /// cannot store); if even that keeps being refused, the job is given up here (the api lets
+    /// its lease expire).
+    fn refused_for_now(self: &Arc<Self>, job_id: &str, message: &str) {
+        let mut st = self.lock();
+        let Some(entry) = st.jobs.get_mut(job_id) else {
+            return;
+        };
+        if entry.resend_due {
+            // One re-send answers every refusal of the reports sent before it.
+            return;
+        }
+        entry.refusals += 1;
+        let _span = entry.span.clone().entered();
+        tracing::warn!(refusals = entry.refusals, %message, "the api could not store a report; re-sending it");
+        if entry.refusals > MAX_REPORT_RETRIES {
+            match &entry.finished {
+                Some(f) if !entry.completion_replaced => {
+                    tracing::error!(
+                        "the completion keeps being refused: reporting an infrastructure failure instead"
+                    );
+                    entry.finished = Some(Finished {
+                        job_id: f.job_id.clone(),
+                        lease_token: f.lease_token,
+                        last_seq: f.last_seq,
+                        exit_code: f.exit_code,
+                        signal: f.signal,
+                        error_kind: baton_proto::v1::ErrorKind::Infrastructure as i32,
+                        error_message: format!(
+                            "the api refused this run's completion {} times; last: {message}",
+                            entry.refusals
+                        ),
+                        retryable: false,
+                        ..Finished::default()
+                    });
+                    entry.completion_replaced = true;
+                    entry.refusals = 0;
+                }
+                Some(_) => {
+                    tracing::error!(
+                        "even the failure report keeps being refused: giving the job up"
+                    );
+                    if let Some(e) = st.jobs.remove(job_id) {
+                        e.drop_run();
+                    }
+                    drop(st);
+                    self.bump();
+                    return;
+                }
+                // Only logs so far: keep trying at the longest pause (the api gives the job
+                // up on its side if this lasts).
+                None => {}
+            }
+        }
+        entry.resend_due = true;
+        let delay = resend_delay(entry.refusals.max(1));
+        let (run_id, job_id) = (entry.run_id, job_id.to_owned());
+        drop(st);
+        let shared = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let mut st = shared.lock();
+            let Some(entry) = st.jobs.get_mut(&job_id).filter(|e| e.run_id == run_id) else {
+                return;
+            };
+            entry.resend_due = false;
+            for msg in entry.unacknowledged(&job_id) {
+                st.send(msg);
+            }
+        });
     }
 
     /// Takes an assignment: starts the run, or finishes it at once when it cannot run here.
@@ -450,6 +561,9 @@ impl Shared {
             started: false,
             progress: None,
             finished: None,
+            refusals: 0,
+            resend_due: false,
+            completion_replaced: false,
             span: span.clone(),
         };
         let done = |st: &mut State, mut entry: JobEntry, finished: Finished| {
@@ -801,6 +915,15 @@ fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
 #[allow(clippy::unwrap_used)] // a panic is how a test reports a failure
 mod tests {
     use super::*;
+
+    #[test]
+    fn re_sends_back_off_doubling_to_a_cap() {
+        let delays: Vec<u64> = (1..=7)
+            .map(|n| resend_delay(n).as_millis() as u64)
+            .collect();
+        assert_eq!(delays, vec![250, 500, 1000, 2000, 4000, 4000, 4000]);
+        assert_eq!(resend_delay(u32::MAX), MAX_RESEND_DELAY);
+    }
 
     #[test]
     fn refuses_to_start_without_executors() {

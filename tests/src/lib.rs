@@ -6,6 +6,7 @@
 //! a real api replica on port 0 and returns a handle with request helpers.
 #![forbid(unsafe_code)]
 
+pub mod faults;
 pub mod protocol;
 pub mod receivers;
 

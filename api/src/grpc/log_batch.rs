@@ -1,11 +1,13 @@
 //! A worker's `LogBatch` checked and turned into the chunk the database stores: either format
 //! a worker may send (`chunk`, or one `LogLine` each from older workers) becomes one
-//! [`NewChunk`], with the job's secrets masked. Nothing a worker sends can make this panic:
+//! [`NewChunk`], with the job's secrets masked (by the job's [`StreamMasker`], which masks
+//! across lines and batches). Nothing a worker sends can make this panic:
 //! malformed batches are a [`BatchError`], answered with a notice.
 
 use baton_proto::logchunk::{self, ChunkError, ChunkWriter, Summary};
 use baton_proto::v1::{LogBatch, LogLine, Stream};
 
+use crate::masking::StreamMasker;
 use crate::storage::logs::NewChunk;
 
 /// Why a batch is refused.
@@ -21,13 +23,13 @@ pub enum BatchError {
     Chunk(#[from] ChunkError),
 }
 
-/// The batch's lines as a chunk, each secret replaced by [`crate::secrets::MASK`].
-pub fn checked_chunk(batch: LogBatch, secrets: &[String]) -> Result<NewChunk, BatchError> {
+/// The batch's lines as a chunk, each secret replaced by [`crate::masking::MASK`].
+pub fn checked_chunk(batch: LogBatch, masker: &mut StreamMasker) -> Result<NewChunk, BatchError> {
     if !batch.lines.is_empty() {
         if !batch.chunk.is_empty() {
             return Err(BatchError::BothFormats);
         }
-        return from_lines(&batch.lines, secrets);
+        return from_lines(&batch.lines, masker);
     }
     let summary = logchunk::validate(&batch.chunk)?;
     if summary.lines > 0 {
@@ -38,10 +40,10 @@ pub fn checked_chunk(batch: LogBatch, secrets: &[String]) -> Result<NewChunk, Ba
         data: batch.chunk,
         summary,
     };
-    if contains_secret(&chunk.data, secrets) {
-        return Ok(masked(&chunk, secrets));
+    if !masker.has_secrets() {
+        return Ok(chunk);
     }
-    Ok(chunk)
+    Ok(masked(chunk, masker))
 }
 
 /// Lines `first ..= first + lines - 1` must be positive and not overflow.
@@ -54,7 +56,7 @@ fn check_range(first: i64, lines: usize) -> Result<(), BatchError> {
 }
 
 /// Lines sent one message each.
-fn from_lines(lines: &[LogLine], secrets: &[String]) -> Result<NewChunk, BatchError> {
+fn from_lines(lines: &[LogLine], masker: &mut StreamMasker) -> Result<NewChunk, BatchError> {
     let first_seq = lines.first().map_or(1, |l| l.seq);
     check_range(first_seq, lines.len())?;
     let mut writer = ChunkWriter::with_capacity(lines.iter().map(|l| l.text.len() + 8).sum());
@@ -71,11 +73,7 @@ fn from_lines(lines: &[LogLine], secrets: &[String]) -> Result<NewChunk, BatchEr
         prev = Some(line.seq);
         // An unknown stream is stdout, as it always was.
         let stream = Stream::try_from(line.stream).unwrap_or(Stream::Stdout);
-        writer.push(
-            stream,
-            line.ts_ms,
-            &crate::secrets::mask(&line.text, secrets),
-        );
+        writer.push(stream, line.ts_ms, &masker.mask_line(line.seq, &line.text));
     }
     let summary = writer.summary();
     Ok(NewChunk {
@@ -85,25 +83,27 @@ fn from_lines(lines: &[LogLine], secrets: &[String]) -> Result<NewChunk, BatchEr
     })
 }
 
-/// Whether any secret occurs in the chunk's bytes. A secret inside a line's text is in the
-/// bytes too, so `false` means there is nothing to mask (and no line needs looking at).
-fn contains_secret(data: &[u8], secrets: &[String]) -> bool {
-    secrets.iter().any(|s| {
-        let s = s.as_bytes();
-        !s.is_empty() && data.windows(s.len()).any(|w| w == s)
-    })
-}
-
-/// `chunk` (valid) with its secrets masked line by line.
-fn masked(chunk: &NewChunk, secrets: &[String]) -> NewChunk {
-    let mut writer = ChunkWriter::with_capacity(chunk.data.len());
-    for line in logchunk::lines(&chunk.data).flatten() {
-        writer.push(
-            line.stream,
-            line.ts_ms,
-            &crate::secrets::mask(line.text, secrets),
-        );
+/// `chunk` (valid) with its secrets masked line by line; the same chunk when nothing changed.
+fn masked(chunk: NewChunk, masker: &mut StreamMasker) -> NewChunk {
+    let mut writer: Option<ChunkWriter> = None;
+    for (i, line) in logchunk::lines(&chunk.data).flatten().enumerate() {
+        let seq = chunk.first_seq.saturating_add(i as i64);
+        let text = masker.mask_line(seq, line.text);
+        if writer.is_none() && matches!(text, std::borrow::Cow::Owned(_)) {
+            // The first line that changed: copy the lines before it as they are.
+            let mut w = ChunkWriter::with_capacity(chunk.data.len());
+            for before in logchunk::lines(&chunk.data).flatten().take(i) {
+                w.push(before.stream, before.ts_ms, before.text);
+            }
+            writer = Some(w);
+        }
+        if let Some(w) = writer.as_mut() {
+            w.push(line.stream, line.ts_ms, &text);
+        }
     }
+    let Some(writer) = writer else {
+        return chunk;
+    };
     let summary: Summary = writer.summary();
     NewChunk {
         first_seq: chunk.first_seq,
@@ -116,6 +116,15 @@ fn masked(chunk: &NewChunk, secrets: &[String]) -> NewChunk {
 #[allow(clippy::unwrap_used)] // a panic is how a test reports a failure
 mod tests {
     use super::*;
+    use crate::masking::Secrets;
+
+    fn plain() -> StreamMasker {
+        StreamMasker::default()
+    }
+
+    fn masking(values: &[&str]) -> StreamMasker {
+        StreamMasker::new(Secrets::new(values.iter().map(|s| (*s).to_owned())))
+    }
 
     fn texts(chunk: &NewChunk) -> Vec<String> {
         logchunk::lines(&chunk.data)
@@ -141,10 +150,10 @@ mod tests {
     fn chunks_pass_through_and_secrets_are_masked() {
         let batch = chunk_batch(3, &["a", "pw=hunter2", "b"]);
         let data = batch.chunk.clone();
-        let plain = checked_chunk(batch.clone(), &[]).unwrap();
+        let plain = checked_chunk(batch.clone(), &mut plain()).unwrap();
         assert_eq!(plain.data, data);
         assert_eq!((plain.first_seq, plain.summary.lines), (3, 3));
-        let masked = checked_chunk(batch, &["hunter2".to_owned()]).unwrap();
+        let masked = checked_chunk(batch, &mut masking(&["hunter2"])).unwrap();
         assert_eq!(texts(&masked), vec!["a", "pw=***", "b"]);
         assert_eq!(masked.summary.text_bytes, 1 + 6 + 1);
     }
@@ -164,7 +173,7 @@ mod tests {
             first_seq: 0,
             chunk: Vec::new(),
         };
-        let chunk = checked_chunk(batch.clone(), &["secret".to_owned()]).unwrap();
+        let chunk = checked_chunk(batch.clone(), &mut masking(&["secret"])).unwrap();
         assert_eq!(chunk.first_seq, 4);
         assert_eq!(texts(&chunk), vec!["x *** y", "z"]);
         let gap = LogBatch {
@@ -172,7 +181,7 @@ mod tests {
             ..batch.clone()
         };
         assert!(matches!(
-            checked_chunk(gap, &[]),
+            checked_chunk(gap, &mut plain()),
             Err(BatchError::NotConsecutive { prev: 4, got: 6 })
         ));
         let both = LogBatch {
@@ -180,7 +189,7 @@ mod tests {
             ..batch
         };
         assert!(matches!(
-            checked_chunk(both, &[]),
+            checked_chunk(both, &mut plain()),
             Err(BatchError::BothFormats)
         ));
     }
@@ -190,19 +199,19 @@ mod tests {
         let mut batch = chunk_batch(1, &["hello"]);
         batch.chunk.pop();
         assert!(matches!(
-            checked_chunk(batch, &[]),
+            checked_chunk(batch, &mut plain()),
             Err(BatchError::Chunk(_))
         ));
         assert!(matches!(
-            checked_chunk(chunk_batch(0, &["a"]), &[]),
+            checked_chunk(chunk_batch(0, &["a"]), &mut plain()),
             Err(BatchError::BadSeq(0))
         ));
         assert!(matches!(
-            checked_chunk(chunk_batch(i64::MAX, &["a", "b"]), &[]),
+            checked_chunk(chunk_batch(i64::MAX, &["a", "b"]), &mut plain()),
             Err(BatchError::BadSeq(_))
         ));
         // an empty batch is fine whatever its first_seq
-        let empty = checked_chunk(chunk_batch(0, &[]), &[]).unwrap();
+        let empty = checked_chunk(chunk_batch(0, &[]), &mut plain()).unwrap();
         assert_eq!(empty.summary.lines, 0);
     }
 }

@@ -2,12 +2,19 @@
 //!
 //! Messages of one stream are handled one after another, so a job's log batches are stored
 //! before its `Finished` is: the completion can require that every line is stored. Every write
-//! is fenced by the job's lease token; a refused one answers `LeaseLost` and the worker stops
-//! that run.
+//! is fenced by the job's lease token, and accepted only from the stream the job was assigned
+//! (or resumed) to under that token: a report about a job this stream does not hold is refused
+//! before it reaches the database, whatever token it names. A refused one answers `LeaseLost`
+//! and the worker stops that run.
+//!
+//! A report the database could not take (an error other than a refusal) is answered with a
+//! transient `ErrorNotice`: the worker re-sends it after a pause. A job whose reports keep being
+//! refused is given up ([`GIVE_UP_AFTER_LEASES`]): failed with the reason if the database lets us,
+//! and in any case no longer held by this stream, so its lease is not renewed again.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use baton_proto::v1::{
     ErrorKind as PbErrorKind, ErrorNotice, FinishedAck, Hello, LeaseLost, LogAck, ResumedJob,
@@ -24,6 +31,7 @@ use super::SessionStream;
 use super::writes::{self, Applied, JobWrite};
 use crate::AppState;
 use crate::dispatch::WorkerConn;
+use crate::masking::{Secrets, StreamMasker};
 use crate::model::JobError;
 use crate::model::job::ErrorKind;
 use crate::storage::queue::{self, Outcome};
@@ -34,6 +42,10 @@ const MAX_GROUP: usize = 256;
 /// How long a new stream may take to say `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const KNOWN_EXECUTORS: [&str; 3] = ["container", "ssh", "local"];
+/// A job whose reports the database has refused for this many lease periods in a row (and
+/// at least [`GIVE_UP_MIN_REFUSALS`] times) is given up (1 minute with the default lease).
+const GIVE_UP_AFTER_LEASES: u32 = 4;
+const GIVE_UP_MIN_REFUSALS: u32 = 5;
 
 pub(super) async fn open(
     state: AppState,
@@ -122,7 +134,8 @@ pub(super) async fn open(
             state: state.clone(),
             conn: conn.clone(),
             tx,
-            secrets: tokio::sync::Mutex::new(HashMap::new()),
+            maskers: tokio::sync::Mutex::new(HashMap::new()),
+            refusals: std::sync::Mutex::new(HashMap::new()),
         };
         loop {
             let next = tokio::select! {
@@ -219,10 +232,24 @@ impl ValidHello {
                 .map_err(|e| Status::invalid_argument(format!("Hello.{e}")))?;
             labels.insert(k, serde_json::Value::String(v));
         }
-        let mut running = Vec::new();
+        // A worker holds at most its slots' jobs (and their completions until acknowledged).
+        let max_running = h.slots as usize * 2;
+        if h.running.len() > max_running {
+            return Err(Status::invalid_argument(format!(
+                "Hello.running lists {} jobs; a worker with {} slots holds at most {max_running}",
+                h.running.len(),
+                h.slots
+            )));
+        }
+        let mut running: Vec<(Uuid, i64)> = Vec::new();
         for job in h.running {
             let id = Uuid::parse_str(&job.job_id)
                 .map_err(|_| Status::invalid_argument("Hello.running: job_id must be a UUID"))?;
+            if running.iter().any(|(seen, _)| *seen == id) {
+                return Err(Status::invalid_argument(format!(
+                    "Hello.running lists job {id} twice"
+                )));
+            }
             running.push((id, job.lease_token));
         }
         Ok(Self {
@@ -242,8 +269,12 @@ struct Session {
     state: AppState,
     conn: Arc<WorkerConn>,
     tx: crate::dispatch::WorkerTx,
-    /// Secret values each job may read, masked in its stored (and so live) logs.
-    secrets: tokio::sync::Mutex<HashMap<Uuid, Arc<Vec<String>>>>,
+    /// Each held job's masking of its logs (its secrets, and what it carries from line to
+    /// line), loaded on its first report; dropped when the job is finished or lost, and never
+    /// a failure to load (a batch that cannot be masked is refused and re-sent).
+    maskers: tokio::sync::Mutex<HashMap<Uuid, StreamMasker>>,
+    /// Jobs whose reports the database refused: since when, and how many times.
+    refusals: std::sync::Mutex<HashMap<Uuid, (Instant, u32)>>,
 }
 
 impl Session {
@@ -258,13 +289,65 @@ impl Session {
         self.send(ServerMsg::Error(ErrorNotice {
             job_id: job_id.to_owned(),
             message,
+            transient: false,
         }))
         .await;
+    }
+
+    /// Nothing of a report about `job_id` was stored, for a reason that may pass: the worker
+    /// re-sends it. A job refused for too long is given up.
+    async fn refused_for_now(&self, job_id: Uuid, message: String) {
+        let give_up = {
+            let mut refusals = lock(&self.refusals);
+            let (since, count) = refusals.entry(job_id).or_insert((Instant::now(), 0));
+            *count += 1;
+            since.elapsed() >= self.give_up_after() && *count >= GIVE_UP_MIN_REFUSALS
+        };
+        if give_up {
+            return self.give_up(job_id, &message).await;
+        }
+        tracing::warn!(worker.id = %self.conn.worker_id, job.id = %job_id, %message, "could not store a report; the worker will re-send it");
+        self.send(ServerMsg::Error(ErrorNotice {
+            job_id: job_id.to_string(),
+            message,
+            transient: true,
+        }))
+        .await;
+    }
+
+    fn give_up_after(&self) -> Duration {
+        self.state.config.lease * GIVE_UP_AFTER_LEASES
+    }
+
+    /// The job's reports have been refused for a while: fail it with the reason if
+    /// the database takes that, and stop holding it either way (its lease is not renewed
+    /// again; the reaper takes it back when it expires).
+    async fn give_up(&self, job_id: Uuid, last_error: &str) {
+        let reason = format!(
+            "the api could not store this job's reports for {} s; last error: {last_error}",
+            self.give_up_after().as_secs()
+        );
+        tracing::error!(worker.id = %self.conn.worker_id, job.id = %job_id, %reason, "giving up on a job");
+        if let Some(token) = self.conn.token_of(job_id) {
+            let mut outcome = Outcome::failure(ErrorKind::Infrastructure, reason.clone());
+            outcome.retryable = false;
+            let failed = async {
+                let mut tx = self.state.pool.begin().await?;
+                queue::complete(&mut tx, job_id, token, &outcome).await?;
+                tx.commit().await?;
+                Ok::<_, StorageError>(())
+            };
+            if let Err(e) = failed.await {
+                tracing::warn!(job.id = %job_id, error = %e, "could not fail the job; its lease will expire");
+            }
+        }
+        self.lease_lost(job_id, &reason).await;
     }
 
     /// The worker lost this job: tell it, and free the slot.
     async fn lease_lost(&self, job_id: Uuid, reason: &str) {
         self.conn.release(job_id);
+        self.forget(job_id).await;
         self.state.dispatcher.wake();
         self.send(ServerMsg::LeaseLost(LeaseLost {
             job_id: job_id.to_string(),
@@ -273,14 +356,54 @@ impl Session {
         .await;
     }
 
+    /// What this session keeps about a job it no longer holds.
+    async fn forget(&self, job_id: Uuid) {
+        self.maskers.lock().await.remove(&job_id);
+        lock(&self.refusals).remove(&job_id);
+    }
+
     /// Reacts to a storage error about one job.
     async fn refused(&self, job_id: Uuid, err: StorageError) {
         match err {
             StorageError::LeaseLost { .. } | StorageError::JobNotFound(_) => {
                 self.lease_lost(job_id, &err.to_string()).await;
             }
-            other => self.notice(&job_id.to_string(), other.to_string()).await,
+            // A batch was refused before this one: the worker's re-send fills the gap.
+            other @ StorageError::LogGap { .. } => {
+                self.refused_for_now(job_id, other.to_string()).await
+            }
+            other => {
+                self.refused_for_now(job_id, format!("could not store the report: {other}"))
+                    .await
+            }
         }
+    }
+
+    /// The job `raw` names, if this stream holds it under `token`; otherwise the report is
+    /// refused (`LeaseLost`) before it reaches the database. A worker can only report on the
+    /// jobs it was assigned (or resumed) through this stream.
+    async fn held(&self, raw: &str, token: i64) -> Option<Uuid> {
+        let job_id = self.job_id(raw).await?;
+        match self.conn.token_of(job_id) {
+            Some(held) if held == token => return Some(job_id),
+            // A stale token (an earlier run's): refused, but the stream keeps the lease it
+            // holds under its current token.
+            Some(_) => {
+                self.send(ServerMsg::LeaseLost(LeaseLost {
+                    job_id: job_id.to_string(),
+                    reason: "stale lease token: the job runs under a newer lease".to_owned(),
+                }))
+                .await
+            }
+            None => {
+                self.lease_lost(
+                    job_id,
+                    "this stream does not hold the job under this lease token",
+                )
+                .await
+            }
+        }
+        None
     }
 
     /// Handles messages in order; runs of job writes go to the database together.
@@ -307,15 +430,16 @@ impl Session {
     /// the message back when it is not a job write.
     async fn job_write(&self, msg: WorkerMsg) -> Result<Option<JobWrite>, WorkerMsg> {
         Ok(match msg {
-            WorkerMsg::Started(m) => self
-                .job_id(&m.job_id)
-                .await
-                .map(|job_id| JobWrite::Started {
-                    job_id,
-                    token: m.lease_token,
-                }),
+            WorkerMsg::Started(m) => {
+                self.held(&m.job_id, m.lease_token)
+                    .await
+                    .map(|job_id| JobWrite::Started {
+                        job_id,
+                        token: m.lease_token,
+                    })
+            }
             WorkerMsg::Progress(m) => {
-                self.job_id(&m.job_id)
+                self.held(&m.job_id, m.lease_token)
                     .await
                     .map(|job_id| JobWrite::Progress {
                         job_id,
@@ -324,15 +448,7 @@ impl Session {
                     })
             }
             WorkerMsg::Logs(batch) => self.log_write(batch).await,
-            WorkerMsg::Finished(f) => self.job_id(&f.job_id).await.map(|job_id| {
-                let outcome = outcome_of(&f);
-                JobWrite::Finished {
-                    job_id,
-                    token: f.lease_token,
-                    outcome,
-                    variables: f.variables,
-                }
-            }),
+            WorkerMsg::Finished(f) => self.finished_write(f).await,
             other => return Err(other),
         })
     }
@@ -372,6 +488,7 @@ impl Session {
                     stored_seq,
                     bytes,
                 } => {
+                    lock(&self.refusals).remove(&job_id);
                     metrics::counter!(crate::metrics::LOG_BYTES).increment(bytes as u64);
                     self.send(ServerMsg::LogAck(LogAck {
                         job_id: job_id.to_string(),
@@ -408,21 +525,26 @@ impl Session {
 
     /// Pins the host key an `accept_new` server showed on first use. Only a worker running a
     /// job on that server (under a live lease) may do this.
+    /// Only for the server the job itself runs on.
     async fn host_key_seen(&self, seen: baton_proto::v1::HostKeySeen) {
-        let Some(job_id) = self.job_id(&seen.job_id).await else {
+        let Some(job_id) = self.held(&seen.job_id, seen.lease_token).await else {
             return;
         };
-        if self.conn.token_of(job_id) != Some(seen.lease_token) {
-            return self
-                .lease_lost(
-                    job_id,
-                    "host key report for a job this worker does not hold",
-                )
-                .await;
-        }
         let Ok(server_id) = Uuid::parse_str(&seen.server_id) else {
             return self.notice(&seen.job_id, "server_id is not a UUID").await;
         };
+        match queue::server_of_leased_job(&self.state.pool, job_id, seen.lease_token).await {
+            Ok(Some(own)) if own == server_id => {}
+            Ok(_) => {
+                return self
+                    .notice(
+                        &seen.job_id,
+                        format!("host key report refused: job {job_id} does not run on server {server_id}"),
+                    )
+                    .await;
+            }
+            Err(e) => return self.refused(job_id, e).await,
+        }
         if let Err(e) = crate::model::server::check_host_key(&seen.host_key) {
             return self.notice(&seen.job_id, e.to_string()).await;
         }
@@ -455,51 +577,96 @@ impl Session {
         }
     }
 
-    /// The secret values job `job_id` can read (cached for the session).
-    async fn secrets_of(&self, job_id: Uuid) -> Arc<Vec<String>> {
-        let mut cache = self.secrets.lock().await;
-        if let Some(found) = cache.get(&job_id) {
-            return found.clone();
-        }
-        let values = match crate::secrets::readable_secrets(
-            &self.state.pool,
-            &self.state.vault,
-            job_id,
-        )
-        .await
-        {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(job.id = %job_id, error = %e, "cannot load secrets to mask; masking nothing");
-                Vec::new()
+    /// The masking of job `job_id`'s reports, loaded once per job. A failure to load is not
+    /// kept: the caller refuses the report (the worker re-sends it) rather than store it
+    /// unmasked.
+    async fn with_masker<T>(
+        &self,
+        job_id: Uuid,
+        f: impl FnOnce(&mut StreamMasker) -> T,
+    ) -> Result<T, StorageError> {
+        let mut maskers = self.maskers.lock().await;
+        if !maskers.contains_key(&job_id) {
+            let secrets =
+                crate::secrets::job_secrets(&self.state.pool, &self.state.vault, job_id).await?;
+            // Only held jobs get here, and they are forgotten when finished or lost; a bound
+            // all the same.
+            if maskers.len() >= self.conn.slots as usize * 2 {
+                maskers.retain(|id, _| self.conn.token_of(*id).is_some());
             }
-        };
-        let values = Arc::new(values);
-        cache.insert(job_id, values.clone());
-        values
+            maskers.insert(job_id, StreamMasker::new(secrets));
+        }
+        let masker = maskers.entry(job_id).or_default();
+        Ok(f(masker))
     }
 
     async fn log_write(&self, batch: baton_proto::v1::LogBatch) -> Option<JobWrite> {
-        let job_id = self.job_id(&batch.job_id).await?;
-        let secrets = self.secrets_of(job_id).await;
+        let job_id = self.held(&batch.job_id, batch.lease_token).await?;
         let token = batch.lease_token;
-        match super::log_batch::checked_chunk(batch, &secrets) {
-            Ok(chunk) => Some(JobWrite::Logs {
+        let checked = self
+            .with_masker(job_id, |masker| {
+                super::log_batch::checked_chunk(batch, masker)
+            })
+            .await;
+        match checked {
+            Ok(Ok(chunk)) => Some(JobWrite::Logs {
                 job_id,
                 token,
                 chunk,
             }),
-            Err(e) => {
+            Ok(Err(e)) => {
                 self.notice(&job_id.to_string(), e.to_string()).await;
+                None
+            }
+            Err(e) => {
+                let message = format!("cannot load the job's secrets to mask its lines: {e}");
+                self.refused_for_now(job_id, message).await;
                 None
             }
         }
     }
 
+    /// A completion, checked: what PostgreSQL cannot store becomes an `output` error (or is
+    /// escaped, in an error message), and the job's secrets are masked in its output and error.
+    async fn finished_write(&self, f: baton_proto::v1::Finished) -> Option<JobWrite> {
+        let job_id = self.held(&f.job_id, f.lease_token).await?;
+        let mut outcome = outcome_of(&f);
+        let mut variables = f.variables;
+        make_storable(&mut outcome, &mut variables);
+        if outcome.output.is_none() && outcome.error.is_none() {
+            // Nothing a secret could be in: no need to load them.
+            return Some(JobWrite::Finished {
+                job_id,
+                token: f.lease_token,
+                outcome,
+                variables,
+            });
+        }
+        let secrets = self
+            .with_masker(job_id, |masker| masker.secrets().clone())
+            .await;
+        match secrets {
+            Ok(secrets) => mask_outcome(&secrets, &mut outcome),
+            Err(e) => {
+                let message = format!("cannot load the job's secrets to mask its output: {e}");
+                self.refused_for_now(job_id, message).await;
+                return None;
+            }
+        }
+        Some(JobWrite::Finished {
+            job_id,
+            token: f.lease_token,
+            outcome,
+            variables,
+        })
+    }
+
     async fn heartbeat(&self, hb: baton_proto::v1::Heartbeat) {
         let mut claimed = Vec::with_capacity(hb.jobs.len());
         for job in &hb.jobs {
-            if let Some(id) = self.job_id(&job.job_id).await {
+            // Only the leases this stream holds are renewed (a job given up, or another
+            // worker's, is not).
+            if let Some(id) = self.held(&job.job_id, job.lease_token).await {
                 claimed.push((id, job.lease_token));
             }
         }
@@ -546,11 +713,90 @@ impl Session {
             metrics::counter!(crate::metrics::JOB_ERRORS, "kind" => err.kind.as_str()).increment(1);
         }
         self.conn.release(job_id);
-        self.secrets.lock().await.remove(&job_id);
+        self.forget(job_id).await;
         self.send(ServerMsg::FinishedAck(FinishedAck {
             job_id: job_id.to_string(),
         }))
         .await;
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Makes a completion storable by PostgreSQL, which cannot hold a NUL character in `text` or
+/// `jsonb` (JSON's `\u0000` included): in an error message it is escaped (`\0`); in the
+/// output or a variable it fails the run as an `output` error, applying none of its output
+/// (the error message names what was refused).
+fn make_storable(outcome: &mut Outcome, variables: &mut HashMap<String, String>) {
+    if let Some(err) = outcome.error.as_mut()
+        && err.message.contains('\0')
+    {
+        err.message = err.message.replace('\0', "\\0");
+    }
+    let mut refused = None;
+    if outcome.output.as_ref().is_some_and(json_has_nul) {
+        outcome.output = None;
+        refused = Some(
+            "the output contains a NUL character (\\u0000), which cannot be stored".to_owned(),
+        );
+    }
+    let mut keys: Vec<&String> = variables
+        .iter()
+        .filter(|(k, v)| k.contains('\0') || v.contains('\0'))
+        .map(|(k, _)| k)
+        .collect();
+    if !keys.is_empty() {
+        keys.sort();
+        let names = keys
+            .iter()
+            .map(|k| format!("{:?}", k.replace('\0', "\\0")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        refused = Some(format!(
+            "variable {names} contains a NUL character, which cannot be stored; no variable was written"
+        ));
+        variables.clear();
+    }
+    if let Some(message) = refused {
+        outcome.output = None;
+        variables.clear();
+        match outcome.error.as_mut() {
+            None => {
+                outcome.error = Some(JobError {
+                    kind: ErrorKind::Output,
+                    message,
+                });
+                outcome.retryable = false;
+            }
+            // The run failed anyway: keep its own error, note this one.
+            Some(err) => err.message = format!("{}; {message}", err.message),
+        }
+    }
+}
+
+fn json_has_nul(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(json_has_nul),
+        serde_json::Value::Object(map) => {
+            map.iter().any(|(k, v)| k.contains('\0') || json_has_nul(v))
+        }
+        _ => false,
+    }
+}
+
+/// The job's secrets masked in what its completion stores.
+fn mask_outcome(secrets: &Secrets, outcome: &mut Outcome) {
+    if secrets.is_empty() {
+        return;
+    }
+    if let Some(err) = outcome.error.as_mut() {
+        err.message = secrets.mask(&err.message).into_owned();
+    }
+    if let Some(output) = outcome.output.as_mut() {
+        secrets.mask_json(output);
     }
 }
 

@@ -4,9 +4,10 @@
 //! - a claim is one `UPDATE … FROM (SELECT … FOR UPDATE SKIP LOCKED)` (inside the `claim_jobs`
 //!   function, which pins the plan to the claim index's order): concurrent claimers skip each
 //!   other's rows instead of waiting or double-claiming;
-//! - every claim draws a new fencing token from `lease_token_seq`; every later write by the
-//!   worker names the token and is refused ([`StorageError::LeaseLost`]) if it is not current or
-//!   the lease has expired;
+//! - every claim draws a new fencing token, 63 random bits (`random_lease_token()`, migration
+//!   0011: not guessable); every later write by the worker names the token and is refused
+//!   ([`StorageError::LeaseLost`]) if it is not current or the lease has expired (the api's
+//!   worker session also accepts a job's reports only on the stream holding it);
 //! - a row trigger sends `NOTIFY baton_job_queued` whenever a job becomes `queued`, in the
 //!   same transaction, so dispatchers wake on commit and never poll for work — except for runs
 //!   queued through the REST API, which their replica announces once per burst
@@ -603,6 +604,24 @@ pub async fn set_progress(
         return Err(StorageError::LeaseLost { job_id });
     }
     Ok(())
+}
+
+/// The server an ssh job runs on (`None` for other jobs), if `token` holds its lease.
+pub async fn server_of_leased_job(
+    db: impl PgExecutor<'_>,
+    job_id: Uuid,
+    token: i64,
+) -> Result<Option<Uuid>> {
+    let row: Option<(Option<String>,)> = sqlx::query_as(
+        "SELECT spec->>'server_id' FROM jobs
+         WHERE id = $1 AND lease_token = $2 AND lease_expires_at > now()",
+    )
+    .bind(job_id)
+    .bind(token)
+    .fetch_optional(db)
+    .await?;
+    let (server_id,) = row.ok_or(StorageError::LeaseLost { job_id })?;
+    Ok(server_id.and_then(|s| Uuid::parse_str(&s).ok()))
 }
 
 /// Where a job a reconnecting worker says it holds stands.

@@ -13,3 +13,4 @@ mod protocol;
 mod queue;
 mod servers;
 mod variables;
+mod worker_reports;

@@ -7,6 +7,7 @@ mod container;
 mod container_reaping;
 mod failover;
 mod hostile;
+mod reports;
 mod runs;
 mod ssh;
 mod support;

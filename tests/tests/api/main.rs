@@ -11,4 +11,5 @@ mod live_logs;
 mod protocol;
 mod queue;
 mod servers;
+mod terminal;
 mod variables;

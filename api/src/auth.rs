@@ -142,7 +142,7 @@ pub async fn bootstrap_admin(
 }
 
 /// Registers a token whose secret the operator chose (or that was kept from an earlier run),
-/// unless it is already known.
+/// unless it is already known. A known token that was revoked stays revoked (logged).
 pub async fn register_token(
     pool: &PgPool,
     name: &str,
@@ -150,8 +150,15 @@ pub async fn register_token(
     secret: &str,
 ) -> storage::Result<()> {
     let hash = hash_token(secret);
-    if tokens::find_by_hash(pool, &hash).await?.is_none() {
-        tokens::insert_token(pool, name, role, &hash, &display_prefix(secret), None).await?;
+    match tokens::hash_is_live(pool, &hash).await? {
+        Some(true) => {}
+        Some(false) => tracing::error!(
+            token.prefix = %display_prefix(secret),
+            "the token {name:?} was revoked: it stays revoked and is not accepted"
+        ),
+        None => {
+            tokens::insert_token(pool, name, role, &hash, &display_prefix(secret), None).await?;
+        }
     }
     Ok(())
 }

@@ -395,3 +395,69 @@ async fn a_passing_error_in_a_batch_hands_over_the_rest_and_strands_nothing() {
         assert_eq!(attempts_and_losses(&app.pool, job).await, (1, 0));
     }
 }
+
+/// A message template that would run for ages (or render megabytes) inside the completion's
+/// transaction is cut off at its fuel / size limit: the completion is recorded promptly, the
+/// message says what went wrong, and the job carries a note.
+#[tokio::test]
+async fn a_runaway_message_template_does_not_hold_up_the_completion() {
+    let app = spawn_app().await;
+    let source = event(&app, "chatty").await;
+    let endless =
+        "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}";
+    let huge = "{% for i in range(1000) %}{{ 'y' * 1000 }}{% endfor %}";
+    for (template, subject) in [(endless, "fine"), ("fine", huge)] {
+        add_action(&app, &source, json!({"trigger": "always", "action": {"type": "send_message",
+            "channel": "webhook", "target": "http://127.0.0.1:9/hook", "template": template, "subject": subject}}))
+        .await;
+    }
+    let token = app.token(Role::Worker).await;
+    let (mut w, _) =
+        ScriptedWorker::connect(&app.grpc_address, &token, hello(Uuid::now_v7(), 1)).await;
+    let job = app.run_event(&source, &json!({})).await;
+    let a = assignment(&mut w).await;
+    let started = Instant::now();
+    w.send(baton_proto::WorkerMsg::Finished(
+        baton_proto::v1::Finished {
+            job_id: job.clone(),
+            lease_token: a.lease_token,
+            exit_code: Some(0),
+            ..Default::default()
+        },
+    ))
+    .await;
+    w.next_matching(|m| match m {
+        ServerMsg::FinishedAck(f) if f.job_id == job => Some(()),
+        _ => None,
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(status(&app.pool, &job).await, "succeeded");
+    let sent: Vec<(String, String)> = sqlx::query_as(
+        "SELECT subject, body FROM message_outbox WHERE job_id = $1::uuid ORDER BY body",
+    )
+    .bind(&job)
+    .fetch_all(&app.pool)
+    .await
+    .expect("messages");
+    assert_eq!(sent.len(), 2, "both messages still go out");
+    let failed = "[baton: the message template failed: ";
+    assert!(
+        sent.iter()
+            .any(|(s, b)| s == "fine" && b.starts_with(failed) && b.contains("steps")),
+        "{sent:?}"
+    );
+    assert!(
+        sent.iter()
+            .any(|(s, b)| b == "fine" && s.starts_with(failed) && s.contains("exceeds")),
+        "{sent:?}"
+    );
+    let (_, view) = app.get(&format!("/api/v1/jobs/{job}")).await;
+    let notes = view["action_notes"].to_string();
+    assert!(notes.contains("the body template failed"), "{notes}");
+    assert!(notes.contains("the subject template failed"), "{notes}");
+}

@@ -354,7 +354,7 @@ mod tests {
         let ctx = json!({"job": {"status": "failed"}});
         let started = std::time::Instant::now();
         let endless =
-            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}";
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
         let err = try_render(endless, &ctx).expect_err("out of fuel");
         assert!(err.contains("steps"), "{err}");
         assert!(

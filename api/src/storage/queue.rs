@@ -689,7 +689,8 @@ pub async fn reap_expired(db: impl PgExecutor<'_>) -> Result<Vec<ReapedJob>> {
 }
 
 /// Ends one job whose lease expired and that does not go back to the queue: `cancelled` when
-/// a cancel was pending, `failed` (dead) when it lost its lease too often. Returns it, or
+/// a cancel was pending, `failed` (dead) when it lost its lease once more after
+/// [`MAX_LEASE_LOSSES`] requeues. Returns it, or
 /// `None` when there is no such job. Meant for a transaction that then evaluates the job's
 /// actions (`crate::actions::after_terminal`), so both commit together.
 pub async fn finish_expired(db: impl PgExecutor<'_>) -> Result<Option<ReapedJob>> {
@@ -713,7 +714,8 @@ pub async fn finish_expired(db: impl PgExecutor<'_>) -> Result<Option<ReapedJob>
              error_kind = CASE WHEN e.cancel_requested THEN 'cancelled' ELSE 'lease_lost' END,
              error_message = CASE
                  WHEN e.cancel_requested THEN 'cancelled; the worker running it stopped responding'
-                 ELSE 'the worker running it stopped renewing its lease ' || $1 || ' times; giving up' END
+                 ELSE 'the worker running it stopped renewing its lease ' || (j.lease_losses + 1)
+                      || ' times; giving up' END
          FROM expired e WHERE j.id = e.id
          RETURNING j.id, j.status, j.attempt",
     )

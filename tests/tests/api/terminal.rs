@@ -123,16 +123,21 @@ async fn jobs_the_reaper_ends_fire_their_actions() {
     let (mut w, _) =
         ScriptedWorker::connect(&app.grpc_address, &token, hello(Uuid::now_v7(), 8)).await;
 
-    // One job has already lost its lease MAX - 1 times; losing it once more ends it.
+    // The job is handed to the silent worker again and again: requeued after each of
+    // MAX_LEASE_LOSSES lost leases, it is ended by the reaper at the next one.
     let lost = app.run_event(&source, &json!({})).await;
     assert_eq!(assignment(&mut w).await.job_id, lost);
-    sqlx::query("UPDATE jobs SET lease_losses = $2 - 1 WHERE id = $1::uuid")
-        .bind(&lost)
-        .bind(baton_api::storage::queue::MAX_LEASE_LOSSES)
-        .execute(&app.pool)
-        .await
-        .expect("set losses");
     wait_for_status(&app.pool, &lost, "failed").await;
+    let (losses, dead): (i32, bool) =
+        sqlx::query_as("SELECT lease_losses, dead FROM jobs WHERE id = $1::uuid")
+            .bind(&lost)
+            .fetch_one(&app.pool)
+            .await
+            .expect("job");
+    assert_eq!(
+        (losses, dead),
+        (baton_api::storage::queue::MAX_LEASE_LOSSES + 1, true)
+    );
     assert_eq!(
         children(&app.pool, &lost).await,
         sorted(vec![on_failure.clone(), always.clone()]),
@@ -140,7 +145,13 @@ async fn jobs_the_reaper_ends_fire_their_actions() {
     );
     let sent = messages(&app.pool, &lost).await;
     assert_eq!(sent.len(), 1, "{sent:?}");
-    assert!(sent[0].starts_with("failed: the worker running it stopped renewing its lease"));
+    assert_eq!(
+        sent[0],
+        format!(
+            "failed: the worker running it stopped renewing its lease {} times; giving up",
+            baton_api::storage::queue::MAX_LEASE_LOSSES + 1
+        )
+    );
 
     // Another is being cancelled when its worker goes silent: the reaper cancels it.
     let cancelled = app.run_event(&source, &json!({})).await;

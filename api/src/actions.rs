@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use crate::crypto::Vault;
 use crate::model::action::{ActionSpec, Trigger};
+use crate::model::event::VariablesWrite;
 use crate::model::{Job, JobStatus};
 use crate::storage::queue::{self, ChainLink, NewJob};
 use crate::storage::variables::{self, StoredValue};
@@ -27,22 +28,75 @@ pub fn check_template(template: &str) -> Result<(), String> {
         .map_err(|e| format!("invalid template: {e}"))
 }
 
+/// How many steps (instructions) one render may take: plenty for any message, and a loop
+/// that runs away stops here instead of holding the completion's transaction.
+pub const TEMPLATE_FUEL: u64 = 100_000;
+/// How deep includes, macros and nested blocks may go.
+pub const TEMPLATE_RECURSION_LIMIT: usize = 32;
+/// The most a rendered subject or body may be.
+pub const MAX_RENDERED_BYTES: usize = 256 * 1024;
+
 fn environment() -> minijinja::Environment<'static> {
     let mut env = minijinja::Environment::new();
     // Messages are plain text or JSON-carried text, not HTML.
     env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
     env.set_undefined_behavior(minijinja::UndefinedBehavior::Lenient);
+    env.set_fuel(Some(TEMPLATE_FUEL));
+    env.set_recursion_limit(TEMPLATE_RECURSION_LIMIT);
     env
 }
 
-/// Renders a template; a template that fails at render time yields an explanation instead, so
-/// the message still goes out and says what is wrong.
-pub fn render(template: &str, context: &Value) -> String {
-    let env = environment();
-    match env.render_str(template, context) {
-        Ok(text) => text,
-        Err(e) => format!("[baton: the message template failed: {e}]"),
+/// Collects rendered text and refuses to grow past [`MAX_RENDERED_BYTES`].
+#[derive(Default)]
+struct CappedOutput {
+    text: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > MAX_RENDERED_BYTES {
+            self.overflowed = true;
+            return Err(std::io::Error::other("the rendered text is too large"));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
     }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Renders a template within the fuel, recursion and size limits; the error says which
+/// limit was hit or what else went wrong.
+pub fn try_render(template: &str, context: &Value) -> Result<String, String> {
+    let env = environment();
+    let compiled = env.template_from_str(template).map_err(|e| e.to_string())?;
+    let mut out = CappedOutput::default();
+    match compiled.render_captured_to(context, &mut out) {
+        Ok(_) => Ok(String::from_utf8_lossy(&out.text).into_owned()),
+        Err(_) if out.overflowed => Err(format!(
+            "the rendered text exceeds {} KiB",
+            MAX_RENDERED_BYTES / 1024
+        )),
+        Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(format!(
+            "the template needs more than {TEMPLATE_FUEL} steps (a loop too long?)"
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The text that stands in for a template that failed: the message still goes out and says
+/// what is wrong.
+fn failed_template_text(reason: &str) -> String {
+    format!("[baton: the message template failed: {reason}]")
+}
+
+/// Renders a template; a template that fails at render time (or exceeds a limit) yields an
+/// explanation instead, so the message still goes out and says what is wrong.
+pub fn render(template: &str, context: &Value) -> String {
+    try_render(template, context).unwrap_or_else(|e| failed_template_text(&e))
 }
 
 /// Does `trigger` fire for a job that ended so?
@@ -53,6 +107,18 @@ pub fn fires(trigger: Trigger, job: &Job) -> bool {
         Trigger::Always => job.status.is_terminal(),
         Trigger::OnCondition => job.condition == Some(true),
     }
+}
+
+/// Everything a job that ended without a worker's report sets in motion (failed by the
+/// reaper or the dispatcher, cancelled while queued): its actions, in the caller's
+/// transaction, which also holds the transition.
+pub async fn after_terminal(
+    conn: &mut PgConnection,
+    vault: &Vault,
+    chain_depth_limit: i32,
+    job_id: Uuid,
+) -> Result<(), StorageError> {
+    after_finish(conn, vault, chain_depth_limit, job_id, &HashMap::new()).await
 }
 
 /// Everything a finished job sets in motion, in the caller's transaction.
@@ -69,21 +135,28 @@ pub async fn after_finish(
     if actions.is_empty() && variable_writes.is_empty() {
         return Ok(());
     }
-    let output_failed = job
-        .error
-        .as_ref()
-        .is_some_and(|e| e.kind == crate::model::job::ErrorKind::Output);
-    if !output_failed {
-        apply_variable_writes(conn, vault, &job, variable_writes).await?;
-    }
-    if actions.is_empty() {
-        return Ok(());
-    }
     let event = match events::get_event(&mut *conn, job.event_id).await {
         Ok(e) => e,
         Err(StorageError::EventNotFound(_)) => return Ok(()),
         Err(e) => return Err(e),
     };
+    let output_failed = job
+        .error
+        .as_ref()
+        .is_some_and(|e| e.kind == crate::model::job::ErrorKind::Output);
+    if !output_failed {
+        apply_variable_writes(
+            conn,
+            vault,
+            &job,
+            event.spec.variables_write,
+            variable_writes,
+        )
+        .await?;
+    }
+    if actions.is_empty() {
+        return Ok(());
+    }
     let context = json!({"event": {"id": event.id, "name": event.spec.name, "description": event.spec.description},
                          "job": job});
     for action in actions {
@@ -144,14 +217,28 @@ pub async fn after_finish(
             } => {
                 // The job's secrets never leave in a message (crate::masking).
                 let secrets = crate::secrets::event_secrets(&mut *conn, vault, event.id).await?;
-                let body = secrets.mask(&render(template, &context)).into_owned();
+                let mut failures = Vec::new();
+                let mut render_noting = |part: &str, text: &str| {
+                    try_render(text, &context).unwrap_or_else(|e| {
+                        failures.push(format!(
+                            "send_message {}: the {part} template failed: {e}",
+                            action.id
+                        ));
+                        failed_template_text(&e)
+                    })
+                };
+                let body = secrets.mask(&render_noting("body", template)).into_owned();
                 let subject = subject
                     .as_deref()
-                    .map(|s| render(s, &context))
+                    .map(|s| render_noting("subject", s))
                     .unwrap_or_else(|| format!("[baton] {} {}", event.spec.name, job.status));
                 let subject = secrets.mask(&subject).into_owned();
                 let mut payload = context.clone();
                 secrets.mask_json(&mut payload);
+                for note in failures {
+                    tracing::warn!(job.id = %job.id, %note);
+                    actions::add_note(&mut *conn, job.id, &note).await?;
+                }
                 actions::enqueue_message(
                     &mut *conn,
                     &actions::NewMessage {
@@ -172,12 +259,16 @@ pub async fn after_finish(
     Ok(())
 }
 
-/// A script's `baton_set_variable` writes: each updates the event's own variable with that key
-/// if there is one, else the global one (created if missing); a secret stays secret.
+/// A script's `baton_set_variable` writes. Each updates the event's own variable with that key
+/// if there is one. Otherwise, with `variables_write: event` (the default) a new key is
+/// created in the event's scope and a key that exists only globally is refused; with
+/// `global` the global one is updated (created if missing). A secret stays secret. Every
+/// refused write leaves a note on the job.
 async fn apply_variable_writes(
     conn: &mut PgConnection,
     vault: &Vault,
     job: &Job,
+    scope: VariablesWrite,
     writes: &HashMap<String, String>,
 ) -> Result<(), StorageError> {
     let mut keys: Vec<&String> = writes.keys().collect();
@@ -187,31 +278,44 @@ async fn apply_variable_writes(
         if crate::model::variable::check_key(key).is_err()
             || value.len() > crate::model::variable::MAX_VALUE_BYTES
         {
-            actions::add_note(
-                &mut *conn,
-                job.id,
-                &format!("variable {key:?} not written: invalid key or value too large"),
+            refuse(
+                conn,
+                job,
+                format!("variable {key:?} not written: invalid key or value too large"),
             )
             .await?;
             continue;
         }
-        let scoped = variables::get(&mut *conn, key, Some(job.event_id)).await?;
-        let existing = match scoped {
+        let existing = match variables::get(&mut *conn, key, Some(job.event_id)).await? {
             Some(v) => Some(v),
             None => variables::get(&mut *conn, key, None).await?,
         };
-        let (id, event_id, secret) = match &existing {
-            Some(v) => (v.id, v.event_id, v.secret),
-            None => (Uuid::now_v7(), None, false),
+        let (event_id, secret) = match (&existing, scope) {
+            (Some(v), _) if v.event_id.is_some() => (v.event_id, v.secret),
+            (Some(_), VariablesWrite::Event) => {
+                refuse(
+                    conn,
+                    job,
+                    format!(
+                        "variable {key:?} not written: it is global, and this event's scripts may \
+                         write only the event's own variables (variables_write: event)"
+                    ),
+                )
+                .await?;
+                continue;
+            }
+            (Some(v), VariablesWrite::Global) => (None, v.secret),
+            (None, VariablesWrite::Event) => (Some(job.event_id), false),
+            (None, VariablesWrite::Global) => (None, false),
         };
         let stored = if secret {
-            match vault.seal(value.as_bytes(), id.as_bytes()) {
+            match vault.seal(value.as_bytes(), &variables::identity(key, event_id)) {
                 Ok(sealed) => StoredValue::Sealed(sealed),
                 Err(e) => {
-                    actions::add_note(
-                        &mut *conn,
-                        job.id,
-                        &format!("secret variable {key:?} not written: {e}"),
+                    refuse(
+                        conn,
+                        job,
+                        format!("secret variable {key:?} not written: {e}"),
                     )
                     .await?;
                     continue;
@@ -220,9 +324,15 @@ async fn apply_variable_writes(
         } else {
             StoredValue::Plain(value.clone())
         };
-        variables::upsert(&mut *conn, id, key, event_id, &stored, None, Some(job.id)).await?;
+        variables::upsert(&mut *conn, key, event_id, &stored, None, Some(job.id)).await?;
     }
     Ok(())
+}
+
+/// A variable write that was not applied: noted on the job and logged.
+async fn refuse(conn: &mut PgConnection, job: &Job, note: String) -> Result<(), StorageError> {
+    tracing::warn!(job.id = %job.id, %note);
+    actions::add_note(&mut *conn, job.id, &note).await
 }
 
 #[cfg(test)]
@@ -242,5 +352,32 @@ mod tests {
             render("{% include 'missing' %}", &ctx)
                 .starts_with("[baton: the message template failed")
         );
+    }
+
+    #[test]
+    fn a_runaway_template_stops_at_its_limits_with_a_clear_reason() {
+        let ctx = json!({"job": {"status": "failed"}});
+        let started = std::time::Instant::now();
+        let endless =
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+        let err = try_render(endless, &ctx).expect_err("out of fuel");
+        assert!(err.contains("steps"), "{err}");
+        assert!(
+            render(endless, &ctx).starts_with("[baton: the message template failed"),
+            "the message says what went wrong"
+        );
+        let huge = "{% for i in range(1000) %}{{ 'x' * 1000 }}{% endfor %}";
+        let err = try_render(huge, &ctx).expect_err("too large");
+        assert!(err.contains("exceeds 256 KiB"), "{err}");
+        let deep = "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(1) }}";
+        assert!(try_render(deep, &ctx).is_err(), "recursion is bounded");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "limits hit quickly: {:?}",
+            started.elapsed()
+        );
+        // Ordinary templates are far from the limits.
+        let fine = "{% for i in range(100) %}{{ job.status }} {% endfor %}";
+        assert_eq!(try_render(fine, &ctx).expect("renders").len(), 700);
     }
 }

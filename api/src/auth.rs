@@ -87,8 +87,13 @@ pub async fn create_token(
 }
 
 /// Makes sure an admin can log in: registers `configured` (BATON_ADMIN_TOKEN) if given and
-/// unknown, or generates a token when no admin exists. Returns a generated token, which the
-/// caller prints once; it is never shown again.
+/// unknown, or generates a token when no live admin exists. Returns a generated token, which
+/// the caller prints once; it is never shown again.
+///
+/// A configured token that was revoked stays revoked: it is neither re-activated nor
+/// registered again (which used to fail the start on the unique hash). The start goes on,
+/// logging that the configured token is revoked; if no live admin token is left, one is
+/// generated as on a first start.
 pub async fn bootstrap_admin(
     pool: &PgPool,
     configured: Option<&str>,
@@ -99,18 +104,35 @@ pub async fn bootstrap_admin(
             "BATON_ADMIN_TOKEN must be at least 16 characters long"
         );
         let hash = hash_token(token);
-        if tokens::find_by_hash(pool, &hash).await?.is_none() {
-            tokens::insert_token(
-                pool,
-                "admin (BATON_ADMIN_TOKEN)",
-                Role::Admin,
-                &hash,
-                &display_prefix(token),
-                None,
-            )
-            .await?;
+        match tokens::hash_is_live(pool, &hash).await? {
+            Some(true) => return Ok(None),
+            Some(false) => {
+                tracing::error!(
+                    token.prefix = %display_prefix(token),
+                    "BATON_ADMIN_TOKEN is a revoked token: it is not accepted and was not re-activated; \
+                     set a new BATON_ADMIN_TOKEN (or remove it and use another admin token)"
+                );
+            }
+            None => {
+                let inserted = tokens::insert_token(
+                    pool,
+                    "admin (BATON_ADMIN_TOKEN)",
+                    Role::Admin,
+                    &hash,
+                    &display_prefix(token),
+                    None,
+                )
+                .await;
+                // Another replica starting at the same time may have registered it first.
+                match inserted {
+                    Ok(_) => return Ok(None),
+                    Err(e) => match tokens::hash_is_live(pool, &hash).await? {
+                        Some(true) => return Ok(None),
+                        _ => return Err(e.into()),
+                    },
+                }
+            }
         }
-        return Ok(None);
     }
     if tokens::admin_exists(pool).await? {
         return Ok(None);
@@ -120,7 +142,7 @@ pub async fn bootstrap_admin(
 }
 
 /// Registers a token whose secret the operator chose (or that was kept from an earlier run),
-/// unless it is already known.
+/// unless it is already known. A known token that was revoked stays revoked (logged).
 pub async fn register_token(
     pool: &PgPool,
     name: &str,
@@ -128,8 +150,15 @@ pub async fn register_token(
     secret: &str,
 ) -> storage::Result<()> {
     let hash = hash_token(secret);
-    if tokens::find_by_hash(pool, &hash).await?.is_none() {
-        tokens::insert_token(pool, name, role, &hash, &display_prefix(secret), None).await?;
+    match tokens::hash_is_live(pool, &hash).await? {
+        Some(true) => {}
+        Some(false) => tracing::error!(
+            token.prefix = %display_prefix(secret),
+            "the token {name:?} was revoked: it stays revoked and is not accepted"
+        ),
+        None => {
+            tokens::insert_token(pool, name, role, &hash, &display_prefix(secret), None).await?;
+        }
     }
     Ok(())
 }

@@ -91,6 +91,7 @@ impl WorkerConn {
 pub struct Dispatcher {
     pool: PgPool,
     lease: Duration,
+    chain_depth_limit: i32,
     vault: crate::crypto::Vault,
     conns: Mutex<Vec<Arc<WorkerConn>>>,
     wake: Notify,
@@ -102,10 +103,16 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub fn new(pool: PgPool, lease: Duration, vault: crate::crypto::Vault) -> Arc<Self> {
+    pub fn new(
+        pool: PgPool,
+        lease: Duration,
+        chain_depth_limit: i32,
+        vault: crate::crypto::Vault,
+    ) -> Arc<Self> {
         Arc::new(Self {
             pool,
             lease,
+            chain_depth_limit,
             vault,
             conns: Mutex::new(Vec::new()),
             wake: Notify::new(),
@@ -255,8 +262,18 @@ impl Dispatcher {
                 } else {
                     drained.push(conn);
                 }
+                // A job that cannot be handed over for a passing reason goes back to the queue;
+                // the rest of the batch is still handed over.
+                let mut failure = None;
                 for job in jobs {
-                    self.push(conn, job, &mut variables).await?;
+                    if let Err(e) = self.push(conn, &job, &mut variables).await {
+                        tracing::warn!(job.id = %job.id, error = %e, "could not dispatch the job; giving it back");
+                        self.give_back(&job);
+                        failure.get_or_insert(e);
+                    }
+                }
+                if let Some(e) = failure {
+                    return Err(e);
                 }
             }
             if !any_full_batch {
@@ -288,33 +305,32 @@ impl Dispatcher {
         }
     }
 
+    /// Hands a claimed job to its worker. An error is a passing one (the database): the
+    /// caller gives the job back. A job that can never run is failed here, with its actions.
     async fn push(
         &self,
         conn: &WorkerConn,
-        job: ClaimedJob,
+        job: &ClaimedJob,
         variables: &mut HashMap<Uuid, Value>,
     ) -> Result<(), crate::storage::StorageError> {
         let vars = match variables.get(&job.event_id) {
             Some(v) => v,
             None => {
-                match crate::secrets::readable_variables(&self.pool, &self.vault, job.event_id)
-                    .await
-                {
-                    Ok((values, _)) => variables.entry(job.event_id).or_insert(json!(values)),
-                    Err(e) => {
-                        // A database hiccup: give the job back rather than fail it.
-                        queue::release(&self.pool, job.id, job.lease_token).await?;
-                        return Err(e);
-                    }
-                }
+                let (values, _) =
+                    crate::secrets::readable_variables(&self.pool, &self.vault, job.event_id)
+                        .await?;
+                variables.entry(job.event_id).or_insert(json!(values))
             }
         };
-        let mut assignment = assignment(&job, vars);
-        match self.server_for(&job).await {
+        let mut assignment = assignment(job, vars);
+        match self.server_for(job).await {
             Ok(server) => {
                 assignment.server_json = server.map(|s| s.to_string()).unwrap_or_default()
             }
-            Err(reason) => return self.fail_unrunnable(&job, reason).await,
+            Err(ServerProblem::Passing(e)) => return Err(e),
+            Err(ServerProblem::Permanent(reason)) => {
+                return self.fail_unrunnable(job, reason).await;
+            }
         }
         conn.hold(job.id, job.lease_token);
         let msg = ServerMessage {
@@ -323,8 +339,8 @@ impl Dispatcher {
         if conn.tx.try_send(Ok(msg)).is_err() {
             // The stream is gone or hopelessly behind: give the job back untouched.
             conn.release(job.id);
-            queue::release(&self.pool, job.id, job.lease_token).await?;
             tracing::warn!(job.id = %job.id, worker.id = %conn.worker_id, "could not hand job to worker; requeued");
+            self.give_back(job);
         } else {
             let waited = (chrono::Utc::now() - job.run_at)
                 .to_std()
@@ -334,28 +350,71 @@ impl Dispatcher {
         }
         Ok(())
     }
+
+    /// Puts a claimed job that was not handed over back in the queue as if it had never been
+    /// claimed: no attempt and no lease loss used. The database may be what failed, so this
+    /// keeps trying (in the background) until it works or the lease has expired anyway.
+    fn give_back(&self, job: &ClaimedJob) {
+        let pool = self.pool.clone();
+        let (id, token, expires) = (job.id, job.lease_token, job.lease_expires_at);
+        tokio::spawn(async move {
+            let mut pause = Duration::from_millis(50);
+            loop {
+                match queue::release(&pool, id, token).await {
+                    Ok(_) => return,
+                    Err(e) if chrono::Utc::now() < expires => {
+                        tracing::warn!(job.id = %id, error = %e, "cannot give the job back yet; retrying");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(2));
+                    }
+                    Err(e) => {
+                        tracing::error!(job.id = %id, error = %e, "could not give the job back before its lease expired; the reaper takes it");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Why an ssh job's server could not be put into its assignment.
+#[derive(Debug)]
+enum ServerProblem {
+    /// The database failed (a timeout, a lost connection…): try again later.
+    Passing(crate::storage::StorageError),
+    /// The job can never run as it is (the server is gone, its credentials are unreadable).
+    Permanent(String),
 }
 
 impl Dispatcher {
     /// For an ssh job: its server with decrypted credentials, as the worker's executor takes it.
-    async fn server_for(&self, job: &ClaimedJob) -> Result<Option<Value>, String> {
+    async fn server_for(&self, job: &ClaimedJob) -> Result<Option<Value>, ServerProblem> {
+        use crate::storage::{StorageError, servers};
         let Some(server_id) = job.spec.0.get("server_id").and_then(Value::as_str) else {
             return Ok(None);
         };
-        let id = Uuid::parse_str(server_id)
-            .map_err(|_| format!("server_id {server_id:?} is not a UUID"))?;
-        let server = crate::storage::servers::get_server(&self.pool, id)
+        let id = Uuid::parse_str(server_id).map_err(|_| {
+            ServerProblem::Permanent(format!("the job's server_id {server_id:?} is not a UUID"))
+        })?;
+        let loaded = |e: StorageError| match e {
+            StorageError::ServerNotFound(_) => ServerProblem::Permanent(format!(
+                "the job's server {id} no longer exists (deleted)"
+            )),
+            e => ServerProblem::Passing(e),
+        };
+        let server = servers::get_server(&self.pool, id).await.map_err(loaded)?;
+        let sealed = servers::sealed_credentials(&self.pool, id)
             .await
-            .map_err(|e| format!("cannot load server {id}: {e}"))?;
-        let sealed = crate::storage::servers::sealed_credentials(&self.pool, id)
-            .await
-            .map_err(|e| format!("cannot load server {id}: {e}"))?;
-        let plain = self
-            .vault
-            .open(&sealed, id.as_bytes())
-            .map_err(|e| e.to_string())?;
+            .map_err(loaded)?;
+        let plain = self.vault.open(&sealed, id.as_bytes()).map_err(|e| {
+            ServerProblem::Permanent(format!("the credentials of server {id}: {e}"))
+        })?;
         let credentials: crate::model::server::Credentials = serde_json::from_slice(&plain)
-            .map_err(|_| "the stored credentials are unreadable".to_owned())?;
+            .map_err(|_| {
+                ServerProblem::Permanent(format!(
+                    "the stored credentials of server {id} are unreadable"
+                ))
+            })?;
         Ok(Some(json!({
             "server_id": server.id,
             "name": server.name,
@@ -369,19 +428,29 @@ impl Dispatcher {
         })))
     }
 
-    /// A job that cannot be handed to any worker (its server's credentials are unreadable):
-    /// fail it now with the reason rather than let it bounce between workers.
+    /// A job that cannot be handed to any worker (its server was deleted, its credentials are
+    /// unreadable): fail it now with the reason rather than let it bounce between workers. Its
+    /// actions (`on_failure`, `always`) are evaluated in the same transaction.
     async fn fail_unrunnable(
         &self,
         job: &ClaimedJob,
         reason: String,
     ) -> Result<(), crate::storage::StorageError> {
         tracing::error!(job.id = %job.id, %reason, "job cannot be dispatched");
-        let mut outcome =
-            queue::Outcome::failure(crate::model::job::ErrorKind::Infrastructure, reason);
+        let mut outcome = queue::Outcome::failure(
+            crate::model::job::ErrorKind::Infrastructure,
+            format!("cannot be dispatched: {reason}"),
+        );
         outcome.retryable = false;
         let mut tx = self.pool.begin().await?;
-        queue::complete(&mut tx, job.id, job.lease_token, &outcome).await?;
+        let done = queue::complete(&mut tx, job.id, job.lease_token, &outcome).await?;
+        if let queue::Completion::Finished {
+            has_actions: true, ..
+        } = done
+        {
+            crate::actions::after_terminal(&mut tx, &self.vault, self.chain_depth_limit, job.id)
+                .await?;
+        }
         tx.commit().await?;
         Ok(())
     }

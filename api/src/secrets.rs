@@ -23,7 +23,7 @@ pub async fn readable_variables(
     for row in variables::visible_to(db, event_id).await? {
         let value = match (&row.value, &row.sealed) {
             (Some(v), _) => v.clone(),
-            (None, Some(sealed)) => match vault.open(sealed, row.id.as_bytes()) {
+            (None, Some(sealed)) => match vault.open(sealed, &row.sealed_with()) {
                 Ok(plain) => String::from_utf8_lossy(&plain).into_owned(),
                 Err(e) => {
                     tracing::warn!(variable = %row.key, error = %e, "secret variable unreadable; not passed to the script");

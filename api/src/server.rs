@@ -80,7 +80,12 @@ impl Api {
         let vault = crate::crypto::Vault::new(config.master_key.as_deref()).unwrap_or_else(|_| {
             crate::crypto::Vault::new(None).expect("a vault without a key always builds")
         });
-        let dispatcher = dispatch::Dispatcher::new(pool.clone(), config.lease, vault.clone());
+        let dispatcher = dispatch::Dispatcher::new(
+            pool.clone(),
+            config.lease,
+            config.chain_depth_limit,
+            vault.clone(),
+        );
         let http_pool = PgPoolOptions::new()
             .max_connections(config.http_db_pool_size.max(1))
             .acquire_timeout(std::time::Duration::from_secs(10))
@@ -123,11 +128,9 @@ impl Api {
         // Stopped only once the HTTP server drained: runs queued until then are announced.
         let announcer_stop = CancellationToken::new();
         let background = [
-            tokio::spawn(reaper::run(
-                state.pool.clone(),
-                state.config.reaper_interval,
-                stop.clone(),
-            )),
+            tokio::spawn(
+                reaper::Reaper::from_state(&state).run(state.config.reaper_interval, stop.clone()),
+            ),
             tokio::spawn(state.dispatcher.clone().run(stop.clone())),
             tokio::spawn({
                 let (announcer, pool, stop) = (

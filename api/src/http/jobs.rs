@@ -95,6 +95,11 @@ pub async fn cancel_job(
     let mut tx = state.pool.begin().await?;
     let outcome = queue::request_cancel(&mut tx, id).await?;
     let immediate = outcome == queue::CancelOutcome::Cancelled;
+    if immediate {
+        // Its end fires its actions, in the cancel's transaction.
+        crate::actions::after_terminal(&mut tx, &state.vault, state.config.chain_depth_limit, id)
+            .await?;
+    }
     audit(
         &mut *tx,
         &caller,

@@ -57,15 +57,16 @@ pub async fn put_variable(
     check_key(&key)?;
     let scope = put.validate()?;
     let mut tx = state.pool.begin().await?;
-    let (id, _) = variables::id_for(&mut *tx, &key, scope.event_id()).await?;
     let stored = if put.secret {
-        StoredValue::Sealed(state.vault.seal(put.value.as_bytes(), id.as_bytes())?)
+        StoredValue::Sealed(state.vault.seal(
+            put.value.as_bytes(),
+            &variables::identity(&key, scope.event_id()),
+        )?)
     } else {
         StoredValue::Plain(put.value.clone())
     };
     let row = variables::upsert(
         &mut *tx,
-        id,
         &key,
         scope.event_id(),
         &stored,

@@ -123,7 +123,24 @@ pub struct NewEvent {
     #[serde(default)]
     #[sqlx(json)]
     pub labels: BTreeMap<String, String>,
+    /// Which variables this event's scripts may write back: `event` (default) only the
+    /// event's own; `global` global ones too.
+    #[serde(default)]
+    #[sqlx(try_from = "String")]
+    pub variables_write: VariablesWrite,
 }
+
+/// The variables an event's scripts may write (`baton_set_variable`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VariablesWrite {
+    /// Only the event's own variables (a new key is created in the event's scope).
+    #[default]
+    Event,
+    /// The event's own variables, else global ones (a new key is created global).
+    Global,
+}
+text_enum!(VariablesWrite { Event => "event", Global => "global" });
 
 /// Per-event container limits; each is bounded by [`ContainerLimits::MAXIMUMS`].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema, Default)]

@@ -8,15 +8,15 @@ use crate::model::{Event, NewEvent};
 
 const EVENT_COLUMNS: &str = "id, name, description, runtime, content, command, request, executor, server_id,
     image, env, timeout_seconds, max_attempts, retry_backoff_seconds, retry_backoff_max_seconds, retry_on,
-    network, limits, priority, labels, revision, created_at, updated_at";
+    network, limits, priority, labels, variables_write, revision, created_at, updated_at";
 
 /// Stores a validated event.
 pub async fn insert_event(db: impl PgExecutor<'_>, spec: &NewEvent) -> Result<Event> {
     let sql = format!(
         "INSERT INTO events (id, name, description, runtime, content, command, request, executor, server_id,
              image, env, timeout_seconds, max_attempts, retry_backoff_seconds, retry_backoff_max_seconds,
-             priority, labels, retry_on, network, limits)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)
+             priority, labels, retry_on, network, limits, variables_write)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)
          RETURNING {EVENT_COLUMNS}"
     );
     bind_spec(
@@ -34,7 +34,8 @@ pub async fn update_event(db: impl PgExecutor<'_>, id: Uuid, spec: &NewEvent) ->
         "UPDATE events SET name = $2, description = $3, runtime = $4, content = $5, command = $6,
              request = $7, executor = $8, server_id = $9, image = $10, env = $11, timeout_seconds = $12,
              max_attempts = $13, retry_backoff_seconds = $14, retry_backoff_max_seconds = $15,
-             priority = $16, labels = $17, retry_on = $18, network = $19, limits = $20, updated_at = now(),
+             priority = $16, labels = $17, retry_on = $18, network = $19, limits = $20, variables_write = $21,
+             updated_at = now(),
              revision = revision + 1
          WHERE id = $1
          RETURNING {EVENT_COLUMNS}"
@@ -69,6 +70,7 @@ fn bind_spec<'q>(query: EventQuery<'q>, spec: &'q NewEvent) -> EventQuery<'q> {
         .bind(spec.retry_on.as_str())
         .bind(spec.network)
         .bind(spec.limits.as_ref().map(Json))
+        .bind(spec.variables_write.as_str())
 }
 
 fn name_taken_or(err: sqlx::Error, spec: &NewEvent) -> StorageError {

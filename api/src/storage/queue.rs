@@ -674,41 +674,72 @@ pub struct ReapedJob {
     pub attempt: i32,
 }
 
-/// Returns jobs whose lease expired to the queue (attempt + 1), or finishes them when they
-/// were being cancelled or have lost too many leases. Safe to run on every replica at once:
-/// rows are locked with SKIP LOCKED and the lease condition is rechecked by the UPDATE. The
-/// leased jobs are found through `jobs_status_idx` (there are at most as many as worker
-/// slots; migration 0009 says why there is no index on the lease's expiry).
+/// Returns jobs whose lease expired to the queue (attempt + 1). Jobs that end instead (a
+/// cancel was pending, or too many leases were lost) are left to [`finish_expired`], one per
+/// transaction with their actions. Safe to run on every replica at once: rows are locked with
+/// SKIP LOCKED and the lease condition is rechecked by the UPDATE. The leased jobs are found
+/// through `jobs_status_idx` (there are at most as many as worker slots; migration 0009 says
+/// why there is no index on the lease's expiry).
 pub async fn reap_expired(db: impl PgExecutor<'_>) -> Result<Vec<ReapedJob>> {
     Ok(sqlx::query_as(
         "WITH expired AS (
-             SELECT id, cancel_requested, lease_losses + 1 > $1 AS exhausted FROM jobs
+             SELECT id FROM jobs
              WHERE status IN ('claimed', 'running') AND lease_token IS NOT NULL
                AND lease_expires_at < now()
+               AND NOT cancel_requested AND lease_losses + 1 <= $1
              ORDER BY lease_expires_at
              LIMIT 1000
              FOR UPDATE SKIP LOCKED
          )
          UPDATE jobs j SET
-             status = CASE WHEN e.cancel_requested THEN 'cancelled'
-                           WHEN e.exhausted THEN 'failed' ELSE 'queued' END,
-             attempt = CASE WHEN e.cancel_requested OR e.exhausted THEN j.attempt ELSE j.attempt + 1 END,
+             status = 'queued',
+             attempt = j.attempt + 1,
              lease_losses = j.lease_losses + 1,
-             dead = e.exhausted AND NOT e.cancel_requested,
              run_at = now(),
-             finished_at = CASE WHEN e.cancel_requested OR e.exhausted THEN now() END,
-             worker_id = CASE WHEN e.cancel_requested OR e.exhausted THEN j.worker_id END,
-             lease_token = NULL, lease_expires_at = NULL,
-             error_kind = CASE WHEN e.cancel_requested THEN 'cancelled' ELSE 'lease_lost' END,
-             error_message = CASE
-                 WHEN e.cancel_requested THEN 'cancelled; the worker running it stopped responding'
-                 WHEN e.exhausted THEN 'the worker running it stopped renewing its lease ' || $1 || ' times; giving up'
-                 ELSE 'the worker running it stopped renewing its lease; requeued' END
+             worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
+             error_kind = 'lease_lost',
+             error_message = 'the worker running it stopped renewing its lease; requeued'
          FROM expired e WHERE j.id = e.id
          RETURNING j.id, j.status, j.attempt",
     )
     .bind(MAX_LEASE_LOSSES)
     .fetch_all(db)
+    .await?)
+}
+
+/// Ends one job whose lease expired and that does not go back to the queue: `cancelled` when
+/// a cancel was pending, `failed` (dead) when it lost its lease once more after
+/// [`MAX_LEASE_LOSSES`] requeues. Returns it, or
+/// `None` when there is no such job. Meant for a transaction that then evaluates the job's
+/// actions (`crate::actions::after_terminal`), so both commit together.
+pub async fn finish_expired(db: impl PgExecutor<'_>) -> Result<Option<ReapedJob>> {
+    Ok(sqlx::query_as(
+        "WITH expired AS (
+             SELECT id, cancel_requested FROM jobs
+             WHERE status IN ('claimed', 'running') AND lease_token IS NOT NULL
+               AND lease_expires_at < now()
+               AND (cancel_requested OR lease_losses + 1 > $1)
+             ORDER BY lease_expires_at
+             LIMIT 1
+             FOR UPDATE SKIP LOCKED
+         )
+         UPDATE jobs j SET
+             status = CASE WHEN e.cancel_requested THEN 'cancelled' ELSE 'failed' END,
+             lease_losses = j.lease_losses + 1,
+             dead = NOT e.cancel_requested,
+             run_at = now(),
+             finished_at = now(),
+             lease_token = NULL, lease_expires_at = NULL,
+             error_kind = CASE WHEN e.cancel_requested THEN 'cancelled' ELSE 'lease_lost' END,
+             error_message = CASE
+                 WHEN e.cancel_requested THEN 'cancelled; the worker running it stopped responding'
+                 ELSE 'the worker running it stopped renewing its lease ' || (j.lease_losses + 1)
+                      || ' times; giving up' END
+         FROM expired e WHERE j.id = e.id
+         RETURNING j.id, j.status, j.attempt",
+    )
+    .bind(MAX_LEASE_LOSSES)
+    .fetch_optional(db)
     .await?)
 }
 

@@ -92,3 +92,14 @@ pub async fn admin_exists(db: impl PgExecutor<'_>) -> Result<bool> {
     .fetch_one(db)
     .await?)
 }
+
+/// Whether a token with this hash is stored: `Some(true)` live, `Some(false)` revoked, `None`
+/// unknown (the admin bootstrap must tell a revoked token from an unknown one).
+pub async fn hash_is_live(db: impl PgExecutor<'_>, hash: &[u8]) -> Result<Option<bool>> {
+    Ok(
+        sqlx::query_scalar("SELECT revoked_at IS NULL FROM api_tokens WHERE token_hash = $1")
+            .bind(hash)
+            .fetch_optional(db)
+            .await?,
+    )
+}

@@ -19,41 +19,47 @@ pub struct VariableRow {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub updated_by_job: Option<Uuid>,
+    /// Sealed to [`identity`] (every value written since migration 0012); rows sealed before
+    /// are bound to their id.
+    pub sealed_to_identity: bool,
+}
+
+impl VariableRow {
+    /// The associated data this row's sealed value was sealed with.
+    pub fn sealed_with(&self) -> Vec<u8> {
+        if self.sealed_to_identity {
+            identity(&self.key, self.event_id)
+        } else {
+            self.id.as_bytes().to_vec()
+        }
+    }
+}
+
+/// What a secret value is sealed to: the variable's identity (scope and key), which is known
+/// before it is stored and never changes, so concurrent first writes of a key cannot seal a
+/// value against another row's id, and a sealed value cannot be moved to another variable.
+pub fn identity(key: &str, event_id: Option<Uuid>) -> Vec<u8> {
+    match event_id {
+        Some(id) => format!("baton.variable/event:{id}/{key}"),
+        None => format!("baton.variable/global/{key}"),
+    }
+    .into_bytes()
 }
 
 const COLUMNS: &str =
-    "id, key, event_id, secret, value, sealed, created_at, updated_at, updated_by_job";
+    "id, key, event_id, secret, value, sealed, created_at, updated_at, updated_by_job,
+    sealed_to_identity";
 
-/// The value to store: plain, or sealed (for the row id the caller chose).
+/// The value to store: plain, or sealed to the variable's [`identity`].
 #[derive(Debug, Clone)]
 pub enum StoredValue {
     Plain(String),
     Sealed(Vec<u8>),
 }
 
-/// The id a variable has, or will get if it is new (sealing binds to it).
-pub async fn id_for(
-    db: impl PgExecutor<'_>,
-    key: &str,
-    event_id: Option<Uuid>,
-) -> Result<(Uuid, bool)> {
-    let existing: Option<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM variables WHERE key = $1 AND event_id IS NOT DISTINCT FROM $2",
-    )
-    .bind(key)
-    .bind(event_id)
-    .fetch_optional(db)
-    .await?;
-    Ok(match existing {
-        Some(id) => (id, true),
-        None => (Uuid::now_v7(), false),
-    })
-}
-
 /// Creates or replaces a variable.
 pub async fn upsert(
     db: impl PgExecutor<'_>,
-    id: Uuid,
     key: &str,
     event_id: Option<Uuid>,
     value: &StoredValue,
@@ -65,14 +71,15 @@ pub async fn upsert(
         StoredValue::Sealed(s) => (true, None, Some(s.as_slice())),
     };
     let sql = format!(
-        "INSERT INTO variables (id, key, event_id, secret, value, sealed, updated_by_token, updated_by_job)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        "INSERT INTO variables (id, key, event_id, secret, value, sealed, updated_by_token, updated_by_job,
+                                sealed_to_identity)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, true)
          ON CONFLICT (key, event_id) DO UPDATE SET secret = $4, value = $5, sealed = $6,
-             updated_by_token = $7, updated_by_job = $8, updated_at = now()
+             updated_by_token = $7, updated_by_job = $8, updated_at = now(), sealed_to_identity = true
          RETURNING {COLUMNS}"
     );
     sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(id)
+        .bind(Uuid::now_v7())
         .bind(key)
         .bind(event_id)
         .bind(secret)

@@ -239,3 +239,71 @@ async fn every_mutating_call_is_audited() {
     assert_eq!(rows[0].3.as_deref(), Some(id));
     assert_eq!(rows[2].3.as_deref(), Some(job.as_str()));
 }
+
+/// A revoked BATON_ADMIN_TOKEN used to make the next start fail (its hash is stored, so
+/// registering it again broke the unique constraint). The start must succeed, and the revoked
+/// token must stay revoked.
+#[tokio::test]
+async fn a_revoked_bootstrap_admin_token_stays_revoked_and_the_api_still_starts() {
+    let app = spawn_app().await;
+    let second_admin = app.token(Role::Admin).await;
+    let (_, tokens) = app.get("/api/v1/tokens").await;
+    let bootstrap = tokens
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .find(|t| t["name"] == "admin (BATON_ADMIN_TOKEN)")
+        .expect("the bootstrap token")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let (status, _) = app.delete(&format!("/api/v1/tokens/{bootstrap}")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+
+    // Same configuration (BATON_ADMIN_TOKEN still set to the revoked token): it starts.
+    let app = app.restart(|_| {}).await;
+    let (status, _) = app.get("/api/v1/events").await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "the revoked token is not re-activated"
+    );
+    let (status, _) = send(app.request_as(&second_admin, Method::GET, "/api/v1/events")).await;
+    assert_eq!(status, StatusCode::OK);
+    let live: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM api_tokens WHERE name = 'admin (BATON_ADMIN_TOKEN)' AND revoked_at IS NULL",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("count");
+    assert_eq!(live, 0, "no new row for the revoked token either");
+
+    // With no live admin left at all, a start generates a fresh admin token (as a first
+    // start does) rather than bringing the revoked one back.
+    let (_, tokens) = send(app.request_as(&second_admin, Method::GET, "/api/v1/tokens")).await;
+    let second_id = tokens
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .find(|t| t["role"] == "admin" && t["revoked_at"].is_null())
+        .expect("the second admin")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let (status, _) = send(app.request_as(
+        &second_admin,
+        Method::DELETE,
+        &format!("/api/v1/tokens/{second_id}"),
+    ))
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let generated = baton_api::auth::bootstrap_admin(&app.pool, Some(baton_tests::ADMIN_TOKEN))
+        .await
+        .expect("the bootstrap succeeds")
+        .expect("a fresh admin token is generated");
+    assert_ne!(generated, baton_tests::ADMIN_TOKEN);
+    let (status, _) = send(app.request_as(&generated, Method::GET, "/api/v1/tokens")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = app.get("/api/v1/events").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}

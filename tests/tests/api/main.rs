@@ -12,5 +12,6 @@ mod live_logs;
 mod protocol;
 mod queue;
 mod servers;
+mod terminal;
 mod variables;
 mod worker_reports;

@@ -103,7 +103,10 @@ async fn put_get_list_delete_with_scopes_and_secrets() {
 #[tokio::test]
 async fn scripts_receive_variables_write_them_back_and_secrets_are_masked_in_logs() {
     let app = spawn_app().await;
-    let ev = app.create_event(&bash_event("uses-vars")).await["id"]
+    // This event may write global variables too.
+    let mut spec = bash_event("uses-vars");
+    spec["variables_write"] = json!("global");
+    let ev = app.create_event(&spec).await["id"]
         .as_str()
         .expect("id")
         .to_owned();
@@ -288,4 +291,230 @@ async fn a_run_whose_output_is_invalid_applies_nothing() {
     // Actions still run on failure triggers (always): the chain sees a failed run.
     let (_, chain) = app.get(&format!("/api/v1/jobs?root_job_id={job}")).await;
     assert_eq!(chain["items"].as_array().expect("items").len(), 2);
+}
+
+/// Runs `event` on the scripted worker `w`, reports success with `writes`, and returns the
+/// job id and the variables its assignment carried.
+async fn run_writing(
+    app: &baton_tests::TestApp,
+    w: &mut ScriptedWorker,
+    event: &str,
+    writes: &[(&str, &str)],
+) -> (String, Value) {
+    let job = app.run_event(event, &json!({})).await;
+    let a = w
+        .next_matching(|m| match m {
+            ServerMsg::Assignment(a) => Some(a.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(a.job_id, job);
+    let context: Value = serde_json::from_str(&a.context_json).expect("context");
+    w.send(WorkerMsg::Finished(Finished {
+        job_id: job.clone(),
+        lease_token: a.lease_token,
+        exit_code: Some(0),
+        variables: writes
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        ..Default::default()
+    }))
+    .await;
+    w.next_matching(|m| match m {
+        ServerMsg::FinishedAck(_) => Some(()),
+        _ => None,
+    })
+    .await;
+    (job, context["variables"].clone())
+}
+
+async fn put_variable(app: &baton_tests::TestApp, key: &str, body: Value) {
+    let (status, answer) = baton_tests::send(
+        app.request(reqwest::Method::PUT, &format!("/api/v1/variables/{key}"))
+            .json(&body),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+}
+
+#[tokio::test]
+async fn scripts_write_only_their_event_s_variables_unless_granted_global_write() {
+    let app = spawn_app().await;
+    let ev = app.create_event(&bash_event("confined")).await;
+    assert_eq!(ev["variables_write"], "event", "the default");
+    let ev = ev["id"].as_str().expect("id").to_owned();
+    put_variable(
+        &app,
+        "deploy_key",
+        json!({"value": "global-secret", "secret": true}),
+    )
+    .await;
+    put_variable(&app, "region", json!({"value": "eu-west-1"})).await;
+    put_variable(
+        &app,
+        "own",
+        json!({"value": "before", "scope": format!("event:{ev}")}),
+    )
+    .await;
+    let token = app.token(Role::Worker).await;
+    let (mut w, _) =
+        ScriptedWorker::connect(&app.grpc_address, &token, hello(Uuid::now_v7(), 1)).await;
+    let (job, _) = run_writing(
+        &app,
+        &mut w,
+        &ev,
+        &[
+            ("deploy_key", "attacker-value"),
+            ("region", "xx"),
+            ("own", "after"),
+            ("fresh", "1"),
+        ],
+    )
+    .await;
+    // The global ones are untouched, and the refusals are on the job.
+    let (_, j) = app.get(&format!("/api/v1/jobs/{job}")).await;
+    let notes: Vec<&str> = j["action_notes"]
+        .as_array()
+        .expect("notes")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(notes.len(), 2, "{notes:?}");
+    for key in ["deploy_key", "region"] {
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains(&format!("{key:?} not written"))
+                    && n.contains("variables_write")),
+            "{notes:?}"
+        );
+    }
+    let (_, region) = app.get("/api/v1/variables/region").await;
+    assert_eq!(region["value"], "eu-west-1");
+    let (_, own) = app
+        .get(&format!("/api/v1/variables/own?scope=event:{ev}"))
+        .await;
+    assert_eq!(own["value"], "after", "the event's own variable is written");
+    let (_, fresh) = app
+        .get(&format!("/api/v1/variables/fresh?scope=event:{ev}"))
+        .await;
+    assert_eq!(
+        fresh["value"], "1",
+        "a new key is created in the event's scope"
+    );
+    let (status, _) = app.get("/api/v1/variables/fresh").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "not globally");
+    // Every run still reads the global secret as set by the admin.
+    let other = app.create_event(&bash_event("reader")).await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let (_, vars) = run_writing(&app, &mut w, &other, &[]).await;
+    assert_eq!(vars["deploy_key"], "global-secret");
+
+    // Granted global write, the event updates global variables (a secret stays secret).
+    let (status, body) = app
+        .patch(
+            &format!("/api/v1/events/{ev}"),
+            &json!({"variables_write": "global"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    run_writing(
+        &app,
+        &mut w,
+        &ev,
+        &[("deploy_key", "rotated"), ("made", "g")],
+    )
+    .await;
+    let (_, vars) = run_writing(&app, &mut w, &other, &[]).await;
+    assert_eq!(vars["deploy_key"], "rotated");
+    assert_eq!(vars["made"], "g", "a new key is created global");
+    let (_, key) = app.get("/api/v1/variables/deploy_key").await;
+    assert_eq!(key["secret"], true);
+
+    // The setting is validated by name.
+    let mut bad = bash_event("bad-scope");
+    bad["variables_write"] = json!("everything");
+    let (status, err) = app.post("/api/v1/events", &bad).await;
+    assert!(status.is_client_error(), "{status}");
+    assert_eq!(err["error"]["field"], "variables_write", "{err}");
+}
+
+#[tokio::test]
+async fn concurrent_first_writes_of_a_secret_leave_it_readable() {
+    let app = spawn_app().await;
+    let ev = app.create_event(&bash_event("reads-secrets")).await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    const KEYS: usize = 5;
+    const WRITERS: usize = 8;
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(KEYS * WRITERS));
+    let mut tasks = Vec::new();
+    for k in 0..KEYS {
+        for n in 0..WRITERS {
+            let barrier = barrier.clone();
+            let request = app
+                .request(reqwest::Method::PUT, &format!("/api/v1/variables/race_{k}"))
+                .json(&json!({"value": format!("secret-{k}-{n}"), "secret": true}));
+            tasks.push(tokio::spawn(async move {
+                barrier.wait().await;
+                baton_tests::send(request).await.0
+            }));
+        }
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("task"), StatusCode::OK);
+    }
+    let token = app.token(Role::Worker).await;
+    let (mut w, _) =
+        ScriptedWorker::connect(&app.grpc_address, &token, hello(Uuid::now_v7(), 1)).await;
+    let (_, vars) = run_writing(&app, &mut w, &ev, &[]).await;
+    for k in 0..KEYS {
+        let value = vars[format!("race_{k}")]
+            .as_str()
+            .unwrap_or_else(|| panic!("race_{k} could not be decrypted for the run: {vars}"));
+        assert!(
+            value.starts_with(&format!("secret-{k}-")),
+            "race_{k} = {value}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn secrets_sealed_before_migration_0012_still_open() {
+    let app = spawn_app().await;
+    let ev = app.create_event(&bash_event("old-secret")).await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    // A row as the previous version stored it: sealed to its id.
+    let vault = baton_api::crypto::Vault::new(Some(baton_tests::MASTER_KEY)).expect("vault");
+    let id = Uuid::now_v7();
+    let sealed = vault.seal(b"legacy-value", id.as_bytes()).expect("seal");
+    sqlx::query(
+        "INSERT INTO variables (id, key, secret, sealed, sealed_to_identity)
+         VALUES ($1, 'legacy', true, $2, false)",
+    )
+    .bind(id)
+    .bind(sealed)
+    .execute(&app.pool)
+    .await
+    .expect("insert");
+    let token = app.token(Role::Worker).await;
+    let (mut w, _) =
+        ScriptedWorker::connect(&app.grpc_address, &token, hello(Uuid::now_v7(), 1)).await;
+    let (_, vars) = run_writing(&app, &mut w, &ev, &[]).await;
+    assert_eq!(vars["legacy"], "legacy-value");
+    // Written again, it is sealed to its identity and still opens.
+    put_variable(
+        &app,
+        "legacy",
+        json!({"value": "new-value", "secret": true}),
+    )
+    .await;
+    let (_, vars) = run_writing(&app, &mut w, &ev, &[]).await;
+    assert_eq!(vars["legacy"], "new-value");
 }

@@ -127,7 +127,10 @@ baton.output({ n: data.n + 1, from: "node", region: baton.getVariable("region") 
         json!({"n": 4, "from": "node", "region": "eu-west-1"})
     );
     assert_eq!(jc["parent_job_id"], jb["id"]);
-    let (_, var) = app.get("/api/v1/variables/last_chain").await;
+    // Written into b's own scope (events write only their own variables by default).
+    let (_, var) = app
+        .get(&format!("/api/v1/variables/last_chain?scope=event:{b}"))
+        .await;
     assert_eq!(var["value"], root.as_str());
     let c_id = jc["id"].as_str().expect("id");
     let lines = all_lines(app, c_id).await;

@@ -130,6 +130,7 @@ impl Api {
                             from: state.config.smtp_from.clone(),
                         }),
                     state.outbox_wake.clone(),
+                    state.config.http_allow_cidrs.clone(),
                 )
                 .run(stop.clone()),
             ),

@@ -86,6 +86,8 @@ pub struct LocalConfig {
     pub drain_idle: Duration,
     /// After the main process exited, stop reading output after this long in any case.
     pub drain_max: Duration,
+    /// Which addresses `http` runs may reach (default: public addresses only).
+    pub http_policy: baton_egress::AddressPolicy,
 }
 
 impl Default for LocalConfig {
@@ -101,6 +103,7 @@ impl Default for LocalConfig {
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             drain_idle: Duration::from_millis(500),
             drain_max: Duration::from_secs(5),
+            http_policy: baton_egress::AddressPolicy::default(),
         }
     }
 }
@@ -116,8 +119,8 @@ impl LocalExecutor {
     /// An executor with the given configuration.
     pub fn new(config: LocalConfig) -> Self {
         LocalExecutor {
+            http: http::LazyHttp::new(config.http_policy.clone()),
             config,
-            http: http::LazyHttp::default(),
         }
     }
 

@@ -223,6 +223,10 @@ pub struct ContainerConfig {
     pub user: String,
     /// Whether a run may ask for a network ([`RunSpec::network`]).
     pub allow_network: bool,
+    /// Which addresses `http` runs may reach (default: public addresses only). An `http` run
+    /// also needs a network like any other run: its event's `"network": true` and
+    /// [`ContainerConfig::allow_network`].
+    pub http_policy: baton_egress::AddressPolicy,
     /// Network mode of a run that asks for one (`bridge`, or a user-defined network's name).
     pub network_mode: String,
     /// Whether a run may choose its image ([`RunSpec::image`]).
@@ -289,6 +293,7 @@ impl ContainerConfig {
             },
             user: DEFAULT_USER.to_owned(),
             allow_network: true,
+            http_policy: baton_egress::AddressPolicy::default(),
             network_mode: "bridge".to_owned(),
             allow_image_override: true,
             init: true,
@@ -448,12 +453,12 @@ impl ContainerExecutor {
             )
         });
         Ok(ContainerExecutor {
+            http: http::LazyHttp::new(config.http_policy.clone()),
             docker,
             config,
             owner,
             engine,
             live,
-            http: http::LazyHttp::default(),
             spares,
         })
     }
@@ -687,6 +692,23 @@ impl ContainerExecutor {
         }
     }
 
+    /// Whether an `http` run may use the network: its event must ask for one and this worker
+    /// must give runs one.
+    fn http_network(&self, spec: &RunSpec) -> Result<(), String> {
+        if !spec.network {
+            return Err("the run has no network (its event has network none, the default of \
+                        the container executor): set `\"network\": true` on the event"
+                .to_owned());
+        }
+        if !self.config.allow_network {
+            return Err(
+                "this worker does not give runs a network (the event asks for `\"network\": true`)"
+                    .to_owned(),
+            );
+        }
+        Ok(())
+    }
+
     async fn run_spec(
         &self,
         spec: RunSpec,
@@ -694,6 +716,11 @@ impl ContainerExecutor {
         cancel: CancellationToken,
     ) -> RunOutcome {
         if spec.runtime == Runtime::Http {
+            // The request is made by the worker, but it is still this run's traffic: it gets
+            // a network only as a container would.
+            if let Err(reason) = self.http_network(&spec) {
+                return RunOutcome::from_error(ExecError::HttpRefused { reason }, Duration::ZERO);
+            }
             return self
                 .http
                 .run(&spec, &events, &cancel, self.config.max_line_bytes)

@@ -204,3 +204,42 @@ echo recovered"#,
     }
     assert!(containers(LABEL_WORKER, &other_worker).is_empty());
 }
+
+#[tokio::test]
+async fn a_killed_workers_spares_die_with_it_without_a_restart() {
+    ensure_images();
+    let app = spawn_app_with(|_| {}).await;
+    let worker_id = Uuid::now_v7().to_string();
+    let _cleanup = RemoveOnDrop(vec![worker_id.clone()]);
+    // One spare for each of the five default images.
+    let worker_args = ["--worker-id", worker_id.as_str(), "--container-spares", "1"];
+    let mut worker = WorkerProcess::start_with_args(&app, 1, &worker_args).await;
+    let running = |ids: &[String]| {
+        ids.len() == 5
+            && ids.iter().all(|id| {
+                let out = docker(&["inspect", "-f", "{{.State.Running}}", id]);
+                String::from_utf8_lossy(&out.stdout).trim() == "true"
+            })
+    };
+    let spares = wait_containers(LABEL_WORKER, &worker_id, "five running spares", running).await;
+    assert_eq!(spares.len(), 5);
+
+    worker.signal(Signal::SIGKILL);
+    assert!(!worker.wait().await, "killed");
+    // Nobody restarts it and no other worker runs: the spares go by themselves.
+    let killed_at = tokio::time::Instant::now();
+    let deadline = killed_at + Duration::from_secs(30);
+    loop {
+        let left = containers(LABEL_WORKER, &worker_id);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of the killed worker's spares are still there after {:?}: {left:?}",
+            left.len(),
+            killed_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

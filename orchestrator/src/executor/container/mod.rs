@@ -685,11 +685,16 @@ impl ContainerExecutor {
             .force(true)
             .v(true)
             .build();
-        match self.docker.remove_container(container, Some(options)).await {
+        let removed = match self.docker.remove_container(container, Some(options)).await {
             Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) if is_not_found(&e) || is_being_removed(&e) => Ok(()),
             Err(e) => Err(engine_message(&e)),
+        };
+        // A spare's stdin is held until its container is gone (its run needed it running).
+        if let Some(pool) = &self.spares {
+            pool.removed(container);
         }
+        removed
     }
 
     /// Whether an `http` run may use the network: its event must ask for one and this worker
@@ -1359,13 +1364,19 @@ impl ContainerExecutor {
                 (LABEL_MANAGED.to_owned(), "true".to_owned()),
                 (LABEL_SPARE.to_owned(), "1".to_owned()),
             ])),
-            attach_stdin: Some(false),
+            // The idle process reads the worker's attached stdin, closed when the worker dies
+            // (see `spares.rs`); the container then removes itself.
+            attach_stdin: Some(true),
             attach_stdout: Some(false),
             attach_stderr: Some(false),
-            open_stdin: Some(false),
+            open_stdin: Some(true),
+            stdin_once: Some(true),
             tty: Some(false),
             stop_signal: Some("SIGTERM".to_owned()),
-            host_config: Some(self.host_config(limits, &key.network_mode)),
+            host_config: Some(HostConfig {
+                auto_remove: Some(true),
+                ..self.host_config(limits, &key.network_mode)
+            }),
             ..ContainerCreateBody::default()
         }
     }
@@ -1690,6 +1701,17 @@ fn split_image_ref(image: &str) -> (String, Option<String>) {
         }
         None => (image.to_owned(), Some("latest".to_owned())),
     }
+}
+
+/// The engine is already removing the container (an `AutoRemove` container that stopped).
+fn is_being_removed(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 409,
+            message,
+        } if message.contains("already in progress")
+    )
 }
 
 fn is_not_found(e: &bollard::errors::Error) -> bool {

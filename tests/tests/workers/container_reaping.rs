@@ -243,3 +243,66 @@ async fn a_killed_workers_spares_die_with_it_without_a_restart() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn another_worker_on_the_host_removes_a_killed_workers_job_container() {
+    ensure_images();
+    let app = spawn_app_with(|c| {
+        c.lease = Duration::from_secs(2);
+        c.reaper_interval = Duration::from_millis(200);
+    })
+    .await;
+    let (first_id, second_id) = (Uuid::now_v7().to_string(), Uuid::now_v7().to_string());
+    let _cleanup = RemoveOnDrop(vec![first_id.clone(), second_id.clone()]);
+    let ev = placed_event(
+        &app,
+        "outlives-its-worker-for-good",
+        "sh",
+        r#"if grep -Eq '"attempt": ?1[,}]' "$BATON_DIR/event.json"; then
+  echo started
+  sleep 300
+fi
+echo recovered"#,
+        &json!({"executor": "container"}),
+    )
+    .await;
+    let mut first = WorkerProcess::start_with_args(
+        &app,
+        1,
+        &["--worker-id", first_id.as_str(), "--container-spares", "0"],
+    )
+    .await;
+    let id = app.run_event(&ev, &json!({})).await;
+    let started = tokio::time::Instant::now() + DEADLINE;
+    while !all_lines(&app, &id)
+        .await
+        .iter()
+        .any(|l| l["text"] == "started")
+    {
+        assert!(
+            tokio::time::Instant::now() < started,
+            "the run never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let orphan = wait_containers(LABEL_JOB, &id, "the run's container", |c| c.len() == 1).await;
+    first.signal(Signal::SIGKILL);
+    assert!(!first.wait().await, "killed");
+    assert_eq!(containers(LABEL_WORKER, &first_id), orphan, "it outlives its worker");
+
+    // A worker with another id (the killed one never comes back) removes it at its start.
+    let second = WorkerProcess::start_with_args(
+        &app,
+        1,
+        &["--worker-id", second_id.as_str(), "--container-spares", "0"],
+    )
+    .await;
+    wait_containers(LABEL_WORKER, &first_id, "the dead worker's container is reaped", |c| {
+        c.is_empty()
+    })
+    .await;
+    let job = wait_finished(&app, &id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["attempt"], 2, "{job}");
+    drop(second);
+}

@@ -34,9 +34,12 @@ impl Cidr {
     /// the other way round; callers unwrap IPv4-mapped IPv6 addresses first).
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.network, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                prefix_matches(u128::from(u32::from(net)), u128::from(u32::from(ip)), self.prefix, 32)
-            }
+            (IpAddr::V4(net), IpAddr::V4(ip)) => prefix_matches(
+                u128::from(u32::from(net)),
+                u128::from(u32::from(ip)),
+                self.prefix,
+                32,
+            ),
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
                 prefix_matches(u128::from(net), u128::from(ip), self.prefix, 128)
             }
@@ -116,10 +119,7 @@ mod tests {
         assert!(!v6.contains("fe80::1".parse().unwrap()));
         let all: Cidr = "0.0.0.0/0".parse().unwrap();
         assert!(all.contains("8.8.8.8".parse().unwrap()));
-        assert_eq!(
-            Cidr::parse_list(" 127.0.0.0/8, ,::1 ").unwrap().len(),
-            2
-        );
+        assert_eq!(Cidr::parse_list(" 127.0.0.0/8, ,::1 ").unwrap().len(), 2);
     }
 
     #[test]

@@ -72,7 +72,10 @@ impl AddressPolicy {
     /// checks what they resolve to.
     pub fn check_url(&self, url: &reqwest::Url) -> Result<(), Refused> {
         let host = url.host_str().unwrap_or_default();
-        let literal = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        let literal = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
         match literal.parse::<IpAddr>() {
             Ok(ip) => self.check(None, ip),
             Err(_) => Ok(()),
@@ -142,12 +145,7 @@ fn blocked_v6(ip: Ipv6Addr) -> Option<&'static str> {
 /// The IPv4 address an IPv6 address stands for, if it embeds one.
 fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = ip.segments();
-    let tail = Ipv4Addr::new(
-        (s[6] >> 8) as u8,
-        s[6] as u8,
-        (s[7] >> 8) as u8,
-        s[7] as u8,
-    );
+    let tail = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
     if let Some(v4) = ip.to_ipv4_mapped() {
         return Some(v4);
     }
@@ -215,7 +213,10 @@ mod tests {
             ("2002:7f00:1::", "loopback"),
         ] {
             assert_eq!(blocked_range(ip(addr)), Some(range), "{addr}");
-            assert!(AddressPolicy::default().check(None, ip(addr)).is_err(), "{addr}");
+            assert!(
+                AddressPolicy::default().check(None, ip(addr)).is_err(),
+                "{addr}"
+            );
         }
     }
 
@@ -254,7 +255,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`localhost` resolves to 127.0.0.1"), "{e}");
-        assert!(e.contains("loopback") && e.contains("BATON_HTTP_ALLOW_CIDRS"), "{e}");
+        assert!(
+            e.contains("loopback") && e.contains("BATON_HTTP_ALLOW_CIDRS"),
+            "{e}"
+        );
         let url = reqwest::Url::parse("http://[::1]:8080/x").unwrap();
         assert!(AddressPolicy::default().check_url(&url).is_err());
         let url = reqwest::Url::parse("http://example.com/x").unwrap();

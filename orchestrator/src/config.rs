@@ -205,7 +205,8 @@ pub fn parse_labels(text: &str) -> Result<Labels, String> {
 
 /// Parses `BATON_HTTP_ALLOW_CIDRS` (comma-separated CIDRs; empty: none).
 pub fn parse_http_allow(text: &str) -> Result<baton_egress::AddressPolicy, String> {
-    text.parse().map_err(|e: baton_egress::CidrError| e.to_string())
+    text.parse()
+        .map_err(|e: baton_egress::CidrError| e.to_string())
 }
 
 /// Parses a duration: `30s`, `500ms`, `2m`, `1h`, or a bare number of seconds.
@@ -371,6 +372,9 @@ mod tests {
         let err = Cli::try_parse_from(["w", "--token", "t", "--http-allow-cidrs", "10.0.0.0/99"])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("--http-allow-cidrs") && err.contains("prefix"), "{err}");
+        assert!(
+            err.contains("--http-allow-cidrs") && err.contains("prefix"),
+            "{err}"
+        );
     }
 }

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use baton_egress::AddressPolicy;
 use baton_worker::executor::{
     ErrorKind, ExecError, ExecEvent, Executor, HttpRequestSpec, LocalConfig, LocalExecutor,
     OutputStream, RunOutcome, RunResult, RunSpec, Runtime, run_collect,
 };
-use baton_egress::AddressPolicy;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -1038,7 +1038,10 @@ async fn http_to_internal_addresses_is_refused_by_default() {
     // An IP literal (never resolved) and a name resolving to loopback.
     let run = run_with(&default, get(format!("http://{addr}/"))).await;
     let reason = refusal(&run);
-    assert!(reason.contains("127.0.0.1") && reason.contains("loopback"), "{reason}");
+    assert!(
+        reason.contains("127.0.0.1") && reason.contains("loopback"),
+        "{reason}"
+    );
     assert!(reason.contains("BATON_HTTP_ALLOW_CIDRS"), "{reason}");
     let run = run_with(&default, get(format!("http://localhost:{port}/"))).await;
     let reason = refusal(&run);
@@ -1089,8 +1092,16 @@ async fn http_redirects_to_internal_addresses_are_refused() {
         let reason = refusal(&run);
         assert!(reason.contains("refused"), "{reason}");
     }
-    assert_eq!(front_hits.load(Ordering::SeqCst), 3, "the allowed host was asked");
-    assert_eq!(inner_hits.load(Ordering::SeqCst), 0, "no redirect was followed");
+    assert_eq!(
+        front_hits.load(Ordering::SeqCst),
+        3,
+        "the allowed host was asked"
+    );
+    assert_eq!(
+        inner_hits.load(Ordering::SeqCst),
+        0,
+        "no redirect was followed"
+    );
 
     // With the inner address allowed too, the same redirect is followed.
     let open = LocalExecutor::new(LocalConfig {

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use baton_testkit::sshd::{Sshd, SshdOptions, free_port, login_user, shared_dir};
 use baton_worker::executor::ssh::{
-    BreakerConfig, BreakerState, FileTransfer, HostKeyPolicy, SshAuth, SshConfig, SshError, SshExecutor,
-    SshTarget,
+    BreakerConfig, BreakerState, FileTransfer, HostKeyPolicy, SshAuth, SshConfig, SshError,
+    SshExecutor, SshTarget,
 };
 use baton_worker::executor::{
     ErrorKind, ExecError, ExecEvent, Executor, OutputStream, RunOutcome, RunResult, RunSpec,
@@ -442,7 +442,11 @@ async fn a_server_without_sftp_gets_its_files_over_exec() {
         started.elapsed()
     );
     let stats = env.executor.server_stats(env.server_id).expect("stats");
-    assert_eq!(stats.transfer, FileTransfer::Shell, "remembered for the server");
+    assert_eq!(
+        stats.transfer,
+        FileTransfer::Shell,
+        "remembered for the server"
+    );
     // The next runs go straight to exec (one subsystem request was ever made).
     full_round_trip(&env).await;
     // A start failure's reason is read back from the server too.
@@ -455,13 +459,21 @@ async fn a_server_without_sftp_gets_its_files_over_exec() {
         other => panic!("expected a start failure, got {other:?}"),
     }
     let refused = env.sshd.log().matches("subsystem request for sftp").count();
-    assert_eq!(refused, 1, "sftp was asked for {refused} times:\n{}", env.sshd.log());
+    assert_eq!(
+        refused,
+        1,
+        "sftp was asked for {refused} times:\n{}",
+        env.sshd.log()
+    );
     env.assert_remote_clean().await;
 
     // A server with SFTP is remembered as such.
     let with_sftp = Env::new();
     full_round_trip(&with_sftp).await;
-    let stats = with_sftp.executor.server_stats(with_sftp.server_id).expect("stats");
+    let stats = with_sftp
+        .executor
+        .server_stats(with_sftp.server_id)
+        .expect("stats");
     assert_eq!(stats.transfer, FileTransfer::Sftp);
 }
 

@@ -177,9 +177,11 @@ fn build_request(
     }
     // An IP literal is connected to without resolving: check it here (names are checked by
     // the client's resolver, redirects by its redirect policy).
-    policy.check_url(&url).map_err(|refused| ExecError::HttpRefused {
-        reason: refused.to_string(),
-    })?;
+    policy
+        .check_url(&url)
+        .map_err(|refused| ExecError::HttpRefused {
+            reason: refused.to_string(),
+        })?;
     let mut headers = HeaderMap::new();
     for (name, value) in &request.headers {
         let name = HeaderName::from_bytes(name.as_bytes())

@@ -437,8 +437,12 @@ async fn counting_server(ip: &str) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
 async fn webhook_errors(app: &TestApp, targets: &[String]) -> Vec<String> {
     let ev = event(app, "hooked").await;
     for target in targets {
-        add_action(app, &ev, json!({"trigger": "on_failure", "action": {"type": "send_message",
-            "channel": "webhook", "target": target, "template": "{{event.name}} failed"}}))
+        add_action(
+            app,
+            &ev,
+            json!({"trigger": "on_failure", "action": {"type": "send_message",
+            "channel": "webhook", "target": target, "template": "{{event.name}} failed"}}),
+        )
         .await;
     }
     let mut w = worker(app).await;
@@ -447,12 +451,11 @@ async fn webhook_errors(app: &TestApp, targets: &[String]) -> Vec<String> {
     finish(&mut w, &a, false, None, None).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let errors: Vec<Option<String>> = sqlx::query_scalar(
-            "SELECT last_error FROM message_outbox ORDER BY target",
-        )
-        .fetch_all(&app.pool)
-        .await
-        .expect("outbox");
+        let errors: Vec<Option<String>> =
+            sqlx::query_scalar("SELECT last_error FROM message_outbox ORDER BY target")
+                .fetch_all(&app.pool)
+                .await
+                .expect("outbox");
         if errors.len() == targets.len() && errors.iter().all(Option::is_some) {
             return errors.into_iter().flatten().collect();
         }
@@ -486,7 +489,11 @@ async fn the_outbox_refuses_internal_addresses_by_default() {
         errors.iter().any(|e| e.contains("`localhost` resolves to")),
         "{errors:?}"
     );
-    assert_eq!(hits.load(Ordering::SeqCst), 0, "nothing reached the receiver");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "nothing reached the receiver"
+    );
     let delivered: i64 =
         sqlx::query_scalar("SELECT count(*) FROM message_outbox WHERE status = 'delivered'")
             .fetch_one(&app.pool)
@@ -503,14 +510,24 @@ async fn the_outbox_follows_no_redirect_to_an_internal_address() {
     let (inner, inner_hits) = counting_server("127.0.0.1").await;
     let targets = [
         format!("http://{front}/go?to=http://{inner}/internal"),
-        format!("http://{front}/go?to=http://localhost:{}/internal", inner.port()),
+        format!(
+            "http://{front}/go?to=http://localhost:{}/internal",
+            inner.port()
+        ),
     ];
     let errors = webhook_errors(&app, &targets).await;
     for error in &errors {
         assert!(error.contains("internal addresses is refused"), "{error}");
     }
-    assert!(front_hits.load(Ordering::SeqCst) >= 2, "the allowed host was called");
-    assert_eq!(inner_hits.load(Ordering::SeqCst), 0, "no redirect was followed");
+    assert!(
+        front_hits.load(Ordering::SeqCst) >= 2,
+        "the allowed host was called"
+    );
+    assert_eq!(
+        inner_hits.load(Ordering::SeqCst),
+        0,
+        "no redirect was followed"
+    );
 }
 
 #[tokio::test]
@@ -523,8 +540,15 @@ async fn a_failing_webhook_is_read_only_a_bounded_prefix() {
     let took = started.elapsed();
     let error = &errors[0];
     assert!(error.contains("answered 500"), "{error}");
-    assert!(error.contains("xxxxxxxx"), "the body's beginning is kept: {error}");
-    assert!(error.len() < 1024, "only a short prefix is stored: {} bytes", error.len());
+    assert!(
+        error.contains("xxxxxxxx"),
+        "the body's beginning is kept: {error}"
+    );
+    assert!(
+        error.len() < 1024,
+        "only a short prefix is stored: {} bytes",
+        error.len()
+    );
     // The client's 15 s request timeout would have ended an unbounded read, without the text.
     assert!(took < Duration::from_secs(12), "the attempt took {took:?}");
 }

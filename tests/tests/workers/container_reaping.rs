@@ -288,7 +288,11 @@ echo recovered"#,
     let orphan = wait_containers(LABEL_JOB, &id, "the run's container", |c| c.len() == 1).await;
     first.signal(Signal::SIGKILL);
     assert!(!first.wait().await, "killed");
-    assert_eq!(containers(LABEL_WORKER, &first_id), orphan, "it outlives its worker");
+    assert_eq!(
+        containers(LABEL_WORKER, &first_id),
+        orphan,
+        "it outlives its worker"
+    );
 
     // A worker with another id (the killed one never comes back) removes it at its start.
     let second = WorkerProcess::start_with_args(
@@ -297,9 +301,12 @@ echo recovered"#,
         &["--worker-id", second_id.as_str(), "--container-spares", "0"],
     )
     .await;
-    wait_containers(LABEL_WORKER, &first_id, "the dead worker's container is reaped", |c| {
-        c.is_empty()
-    })
+    wait_containers(
+        LABEL_WORKER,
+        &first_id,
+        "the dead worker's container is reaped",
+        |c| c.is_empty(),
+    )
     .await;
     let job = wait_finished(&app, &id).await;
     assert_eq!(job["status"], "succeeded", "{job}");

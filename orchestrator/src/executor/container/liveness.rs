@@ -95,7 +95,11 @@ mod tests {
         let start = start_time(pid);
         child.wait().unwrap();
         if let Some(start) = start {
-            let mark = format!("{}/{}/{pid}/{start}", boot_id().unwrap(), pid_namespace().unwrap());
+            let mark = format!(
+                "{}/{}/{pid}/{start}",
+                boot_id().unwrap(),
+                pid_namespace().unwrap()
+            );
             assert_eq!(liveness(&mark), Liveness::Dead);
         }
         // The same PID with another start time is another process.

@@ -760,9 +760,11 @@ impl ContainerExecutor {
     /// must give runs one.
     fn http_network(&self, spec: &RunSpec) -> Result<(), String> {
         if !spec.network {
-            return Err("the run has no network (its event has network none, the default of \
+            return Err(
+                "the run has no network (its event has network none, the default of \
                         the container executor): set `\"network\": true` on the event"
-                .to_owned());
+                    .to_owned(),
+            );
         }
         if !self.config.allow_network {
             return Err(

@@ -114,8 +114,8 @@ mod host_key;
 mod pool;
 mod remote;
 mod run;
-mod target;
 mod shell_transfer;
+mod target;
 mod transfer;
 
 use std::time::Duration;

@@ -432,9 +432,12 @@ impl RemoteRun<'_> {
         let (control, main) = tokio::join!(open_channel(handle), open_channel(handle));
         let control_error =
             |e: StartError| self.session_error(format!("cannot start the control channel: {e}"));
-        let (control, _) = exec_on(control.map_err(control_error)?, &self.dir.sh_command("control.sh"))
-            .await
-            .map_err(control_error)?;
+        let (control, _) = exec_on(
+            control.map_err(control_error)?,
+            &self.dir.sh_command("control.sh"),
+        )
+        .await
+        .map_err(control_error)?;
         progress.store(SETUP_CONTROL_STARTED, Ordering::SeqCst);
         let start_error = |e| match e {
             StartError::Refused => Fail::Exec(ExecError::start_failed(format!(

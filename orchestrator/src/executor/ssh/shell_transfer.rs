@@ -35,9 +35,10 @@ impl Finished {
     fn error(&self, what: &str) -> String {
         let stderr = String::from_utf8_lossy(&self.stderr);
         let stderr = stderr.trim();
-        let status = self
-            .status
-            .map_or_else(|| "no exit status".to_owned(), |s| format!("exit status {s}"));
+        let status = self.status.map_or_else(
+            || "no exit status".to_owned(),
+            |s| format!("exit status {s}"),
+        );
         if stderr.is_empty() {
             format!("{what} failed ({status})")
         } else {
@@ -141,12 +142,13 @@ pub(crate) async fn upload(
     let archive = tar_of(entries, file_mode)
         .map_err(|e| RequestError::Refused(format!("cannot pack the files: {e}")))?;
     let root = sh_quote(root);
-    let command =
-        format!("umask 077 && mkdir -m 700 {root} && exec tar -x -o -f - -C {root}");
+    let command = format!("umask 077 && mkdir -m 700 {root} && exec tar -x -o -f - -C {root}");
     let finished = exec(handle, &command, &archive, 4096, timeout).await?;
     match finished.status {
         Some(0) => Ok(()),
-        _ => Err(RequestError::Refused(finished.error("`mkdir` and `tar -x`"))),
+        _ => Err(RequestError::Refused(
+            finished.error("`mkdir` and `tar -x`"),
+        )),
     }
 }
 

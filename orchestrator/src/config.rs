@@ -103,6 +103,12 @@ pub struct WorkerConfig {
     /// resolution and on every redirect. The api reads the same variable for its outbox.
     #[arg(long, env = "BATON_HTTP_ALLOW_CIDRS", default_value = "", value_parser = parse_http_allow)]
     pub http_allow_cidrs: baton_egress::AddressPolicy,
+
+    /// Give runs no network: container runs whose event asks for one and `http` jobs are
+    /// refused with a reason. Also `BATON_WORKER_NO_NETWORK=true`.
+    #[arg(long, env = "BATON_WORKER_NO_NETWORK",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_network: bool,
 }
 
 impl WorkerConfig {
@@ -126,6 +132,7 @@ impl WorkerConfig {
             max_unacked_log_bytes: DEFAULT_MAX_UNACKED_LOG_BYTES,
             scratch_dir: None,
             http_allow_cidrs: baton_egress::AddressPolicy::default(),
+            no_network: false,
         }
     }
 }
@@ -148,6 +155,7 @@ impl fmt::Debug for WorkerConfig {
             .field("max_unacked_log_bytes", &self.max_unacked_log_bytes)
             .field("scratch_dir", &self.scratch_dir)
             .field("http_allow_cidrs", &self.http_allow_cidrs)
+            .field("no_network", &self.no_network)
             .finish()
     }
 }
@@ -369,6 +377,9 @@ mod tests {
             Cli::try_parse_from(["w", "--token", "t", "--http-allow-cidrs", "127.0.0.0/8"])
                 .unwrap();
         assert_eq!(allowing.config.http_allow_cidrs.allow.len(), 1);
+        assert!(!allowing.config.no_network);
+        let closed = Cli::try_parse_from(["w", "--token", "t", "--no-network"]).unwrap();
+        assert!(closed.config.no_network);
         let err = Cli::try_parse_from(["w", "--token", "t", "--http-allow-cidrs", "10.0.0.0/99"])
             .unwrap_err()
             .to_string();

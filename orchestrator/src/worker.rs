@@ -62,6 +62,7 @@ async fn offered_executors(
         offer(Arc::new(LocalExecutor::new(crate::executor::LocalConfig {
             temp_root: config.scratch_dir.clone(),
             http_policy: config.http_allow_cidrs.clone(),
+            allow_network: !config.no_network,
             ..Default::default()
         })));
     }
@@ -73,6 +74,7 @@ async fn offered_executors(
         let mut container_config = ContainerConfig::new(worker_id.to_string());
         container_config.spares = usize::try_from(config.container_spares).unwrap_or(1);
         container_config.http_policy = config.http_allow_cidrs.clone();
+        container_config.allow_network = !config.no_network;
         match ContainerExecutor::connect(container_config).await {
             Ok(executor) => {
                 let executor = Arc::new(executor);

@@ -1070,6 +1070,20 @@ async fn http_to_internal_addresses_is_refused_by_default() {
     assert_eq!(hits.load(Ordering::SeqCst), 1);
     let run = run_with(&allowed, get("http://169.254.169.254/".to_owned())).await;
     refusal(&run);
+
+    // A worker that gives runs no network makes no request at all.
+    let closed = LocalExecutor::new(LocalConfig {
+        http_policy: allowing("127.0.0.0/8"),
+        allow_network: false,
+        ..LocalConfig::default()
+    });
+    let run = run_with(&closed, get(format!("http://{addr}/"))).await;
+    assert!(refusal(&run).contains("does not give runs a network"));
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "nothing more reached the server"
+    );
 }
 
 #[tokio::test]

@@ -87,6 +87,14 @@ pub struct ApiConfig {
     /// scrape never queries it).
     #[arg(long, env = "BATON_METRICS_REFRESH_SECONDS", default_value = "5", value_parser = parse_secs)]
     pub metrics_refresh_interval: Duration,
+    /// Networks the outbox (webhook, Slack, Discord) may reach although they are internal,
+    /// as comma-separated CIDRs (`10.0.0.0/8,fd00::/8`). By default loopback, private,
+    /// link-local (cloud metadata), shared (CGNAT), unspecified, multicast and reserved
+    /// addresses are refused, after DNS resolution and on every redirect. Workers read the
+    /// same variable for `http` jobs.
+    #[arg(long, env = "BATON_HTTP_ALLOW_CIDRS", default_value = "",
+          value_parser = |s: &str| s.parse::<baton_egress::AddressPolicy>().map_err(|e| e.to_string()))]
+    pub http_allow_cidrs: baton_egress::AddressPolicy,
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -125,6 +133,7 @@ impl ApiConfig {
             chain_depth_limit: 20,
             smtp_url: None,
             smtp_from: "baton@localhost".into(),
+            http_allow_cidrs: baton_egress::AddressPolicy::default(),
         }
     }
 

@@ -2,10 +2,16 @@
 //! POST with reqwest) and email (SMTP with lettre). Every replica runs a deliverer; a message is
 //! held (`locked_until`) by the one sending it. Failures retry with exponential backoff and
 //! jitter up to `max_attempts`, then the message is marked failed with the last error.
+//!
+//! HTTP deliveries keep to the address policy of `baton_egress` (internal addresses refused
+//! after DNS resolution and on every redirect, unless `BATON_HTTP_ALLOW_CIDRS` allows them),
+//! and read at most [`ERROR_BODY_BYTES`] of a failing answer, within [`ERROR_BODY_TIMEOUT`],
+//! for the error message.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use baton_egress::AddressPolicy;
 use serde_json::json;
 use sqlx::PgPool;
 use tokio::sync::Notify;
@@ -16,6 +22,12 @@ use crate::storage::actions::{self, OutboxMessage};
 /// How long a replica holds a message it is sending.
 const HOLD_SECONDS: i32 = 60;
 const FALLBACK_POLL: Duration = Duration::from_secs(10);
+/// Most bytes of a failing answer's body read for the error message.
+pub const ERROR_BODY_BYTES: usize = 4096;
+/// Longest time spent reading that prefix.
+pub const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Characters of that prefix kept in the message's `last_error`.
+const ERROR_BODY_CHARS: usize = 200;
 
 /// Where email goes out.
 #[derive(Debug, Clone)]
@@ -27,21 +39,67 @@ pub struct SmtpSettings {
 
 pub struct Deliverer {
     pool: PgPool,
-    http: reqwest::Client,
+    http: Result<reqwest::Client, ()>,
+    policy: AddressPolicy,
     smtp: Option<SmtpSettings>,
     pub wake: Arc<Notify>,
 }
 
+/// At most `limit` bytes of `response`'s body, read for at most `within` (what arrived by
+/// then), as text. A huge or endless answer costs neither memory nor time.
+pub async fn body_prefix(
+    mut response: reqwest::Response,
+    limit: usize,
+    within: Duration,
+) -> String {
+    let mut prefix = Vec::new();
+    let read = async {
+        while prefix.len() < limit {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    let room = limit - prefix.len();
+                    prefix.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(within, read).await;
+    String::from_utf8_lossy(&prefix).into_owned()
+}
+
+/// `error: cause: cause` (reqwest's top-level message hides the useful part, such as the
+/// address policy's refusal).
+fn error_chain(error: &reqwest::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
 impl Deliverer {
-    pub fn new(pool: PgPool, smtp: Option<SmtpSettings>, wake: Arc<Notify>) -> Self {
-        let http = reqwest::Client::builder()
+    /// A deliverer whose HTTP messages may reach the internal addresses `policy` allows.
+    pub fn new(
+        pool: PgPool,
+        smtp: Option<SmtpSettings>,
+        wake: Arc<Notify>,
+        policy: AddressPolicy,
+    ) -> Self {
+        // Building only fails if TLS cannot be set up; a client without the policy is never
+        // used as a fallback: deliveries then fail with the reason.
+        let http = baton_egress::client_builder(policy.clone())
             .timeout(Duration::from_secs(15))
             .user_agent(concat!("baton/", env!("CARGO_PKG_VERSION")))
             .build()
-            .unwrap_or_default();
+            .map_err(|e| tracing::error!(error = %e, "cannot build the outbox's HTTP client"));
         Self {
             pool,
             http,
+            policy,
             smtp,
             wake,
         }
@@ -105,22 +163,30 @@ impl Deliverer {
             "email" => return self.email(m).await,
             other => return Err(format!("unknown channel {other}")),
         };
-        let response = self
+        let http = self
             .http
-            .post(&m.target)
+            .as_ref()
+            .map_err(|()| "the api cannot build its HTTP client (see its log)".to_owned())?;
+        let url = reqwest::Url::parse(&m.target).map_err(|e| format!("{}: {e}", m.target))?;
+        // An IP literal is connected to without resolving: the resolver never sees it.
+        self.policy
+            .check_url(&url)
+            .map_err(|refused| format!("{}: {refused}", m.target))?;
+        let response = http
+            .post(url)
             .json(&body)
             .send()
             .await
-            .map_err(|e| format!("cannot reach {}: {e}", m.target))?;
+            .map_err(|e| format!("cannot reach {}: {}", m.target, error_chain(&e)))?;
         let status = response.status();
         if status.is_success() {
             Ok(())
         } else {
-            let text = response.text().await.unwrap_or_default();
+            let text = body_prefix(response, ERROR_BODY_BYTES, ERROR_BODY_TIMEOUT).await;
             Err(format!(
                 "{} answered {status}: {}",
                 m.target,
-                text.chars().take(200).collect::<String>()
+                text.chars().take(ERROR_BODY_CHARS).collect::<String>()
             ))
         }
     }

@@ -159,6 +159,7 @@ impl Api {
                             from: state.config.smtp_from.clone(),
                         }),
                     state.outbox_wake.clone(),
+                    state.config.http_allow_cidrs.clone(),
                 )
                 .run(stop.clone()),
             ),

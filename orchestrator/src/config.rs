@@ -96,6 +96,19 @@ pub struct WorkerConfig {
     /// their working directory then use memory.
     #[arg(long, env = "BATON_WORKER_SCRATCH_DIR")]
     pub scratch_dir: Option<std::path::PathBuf>,
+
+    /// Networks `http` runs may reach although they are internal, as comma-separated CIDRs
+    /// (`10.0.0.0/8,fd00::/8`). By default loopback, private, link-local (cloud metadata),
+    /// shared (CGNAT), unspecified, multicast and reserved addresses are refused, after DNS
+    /// resolution and on every redirect. The api reads the same variable for its outbox.
+    #[arg(long, env = "BATON_HTTP_ALLOW_CIDRS", default_value = "", value_parser = parse_http_allow)]
+    pub http_allow_cidrs: baton_egress::AddressPolicy,
+
+    /// Give runs no network: container runs whose event asks for one and `http` jobs are
+    /// refused with a reason. Also `BATON_WORKER_NO_NETWORK=true`.
+    #[arg(long, env = "BATON_WORKER_NO_NETWORK",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_network: bool,
 }
 
 impl WorkerConfig {
@@ -118,6 +131,8 @@ impl WorkerConfig {
             max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
             max_unacked_log_bytes: DEFAULT_MAX_UNACKED_LOG_BYTES,
             scratch_dir: None,
+            http_allow_cidrs: baton_egress::AddressPolicy::default(),
+            no_network: false,
         }
     }
 }
@@ -139,6 +154,8 @@ impl fmt::Debug for WorkerConfig {
             .field("max_output_bytes", &self.max_output_bytes)
             .field("max_unacked_log_bytes", &self.max_unacked_log_bytes)
             .field("scratch_dir", &self.scratch_dir)
+            .field("http_allow_cidrs", &self.http_allow_cidrs)
+            .field("no_network", &self.no_network)
             .finish()
     }
 }
@@ -192,6 +209,12 @@ pub fn parse_labels(text: &str) -> Result<Labels, String> {
         }
     }
     Ok(Labels(labels))
+}
+
+/// Parses `BATON_HTTP_ALLOW_CIDRS` (comma-separated CIDRs; empty: none).
+pub fn parse_http_allow(text: &str) -> Result<baton_egress::AddressPolicy, String> {
+    text.parse()
+        .map_err(|e: baton_egress::CidrError| e.to_string())
 }
 
 /// Parses a duration: `30s`, `500ms`, `2m`, `1h`, or a bare number of seconds.
@@ -350,5 +373,19 @@ mod tests {
             .to_string();
         assert!(err.contains("--labels") && err.contains("`nope`"), "{err}");
         assert!(Cli::try_parse_from(["w", "--token", "t", "--slots", "0"]).is_err());
+        let allowing =
+            Cli::try_parse_from(["w", "--token", "t", "--http-allow-cidrs", "127.0.0.0/8"])
+                .unwrap();
+        assert_eq!(allowing.config.http_allow_cidrs.allow.len(), 1);
+        assert!(!allowing.config.no_network);
+        let closed = Cli::try_parse_from(["w", "--token", "t", "--no-network"]).unwrap();
+        assert!(closed.config.no_network);
+        let err = Cli::try_parse_from(["w", "--token", "t", "--http-allow-cidrs", "10.0.0.0/99"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--http-allow-cidrs") && err.contains("prefix"),
+            "{err}"
+        );
     }
 }

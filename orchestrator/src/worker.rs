@@ -70,6 +70,8 @@ async fn offered_executors(
     if config.allow_local {
         offer(Arc::new(LocalExecutor::new(crate::executor::LocalConfig {
             temp_root: config.scratch_dir.clone(),
+            http_policy: config.http_allow_cidrs.clone(),
+            allow_network: !config.no_network,
             ..Default::default()
         })));
     }
@@ -80,6 +82,8 @@ async fn offered_executors(
     } else {
         let mut container_config = ContainerConfig::new(worker_id.to_string());
         container_config.spares = usize::try_from(config.container_spares).unwrap_or(1);
+        container_config.http_policy = config.http_allow_cidrs.clone();
+        container_config.allow_network = !config.no_network;
         match ContainerExecutor::connect(container_config).await {
             Ok(executor) => {
                 let executor = Arc::new(executor);

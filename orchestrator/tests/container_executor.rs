@@ -784,6 +784,56 @@ async fn a_memory_hog_fails_for_memory() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_runs_keep_to_the_network_settings_and_the_address_policy() {
+    // A server the runs would reach if nothing stopped them.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let app = axum::Router::new().fallback(|| async { "reached" });
+        axum::serve(listener, app).await.expect("serve");
+    });
+    let request = || {
+        RunSpec::http(baton_worker::executor::HttpRequestSpec::new(
+            "GET",
+            format!("http://{addr}/"),
+        ))
+    };
+    let refused = |run: &Run, needle: &str| match &run.outcome.error {
+        Some(ExecError::HttpRefused { reason }) => {
+            assert!(reason.contains(needle), "{reason:?} should say {needle:?}")
+        }
+        other => panic!("expected a refusal ({needle}), got {other:?}"),
+    };
+    let open = Harness::with(|c| {
+        c.spares = 0;
+        c.http_policy = "127.0.0.0/8".parse().expect("cidr");
+    })
+    .await;
+    // Network none (the event's default): the worker does not make the request for it.
+    refused(&open.run(request()).await, "no network");
+    // Asked for and allowed: it runs.
+    let run = open.run(request().with_network(true)).await;
+    assert_succeeded(&run);
+    assert_eq!(run.stdout(), vec!["reached"]);
+    // A worker that gives runs no network refuses.
+    let strict = Harness::with(|c| {
+        c.spares = 0;
+        c.allow_network = false;
+        c.http_policy = "127.0.0.0/8".parse().expect("cidr");
+    })
+    .await;
+    refused(
+        &strict.run(request().with_network(true)).await,
+        "does not give runs a network",
+    );
+    // The default address policy refuses loopback.
+    let default = Harness::with(|c| c.spares = 0).await;
+    refused(&default.run(request().with_network(true)).await, "loopback");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_network_unless_asked() {
     let h = Harness::new().await;
     let probe = r#"

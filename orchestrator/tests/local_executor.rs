@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use baton_egress::AddressPolicy;
 use baton_worker::executor::{
     ErrorKind, ExecError, ExecEvent, Executor, HttpRequestSpec, LocalConfig, LocalExecutor,
     OutputStream, RunOutcome, RunResult, RunSpec, Runtime, run_collect,
@@ -17,8 +18,16 @@ use tokio_util::sync::CancellationToken;
 /// Upper bound for any single run in these tests (they normally take milliseconds).
 const RUN_DEADLINE: Duration = Duration::from_secs(60);
 
+/// A local executor whose `http` runs may reach loopback (the test servers listen there).
 fn executor() -> Arc<dyn Executor> {
-    Arc::new(LocalExecutor::default())
+    Arc::new(LocalExecutor::new(LocalConfig {
+        http_policy: allowing("127.0.0.0/8"),
+        ..LocalConfig::default()
+    }))
+}
+
+fn allowing(cidrs: &str) -> AddressPolicy {
+    cidrs.parse().expect("cidrs")
 }
 
 struct Run {
@@ -976,6 +985,148 @@ async fn http_timeout_and_cancel() {
     assert!(at.elapsed() < Duration::from_secs(1));
     assert!(outcome.cancelled);
     assert_eq!(outcome.result(), RunResult::Failed(ErrorKind::Cancelled));
+}
+
+/// A server on `ip` that counts the requests it gets and answers each `/go?to=URL` with a
+/// redirect to URL (and anything else with `hit`).
+async fn counting_server(ip: &str) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use axum::extract::Query;
+    use axum::response::{IntoResponse, Redirect, Response};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    let app = axum::Router::new().fallback(
+        move |query: Query<std::collections::HashMap<String, String>>| {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                match query.get("to") {
+                    Some(to) => Redirect::temporary(to).into_response(),
+                    None => Response::new("hit".into()),
+                }
+            }
+        },
+    );
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.expect("serve");
+    });
+    (addr, hits)
+}
+
+fn refusal(run: &Run) -> String {
+    match &run.outcome.error {
+        Some(ExecError::HttpRefused { reason }) => {
+            assert_eq!(run.outcome.result(), RunResult::Failed(ErrorKind::Script));
+            assert_eq!(run.outcome.http_status, None);
+            reason.clone()
+        }
+        other => panic!("expected a refusal, got {other:?} ({:?})", run.outcome),
+    }
+}
+
+#[tokio::test]
+async fn http_to_internal_addresses_is_refused_by_default() {
+    use std::sync::atomic::Ordering;
+    let (addr, hits) = counting_server("127.0.0.1").await;
+    let port = addr.port();
+    let default = LocalExecutor::default();
+    let get = |url: String| RunSpec::http(HttpRequestSpec::new("GET", url));
+
+    // An IP literal (never resolved) and a name resolving to loopback.
+    let run = run_with(&default, get(format!("http://{addr}/"))).await;
+    let reason = refusal(&run);
+    assert!(
+        reason.contains("127.0.0.1") && reason.contains("loopback"),
+        "{reason}"
+    );
+    assert!(reason.contains("BATON_HTTP_ALLOW_CIDRS"), "{reason}");
+    let run = run_with(&default, get(format!("http://localhost:{port}/"))).await;
+    let reason = refusal(&run);
+    assert!(reason.contains("`localhost` resolves to"), "{reason}");
+    // IPv6 loopback, IPv4-mapped loopback, cloud metadata, private: refused before connecting.
+    for url in [
+        format!("http://[::1]:{port}/"),
+        format!("http://[::ffff:127.0.0.1]:{port}/"),
+        "http://169.254.169.254/latest/meta-data/".to_owned(),
+        "http://10.0.0.1/".to_owned(),
+        "http://0.0.0.0/".to_owned(),
+    ] {
+        let run = run_with(&default, get(url.clone())).await;
+        refusal(&run);
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "nothing reached the server");
+
+    // The allow-list opens exactly what it lists.
+    let allowed = LocalExecutor::new(LocalConfig {
+        http_policy: allowing("127.0.0.1/32"),
+        ..LocalConfig::default()
+    });
+    let run = run_with(&allowed, get(format!("http://localhost:{port}/"))).await;
+    assert_succeeded(&run);
+    assert_eq!(run.stdout(), vec!["hit"]);
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    let run = run_with(&allowed, get("http://169.254.169.254/".to_owned())).await;
+    refusal(&run);
+
+    // A worker that gives runs no network makes no request at all.
+    let closed = LocalExecutor::new(LocalConfig {
+        http_policy: allowing("127.0.0.0/8"),
+        allow_network: false,
+        ..LocalConfig::default()
+    });
+    let run = run_with(&closed, get(format!("http://{addr}/"))).await;
+    assert!(refusal(&run).contains("does not give runs a network"));
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "nothing more reached the server"
+    );
+}
+
+#[tokio::test]
+async fn http_redirects_to_internal_addresses_are_refused() {
+    use std::sync::atomic::Ordering;
+    // The job's target (127.0.0.2) is allowed; the address it redirects to (127.0.0.1) is not.
+    let (front, front_hits) = counting_server("127.0.0.2").await;
+    let (inner, inner_hits) = counting_server("127.0.0.1").await;
+    let executor = LocalExecutor::new(LocalConfig {
+        http_policy: allowing("127.0.0.2/32"),
+        ..LocalConfig::default()
+    });
+    for to in [
+        format!("http://{inner}/secret"),
+        format!("http://localhost:{}/secret", inner.port()),
+        "http://169.254.169.254/latest/meta-data/".to_owned(),
+    ] {
+        let url = format!("http://{front}/go?to={to}");
+        let run = run_with(&executor, RunSpec::http(HttpRequestSpec::new("GET", url))).await;
+        let reason = refusal(&run);
+        assert!(reason.contains("refused"), "{reason}");
+    }
+    assert_eq!(
+        front_hits.load(Ordering::SeqCst),
+        3,
+        "the allowed host was asked"
+    );
+    assert_eq!(
+        inner_hits.load(Ordering::SeqCst),
+        0,
+        "no redirect was followed"
+    );
+
+    // With the inner address allowed too, the same redirect is followed.
+    let open = LocalExecutor::new(LocalConfig {
+        http_policy: allowing("127.0.0.0/8"),
+        ..LocalConfig::default()
+    });
+    let url = format!("http://{front}/go?to=http://{inner}/secret");
+    let run = run_with(&open, RunSpec::http(HttpRequestSpec::new("GET", url))).await;
+    assert_succeeded(&run);
+    assert_eq!(run.stdout(), vec!["hit"]);
+    assert_eq!(inner_hits.load(Ordering::SeqCst), 1);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use baton_testkit::sshd::{Sshd, free_port, login_user, shared_dir};
+use baton_testkit::sshd::{Sshd, SshdOptions, free_port, login_user, shared_dir};
 use baton_worker::executor::ssh::{
-    BreakerConfig, BreakerState, HostKeyPolicy, SshAuth, SshConfig, SshError, SshExecutor,
-    SshTarget,
+    BreakerConfig, BreakerState, FileTransfer, HostKeyPolicy, SshAuth, SshConfig, SshError,
+    SshExecutor, SshTarget,
 };
 use baton_worker::executor::{
     ErrorKind, ExecError, ExecEvent, Executor, OutputStream, RunOutcome, RunResult, RunSpec,
@@ -59,7 +59,10 @@ impl Env {
     }
 
     fn with(adjust: impl FnOnce(&mut SshConfig)) -> Env {
-        let sshd = Sshd::start();
+        Env::on(Sshd::start(), adjust)
+    }
+
+    fn on(sshd: Sshd, adjust: impl FnOnce(&mut SshConfig)) -> Env {
         let remote_tmp = remote_tmp();
         let mut config = config_for(remote_tmp.path());
         adjust(&mut config);
@@ -388,6 +391,123 @@ baton_set_condition true
         Some("42")
     );
     env.assert_remote_clean().await;
+}
+
+/// A run that writes output, a variable and a condition, reads its input and a variable, and
+/// uses the helpers: everything a transfer has to carry both ways.
+async fn full_round_trip(env: &Env) -> Run {
+    let local = local_run_dir(r#"{"count": 3}"#, &[("greeting", "hello")]);
+    let mut spec = env.spec(
+        Runtime::Bash,
+        r#"set -eu
+source baton.sh
+echo "input=$(baton_input)"
+echo "greeting=$(baton_get_variable greeting)"
+echo "dirmode=$(stat -c %a "$(dirname "$BATON_DIR")")"
+baton_output '{"rows": 3}'
+baton_set_variable last_id 42
+baton_set_condition true
+"#,
+    );
+    spec.run_dir = Some(local.run_dir.clone());
+    spec.helpers_dir = Some(local.helpers.clone());
+    let run = env.run(spec).await;
+    assert_succeeded(&run);
+    assert_eq!(
+        run.stdout(),
+        vec![r#"input={"count": 3}"#, "greeting=hello", "dirmode=700"]
+    );
+    let collected = rundir::collect(&local.run_dir, 1 << 20);
+    assert!(collected.problems.is_empty(), "{:?}", collected.problems);
+    assert_eq!(collected.output_json.as_deref(), Some(r#"{"rows": 3}"#));
+    assert_eq!(collected.condition, Some(true));
+    assert_eq!(
+        collected.variables.get("last_id").map(String::as_str),
+        Some("42")
+    );
+    run
+}
+
+#[tokio::test]
+async fn a_server_without_sftp_gets_its_files_over_exec() {
+    let env = Env::on(Sshd::start_without_sftp(), |c| {
+        // Long enough that a wait for an SFTP answer would show.
+        c.operation_timeout = Duration::from_secs(30);
+    });
+    let started = Instant::now();
+    full_round_trip(&env).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the fallback took {:?}: it waited for SFTP",
+        started.elapsed()
+    );
+    let stats = env.executor.server_stats(env.server_id).expect("stats");
+    assert_eq!(
+        stats.transfer,
+        FileTransfer::Shell,
+        "remembered for the server"
+    );
+    // The next runs go straight to exec (one subsystem request was ever made).
+    full_round_trip(&env).await;
+    // A start failure's reason is read back from the server too.
+    let mut missing = RunSpec::exec(["baton-no-such-command", "x"]);
+    missing.ssh = Some(env.target());
+    match &env.run(missing).await.outcome.error {
+        Some(ExecError::StartFailed { reason }) => {
+            assert!(reason.contains("not found"), "{reason}")
+        }
+        other => panic!("expected a start failure, got {other:?}"),
+    }
+    let refused = env.sshd.log().matches("subsystem request for sftp").count();
+    assert_eq!(
+        refused,
+        1,
+        "sftp was asked for {refused} times:\n{}",
+        env.sshd.log()
+    );
+    env.assert_remote_clean().await;
+
+    // A server with SFTP is remembered as such.
+    let with_sftp = Env::new();
+    full_round_trip(&with_sftp).await;
+    let stats = with_sftp
+        .executor
+        .server_stats(with_sftp.server_id)
+        .expect("stats");
+    assert_eq!(stats.transfer, FileTransfer::Sftp);
+}
+
+#[tokio::test]
+async fn a_server_with_neither_sftp_nor_a_usable_shell_fails_fast_and_clearly() {
+    let sshd = Sshd::start_with(
+        free_port(),
+        SshdOptions {
+            sftp: false,
+            extra_config: vec!["ForceCommand /bin/false".to_owned()],
+        },
+    );
+    let env = Env::on(sshd, |c| c.operation_timeout = Duration::from_secs(30));
+    let started = Instant::now();
+    let run = env.run(env.spec(Runtime::Sh, "echo never")).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+    match &run.outcome.error {
+        Some(ExecError::StartFailed { reason }) => {
+            assert!(
+                reason.contains("no sftp subsystem") && reason.contains("tar"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected a start failure, got {other:?}"),
+    }
+    assert!(!run.started());
+    assert_eq!(
+        run.outcome.result(),
+        RunResult::Failed(ErrorKind::Infrastructure)
+    );
 }
 
 #[tokio::test]

@@ -31,6 +31,24 @@ use std::time::{Duration, Instant};
 
 const SSHD: &str = "/usr/sbin/sshd";
 
+/// How a test sshd is configured beyond the defaults.
+#[derive(Debug, Clone)]
+pub struct SshdOptions {
+    /// Offer the `sftp` subsystem (`Subsystem sftp internal-sftp`). Hardened hosts remove it.
+    pub sftp: bool,
+    /// More `sshd_config` lines (e.g. `ForceCommand /bin/false`).
+    pub extra_config: Vec<String>,
+}
+
+impl Default for SshdOptions {
+    fn default() -> Self {
+        SshdOptions {
+            sftp: true,
+            extra_config: Vec::new(),
+        }
+    }
+}
+
 /// One running (or stopped) test sshd.
 pub struct Sshd {
     dir: tempfile::TempDir,
@@ -124,6 +142,22 @@ impl Sshd {
 
     /// Starts a server on `port`.
     pub fn start_on(port: u16) -> Sshd {
+        Sshd::start_with(port, SshdOptions::default())
+    }
+
+    /// Starts a server on a free port without the `sftp` subsystem (as hardened hosts are).
+    pub fn start_without_sftp() -> Sshd {
+        Sshd::start_with(
+            free_port(),
+            SshdOptions {
+                sftp: false,
+                ..SshdOptions::default()
+            },
+        )
+    }
+
+    /// Starts a server on `port` configured by `options`.
+    pub fn start_with(port: u16, options: SshdOptions) -> Sshd {
         assert!(
             Path::new(SSHD).exists(),
             "{SSHD} is missing: install the Debian package openssh-server (scripts/test does)"
@@ -166,9 +200,16 @@ impl Sshd {
              KbdInteractiveAuthentication no\n\
              MaxStartups 200\n\
              MaxSessions 50\n\
-             LogLevel INFO\n\
-             Subsystem sftp internal-sftp\n"
+             LogLevel INFO\n"
         );
+        let mut config = config;
+        if options.sftp {
+            config.push_str("Subsystem sftp internal-sftp\n");
+        }
+        for line in &options.extra_config {
+            config.push_str(line);
+            config.push('\n');
+        }
         fs::write(dir.path().join("sshd_config"), config).expect("sshd_config");
         let mut sshd = Sshd {
             dir,

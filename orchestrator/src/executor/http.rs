@@ -5,10 +5,16 @@
 //! ([`ExecError::HttpStatus`]); no response at all (DNS, connect, TLS, broken body) is an
 //! infrastructure error ([`ExecError::HttpTransport`]). The run's timeout and cancellation
 //! abort the request.
+//!
+//! The client keeps to an address policy ([`baton_egress::AddressPolicy`]): internal
+//! addresses (loopback, private, link-local with cloud metadata…) are refused after DNS
+//! resolution and on every redirect unless the worker's allow-list
+//! (`BATON_HTTP_ALLOW_CIDRS`) covers them ([`ExecError::HttpRefused`]).
 
 use std::error::Error as _;
 use std::time::Duration;
 
+use baton_egress::AddressPolicy;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -19,9 +25,10 @@ use super::{
     ExecError, ExecEvent, HttpRequestSpec, OutputStream, RunOutcome, RunSpec, sleep_until_opt,
 };
 
-/// Builds the HTTP client used for `http` runs (connection pooling is per client, so keep one).
-pub fn default_client() -> Result<reqwest::Client, ExecError> {
-    reqwest::Client::builder()
+/// Builds the HTTP client used for `http` runs (connection pooling is per client, so keep one),
+/// keeping to `policy`.
+pub fn default_client(policy: &AddressPolicy) -> Result<reqwest::Client, ExecError> {
+    baton_egress::client_builder(policy.clone())
         .connect_timeout(Duration::from_secs(30))
         .user_agent(concat!("baton-worker/", env!("CARGO_PKG_VERSION")))
         .build()
@@ -35,10 +42,19 @@ pub fn default_client() -> Result<reqwest::Client, ExecError> {
 /// run of that executor.
 #[derive(Debug, Default)]
 pub struct LazyHttp {
+    policy: AddressPolicy,
     client: std::sync::OnceLock<Result<reqwest::Client, ExecError>>,
 }
 
 impl LazyHttp {
+    /// Runs that keep to `policy` (the default policy refuses every internal address).
+    pub fn new(policy: AddressPolicy) -> Self {
+        LazyHttp {
+            policy,
+            client: std::sync::OnceLock::new(),
+        }
+    }
+
     /// Makes the request `spec` describes, streaming the response body as output lines.
     pub async fn run(
         &self,
@@ -47,15 +63,20 @@ impl LazyHttp {
         cancel: &tokio_util::sync::CancellationToken,
         max_line_bytes: usize,
     ) -> super::RunOutcome {
-        match self.client.get_or_init(default_client) {
-            Ok(client) => run_http(client, spec, events, cancel, max_line_bytes).await,
+        match self.client.get_or_init(|| default_client(&self.policy)) {
+            Ok(client) => {
+                run_http(client, &self.policy, spec, events, cancel, max_line_bytes).await
+            }
             Err(e) => super::RunOutcome::from_error(e.clone(), Duration::ZERO),
         }
     }
 }
 
+/// Runs `spec.request` with `client` (built with [`default_client`] for `policy`), streaming
+/// the response body to `events`.
 pub async fn run_http(
     client: &reqwest::Client,
+    policy: &AddressPolicy,
     spec: &RunSpec,
     events: &mpsc::Sender<ExecEvent>,
     cancel: &CancellationToken,
@@ -68,7 +89,7 @@ pub async fn run_http(
             started.elapsed(),
         );
     };
-    let builder = match build_request(client, request) {
+    let builder = match build_request(client, policy, request) {
         Ok(b) => b,
         Err(e) => return RunOutcome::from_error(e, started.elapsed()),
     };
@@ -110,14 +131,7 @@ async fn exchange(
 ) -> (Option<u16>, Option<ExecError>) {
     let mut response = match builder.send().await {
         Ok(r) => r,
-        Err(e) => {
-            return (
-                None,
-                Some(ExecError::HttpTransport {
-                    message: error_chain(&e),
-                }),
-            );
-        }
+        Err(e) => return (None, Some(send_error(&e))),
     };
     let status = response.status().as_u16();
     let mut splitter = LineSplitter::new(max_line_bytes);
@@ -146,6 +160,7 @@ async fn exchange(
 
 fn build_request(
     client: &reqwest::Client,
+    policy: &AddressPolicy,
     request: &HttpRequestSpec,
 ) -> Result<reqwest::RequestBuilder, ExecError> {
     let method = reqwest::Method::from_bytes(request.method.trim().to_ascii_uppercase().as_bytes())
@@ -160,6 +175,13 @@ fn build_request(
             url.scheme()
         )));
     }
+    // An IP literal is connected to without resolving: check it here (names are checked by
+    // the client's resolver, redirects by its redirect policy).
+    policy
+        .check_url(&url)
+        .map_err(|refused| ExecError::HttpRefused {
+            reason: refused.to_string(),
+        })?;
     let mut headers = HeaderMap::new();
     for (name, value) in &request.headers {
         let name = HeaderName::from_bytes(name.as_bytes())
@@ -176,6 +198,29 @@ fn build_request(
     }
     // Headers last, replacing: an explicit content-type wins over the one `json` sets.
     Ok(builder.headers(headers))
+}
+
+/// A request that got no response: refused by the address policy (the resolver or the
+/// redirect policy said why, somewhere in the error's causes), or a transport failure.
+fn send_error(error: &reqwest::Error) -> ExecError {
+    let mut source = error.source();
+    while let Some(cause) = source {
+        if let Some(refused) = cause.downcast_ref::<baton_egress::Refused>() {
+            return ExecError::HttpRefused {
+                reason: format!("{}: {refused}", request_url(error)),
+            };
+        }
+        source = cause.source();
+    }
+    ExecError::HttpTransport {
+        message: error_chain(error),
+    }
+}
+
+fn request_url(error: &reqwest::Error) -> String {
+    error
+        .url()
+        .map_or_else(|| "the request".to_owned(), |u| u.as_str().to_owned())
 }
 
 /// `error: cause: cause` — reqwest's top-level message alone hides the useful part.

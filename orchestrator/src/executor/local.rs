@@ -86,6 +86,12 @@ pub struct LocalConfig {
     pub drain_idle: Duration,
     /// After the main process exited, stop reading output after this long in any case.
     pub drain_max: Duration,
+    /// Which addresses `http` runs may reach (default: public addresses only).
+    pub http_policy: baton_egress::AddressPolicy,
+    /// Whether `http` runs may make their request at all (a worker started with
+    /// `--no-network` refuses them). Local scripts are not sandboxed: this does not cut
+    /// their own network.
+    pub allow_network: bool,
 }
 
 impl Default for LocalConfig {
@@ -101,6 +107,8 @@ impl Default for LocalConfig {
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             drain_idle: Duration::from_millis(500),
             drain_max: Duration::from_secs(5),
+            http_policy: baton_egress::AddressPolicy::default(),
+            allow_network: true,
         }
     }
 }
@@ -116,8 +124,8 @@ impl LocalExecutor {
     /// An executor with the given configuration.
     pub fn new(config: LocalConfig) -> Self {
         LocalExecutor {
+            http: http::LazyHttp::new(config.http_policy.clone()),
             config,
-            http: http::LazyHttp::default(),
         }
     }
 
@@ -133,6 +141,15 @@ impl LocalExecutor {
         cancel: CancellationToken,
     ) -> RunOutcome {
         if spec.runtime == Runtime::Http {
+            if !self.config.allow_network {
+                return RunOutcome::from_error(
+                    ExecError::HttpRefused {
+                        reason: "this worker does not give runs a network (--no-network)"
+                            .to_owned(),
+                    },
+                    Duration::ZERO,
+                );
+            }
             return self
                 .http
                 .run(&spec, &events, &cancel, self.config.max_line_bytes)

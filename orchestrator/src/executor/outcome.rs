@@ -77,6 +77,14 @@ pub enum ExecError {
         /// Description from the HTTP client, with its causes.
         message: String,
     },
+    /// An `http` run was not sent, or a redirect not followed, because its target is an
+    /// address the worker's policy refuses (loopback, private, link-local…: see
+    /// `baton_egress`), or because the run has no network.
+    #[error("HTTP request refused: {reason}")]
+    HttpRefused {
+        /// The address and why it is refused, or the missing network.
+        reason: String,
+    },
     /// A local I/O operation needed to run or supervise the process failed.
     #[error("{context}: {source}")]
     Io {
@@ -126,6 +134,7 @@ impl ExecError {
             | ExecError::Ssh(_) => ErrorKind::Infrastructure,
             ExecError::InvalidSpec { .. }
             | ExecError::HttpStatus { .. }
+            | ExecError::HttpRefused { .. }
             | ExecError::OutOfMemory { .. } => ErrorKind::Script,
             ExecError::TimedOut { .. } => ErrorKind::Timeout,
             ExecError::Cancelled => ErrorKind::Cancelled,

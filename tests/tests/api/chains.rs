@@ -1,6 +1,8 @@
 //! Conditional actions, evaluated in the completion's transaction: chained runs carry output to
 //! input, triggers, delays, the chain depth limit, messages through the outbox.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use baton_api::model::Role;
@@ -310,7 +312,8 @@ async fn a_cycle_stops_at_the_depth_limit_with_a_recorded_reason() {
 
 #[tokio::test]
 async fn messages_go_out_through_the_outbox_and_survive_a_receiver_that_is_down() {
-    let app = spawn_app().await;
+    // The receiver listens on loopback, which the outbox reaches only when allowed.
+    let app = spawn_app_with(|c| c.http_allow_cidrs = "127.0.0.0/8".parse().expect("cidr")).await;
     // The webhook receiver's port is reserved but nothing listens yet.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -388,6 +391,166 @@ async fn messages_go_out_through_the_outbox_and_survive_a_receiver_that_is_down(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A server on `ip` that counts the requests it gets and answers each: `/go?to=URL` with a
+/// 307 redirect to URL, `/endless` with a 500 whose body never ends (1 KiB every 10 ms), and
+/// anything else with 200.
+async fn counting_server(ip: &str) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use axum::body::Body;
+    use axum::extract::{Query, Request};
+    use axum::response::{IntoResponse, Redirect, Response};
+
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    let app = axum::Router::new().fallback(
+        move |query: Query<std::collections::HashMap<String, String>>, request: Request| {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                if let Some(to) = query.get("to") {
+                    return Redirect::temporary(to).into_response();
+                }
+                if request.uri().path() == "/endless" {
+                    let chunks = futures::stream::unfold((), |()| async {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        Some((Ok::<_, std::io::Error>(vec![b'x'; 1024]), ()))
+                    });
+                    let mut response = Response::new(Body::from_stream(chunks));
+                    *response.status_mut() = reqwest::StatusCode::INTERNAL_SERVER_ERROR;
+                    return response;
+                }
+                "ok".into_response()
+            }
+        },
+    );
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, hits)
+}
+
+/// Fails a run of a new event whose `on_failure` actions send webhooks to `targets`, and
+/// returns each message's `last_error` once every one has failed an attempt (30 s at most).
+async fn webhook_errors(app: &TestApp, targets: &[String]) -> Vec<String> {
+    let ev = event(app, "hooked").await;
+    for target in targets {
+        add_action(
+            app,
+            &ev,
+            json!({"trigger": "on_failure", "action": {"type": "send_message",
+            "channel": "webhook", "target": target, "template": "{{event.name}} failed"}}),
+        )
+        .await;
+    }
+    let mut w = worker(app).await;
+    app.run_event(&ev, &json!({})).await;
+    let a = assignment(&mut w).await;
+    finish(&mut w, &a, false, None, None).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let errors: Vec<Option<String>> =
+            sqlx::query_scalar("SELECT last_error FROM message_outbox ORDER BY target")
+                .fetch_all(&app.pool)
+                .await
+                .expect("outbox");
+        if errors.len() == targets.len() && errors.iter().all(Option::is_some) {
+            return errors.into_iter().flatten().collect();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not every message failed an attempt: {errors:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_outbox_refuses_internal_addresses_by_default() {
+    let app = spawn_app().await;
+    let (addr, hits) = counting_server("127.0.0.1").await;
+    let targets = [
+        format!("http://{addr}/hook"),
+        format!("http://localhost:{}/hook", addr.port()),
+        "http://169.254.169.254/latest/meta-data/".to_owned(),
+        format!("http://[::ffff:127.0.0.1]:{}/hook", addr.port()),
+    ];
+    let errors = webhook_errors(&app, &targets).await;
+    for error in &errors {
+        assert!(
+            error.contains("internal addresses is refused")
+                && error.contains("BATON_HTTP_ALLOW_CIDRS"),
+            "{error}"
+        );
+    }
+    assert!(
+        errors.iter().any(|e| e.contains("`localhost` resolves to")),
+        "{errors:?}"
+    );
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "nothing reached the receiver"
+    );
+    let delivered: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM message_outbox WHERE status = 'delivered'")
+            .fetch_one(&app.pool)
+            .await
+            .expect("count");
+    assert_eq!(delivered, 0);
+}
+
+#[tokio::test]
+async fn the_outbox_follows_no_redirect_to_an_internal_address() {
+    // The webhook's own host (127.0.0.2) is allowed; where it redirects (127.0.0.1) is not.
+    let app = spawn_app_with(|c| c.http_allow_cidrs = "127.0.0.2/32".parse().expect("cidr")).await;
+    let (front, front_hits) = counting_server("127.0.0.2").await;
+    let (inner, inner_hits) = counting_server("127.0.0.1").await;
+    let targets = [
+        format!("http://{front}/go?to=http://{inner}/internal"),
+        format!(
+            "http://{front}/go?to=http://localhost:{}/internal",
+            inner.port()
+        ),
+    ];
+    let errors = webhook_errors(&app, &targets).await;
+    for error in &errors {
+        assert!(error.contains("internal addresses is refused"), "{error}");
+    }
+    assert!(
+        front_hits.load(Ordering::SeqCst) >= 2,
+        "the allowed host was called"
+    );
+    assert_eq!(
+        inner_hits.load(Ordering::SeqCst),
+        0,
+        "no redirect was followed"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_webhook_is_read_only_a_bounded_prefix() {
+    let app = spawn_app_with(|c| c.http_allow_cidrs = "127.0.0.0/8".parse().expect("cidr")).await;
+    let (addr, _) = counting_server("127.0.0.1").await;
+    let started = tokio::time::Instant::now();
+    // The answer is a 500 whose body never ends: the attempt must end without reading it all.
+    let errors = webhook_errors(&app, &[format!("http://{addr}/endless")]).await;
+    let took = started.elapsed();
+    let error = &errors[0];
+    assert!(error.contains("answered 500"), "{error}");
+    assert!(
+        error.contains("xxxxxxxx"),
+        "the body's beginning is kept: {error}"
+    );
+    assert!(
+        error.len() < 1024,
+        "only a short prefix is stored: {} bytes",
+        error.len()
+    );
+    // The client's 15 s request timeout would have ended an unbounded read, without the text.
+    assert!(took < Duration::from_secs(12), "the attempt took {took:?}");
 }
 
 #[tokio::test]

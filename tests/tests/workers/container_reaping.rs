@@ -204,3 +204,112 @@ echo recovered"#,
     }
     assert!(containers(LABEL_WORKER, &other_worker).is_empty());
 }
+
+#[tokio::test]
+async fn a_killed_workers_spares_die_with_it_without_a_restart() {
+    ensure_images();
+    let app = spawn_app_with(|_| {}).await;
+    let worker_id = Uuid::now_v7().to_string();
+    let _cleanup = RemoveOnDrop(vec![worker_id.clone()]);
+    // One spare for each of the five default images.
+    let worker_args = ["--worker-id", worker_id.as_str(), "--container-spares", "1"];
+    let mut worker = WorkerProcess::start_with_args(&app, 1, &worker_args).await;
+    let running = |ids: &[String]| {
+        ids.len() == 5
+            && ids.iter().all(|id| {
+                let out = docker(&["inspect", "-f", "{{.State.Running}}", id]);
+                String::from_utf8_lossy(&out.stdout).trim() == "true"
+            })
+    };
+    let spares = wait_containers(LABEL_WORKER, &worker_id, "five running spares", running).await;
+    assert_eq!(spares.len(), 5);
+
+    worker.signal(Signal::SIGKILL);
+    assert!(!worker.wait().await, "killed");
+    // Nobody restarts it and no other worker runs: the spares go by themselves.
+    let killed_at = tokio::time::Instant::now();
+    let deadline = killed_at + Duration::from_secs(30);
+    loop {
+        let left = containers(LABEL_WORKER, &worker_id);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of the killed worker's spares are still there after {:?}: {left:?}",
+            left.len(),
+            killed_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn another_worker_on_the_host_removes_a_killed_workers_job_container() {
+    ensure_images();
+    let app = spawn_app_with(|c| {
+        c.lease = Duration::from_secs(2);
+        c.reaper_interval = Duration::from_millis(200);
+    })
+    .await;
+    let (first_id, second_id) = (Uuid::now_v7().to_string(), Uuid::now_v7().to_string());
+    let _cleanup = RemoveOnDrop(vec![first_id.clone(), second_id.clone()]);
+    let ev = placed_event(
+        &app,
+        "outlives-its-worker-for-good",
+        "sh",
+        r#"if grep -Eq '"attempt": ?1[,}]' "$BATON_DIR/event.json"; then
+  echo started
+  sleep 300
+fi
+echo recovered"#,
+        &json!({"executor": "container"}),
+    )
+    .await;
+    let mut first = WorkerProcess::start_with_args(
+        &app,
+        1,
+        &["--worker-id", first_id.as_str(), "--container-spares", "0"],
+    )
+    .await;
+    let id = app.run_event(&ev, &json!({})).await;
+    let started = tokio::time::Instant::now() + DEADLINE;
+    while !all_lines(&app, &id)
+        .await
+        .iter()
+        .any(|l| l["text"] == "started")
+    {
+        assert!(
+            tokio::time::Instant::now() < started,
+            "the run never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let orphan = wait_containers(LABEL_JOB, &id, "the run's container", |c| c.len() == 1).await;
+    first.signal(Signal::SIGKILL);
+    assert!(!first.wait().await, "killed");
+    assert_eq!(
+        containers(LABEL_WORKER, &first_id),
+        orphan,
+        "it outlives its worker"
+    );
+
+    // A worker with another id (the killed one never comes back) removes it at its start.
+    let second = WorkerProcess::start_with_args(
+        &app,
+        1,
+        &["--worker-id", second_id.as_str(), "--container-spares", "0"],
+    )
+    .await;
+    wait_containers(
+        LABEL_WORKER,
+        &first_id,
+        "the dead worker's container is reaped",
+        |c| c.is_empty(),
+    )
+    .await;
+    let job = wait_finished(&app, &id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["attempt"], 2, "{job}");
+    drop(second);
+}

@@ -66,7 +66,10 @@
 //!   run ends, whatever the outcome (also when the run's future is dropped: the removal is then
 //!   spawned). [`ContainerExecutor::reap_orphans`] removes this worker's containers that no
 //!   live run owns (left by a crash); [`ContainerExecutor::spawn_reaper`] does it at once and
-//!   then periodically. Containers of other workers are never touched.
+//!   then periodically. Containers of other workers are touched only when their worker
+//!   process is certainly dead ([`LABEL_PROCESS`], [`ContainerExecutor::reap_dead_workers`]:
+//!   same host, boot and PID namespace, process gone). Spares need no reaper: they end with
+//!   their worker's attach connection (see `spares.rs`).
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -87,6 +90,7 @@
 
 mod exec;
 mod files;
+pub mod liveness;
 mod spares;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -134,6 +138,9 @@ pub const LABEL_MANAGED: &str = "baton.managed";
 /// Label `"1"` on a pre-started spare container (it has no [`LABEL_JOB`]: it is made before
 /// its job is known).
 pub const LABEL_SPARE: &str = "baton.spare";
+/// Label naming the worker process that made a container (boot id, PID namespace, PID and
+/// start time: see [`liveness`]), so that any worker on the same host can tell that it died.
+pub const LABEL_PROCESS: &str = "baton.worker_process";
 
 /// Where the run's volume is mounted in the container.
 pub const MOUNT_DIR: &str = "/baton";
@@ -223,6 +230,10 @@ pub struct ContainerConfig {
     pub user: String,
     /// Whether a run may ask for a network ([`RunSpec::network`]).
     pub allow_network: bool,
+    /// Which addresses `http` runs may reach (default: public addresses only). An `http` run
+    /// also needs a network like any other run: its event's `"network": true` and
+    /// [`ContainerConfig::allow_network`].
+    pub http_policy: baton_egress::AddressPolicy,
     /// Network mode of a run that asks for one (`bridge`, or a user-defined network's name).
     pub network_mode: String,
     /// Whether a run may choose its image ([`RunSpec::image`]).
@@ -289,6 +300,7 @@ impl ContainerConfig {
             },
             user: DEFAULT_USER.to_owned(),
             allow_network: true,
+            http_policy: baton_egress::AddressPolicy::default(),
             network_mode: "bridge".to_owned(),
             allow_image_override: true,
             init: true,
@@ -392,6 +404,8 @@ pub struct ContainerExecutor {
     http: http::LazyHttp,
     /// Pre-started containers; `None` when [`ContainerConfig::spares`] is 0.
     spares: Option<SparePool>,
+    /// This process's [`LABEL_PROCESS`] (none where `/proc` cannot tell).
+    process_mark: Option<String>,
 }
 
 impl fmt::Debug for ContainerExecutor {
@@ -448,13 +462,14 @@ impl ContainerExecutor {
             )
         });
         Ok(ContainerExecutor {
+            http: http::LazyHttp::new(config.http_policy.clone()),
             docker,
             config,
             owner,
             engine,
             live,
-            http: http::LazyHttp::default(),
             spares,
+            process_mark: liveness::own_mark(),
         })
     }
 
@@ -603,8 +618,54 @@ impl ContainerExecutor {
         Ok(removed)
     }
 
+    /// Removes the containers of other workers whose process is certainly dead: same host,
+    /// boot and PID namespace, and no process with the PID and start time of their
+    /// [`LABEL_PROCESS`] (see [`liveness`]). A worker killed with SIGKILL and never restarted
+    /// under its id leaves its job containers running; the next worker on the host removes
+    /// them. Containers whose worker cannot be judged from here are left alone. Returns how
+    /// many were removed.
+    pub async fn reap_dead_workers(&self) -> Result<usize, ExecError> {
+        let mut filters = HashMap::new();
+        filters.insert("label", vec![format!("{LABEL_MANAGED}=true")]);
+        let options = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let list = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| engine_io("listing containers", &e))?;
+        let mut removed = 0;
+        for c in list {
+            let labels = c.labels.unwrap_or_default();
+            if labels.get(LABEL_WORKER) == Some(&self.config.worker_id) {
+                continue; // ours: `reap_orphans` decides
+            }
+            let Some(mark) = labels.get(LABEL_PROCESS) else {
+                continue;
+            };
+            if liveness::liveness(mark) != liveness::Liveness::Dead {
+                continue;
+            }
+            let Some(id) = c.id else { continue };
+            match self.remove(&id).await {
+                Ok(()) => {
+                    tracing::info!(container = %id, worker.id = ?labels.get(LABEL_WORKER),
+                        job.id = ?labels.get(LABEL_JOB),
+                        "removed a container whose worker process is gone");
+                    removed += 1;
+                }
+                Err(e) => tracing::warn!(container = %id, error = %e,
+                    "cannot remove a container of a dead worker"),
+            }
+        }
+        Ok(removed)
+    }
+
     /// Reaps orphans ([`reap_orphans`](Self::reap_orphans), with only this executor's runs as
-    /// live) now and then every `interval`, until `cancel` fires.
+    /// live, and [`reap_dead_workers`](Self::reap_dead_workers)) now and then every
+    /// `interval`, until `cancel` fires.
     pub fn spawn_reaper(
         self: &Arc<Self>,
         interval: Duration,
@@ -615,6 +676,9 @@ impl ContainerExecutor {
             loop {
                 if let Err(e) = this.reap_orphans(&HashSet::new()).await {
                     tracing::warn!(error = %e, "reaping orphaned containers failed");
+                }
+                if let Err(e) = this.reap_dead_workers().await {
+                    tracing::warn!(error = %e, "reaping containers of dead workers failed");
                 }
                 tokio::select! {
                     _ = cancel.cancelled() => break,
@@ -680,11 +744,35 @@ impl ContainerExecutor {
             .force(true)
             .v(true)
             .build();
-        match self.docker.remove_container(container, Some(options)).await {
+        let removed = match self.docker.remove_container(container, Some(options)).await {
             Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) if is_not_found(&e) || is_being_removed(&e) => Ok(()),
             Err(e) => Err(engine_message(&e)),
+        };
+        // A spare's stdin is held until its container is gone (its run needed it running).
+        if let Some(pool) = &self.spares {
+            pool.removed(container);
         }
+        removed
+    }
+
+    /// Whether an `http` run may use the network: its event must ask for one and this worker
+    /// must give runs one.
+    fn http_network(&self, spec: &RunSpec) -> Result<(), String> {
+        if !spec.network {
+            return Err(
+                "the run has no network (its event has network none, the default of \
+                        the container executor): set `\"network\": true` on the event"
+                    .to_owned(),
+            );
+        }
+        if !self.config.allow_network {
+            return Err(
+                "this worker does not give runs a network (the event asks for `\"network\": true`)"
+                    .to_owned(),
+            );
+        }
+        Ok(())
     }
 
     async fn run_spec(
@@ -694,6 +782,11 @@ impl ContainerExecutor {
         cancel: CancellationToken,
     ) -> RunOutcome {
         if spec.runtime == Runtime::Http {
+            // The request is made by the worker, but it is still this run's traffic: it gets
+            // a network only as a container would.
+            if let Err(reason) = self.http_network(&spec) {
+                return RunOutcome::from_error(ExecError::HttpRefused { reason }, Duration::ZERO);
+            }
             return self
                 .http
                 .run(&spec, &events, &cancel, self.config.max_line_bytes)
@@ -1205,6 +1298,9 @@ impl ContainerExecutor {
         labels.insert(LABEL_WORKER.to_owned(), self.config.worker_id.clone());
         labels.insert(LABEL_JOB.to_owned(), spec.job_id.to_string());
         labels.insert(LABEL_MANAGED.to_owned(), "true".to_owned());
+        if let Some(mark) = &self.process_mark {
+            labels.insert(LABEL_PROCESS.to_owned(), mark.clone());
+        }
         Ok(Plan {
             image,
             cmd,
@@ -1327,18 +1423,33 @@ impl ContainerExecutor {
             entrypoint: Some(Vec::new()),
             user: Some(format!("{idle}:{idle}")),
             working_dir: Some(MOUNT_DIR.to_owned()),
-            labels: Some(HashMap::from([
-                (LABEL_WORKER.to_owned(), self.config.worker_id.clone()),
-                (LABEL_MANAGED.to_owned(), "true".to_owned()),
-                (LABEL_SPARE.to_owned(), "1".to_owned()),
-            ])),
-            attach_stdin: Some(false),
+            labels: Some(
+                [
+                    (LABEL_WORKER.to_owned(), self.config.worker_id.clone()),
+                    (LABEL_MANAGED.to_owned(), "true".to_owned()),
+                    (LABEL_SPARE.to_owned(), "1".to_owned()),
+                ]
+                .into_iter()
+                .chain(
+                    self.process_mark
+                        .clone()
+                        .map(|mark| (LABEL_PROCESS.to_owned(), mark)),
+                )
+                .collect(),
+            ),
+            // The idle process reads the worker's attached stdin, closed when the worker dies
+            // (see `spares.rs`); the container then removes itself.
+            attach_stdin: Some(true),
             attach_stdout: Some(false),
             attach_stderr: Some(false),
-            open_stdin: Some(false),
+            open_stdin: Some(true),
+            stdin_once: Some(true),
             tty: Some(false),
             stop_signal: Some("SIGTERM".to_owned()),
-            host_config: Some(self.host_config(limits, &key.network_mode)),
+            host_config: Some(HostConfig {
+                auto_remove: Some(true),
+                ..self.host_config(limits, &key.network_mode)
+            }),
             ..ContainerCreateBody::default()
         }
     }
@@ -1663,6 +1774,17 @@ fn split_image_ref(image: &str) -> (String, Option<String>) {
         }
         None => (image.to_owned(), Some("latest".to_owned())),
     }
+}
+
+/// The engine is already removing the container (an `AutoRemove` container that stopped).
+fn is_being_removed(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 409,
+            message,
+        } if message.contains("already in progress")
+    )
 }
 
 fn is_not_found(e: &bollard::errors::Error) -> bool {

@@ -4,9 +4,16 @@
 //!
 //! A spare is a container made exactly as a run's container would be for one *configuration*
 //! ([`SpareKey`]: image, network mode and limits; the hardening is the executor's and the same
-//! for all), except that its command is an idle process ([`IDLE_COMMAND`], `sleep infinity`
-//! under the init process) running as a user other than the runs' ([`idle_user`]), and that it
-//! carries [`LABEL_SPARE`](super::LABEL_SPARE) instead of a job id. A run whose configuration
+//! for all), except that its command is an idle process ([`IDLE_COMMAND`], `cat` under the init
+//! process) running as a user other than the runs' ([`idle_user`]), and that it carries
+//! [`LABEL_SPARE`](super::LABEL_SPARE) instead of a job id.
+//!
+//! A spare dies with its worker by construction: the idle process reads the container's
+//! stdin, which the worker holds open through an attach connection made before the start
+//! (`OpenStdin` + `StdinOnce`); the container is `AutoRemove`. When the worker process ends in
+//! any way (SIGKILL, OOM, node loss) its connections close, the engine closes the container's
+//! stdin, `cat` reads end-of-file and exits, and the engine removes the container. No other
+//! process has to notice the crash or know the worker's id. A run whose configuration
 //! matches takes one ([`SparePool::take`]), receives its files through the archive API and is
 //! started as an exec in it (see `exec.rs`); the container is removed after that one run, never
 //! reused. Taking a spare (or failing to find one) asks for a replacement, started in the
@@ -15,7 +22,7 @@
 //! Bounds: at most `per_config` spares for each of at most `max_configs` configurations (the
 //! least recently used configuration is dropped for a new one), and a configuration unused for
 //! `ttl` loses its spares. A configuration whose spare cannot be created or started (an image
-//! without `sleep`, an engine error) is not retried for [`RETRY_AFTER`]; its runs take the cold
+//! without `cat`, an engine error) is not retried for [`RETRY_AFTER`]; its runs take the cold
 //! path meanwhile.
 //!
 //! Every spare is registered in the executor's live map (with the nil job id) from before it is
@@ -29,18 +36,27 @@ use std::time::Duration;
 
 use bollard::Docker;
 use bollard::models::ContainerCreateBody;
-use bollard::query_parameters::{CreateContainerOptionsBuilder, RemoveContainerOptionsBuilder};
+use bollard::query_parameters::{
+    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, RemoveContainerOptionsBuilder,
+};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use super::{engine_message, is_not_found};
+use super::{engine_message, is_being_removed, is_not_found};
 
 /// The idle process of a spare (run by the init process, so it is PID 2 and ends on the
-/// container's `SIGTERM`). Debian-based images have it; an image without it cannot have
+/// container's `SIGTERM`): it waits for the end of its stdin, the worker's attach connection
+/// (see the module documentation). Every image has `cat`; an image without it cannot have
 /// spares and its runs take the cold path (see [`RETRY_AFTER`]).
-pub(crate) const IDLE_COMMAND: [&str; 2] = ["sleep", "infinity"];
+pub(crate) const IDLE_COMMAND: [&str; 1] = ["cat"];
+
+/// The worker's end of a spare's stdin. Holding it keeps the spare's idle process waiting;
+/// dropping it (or the worker process dying) ends the spare.
+struct StdinHold {
+    _attach: bollard::container::AttachContainerResults,
+}
 
 /// How long a configuration whose spare failed is left without spares.
 pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(60);
@@ -104,6 +120,9 @@ struct Inner {
     worker_id: String,
     /// The executor's live map (container name → job id; the nil id for a spare).
     live: Arc<Mutex<HashMap<String, Uuid>>>,
+    /// The stdin of every spare this pool started and that is not removed yet (taken ones
+    /// included: a run in a spare needs it alive), by container name.
+    holds: Mutex<HashMap<String, StdinHold>>,
     per_config: usize,
     max_configs: usize,
     state: Mutex<State>,
@@ -131,6 +150,7 @@ impl SparePool {
             docker,
             worker_id,
             live,
+            holds: Mutex::new(HashMap::new()),
             per_config: per_config.max(1),
             max_configs: max_configs.max(1),
             state: Mutex::new(State::default()),
@@ -185,6 +205,11 @@ impl SparePool {
         if let Some(entry) = state.entries.get_mut(key) {
             entry.paused_until = Some(Instant::now() + RETRY_AFTER);
         }
+    }
+
+    /// The spare `name` (taken by a run) was removed: lets go of its stdin.
+    pub(crate) fn removed(&self, name: &str) {
+        self.inner.release(name);
     }
 
     pub(crate) fn stats(&self) -> SpareStats {
@@ -340,16 +365,44 @@ impl Inner {
         }
     }
 
+    /// Creates the spare, attaches to its stdin (before the start: a worker dying at any point
+    /// after the start leaves no spare behind) and starts it.
     async fn create_and_start(&self, name: &str, body: ContainerCreateBody) -> Result<(), String> {
         let options = CreateContainerOptionsBuilder::new().name(name).build();
         self.docker
             .create_container(Some(options), body)
             .await
             .map_err(|e| format!("create: {}", engine_message(&e)))?;
+        let attach = AttachContainerOptionsBuilder::new()
+            .stream(true)
+            .stdin(true)
+            .stdout(false)
+            .stderr(false)
+            .logs(false)
+            .build();
+        let attached = self
+            .docker
+            .attach_container(name, Some(attach))
+            .await
+            .map_err(|e| format!("attach: {}", engine_message(&e)))?;
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), StdinHold { _attach: attached });
         self.docker
             .start_container(name, None)
             .await
             .map_err(|e| format!("start: {}", engine_message(&e)))
+    }
+
+    /// Lets go of the stdin of `name` (its idle process then ends, if it still runs).
+    fn release(&self, name: &str) {
+        let hold = self
+            .holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        drop(hold);
     }
 
     /// Removes a spare container (with its volume) and forgets it.
@@ -360,10 +413,11 @@ impl Inner {
             .build();
         match self.docker.remove_container(name, Some(options)).await {
             Ok(()) => {}
-            Err(e) if is_not_found(&e) => {}
+            Err(e) if is_not_found(&e) || is_being_removed(&e) => {}
             Err(e) => tracing::warn!(container = %name, error = %engine_message(&e),
                 "cannot remove a spare container (the reaper will)"),
         }
+        self.release(name);
         if let Ok(mut live) = self.live.lock() {
             live.remove(name);
         }
@@ -376,18 +430,24 @@ impl Inner {
         }
         let docker = self.docker.clone();
         let live = Arc::clone(&self.live);
+        let holds: Vec<Option<StdinHold>> = {
+            let mut held = self.holds.lock().unwrap_or_else(|p| p.into_inner());
+            names.iter().map(|n| held.remove(n)).collect()
+        };
         self.tasks.spawn(async move {
-            for name in names {
+            for (name, hold) in names.into_iter().zip(holds) {
                 let options = RemoveContainerOptionsBuilder::new()
                     .force(true)
                     .v(true)
                     .build();
                 if let Err(e) = docker.remove_container(&name, Some(options)).await
                     && !is_not_found(&e)
+                    && !is_being_removed(&e)
                 {
                     tracing::warn!(container = %name, error = %engine_message(&e),
                         "cannot remove a spare container (the reaper will)");
                 }
+                drop(hold);
                 if let Ok(mut live) = live.lock() {
                     live.remove(&name);
                 }

@@ -114,6 +114,7 @@ mod host_key;
 mod pool;
 mod remote;
 mod run;
+mod shell_transfer;
 mod target;
 mod transfer;
 
@@ -127,7 +128,7 @@ use uuid::Uuid;
 pub use breaker::{BreakerConfig, BreakerState};
 pub use error::SshError;
 pub use host_key::{fingerprint, key_line};
-pub use pool::ServerStats;
+pub use pool::{FileTransfer, ServerStats};
 pub use target::{HostKeyPolicy, SshAuth, SshTarget};
 
 #[allow(unused_imports)] // for documentation links

@@ -71,6 +71,20 @@ pub struct ServerStats {
     pub breaker: BreakerState,
     /// Consecutive connection failures counted by the breaker.
     pub consecutive_failures: u32,
+    /// How files reach this server, as learned by its runs.
+    pub transfer: FileTransfer,
+}
+
+/// How a server's runs upload and download their files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FileTransfer {
+    /// Not known yet: the next run tries SFTP first.
+    #[default]
+    Unknown,
+    /// The SFTP subsystem.
+    Sftp,
+    /// The server has no SFTP subsystem: `tar` and `head` over exec channels.
+    Shell,
 }
 
 #[derive(Debug, Default)]
@@ -162,6 +176,8 @@ struct ServerInner {
     learned: Option<PublicKey>,
     /// The host and port `learned` belongs to.
     endpoint: (String, u16),
+    /// How files reach the server (learned by the first run; forgotten with the endpoint).
+    transfer: FileTransfer,
 }
 
 pub(crate) struct ServerState {
@@ -229,6 +245,16 @@ impl Lease {
     /// The SFTP session a previous run left open on this connection, if any.
     pub(crate) fn take_sftp(&mut self) -> Option<SftpSession> {
         self.conn.as_mut().and_then(|c| c.sftp.take())
+    }
+
+    /// How files reach this lease's server, as learned so far.
+    pub(crate) fn transfer(&self) -> FileTransfer {
+        self.server.lock().transfer
+    }
+
+    /// Remembers how files reach this lease's server.
+    pub(crate) fn learn_transfer(&self, transfer: FileTransfer) {
+        self.server.lock().transfer = transfer;
     }
 
     /// The previous run's cleanup on this connection, if it was left to finish in the background.
@@ -318,6 +344,7 @@ impl Pool {
                         breaker: Breaker::new(config.breaker),
                         learned: None,
                         endpoint: (String::new(), 0),
+                        transfer: FileTransfer::Unknown,
                     }),
                     counters: Arc::new(Counters::default()),
                 })
@@ -345,6 +372,7 @@ impl Pool {
             connections_reused: c.reused.load(Ordering::SeqCst),
             breaker: inner.breaker.state(),
             consecutive_failures: inner.breaker.failures(),
+            transfer: inner.transfer,
         })
     }
 
@@ -482,6 +510,7 @@ impl Pool {
         let endpoint = (target.host.clone(), target.port);
         if inner.endpoint != endpoint {
             inner.endpoint = endpoint;
+            inner.transfer = FileTransfer::Unknown;
             inner.learned = None;
         }
         if let Some(pinned) = &definition.pinned {

@@ -13,8 +13,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::pool::{AcquireError, Lease, SshHandle};
+use super::pool::{AcquireError, FileTransfer, Lease, SshHandle};
 use super::remote::{self, RemoteDir, RunFiles, START_FAILED_CODE};
+use super::shell_transfer;
 use super::transfer::{self, Entry, RequestError};
 use super::{SshConfig, SshError, SshExecutor, SshTarget};
 use crate::executor::output::{LineSplitter, parse_progress};
@@ -182,9 +183,16 @@ enum Exit {
     Signal(Sig),
 }
 
+/// How a run moves its files: its SFTP session, or exec channels when the server has no SFTP
+/// subsystem (`shell_transfer`).
+enum Files {
+    Sftp(SftpSession),
+    Shell,
+}
+
 /// What `setup` got running.
 struct Running {
-    sftp: SftpSession,
+    files: Files,
     control: Channel<Msg>,
     main: Channel<Msg>,
     early: Vec<ChannelMsg>,
@@ -249,9 +257,11 @@ impl RemoteRun<'_> {
                 );
             }
         };
-        let (outcome, healthy, sftp, cleanup) = self.supervise(running).await;
+        let (outcome, healthy, files, cleanup) = self.supervise(running, lease.handle()).await;
         if healthy {
-            lease.keep_sftp(sftp);
+            if let Files::Sftp(sftp) = files {
+                lease.keep_sftp(sftp);
+            }
             if let Some(cleanup) = cleanup {
                 lease.set_cleanup(cleanup);
             }
@@ -282,10 +292,12 @@ impl RemoteRun<'_> {
                 .reconnect(lease, self.target, self.config, self.cancel, self.deadline)
                 .await?;
         }
+        if lease.transfer() == FileTransfer::Shell {
+            return self.setup_shell(lease, files, uploads, progress).await;
+        }
         // A reused connection may have died while idle: its first request tells, and it is
         // then replaced once.
-        let sftp = match self.make_root(lease, timeout_secs).await {
-            Ok(sftp) => sftp,
+        let root = match self.make_root(lease, timeout_secs).await {
             Err(RequestError::Session(e)) if lease.reused => {
                 tracing::debug!(
                     server.id = %self.target.server_id, error = %e,
@@ -295,12 +307,23 @@ impl RemoteRun<'_> {
                     .pool
                     .reconnect(lease, self.target, self.config, self.cancel, self.deadline)
                     .await?;
-                self.make_root(lease, timeout_secs)
-                    .await
-                    .map_err(|e| self.session_error(e.to_string()))?
+                self.make_root(lease, timeout_secs).await
+            }
+            other => other,
+        };
+        let sftp = match root {
+            Ok(sftp) => sftp,
+            Err(RequestError::Unavailable(reason)) => {
+                tracing::info!(
+                    server.id = %self.target.server_id, %reason,
+                    "no sftp on this ssh server: files go over exec channels from now on"
+                );
+                lease.learn_transfer(FileTransfer::Shell);
+                return self.setup_shell(lease, files, uploads, progress).await;
             }
             Err(e) => return Err(self.session_error(e.to_string())),
         };
+        lease.learn_transfer(FileTransfer::Sftp);
         progress.store(SETUP_DIR_CREATED, Ordering::SeqCst);
         let handle = lease
             .handle()
@@ -345,7 +368,92 @@ impl RemoteRun<'_> {
             .await
             .map_err(|e| self.session_error(format!("cannot close the run's stdin: {e}")))?;
         Ok(Running {
-            sftp,
+            files: Files::Sftp(sftp),
+            control,
+            main,
+            early,
+        })
+    }
+
+    /// [`RemoteRun::setup`] for a server without SFTP: the directory and every file in one
+    /// `mkdir` + `tar -x` over an exec channel, then the control channel and the run. When
+    /// that fails too the run fails at once, saying that neither transfer works.
+    async fn setup_shell(
+        &self,
+        lease: &mut Lease,
+        files: &RunFiles,
+        uploads: &[Entry],
+        progress: &AtomicU8,
+    ) -> Result<Running, Fail> {
+        let timeout = self.config.operation_timeout;
+        let mut all = Vec::with_capacity(uploads.len() + 1);
+        all.push(Entry::File(
+            "control.sh".into(),
+            files.control_sh.clone().into_bytes(),
+        ));
+        all.extend(uploads.iter().cloned());
+        let upload = async |lease: &Lease| {
+            let handle = lease
+                .handle()
+                .ok_or_else(|| RequestError::Session("no connection".to_owned()))?;
+            shell_transfer::upload(handle, self.dir.root(), &all, 0o600, timeout).await
+        };
+        let uploaded = match upload(lease).await {
+            Err(RequestError::Session(e)) if lease.reused => {
+                tracing::debug!(
+                    server.id = %self.target.server_id, error = %e,
+                    "pooled ssh connection is dead, reconnecting"
+                );
+                self.executor
+                    .pool
+                    .reconnect(lease, self.target, self.config, self.cancel, self.deadline)
+                    .await?;
+                upload(lease).await
+            }
+            other => other,
+        };
+        match uploaded {
+            Ok(()) => progress.store(SETUP_DIR_CREATED, Ordering::SeqCst),
+            Err(RequestError::Session(e)) => return Err(self.session_error(e)),
+            Err(e) => {
+                // The command ran: the directory may be there, half filled.
+                progress.store(SETUP_DIR_CREATED, Ordering::SeqCst);
+                return Err(Fail::Exec(ExecError::start_failed(format!(
+                    "cannot transfer the run's files to the SSH server {}: it has no sftp \
+                     subsystem, and the transfer over exec (`mkdir` and `tar -x` with \
+                     /bin/sh) failed too: {e}",
+                    self.address()
+                ))));
+            }
+        }
+        let handle = lease
+            .handle()
+            .ok_or_else(|| self.session_error("no connection"))?;
+        let (control, main) = tokio::join!(open_channel(handle), open_channel(handle));
+        let control_error =
+            |e: StartError| self.session_error(format!("cannot start the control channel: {e}"));
+        let (control, _) = exec_on(
+            control.map_err(control_error)?,
+            &self.dir.sh_command("control.sh"),
+        )
+        .await
+        .map_err(control_error)?;
+        progress.store(SETUP_CONTROL_STARTED, Ordering::SeqCst);
+        let start_error = |e| match e {
+            StartError::Refused => Fail::Exec(ExecError::start_failed(format!(
+                "the SSH server {} refused to run a command",
+                self.address()
+            ))),
+            StartError::Channel(e) => self.session_error(e),
+        };
+        let (main, early) = exec_on(main.map_err(start_error)?, &self.dir.sh_command("start.sh"))
+            .await
+            .map_err(start_error)?;
+        main.eof()
+            .await
+            .map_err(|e| self.session_error(format!("cannot close the run's stdin: {e}")))?;
+        Ok(Running {
+            files: Files::Shell,
             control,
             main,
             early,
@@ -365,9 +473,7 @@ impl RemoteRun<'_> {
                 let handle = lease
                     .handle()
                     .ok_or_else(|| RequestError::Session("no connection".to_owned()))?;
-                transfer::open(handle, timeout_secs)
-                    .await
-                    .map_err(RequestError::Session)?
+                transfer::open(handle, timeout_secs).await?
             }
         };
         transfer::make_dir(&sftp, self.dir.root(), 0o700).await?;
@@ -381,9 +487,10 @@ impl RemoteRun<'_> {
     async fn supervise(
         &self,
         running: Running,
-    ) -> (RunOutcome, bool, SftpSession, Option<JoinHandle<bool>>) {
+        handle: Option<&SshHandle>,
+    ) -> (RunOutcome, bool, Files, Option<JoinHandle<bool>>) {
         let Running {
-            sftp,
+            files,
             mut control,
             mut main,
             early,
@@ -642,7 +749,10 @@ impl RemoteRun<'_> {
                 )));
             }
             None => {
-                if let Some(reason) = self.start_failure(&sftp, &exit, ran_for, &pump.tail).await {
+                if let Some(reason) = self
+                    .start_failure(&files, handle, &exit, ran_for, &pump.tail)
+                    .await
+                {
                     outcome.error = Some(ExecError::StartFailed { reason });
                 }
             }
@@ -651,13 +761,24 @@ impl RemoteRun<'_> {
         // Collect `out/` into the local run directory.
         if let Some(run_dir) = spec.run_dir.as_ref().filter(|_| !give_up) {
             let remote_out = self.dir.path("run/out");
-            let download = transfer::download_out(
-                &sftp,
-                &remote_out,
-                &run_dir.join("out"),
-                config.max_download_bytes,
-            )
-            .await;
+            let local_out = run_dir.join("out");
+            let limit = config.max_download_bytes;
+            let download = match (&files, handle) {
+                (Files::Sftp(sftp), _) => {
+                    transfer::download_out(sftp, &remote_out, &local_out, limit).await
+                }
+                (Files::Shell, Some(handle)) => {
+                    shell_transfer::download_out(
+                        handle,
+                        &remote_out,
+                        &local_out,
+                        limit,
+                        config.operation_timeout,
+                    )
+                    .await
+                }
+                (Files::Shell, None) => Err("no connection".to_owned()),
+            };
             if let Err(e) = download {
                 healthy = false;
                 tracing::warn!(job.id = %spec.job_id, error = %e, "cannot download the run's output");
@@ -707,14 +828,15 @@ impl RemoteRun<'_> {
                 "could not start the cleanup of the remote run directory"
             );
         }
-        (outcome, healthy, sftp, cleanup)
+        (outcome, healthy, files, cleanup)
     }
 
     /// A start failure: `start.sh` gave up (exit 127 with `start-error`), or, for `exec` runs,
     /// 126/127 right after the start.
     async fn start_failure(
         &self,
-        sftp: &russh_sftp::client::SftpSession,
+        files: &Files,
+        handle: Option<&SshHandle>,
         exit: &Option<Exit>,
         ran_for: Duration,
         stderr_tail: &VecDeque<String>,
@@ -722,9 +844,19 @@ impl RemoteRun<'_> {
         let Some(Exit::Code(code)) = exit else {
             return None;
         };
+        let read_reason = async {
+            let path = self.dir.path("start-error");
+            match (files, handle) {
+                (Files::Sftp(sftp), _) => transfer::read_file(sftp, &path, 4096).await,
+                (Files::Shell, Some(handle)) => {
+                    shell_transfer::read_file(handle, &path, 4096, self.config.operation_timeout)
+                        .await
+                }
+                (Files::Shell, None) => Err("no connection".to_owned()),
+            }
+        };
         if *code == START_FAILED_CODE
-            && let Ok(Some(reason)) =
-                transfer::read_file(sftp, &self.dir.path("start-error"), 4096).await
+            && let Ok(Some(reason)) = read_reason.await
         {
             let reason = String::from_utf8_lossy(&reason).trim().to_owned();
             return Some(format!("{reason} ({})", self.address()));

@@ -1,10 +1,11 @@
-//! SFTP: uploading a run's files into its temporary directory and downloading what the script
+//! SFTP (see `shell_transfer` for servers without it): uploading a run's files into its temporary directory and downloading what the script
 //! left in `$BATON_DIR/out/`.
 
 use std::fs;
 use std::io::{self, Write as _};
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
@@ -18,23 +19,50 @@ use crate::rundir::is_valid_key;
 /// Files written at once over one SFTP session.
 const PARALLEL_TRANSFERS: usize = 8;
 
-/// Opens an SFTP session on a new channel of `handle`.
-pub(crate) async fn open(handle: &SshHandle, timeout_secs: u64) -> Result<SftpSession, String> {
-    let channel = handle
+/// Opens an SFTP session on a new channel of `handle`. A server that refuses the subsystem
+/// (none configured) is [`RequestError::Unavailable`] as soon as it answers, rather than a
+/// timeout of the protocol's first request.
+pub(crate) async fn open(
+    handle: &SshHandle,
+    timeout_secs: u64,
+) -> Result<SftpSession, RequestError> {
+    let session = |e: String| RequestError::Session(e);
+    let mut channel = handle
         .channel_open_session()
         .await
-        .map_err(|e| format!("cannot open a channel: {e}"))?;
+        .map_err(|e| session(format!("cannot open a channel: {e}")))?;
     channel
         .request_subsystem(true, "sftp")
         .await
-        .map_err(|e| format!("cannot start the sftp subsystem: {e}"))?;
+        .map_err(|e| session(format!("cannot start the sftp subsystem: {e}")))?;
+    let answer = async {
+        loop {
+            match channel.wait().await {
+                Some(russh::ChannelMsg::Success) => return Ok(()),
+                Some(russh::ChannelMsg::Failure) | Some(russh::ChannelMsg::Close) => {
+                    return Err(RequestError::Unavailable(
+                        "the server has no sftp subsystem".to_owned(),
+                    ));
+                }
+                None => {
+                    return Err(session(
+                        "cannot start the sftp subsystem: the connection closed".to_owned(),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(timeout_secs.max(1)), answer)
+        .await
+        .map_err(|_| session("cannot start the sftp subsystem: no answer".to_owned()))??;
     let config = russh_sftp::client::Config {
         request_timeout_secs: timeout_secs.max(1),
         ..Default::default()
     };
     SftpSession::new_with_config(channel.into_stream(), config)
         .await
-        .map_err(|e| format!("cannot start the sftp subsystem: {e}"))
+        .map_err(|e| session(format!("cannot start the sftp subsystem: {e}")))
 }
 
 fn attrs(mode: u32) -> FileAttributes {
@@ -51,12 +79,16 @@ pub(crate) enum RequestError {
     Refused(String),
     /// No answer: the session or the connection is unusable.
     Session(String),
+    /// The server offers no SFTP subsystem (files then go over exec channels).
+    Unavailable(String),
 }
 
 impl std::fmt::Display for RequestError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            RequestError::Refused(e) | RequestError::Session(e) => f.write_str(e),
+            RequestError::Refused(e) | RequestError::Session(e) | RequestError::Unavailable(e) => {
+                f.write_str(e)
+            }
         }
     }
 }
@@ -148,7 +180,7 @@ pub(crate) async fn read_file(
 }
 
 /// One entry of a local directory tree, relative to its root.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum Entry {
     Dir(String),
     File(String, Vec<u8>),

@@ -12,3 +12,4 @@ mod protocol;
 mod queue;
 mod servers;
 mod variables;
+mod worker_tokens;

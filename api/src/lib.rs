@@ -39,6 +39,8 @@ pub mod model;
 pub mod notify;
 pub mod outbox;
 pub mod reaper;
+pub mod redact;
+pub mod secret_refs;
 pub mod secrets;
 pub mod server;
 pub mod storage;

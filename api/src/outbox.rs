@@ -30,6 +30,8 @@ pub struct Deliverer {
     http: reqwest::Client,
     smtp: Option<SmtpSettings>,
     pub wake: Arc<Notify>,
+    /// Opens the secret variables a target references (`{{secret.NAME}}`).
+    vault: crate::crypto::Vault,
 }
 
 impl Deliverer {
@@ -44,7 +46,34 @@ impl Deliverer {
             http,
             smtp,
             wake,
+            vault: crate::crypto::Vault::new(None).expect("a vault without a key always builds"),
         }
+    }
+
+    /// Resolves the secret references of targets with `vault` (without it, a target with a
+    /// reference cannot be delivered).
+    pub fn with_vault(mut self, vault: crate::crypto::Vault) -> Self {
+        self.vault = vault;
+        self
+    }
+
+    /// The URL to post to: the target with its secret references resolved. Messages about
+    /// it name the stored target, never the resolved one.
+    async fn url_of(&self, m: &OutboxMessage) -> Result<String, String> {
+        let event_id = m.payload.0["event"]["id"]
+            .as_str()
+            .and_then(|id| uuid::Uuid::parse_str(id).ok());
+        let url =
+            crate::secret_refs::resolve_for_event(&self.pool, &self.vault, event_id, &m.target)
+                .await
+                .map_err(|e| format!("target {}: {e}", m.target))?;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(format!(
+                "target {} is not an http:// or https:// URL once resolved",
+                m.target
+            ));
+        }
+        Ok(url.into_owned())
     }
 
     pub async fn run(self, stop: CancellationToken) {
@@ -105,13 +134,14 @@ impl Deliverer {
             "email" => return self.email(m).await,
             other => return Err(format!("unknown channel {other}")),
         };
+        let url = self.url_of(m).await?;
         let response = self
             .http
-            .post(&m.target)
+            .post(&url)
             .json(&body)
             .send()
             .await
-            .map_err(|e| format!("cannot reach {}: {e}", m.target))?;
+            .map_err(|e| format!("cannot reach {}: {}", m.target, e.without_url()))?;
         let status = response.status();
         if status.is_success() {
             Ok(())

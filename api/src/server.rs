@@ -131,6 +131,7 @@ impl Api {
                         }),
                     state.outbox_wake.clone(),
                 )
+                .with_vault(state.vault.clone())
                 .run(stop.clone()),
             ),
         ];

@@ -4,6 +4,7 @@
 
 mod auth;
 mod chains;
+mod credentials;
 mod events;
 mod health;
 mod jobs;

@@ -6,5 +6,6 @@ mod container;
 mod container_reaping;
 mod failover;
 mod runs;
+mod secret_refs;
 mod ssh;
 mod support;

@@ -71,7 +71,9 @@ pub fn url_origin(url: &str) -> String {
     };
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let authority = &rest[..end];
-    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
     let tail = if end < rest.len() { "/***" } else { "" };
     format!("{scheme}://{host}{tail}")
 }

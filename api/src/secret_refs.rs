@@ -26,9 +26,8 @@ pub async fn resolve_for_event<'a>(
     let (values, _) = crate::secrets::readable_variables(pool, vault, event_id)
         .await
         .map_err(|e| format!("cannot read the variables its secret references need: {e}"))?;
-    let resolved = baton_proto::secret_ref::resolve(text, |name| {
-        values.get(name).map(String::as_str)
-    })
-    .map_err(|e| e.to_string())?;
+    let resolved =
+        baton_proto::secret_ref::resolve(text, |name| values.get(name).map(String::as_str))
+            .map_err(|e| e.to_string())?;
     Ok(Cow::Owned(resolved.into_owned()))
 }

@@ -45,6 +45,9 @@ mod tests {
         assert_eq!(done["PLAIN"], "x");
         let missing = BTreeMap::from([("T".to_owned(), "{{secret.OTHER}}".to_owned())]);
         let err = resolve_values("env", missing, vars).expect_err("unreadable");
-        assert!(err.starts_with("env.T ") && err.contains("\"OTHER\""), "{err}");
+        assert!(
+            err.starts_with("env.T ") && err.contains("\"OTHER\""),
+            "{err}"
+        );
     }
 }

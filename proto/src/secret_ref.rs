@@ -65,9 +65,7 @@ pub fn parse(text: &str) -> Result<Vec<Piece<'_>>, SecretRefError> {
             || name == ".."
             || !after.starts_with(CLOSE)
         {
-            return Err(SecretRefError::Malformed {
-                at: offset + start,
-            });
+            return Err(SecretRefError::Malformed { at: offset + start });
         }
         pieces.push(Piece::Secret(name));
         let consumed = rest.len() - after.len() + CLOSE.len();
@@ -125,9 +123,8 @@ pub fn resolve<'a, 'v>(
     for piece in parse(text)? {
         match piece {
             Piece::Text(t) => out.push_str(t),
-            Piece::Secret(name) => out.push_str(
-                lookup(name).ok_or_else(|| SecretRefError::Unreadable(name.to_owned()))?,
-            ),
+            Piece::Secret(name) => out
+                .push_str(lookup(name).ok_or_else(|| SecretRefError::Unreadable(name.to_owned()))?),
         }
     }
     Ok(Cow::Owned(out))
@@ -156,9 +153,15 @@ mod tests {
             "s3cr3t:pw"
         );
         assert_eq!(resolve("plain", vars).expect("resolves"), "plain");
-        assert!(matches!(resolve("plain", vars).expect("resolves"), Cow::Borrowed(_)));
+        assert!(matches!(
+            resolve("plain", vars).expect("resolves"),
+            Cow::Borrowed(_)
+        ));
         // Other braces are literal.
-        assert_eq!(resolve("{{ name }} {{", vars).expect("resolves"), "{{ name }} {{");
+        assert_eq!(
+            resolve("{{ name }} {{", vars).expect("resolves"),
+            "{{ name }} {{"
+        );
     }
 
     #[test]

@@ -124,7 +124,10 @@ impl ScriptedWorker {
 
     /// Reads until the api ends the stream (within `wait`, else panics): the messages that
     /// came meanwhile (buffered ones first) and the status it ended with (`None`: a clean end).
-    pub async fn until_closed(&mut self, wait: Duration) -> (Vec<ServerMsg>, Option<tonic::Status>) {
+    pub async fn until_closed(
+        &mut self,
+        wait: Duration,
+    ) -> (Vec<ServerMsg>, Option<tonic::Status>) {
         let mut seen: Vec<ServerMsg> = self.skipped.drain(..).collect();
         let deadline = tokio::time::Instant::now() + wait;
         loop {

@@ -605,7 +605,9 @@ impl Session {
             match queue::release(&self.state.pool, job_id, token).await {
                 Ok(true) => tracing::info!(job.id = %job_id, "job of a revoked worker requeued"),
                 Ok(false) => {}
-                Err(e) => tracing::warn!(job.id = %job_id, error = %e, "could not requeue a job of a revoked worker"),
+                Err(e) => {
+                    tracing::warn!(job.id = %job_id, error = %e, "could not requeue a job of a revoked worker")
+                }
             }
             self.conn.release(job_id);
         }

@@ -212,7 +212,10 @@ mod tests {
         let err = binding
             .check([("env", "staging")], &ssh)
             .expect_err("other value");
-        assert!(err.contains("env=staging") && err.contains("env=prod"), "{err}");
+        assert!(
+            err.contains("env=staging") && err.contains("env=prod"),
+            "{err}"
+        );
         assert!(binding.check([("region", "eu")], &ssh).is_err());
         let err = binding
             .check([], &["ssh".to_owned(), "container".to_owned()])

@@ -48,16 +48,33 @@ async fn viewers_and_operators_never_read_inlined_credentials() {
         .await;
     let ev = script["id"].as_str().expect("id");
     for (channel, target) in [
-        ("slack", format!("https://hooks.slack.com/services/T0/B0/{LEAK}")),
-        ("discord", format!("https://discord.com/api/webhooks/1/{LEAK}")),
-        ("webhook", format!("https://u:{LEAK}@hooks.example.com/in?key={LEAK}")),
+        (
+            "slack",
+            format!("https://hooks.slack.com/services/T0/B0/{LEAK}"),
+        ),
+        (
+            "discord",
+            format!("https://discord.com/api/webhooks/1/{LEAK}"),
+        ),
+        (
+            "webhook",
+            format!("https://u:{LEAK}@hooks.example.com/in?key={LEAK}"),
+        ),
     ] {
-        add_action(&app, ev, json!({"trigger": "always", "action": {"type": "send_message",
-            "channel": channel, "target": target}}))
+        add_action(
+            &app,
+            ev,
+            json!({"trigger": "always", "action": {"type": "send_message",
+            "channel": channel, "target": target}}),
+        )
         .await;
     }
-    add_action(&app, ev, json!({"trigger": "always", "action": {"type": "send_message",
-        "channel": "webhook", "target": "{{secret.HOOK}}"}}))
+    add_action(
+        &app,
+        ev,
+        json!({"trigger": "always", "action": {"type": "send_message",
+        "channel": "webhook", "target": "{{secret.HOOK}}"}}),
+    )
     .await;
     let paths = [
         "/api/v1/events".to_owned(),
@@ -122,8 +139,11 @@ async fn malformed_secret_references_are_refused_naming_the_field() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
     assert_eq!(err["error"]["field"], "env.TOKEN", "{err}");
     let (status, err) = app
-        .post("/api/v1/events", &json!({"name": "bad-header", "runtime": "http",
-            "request": {"url": "https://example.com", "headers": {"X-Key": "{{ secret.K"}}}))
+        .post(
+            "/api/v1/events",
+            &json!({"name": "bad-header", "runtime": "http",
+            "request": {"url": "https://example.com", "headers": {"X-Key": "{{ secret.K"}}}),
+        )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
     assert_eq!(err["error"]["field"], "request.headers.X-Key", "{err}");
@@ -136,8 +156,11 @@ async fn malformed_secret_references_are_refused_naming_the_field() {
         ("email", "{{secret.ADDRESS}}"),
     ] {
         let (status, err) = app
-            .post(&format!("/api/v1/events/{ev}/actions"), &json!({"trigger": "always",
-                "action": {"type": "send_message", "channel": channel, "target": target}}))
+            .post(
+                &format!("/api/v1/events/{ev}/actions"),
+                &json!({"trigger": "always",
+                "action": {"type": "send_message", "channel": channel, "target": target}}),
+            )
             .await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{target}: {err}");
         assert_eq!(err["error"]["field"], "action.target", "{err}");
@@ -146,8 +169,12 @@ async fn malformed_secret_references_are_refused_naming_the_field() {
         "{{secret.HOOK}}",
         "https://hooks.slack.com/services/{{ secret.SLACK_PATH }}",
     ] {
-        add_action(&app, ev, json!({"trigger": "always", "action": {"type": "send_message",
-            "channel": "slack", "target": target}}))
+        add_action(
+            &app,
+            ev,
+            json!({"trigger": "always", "action": {"type": "send_message",
+            "channel": "slack", "target": target}}),
+        )
         .await;
     }
 }
@@ -167,7 +194,11 @@ async fn message_targets_are_resolved_only_at_delivery() {
     let ev = app.create_event(&bash_event("notifying")).await;
     let ev = ev["id"].as_str().expect("id");
     for (key, value, scope) in [
-        ("HOOK_URL", format!("http://{addr}/hook/{LEAK}"), "global".to_owned()),
+        (
+            "HOOK_URL",
+            format!("http://{addr}/hook/{LEAK}"),
+            "global".to_owned(),
+        ),
         (
             "NOT_MINE",
             format!("http://{addr}/other"),
@@ -181,11 +212,19 @@ async fn message_targets_are_resolved_only_at_delivery() {
         .await;
         assert!(status.is_success(), "{body}");
     }
-    add_action(&app, ev, json!({"trigger": "on_success", "action": {"type": "send_message",
-        "channel": "webhook", "target": "{{secret.HOOK_URL}}", "template": "done"}}))
+    add_action(
+        &app,
+        ev,
+        json!({"trigger": "on_success", "action": {"type": "send_message",
+        "channel": "webhook", "target": "{{secret.HOOK_URL}}", "template": "done"}}),
+    )
     .await;
-    add_action(&app, ev, json!({"trigger": "on_success", "action": {"type": "send_message",
-        "channel": "slack", "target": "{{secret.NOT_MINE}}", "template": "never"}}))
+    add_action(
+        &app,
+        ev,
+        json!({"trigger": "on_success", "action": {"type": "send_message",
+        "channel": "slack", "target": "{{secret.NOT_MINE}}", "template": "never"}}),
+    )
     .await;
 
     let token = app.token(Role::Worker).await;
@@ -236,11 +275,12 @@ async fn message_targets_are_resolved_only_at_delivery() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(error.contains("NOT_MINE") && !error.contains(LEAK), "{error}");
+    assert!(
+        error.contains("NOT_MINE") && !error.contains(LEAK),
+        "{error}"
+    );
     assert_eq!(receiver.received.lock().expect("lock").len(), 1);
-    let (status, _) = app
-        .get(&format!("/api/v1/jobs/{job}"))
-        .await;
+    let (status, _) = app.get(&format!("/api/v1/jobs/{job}")).await;
     assert_eq!(status, StatusCode::OK);
     server.abort();
 }

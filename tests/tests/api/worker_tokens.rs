@@ -196,9 +196,12 @@ async fn a_bound_worker_token_refuses_labels_and_executors_beyond_its_binding() 
     let job = app
         .run_event(ev["id"].as_str().expect("id"), &json!({}))
         .await;
-    let (mut worker, _) =
-        ScriptedWorker::connect(&app.grpc_address, &bound, labelled(&[("env", "prod")], &["local"]))
-            .await;
+    let (mut worker, _) = ScriptedWorker::connect(
+        &app.grpc_address,
+        &bound,
+        labelled(&[("env", "prod")], &["local"]),
+    )
+    .await;
     assert_eq!(assignment(&mut worker).await.job_id, job);
 
     // Unbound tokens keep today's behaviour.

@@ -5,6 +5,7 @@ mod chains;
 mod container;
 mod container_reaping;
 mod failover;
+mod revocation;
 mod runs;
 mod secret_refs;
 mod ssh;

@@ -54,11 +54,12 @@ pub(super) async fn open(
     else {
         return Err(Status::invalid_argument("the first message must be Hello"));
     };
-    let hello = ValidHello::parse(hello)?;
-    // A token bound by an admin limits what its workers may declare (and so which jobs they get).
-    token
+    let mut hello = ValidHello::parse(hello)?;
+    // A token bound by an admin limits what its workers may declare (and so which jobs they
+    // get): labels beyond it are refused, executors clipped to it.
+    hello.executors = token
         .binding
-        .check(
+        .admit(
             hello
                 .labels
                 .iter()

@@ -78,8 +78,9 @@ pub struct NewToken {
     /// Absent: the worker may declare any labels.
     #[serde(default)]
     pub worker_labels: Option<BTreeMap<String, String>>,
-    /// Worker tokens only: bind the token to these executors. A worker using it is refused if
-    /// it offers another one. Absent: any executor.
+    /// Worker tokens only: bind the token to these executors. A worker using it gets jobs of
+    /// these executors only, whatever else it offers (refused if it offers none of them).
+    /// Absent: any executor.
     #[serde(default)]
     pub executors: Option<Vec<Executor>>,
 }
@@ -152,12 +153,16 @@ pub struct WorkerBinding {
 }
 
 impl WorkerBinding {
-    /// Refuses a declaration beyond the binding, saying what is not allowed and what is.
-    pub fn check<'a>(
+    /// Admits a worker's `Hello`: a label beyond the binding refuses the worker (labels are
+    /// declared on purpose, so a mismatch is a mistake or an impersonation, said loudly); the
+    /// executors are clipped to the binding (a worker offers `ssh` always and `container`
+    /// whenever a Docker engine answers, so refusing would make bindings impractical), and
+    /// refused only when none is left. Returns the executors the worker gets jobs for.
+    pub fn admit<'a>(
         &self,
         labels: impl IntoIterator<Item = (&'a str, &'a str)>,
         executors: &[String],
-    ) -> Result<(), String> {
+    ) -> Result<Vec<String>, String> {
         if let Some(allowed) = &self.labels {
             for (key, value) in labels {
                 if allowed.get(key).map(String::as_str) != Some(value) {
@@ -174,16 +179,22 @@ impl WorkerBinding {
                 }
             }
         }
-        if let Some(allowed) = &self.executors
-            && let Some(extra) = executors.iter().find(|e| !allowed.contains(e))
-        {
+        let Some(allowed) = &self.executors else {
+            return Ok(executors.to_vec());
+        };
+        let kept: Vec<String> = executors
+            .iter()
+            .filter(|e| allowed.contains(e))
+            .cloned()
+            .collect();
+        if kept.is_empty() {
             return Err(format!(
-                "this worker token allows only the executors {}; the worker offers {extra} \
-                 (start it without that executor, e.g. --no-container)",
-                allowed.join(", ")
+                "this worker token allows only the executors {}; the worker offers none of them ({})",
+                allowed.join(", "),
+                executors.join(", ")
             ));
         }
-        Ok(())
+        Ok(kept)
     }
 }
 
@@ -201,37 +212,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_binding_refuses_what_it_does_not_list() {
+    fn a_binding_refuses_labels_and_clips_executors() {
         let binding = WorkerBinding {
             labels: Some(BTreeMap::from([("env".to_owned(), "prod".to_owned())])),
             executors: Some(vec!["ssh".to_owned()]),
         };
         let ssh = vec!["ssh".to_owned()];
-        assert_eq!(binding.check([("env", "prod")], &ssh), Ok(()));
-        assert_eq!(binding.check([], &ssh), Ok(()));
+        assert_eq!(binding.admit([("env", "prod")], &ssh), Ok(ssh.clone()));
+        assert_eq!(binding.admit([], &ssh), Ok(ssh.clone()));
         let err = binding
-            .check([("env", "staging")], &ssh)
+            .admit([("env", "staging")], &ssh)
             .expect_err("other value");
         assert!(
             err.contains("env=staging") && err.contains("env=prod"),
             "{err}"
         );
-        assert!(binding.check([("region", "eu")], &ssh).is_err());
+        assert!(binding.admit([("region", "eu")], &ssh).is_err());
+        assert_eq!(
+            binding.admit([], &["container".to_owned(), "ssh".to_owned()]),
+            Ok(ssh.clone()),
+            "clipped"
+        );
         let err = binding
-            .check([], &["ssh".to_owned(), "container".to_owned()])
-            .expect_err("other executor");
-        assert!(err.contains("offers container"), "{err}");
+            .admit([], &["local".to_owned()])
+            .expect_err("nothing left");
+        assert!(err.contains("none of them (local)"), "{err}");
         // Unbound: anything goes; bound to no labels: none.
         assert_eq!(
-            WorkerBinding::default().check([("env", "prod")], &ssh),
-            Ok(())
+            WorkerBinding::default().admit([("env", "prod")], &ssh),
+            Ok(ssh.clone())
         );
         let none = WorkerBinding {
             labels: Some(BTreeMap::new()),
             executors: None,
         };
         assert!(
-            none.check([("env", "prod")], &ssh)
+            none.admit([("env", "prod")], &ssh)
                 .expect_err("no labels")
                 .contains("no labels")
         );

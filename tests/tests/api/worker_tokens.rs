@@ -154,10 +154,11 @@ fn labelled(labels: &[(&str, &str)], executors: &[&str]) -> Hello {
 }
 
 /// Defect 13: a token bound to `env=prod` and the local executor refuses a worker declaring
-/// another label or executor (PermissionDenied naming it); a worker within the binding gets the
-/// `prod` jobs; unbound tokens declare what they like, as before.
+/// another label, or offering none of its executors (PermissionDenied naming it); a worker
+/// within the binding has its other executors clipped and gets the `prod` jobs it may run;
+/// unbound tokens declare what they like, as before.
 #[tokio::test]
-async fn a_bound_worker_token_refuses_labels_and_executors_beyond_its_binding() {
+async fn a_bound_worker_token_refuses_other_labels_and_clips_executors() {
     let app = spawn_app().await;
     let (_, bound) = worker_token(
         &app,
@@ -179,30 +180,53 @@ async fn a_bound_worker_token_refuses_labels_and_executors_beyond_its_binding() 
             labelled(&[("env", "prod"), ("gpu", "yes")], &["local"]),
             "gpu=yes",
         ),
-        (
-            labelled(&[("env", "prod")], &["local", "container"]),
-            "container",
-        ),
+        (labelled(&[("env", "prod")], &["ssh"]), "none of them (ssh)"),
     ] {
         let refused = refused_with(&app, &bound, h).await;
         assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
         assert!(refused.message().contains(names), "{refused}");
     }
 
-    // Within the binding: accepted, and given the prod job.
+    // Within the binding: accepted, its executors clipped to the binding, and given the prod
+    // job it may run — not the container one, though it offers the container executor too.
+    let mut in_container = bash_event("prod-container");
+    in_container["executor"] = json!("container");
+    in_container["labels"] = json!({"env": "prod"});
+    let ev = app.create_event(&in_container).await;
+    let container_job = app
+        .run_event(ev["id"].as_str().expect("id"), &json!({}))
+        .await;
     let mut prod = bash_event("prod-only");
     prod["labels"] = json!({"env": "prod"});
     let ev = app.create_event(&prod).await;
     let job = app
         .run_event(ev["id"].as_str().expect("id"), &json!({}))
         .await;
+    let worker_id = Uuid::now_v7();
     let (mut worker, _) = ScriptedWorker::connect(
         &app.grpc_address,
         &bound,
-        labelled(&[("env", "prod")], &["local"]),
+        Hello {
+            worker_id: worker_id.to_string(),
+            slots: 2,
+            ..labelled(&[("env", "prod")], &["local", "container"])
+        },
     )
     .await;
     assert_eq!(assignment(&mut worker).await.job_id, job);
+    assert!(
+        worker.try_next(Duration::from_secs(1)).await.is_none(),
+        "a job of an executor outside the binding was assigned"
+    );
+    assert_eq!(job_status(&app, &container_job).await["status"], "queued");
+    let (_, workers) = app.get("/api/v1/workers").await;
+    let listed = workers
+        .as_array()
+        .expect("workers")
+        .iter()
+        .find(|w| w["id"] == worker_id.to_string())
+        .expect("listed");
+    assert_eq!(listed["executors"], json!(["local"]));
 
     // Unbound tokens keep today's behaviour.
     let (_, unbound) = worker_token(&app, json!({})).await;

@@ -5,8 +5,9 @@ mod chains;
 mod container;
 mod container_reaping;
 mod failover;
-mod revocation;
+
 mod runs;
 mod secret_refs;
 mod ssh;
 mod support;
+mod worker_tokens;

@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use crate::error::ApiError;
 use crate::model::Role;
+use crate::model::token::WorkerBinding;
 use crate::storage::{self, tokens};
 use crate::token_cache::{Lookup, Verified};
 
@@ -51,6 +52,7 @@ pub async fn verify(
             };
             tokens::touch(&state.pool, info.id).await?;
             let verified = Verified {
+                binding: info.binding(),
                 id: info.id,
                 name: info.name,
                 role: info.role,
@@ -73,14 +75,26 @@ pub async fn create_token(
     role: Role,
     created_by: Option<Uuid>,
 ) -> storage::Result<(crate::model::Token, String)> {
+    create_bound_token(pool, name, role, created_by, &WorkerBinding::default()).await
+}
+
+/// Stores a token of `role` (a worker token bound to `binding`) and returns its secret.
+pub async fn create_bound_token(
+    pool: &PgPool,
+    name: &str,
+    role: Role,
+    created_by: Option<Uuid>,
+    binding: &WorkerBinding,
+) -> storage::Result<(crate::model::Token, String)> {
     let secret = generate_token();
-    let info = tokens::insert_token(
+    let info = tokens::insert_bound_token(
         pool,
         name,
         role,
         &hash_token(&secret),
         &display_prefix(&secret),
         created_by,
+        binding,
     )
     .await?;
     Ok((info, secret))

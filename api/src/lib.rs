@@ -41,6 +41,8 @@ pub mod notify;
 pub mod outbox;
 pub mod process;
 pub mod reaper;
+pub mod redact;
+pub mod secret_refs;
 pub mod secrets;
 pub mod server;
 pub mod storage;

@@ -43,6 +43,8 @@ pub struct Deliverer {
     policy: AddressPolicy,
     smtp: Option<SmtpSettings>,
     pub wake: Arc<Notify>,
+    /// Opens the secret variables a target references (`{{secret.NAME}}`).
+    vault: crate::crypto::Vault,
 }
 
 /// At most `limit` bytes of `response`'s body, read for at most `within` (what arrived by
@@ -102,7 +104,34 @@ impl Deliverer {
             policy,
             smtp,
             wake,
+            vault: crate::crypto::Vault::new(None).expect("a vault without a key always builds"),
         }
+    }
+
+    /// Resolves the secret references of targets with `vault` (without it, a target with a
+    /// reference cannot be delivered).
+    pub fn with_vault(mut self, vault: crate::crypto::Vault) -> Self {
+        self.vault = vault;
+        self
+    }
+
+    /// The URL to post to: the target with its secret references resolved. Messages about
+    /// it name the stored target, never the resolved one.
+    async fn url_of(&self, m: &OutboxMessage) -> Result<String, String> {
+        let event_id = m.payload.0["event"]["id"]
+            .as_str()
+            .and_then(|id| uuid::Uuid::parse_str(id).ok());
+        let url =
+            crate::secret_refs::resolve_for_event(&self.pool, &self.vault, event_id, &m.target)
+                .await
+                .map_err(|e| format!("target {}: {e}", m.target))?;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(format!(
+                "target {} is not an http:// or https:// URL once resolved",
+                m.target
+            ));
+        }
+        Ok(url.into_owned())
     }
 
     pub async fn run(self, stop: CancellationToken) {
@@ -167,7 +196,10 @@ impl Deliverer {
             .http
             .as_ref()
             .map_err(|()| "the api cannot build its HTTP client (see its log)".to_owned())?;
-        let url = reqwest::Url::parse(&m.target).map_err(|e| format!("{}: {e}", m.target))?;
+        // The target with its `{{secret.NAME}}` references resolved; errors name the stored
+        // target, never the resolved one.
+        let resolved = self.url_of(m).await?;
+        let url = reqwest::Url::parse(&resolved).map_err(|e| format!("{}: {e}", m.target))?;
         // An IP literal is connected to without resolving: the resolver never sees it.
         self.policy
             .check_url(&url)
@@ -177,7 +209,7 @@ impl Deliverer {
             .json(&body)
             .send()
             .await
-            .map_err(|e| format!("cannot reach {}: {}", m.target, error_chain(&e)))?;
+            .map_err(|e| format!("cannot reach {}: {}", m.target, error_chain(&e.without_url())))?;
         let status = response.status();
         if status.is_success() {
             Ok(())

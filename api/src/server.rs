@@ -161,6 +161,7 @@ impl Api {
                     state.outbox_wake.clone(),
                     state.config.http_allow_cidrs.clone(),
                 )
+                .with_vault(state.vault.clone())
                 .run(stop.clone()),
             ),
         ];

@@ -1,4 +1,5 @@
-//! Verified tokens, remembered briefly so a busy client does not cost two queries per request.
+//! Verified tokens, remembered briefly so a busy client does not cost two queries per request,
+//! and the worker streams opened with them, ended when their token is revoked.
 //!
 //! A token's hash, looked up once, maps to its id, name and role for [`TTL`]. Revoking a token
 //! sends `NOTIFY baton_token_revoked` in the revoking transaction and every replica forgets it
@@ -6,14 +7,21 @@
 //! unseen while a replica's `LISTEN` connection is down (it forgets everything when that
 //! reconnects). Unknown tokens are never remembered, so a token created a moment ago works at
 //! once.
+//!
+//! Forgetting a revoked token also cancels the [`CancellationToken`] of every worker stream
+//! opened with it on this replica ([`TokenCache::watch_stream`]): the session ends the stream
+//! with `Unauthenticated` and gets no more work. A notification missed while the listener was
+//! down is caught by the session's own check on each heartbeat.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::model::Role;
+use crate::model::token::WorkerBinding;
 
 /// How long a verified token is trusted without asking the database again.
 pub const TTL: Duration = Duration::from_secs(30);
@@ -21,6 +29,9 @@ pub const TTL: Duration = Duration::from_secs(30);
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
 /// Beyond this many tokens the cache starts over (bounds memory under a flood of tokens).
 const MAX_ENTRIES: usize = 10_000;
+/// Revoked token ids remembered to refuse a stream registered just after its revocation
+/// (beyond, the heartbeat check still catches it).
+const MAX_REVOKED: usize = 10_000;
 
 /// Who a token belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +39,8 @@ pub struct Verified {
     pub id: Uuid,
     pub name: String,
     pub role: Role,
+    /// What a worker using this token may declare.
+    pub binding: WorkerBinding,
 }
 
 #[derive(Debug)]
@@ -49,6 +62,15 @@ pub enum Lookup {
 #[derive(Debug, Default)]
 pub struct TokenCache {
     entries: Mutex<HashMap<Vec<u8>, Entry>>,
+    streams: Mutex<OpenStreams>,
+}
+
+/// Worker streams per token: one parent [`CancellationToken`] per token id, a child per stream
+/// (a dropped child leaves its parent's list by itself).
+#[derive(Debug, Default)]
+struct OpenStreams {
+    by_token: HashMap<Uuid, CancellationToken>,
+    revoked: HashSet<Uuid>,
 }
 
 impl TokenCache {
@@ -89,9 +111,35 @@ impl TokenCache {
         );
     }
 
-    /// Forgets a revoked token.
+    /// Forgets a revoked token and ends the worker streams opened with it here.
     pub fn forget(&self, id: Uuid) {
         self.lock().retain(|_, e| e.verified.id != id);
+        let mut streams = self.lock_streams();
+        if streams.revoked.len() >= MAX_REVOKED {
+            streams.revoked.clear();
+        }
+        streams.revoked.insert(id);
+        if let Some(parent) = streams.by_token.remove(&id) {
+            parent.cancel();
+        }
+    }
+
+    /// A token cancelled when token `id` is revoked (already cancelled if this replica knows
+    /// it is). A worker session selects on it to end its stream.
+    pub fn watch_stream(&self, id: Uuid) -> CancellationToken {
+        let mut streams = self.lock_streams();
+        if streams.revoked.contains(&id) {
+            let gone = CancellationToken::new();
+            gone.cancel();
+            return gone;
+        }
+        streams.by_token.entry(id).or_default().child_token()
+    }
+
+    fn lock_streams(&self) -> std::sync::MutexGuard<'_, OpenStreams> {
+        self.streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Forgets every token (revocations may have been missed).
@@ -116,6 +164,7 @@ mod tests {
             id,
             name: "ci".into(),
             role: Role::Operator,
+            binding: WorkerBinding::default(),
         }
     }
 
@@ -137,5 +186,23 @@ mod tests {
         cache.remember(b"h".to_vec(), verified(id));
         cache.clear();
         assert!(matches!(cache.lookup(b"h"), Lookup::Unknown));
+    }
+
+    #[test]
+    fn revoking_a_token_ends_its_streams_only() {
+        let cache = TokenCache::default();
+        let (revoked, kept) = (Uuid::now_v7(), Uuid::now_v7());
+        let first = cache.watch_stream(revoked);
+        let second = cache.watch_stream(revoked);
+        let other = cache.watch_stream(kept);
+        cache.clear();
+        assert!(!first.is_cancelled(), "a cache reset is not a revocation");
+        cache.forget(revoked);
+        assert!(first.is_cancelled() && second.is_cancelled());
+        assert!(!other.is_cancelled());
+        assert!(
+            cache.watch_stream(revoked).is_cancelled(),
+            "a stream registered after the revocation is refused"
+        );
     }
 }

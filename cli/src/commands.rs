@@ -93,7 +93,43 @@ pub enum TokensCommand {
         /// admin, operator, viewer or worker.
         #[arg(long)]
         role: String,
+        /// Worker tokens: bind the token to this label (`key=value`, repeatable). A worker
+        /// using it may declare only these labels. `--no-labels` binds it to none.
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        /// Worker tokens: may declare no labels at all.
+        #[arg(long, conflicts_with = "labels")]
+        no_labels: bool,
+        /// Worker tokens: bind the token to this executor (container, ssh or local;
+        /// repeatable). A worker using it may offer only these.
+        #[arg(long = "executor", value_name = "EXECUTOR")]
+        executors: Vec<String>,
     },
+}
+
+/// The body of `POST /api/v1/tokens` for `baton tokens create`.
+fn new_token_body(
+    name: &str,
+    role: &str,
+    labels: &[String],
+    no_labels: bool,
+    executors: &[String],
+) -> anyhow::Result<Value> {
+    let mut body = json!({"name": name, "role": role});
+    if !labels.is_empty() || no_labels {
+        let mut bound = serde_json::Map::new();
+        for label in labels {
+            let (key, value) = label
+                .split_once('=')
+                .with_context(|| format!("--label {label:?} must be KEY=VALUE"))?;
+            bound.insert(key.to_owned(), Value::String(value.to_owned()));
+        }
+        body["worker_labels"] = Value::Object(bound);
+    }
+    if !executors.is_empty() {
+        body["executors"] = json!(executors);
+    }
+    Ok(body)
 }
 
 pub async fn run(cmd: ApiCommand) -> anyhow::Result<()> {
@@ -144,10 +180,15 @@ pub async fn run(cmd: ApiCommand) -> anyhow::Result<()> {
             let client = Client::new(&conn)?;
             let out = match command {
                 TokensCommand::List => client.get("/api/v1/tokens").await?,
-                TokensCommand::Create { name, role } => {
-                    client
-                        .post("/api/v1/tokens", &json!({"name": name, "role": role}))
-                        .await?
+                TokensCommand::Create {
+                    name,
+                    role,
+                    labels,
+                    no_labels,
+                    executors,
+                } => {
+                    let body = new_token_body(&name, &role, &labels, no_labels, &executors)?;
+                    client.post("/api/v1/tokens", &body).await?
                 }
             };
             print_json(&out)
@@ -360,4 +401,30 @@ fn urlencode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bindings_become_the_request_fields() {
+        let body = new_token_body(
+            "w",
+            "worker",
+            &["env=prod".to_owned()],
+            false,
+            &["ssh".to_owned()],
+        )
+        .expect("body");
+        assert_eq!(
+            body,
+            json!({"name": "w", "role": "worker", "worker_labels": {"env": "prod"}, "executors": ["ssh"]})
+        );
+        let bare = new_token_body("w", "worker", &[], true, &[]).expect("body");
+        assert_eq!(bare["worker_labels"], json!({}));
+        let plain = new_token_body("v", "viewer", &[], false, &[]).expect("body");
+        assert_eq!(plain, json!({"name": "v", "role": "viewer"}));
+        assert!(new_token_body("w", "worker", &["env".to_owned()], false, &[]).is_err());
+    }
 }

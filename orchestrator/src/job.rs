@@ -184,11 +184,34 @@ pub(crate) fn plan(
             false,
         ));
     }
+    // `{{secret.NAME}}` in env and header values: substituted here, from the variables the
+    // event can read; a reference to any other fails the job (not retried: it would again).
+    let readable = context.get("variables").and_then(Value::as_object);
+    let unresolvable = |e: String| {
+        Failure::infrastructure(
+            format!("{e} (a secret reference names a global variable or one of this event's own)"),
+            false,
+        )
+    };
+    let env = crate::secret_refs::resolve_values("env", snapshot.env.unwrap_or_default(), readable)
+        .map_err(unresolvable)?;
+    let request = match snapshot.request {
+        Some(mut request) => {
+            request.headers = crate::secret_refs::resolve_values(
+                "request.headers",
+                std::mem::take(&mut request.headers),
+                readable,
+            )
+            .map_err(unresolvable)?;
+            Some(request)
+        }
+        None => None,
+    };
     let spec = RunSpec {
         content: snapshot.content,
         command: snapshot.command,
-        request: snapshot.request,
-        env: snapshot.env.unwrap_or_default(),
+        request,
+        env,
         image: snapshot.image.filter(|i| !i.trim().is_empty()),
         network: snapshot.network.unwrap_or(false),
         limits: snapshot.limits,

@@ -78,6 +78,7 @@ pub mod executor;
 mod job;
 pub mod logbook;
 pub mod rundir;
+mod secret_refs;
 mod session;
 mod worker;
 

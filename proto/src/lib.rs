@@ -15,3 +15,4 @@ pub use v1::server_message::Msg as ServerMsg;
 pub use v1::worker_message::Msg as WorkerMsg;
 
 pub mod logchunk;
+pub mod secret_ref;

@@ -122,6 +122,24 @@ impl ScriptedWorker {
         }
     }
 
+    /// Reads until the api ends the stream (within `wait`, else panics): the messages that
+    /// came meanwhile (buffered ones first) and the status it ended with (`None`: a clean end).
+    pub async fn until_closed(
+        &mut self,
+        wait: Duration,
+    ) -> (Vec<ServerMsg>, Option<tonic::Status>) {
+        let mut seen: Vec<ServerMsg> = self.skipped.drain(..).collect();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.message()).await {
+                Err(_) => panic!("the api did not end the stream within {wait:?}; got {seen:?}"),
+                Ok(Ok(Some(m))) => seen.extend(m.msg),
+                Ok(Ok(None)) => return (seen, None),
+                Ok(Err(status)) => return (seen, Some(status)),
+            }
+        }
+    }
+
     /// The first message (buffered or new) that `pick` accepts; the others stay buffered,
     /// in order, for later reads.
     pub async fn next_matching<T>(&mut self, pick: impl Fn(&ServerMsg) -> Option<T>) -> T {

@@ -57,7 +57,7 @@ impl WorkerService for WorkerGrpc {
                 info.name, info.role
             )));
         }
-        let stream = session::open(self.state.clone(), info.id, request.into_inner()).await?;
+        let stream = session::open(self.state.clone(), info, request.into_inner()).await?;
         Ok(Response::new(stream))
     }
 }

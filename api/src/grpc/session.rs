@@ -21,9 +21,9 @@ use baton_proto::v1::{
     ServerMessage, Welcome, WorkerMessage,
 };
 use baton_proto::{ServerMsg, WorkerMsg};
-use futures::{FutureExt as _, StreamExt};
+use futures::FutureExt as _;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 use uuid::Uuid;
 
@@ -36,6 +36,7 @@ use crate::model::JobError;
 use crate::model::job::ErrorKind;
 use crate::storage::queue::{self, Outcome};
 use crate::storage::{StorageError, workers};
+use crate::token_cache::Verified;
 
 /// At most this many waiting messages are handled together.
 const MAX_GROUP: usize = 256;
@@ -47,11 +48,15 @@ const KNOWN_EXECUTORS: [&str; 3] = ["container", "ssh", "local"];
 const GIVE_UP_AFTER_LEASES: u32 = 4;
 const GIVE_UP_MIN_REFUSALS: u32 = 5;
 
+/// What a worker whose token was revoked is told as its stream ends.
+const REVOKED: &str = "the worker token was revoked";
+
 pub(super) async fn open(
     state: AppState,
-    token_id: Uuid,
+    token: Verified,
     mut inbound: Streaming<WorkerMessage>,
 ) -> Result<SessionStream, Status> {
+    let token_id = token.id;
     let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
         .await
         .map_err(|_| Status::deadline_exceeded("no Hello within 10 s"))??;
@@ -61,7 +66,24 @@ pub(super) async fn open(
     else {
         return Err(Status::invalid_argument("the first message must be Hello"));
     };
-    let hello = ValidHello::parse(hello)?;
+    let mut hello = ValidHello::parse(hello)?;
+    // A token bound by an admin limits what its workers may declare (and so which jobs they
+    // get): labels beyond it are refused, executors clipped to it.
+    hello.executors = token
+        .binding
+        .admit(
+            hello
+                .labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str().unwrap_or_default())),
+            &hello.executors,
+        )
+        .map_err(Status::permission_denied)?;
+    // Cancelled when the token is revoked (on any replica): the stream ends.
+    let revoked = state.tokens.watch_stream(token_id);
+    if revoked.is_cancelled() {
+        return Err(Status::unauthenticated(REVOKED));
+    }
     let lease = state.config.lease;
 
     // Jobs the worker kept running while it was away: still ours?
@@ -128,7 +150,7 @@ pub(super) async fn open(
     tracing::info!(worker.id = %hello.worker_id, worker.name = %hello.name, slots = hello.slots, "worker connected");
 
     let stop = state.stop.clone();
-    let stop_outbound = state.stop.clone();
+    let outbound = outbound(rx, state.stop.clone(), revoked.clone());
     tokio::spawn(async move {
         let session = Session {
             state: state.clone(),
@@ -136,10 +158,13 @@ pub(super) async fn open(
             tx,
             maskers: tokio::sync::Mutex::new(HashMap::new()),
             refusals: std::sync::Mutex::new(HashMap::new()),
+            token_id,
+            revoked,
         };
         loop {
             let next = tokio::select! {
                 _ = stop.cancelled() => break,
+                _ = session.revoked.cancelled() => break,
                 next = inbound.message() => next,
             };
             // Whatever else has already arrived is handled with it (its writes in one
@@ -174,16 +199,42 @@ pub(super) async fn open(
             }
         }
         state.dispatcher.disconnect(&conn);
+        if session.revoked.is_cancelled() {
+            session.give_back_unstarted().await;
+        }
         if let Err(e) = workers::disconnected(&state.pool, conn.worker_id, &state.api_id).await {
             tracing::warn!(error = %e, "could not record the worker's disconnection");
         }
         tracing::info!(worker.id = %conn.worker_id, "worker disconnected");
     });
 
-    // The response stream ends when the replica shuts down, so graceful shutdown completes.
-    Ok(Box::pin(ReceiverStream::new(rx).take_until(async move {
-        stop_outbound.cancelled().await
-    })))
+    Ok(outbound)
+}
+
+/// The messages to the worker. The stream ends when the replica shuts down (so graceful
+/// shutdown completes), and with `Unauthenticated` when the token is revoked: what is still
+/// queued is dropped and the channel closed, so the dispatcher's next push to this worker
+/// fails and gives its job back.
+fn outbound(
+    rx: mpsc::Receiver<Result<ServerMessage, Status>>,
+    stop: CancellationToken,
+    revoked: CancellationToken,
+) -> SessionStream {
+    Box::pin(futures::stream::unfold(Some(rx), move |rx| {
+        let (stop, revoked) = (stop.clone(), revoked.clone());
+        async move {
+            let mut rx = rx?;
+            tokio::select! {
+                biased;
+                _ = revoked.cancelled() => {
+                    rx.close();
+                    Some((Err(Status::unauthenticated(REVOKED)), None))
+                }
+                _ = stop.cancelled() => None,
+                msg = rx.recv() => msg.map(|m| (m, Some(rx))),
+            }
+        }
+    }))
 }
 
 /// A `Hello`, checked.
@@ -275,6 +326,9 @@ struct Session {
     maskers: tokio::sync::Mutex<HashMap<Uuid, StreamMasker>>,
     /// Jobs whose reports the database refused: since when, and how many times.
     refusals: std::sync::Mutex<HashMap<Uuid, (Instant, u32)>>,
+    /// The worker token the stream was opened with, and what fires when it is revoked.
+    token_id: Uuid,
+    revoked: CancellationToken,
 }
 
 impl Session {
@@ -662,6 +716,17 @@ impl Session {
     }
 
     async fn heartbeat(&self, hb: baton_proto::v1::Heartbeat) {
+        // A revocation whose notification this replica missed is caught here.
+        match crate::storage::tokens::is_live(&self.state.pool, self.token_id).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(worker.id = %self.conn.worker_id, token.id = %self.token_id, "worker token revoked; ending the stream");
+                self.state.tokens.forget(self.token_id);
+                self.revoked.cancel();
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "could not re-check the worker token"),
+        }
         let mut claimed = Vec::with_capacity(hb.jobs.len());
         for job in &hb.jobs {
             // Only the leases this stream holds are renewed (a job given up, or another
@@ -699,6 +764,22 @@ impl Session {
             }
         }
         let _ = workers::seen(&self.state.pool, self.conn.worker_id, held.len() as i32).await;
+    }
+
+    /// After a revocation: jobs pushed to this worker but not started go back to the queue at
+    /// once (running ones are left to their lease: the worker may still be running them).
+    async fn give_back_unstarted(&self) {
+        for (job_id, token) in self.conn.held_jobs() {
+            match queue::release(&self.state.pool, job_id, token).await {
+                Ok(true) => tracing::info!(job.id = %job_id, "job of a revoked worker requeued"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(job.id = %job_id, error = %e, "could not requeue a job of a revoked worker")
+                }
+            }
+            self.conn.release(job_id);
+        }
+        self.state.dispatcher.wake();
     }
 
     /// A completion is recorded: count it, free the slot, acknowledge it.

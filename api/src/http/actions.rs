@@ -63,7 +63,13 @@ pub async fn list_actions(
     caller.require(Role::Viewer)?;
     let id = parse_uuid("id", &id)?;
     events::get_event(&state.pool, id).await?;
-    Ok(axum::Json(actions::list_actions(&state.pool, id).await?))
+    let actions = actions::list_actions(&state.pool, id).await?;
+    Ok(axum::Json(
+        actions
+            .into_iter()
+            .map(|a| crate::redact::action(caller.role, a))
+            .collect(),
+    ))
 }
 
 #[utoipa::path(delete, path = "/api/v1/events/{id}/actions/{action_id}", tag = "actions",

@@ -64,6 +64,10 @@ pub async fn list_events(
     let next_cursor = (items.len() as i64 == limit)
         .then(|| items.last().map(|e| e.spec.name.clone()))
         .flatten();
+    let items = items
+        .into_iter()
+        .map(|e| crate::redact::event(caller.role, e))
+        .collect();
     Ok(axum::Json(Page { items, next_cursor }))
 }
 
@@ -76,7 +80,8 @@ pub async fn get_event(
 ) -> Result<axum::Json<Event>, ApiError> {
     caller.require(Role::Viewer)?;
     let id = parse_uuid("id", &id)?;
-    Ok(axum::Json(events::get_event(&state.pool, id).await?))
+    let event = events::get_event(&state.pool, id).await?;
+    Ok(axum::Json(crate::redact::event(caller.role, event)))
 }
 
 #[utoipa::path(patch, path = "/api/v1/events/{id}", tag = "events", params(("id" = Uuid, Path)),

@@ -9,6 +9,7 @@ use super::extract::{JsonBody, parse_uuid};
 use crate::AppState;
 use crate::auth::{self, Caller};
 use crate::error::{ApiError, ErrorBody};
+use crate::model::token::WorkerBinding;
 use crate::model::{NewToken, Role, Token, TokenCreated};
 use crate::storage::tokens;
 
@@ -22,15 +23,26 @@ pub async fn create_token(
 ) -> Result<(StatusCode, axum::Json<TokenCreated>), ApiError> {
     caller.require(Role::Admin)?;
     new.validate()?;
-    let (info, token) =
-        auth::create_token(&state.pool, &new.name, new.role, Some(caller.token_id)).await?;
+    let binding = WorkerBinding {
+        labels: new.worker_labels.clone(),
+        executors: new.executor_names(),
+    };
+    let (info, token) = auth::create_bound_token(
+        &state.pool,
+        &new.name,
+        new.role,
+        Some(caller.token_id),
+        &binding,
+    )
+    .await?;
     audit(
         &state.pool,
         &caller,
         "token.create",
         "token",
         info.id,
-        json!({"name": info.name, "role": info.role}),
+        json!({"name": info.name, "role": info.role,
+               "worker_labels": info.worker_labels, "executors": info.executors}),
     )
     .await?;
     Ok((
@@ -61,7 +73,8 @@ pub async fn revoke_token(
     tokens::revoke_token(&mut *tx, id).await?;
     audit(&mut *tx, &caller, "token.revoke", "token", id, json!({})).await?;
     tx.commit().await?;
-    // Other replicas hear of it by NOTIFY; this one stops accepting it before answering.
+    // Other replicas hear of it by NOTIFY; this one stops accepting it (and ends the worker
+    // streams opened with it) before answering.
     state.tokens.forget(id);
     Ok(StatusCode::NO_CONTENT)
 }

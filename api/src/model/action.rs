@@ -39,7 +39,9 @@ pub enum ActionSpec {
     /// Send a message rendered from `template` (Jinja syntax; `event` and `job` are available).
     SendMessage {
         channel: Channel,
-        /// A URL (webhook, slack, discord) or an email address.
+        /// A URL (webhook, slack, discord) or an email address. A URL may reference secret
+        /// variables as `{{secret.NAME}}` (the whole URL or a part of it), substituted when
+        /// the message is delivered; non-admin callers see only its scheme and host.
         target: String,
         #[serde(default = "default_template")]
         template: String,
@@ -75,6 +77,12 @@ impl NewAction {
         } = &self.action
         {
             match channel {
+                Channel::Email if baton_proto::secret_ref::has_references(target) => {
+                    return Err(FieldError::new(
+                        "action.target",
+                        "secret references are only supported in webhook, slack and discord targets",
+                    ));
+                }
                 Channel::Email => {
                     let ok = target.len() <= 254
                         && target
@@ -86,9 +94,16 @@ impl NewAction {
                     }
                 }
                 _ => {
-                    let ok = (target.starts_with("http://") || target.starts_with("https://"))
-                        && target.len() <= 2048
-                        && !target.chars().any(|c| c.is_whitespace() || c.is_control());
+                    super::event::check_secret_refs("action.target", target)?;
+                    // A target that is one reference is checked when delivered; otherwise
+                    // the URL around the references must be one.
+                    let whole_ref = baton_proto::secret_ref::only_references(target)
+                        && !target.contains(char::is_whitespace);
+                    let url = placeholder_refs(target);
+                    let ok = target.len() <= 2048
+                        && (whole_ref
+                            || ((url.starts_with("http://") || url.starts_with("https://"))
+                                && !url.chars().any(|c| c.is_whitespace() || c.is_control())));
                     if !ok {
                         return Err(FieldError::new(
                             "action.target",
@@ -109,6 +124,14 @@ impl NewAction {
         }
         Ok(())
     }
+}
+
+/// `target` with each secret reference replaced by a harmless placeholder, for checking the
+/// URL around it.
+fn placeholder_refs(target: &str) -> String {
+    baton_proto::secret_ref::resolve(target, |_| Some("secret"))
+        .map(|t| t.into_owned())
+        .unwrap_or_else(|_| target.to_owned())
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

@@ -51,6 +51,8 @@ pub struct HttpRequestSpec {
     #[serde(default = "default_method")]
     pub method: String,
     pub url: String,
+    /// Header values may reference secret variables as `{{secret.NAME}}` (substituted by the
+    /// worker); non-admin callers see values other than bare references as `***`.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     /// A string is sent as is; any other JSON value is sent as JSON.
@@ -93,6 +95,9 @@ pub struct NewEvent {
     /// Container image, overriding the worker's default for the runtime.
     #[serde(default)]
     pub image: Option<String>,
+    /// Environment of the run. A value may reference secret variables as `{{secret.NAME}}`:
+    /// the worker substitutes them just before the run, so the definition holds no
+    /// credential. Non-admin callers see values other than bare references as `***`.
     #[serde(default)]
     #[sqlx(json)]
     pub env: BTreeMap<String, String>,
@@ -277,6 +282,7 @@ impl NewEvent {
                     "must not contain NUL bytes",
                 ));
             }
+            check_secret_refs(&format!("env.{key}"), value)?;
         }
         if self.env.len() > MAX_ENV {
             return Err(FieldError::new(
@@ -477,8 +483,17 @@ fn check_request(req: &HttpRequestSpec) -> Result<(), FieldError> {
                 "must not contain line breaks",
             ));
         }
+        check_secret_refs(&format!("request.headers.{name}"), value)?;
     }
     Ok(())
+}
+
+/// A value that may reference secret variables (`{{secret.NAME}}`, resolved by the worker):
+/// every reference must be well formed.
+pub(crate) fn check_secret_refs(field: &str, value: &str) -> Result<(), FieldError> {
+    baton_proto::secret_ref::parse(value)
+        .map(|_| ())
+        .map_err(|e| FieldError::new(field, e.to_string()))
 }
 
 pub(crate) fn check_name(field: &str, name: &str) -> Result<(), FieldError> {

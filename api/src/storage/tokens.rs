@@ -4,9 +4,11 @@ use sqlx::PgExecutor;
 use uuid::Uuid;
 
 use super::{Result, StorageError};
+use crate::model::token::WorkerBinding;
 use crate::model::{Role, Token};
 
-const TOKEN_COLUMNS: &str = "id, name, role, token_prefix, created_at, last_used_at, revoked_at";
+const TOKEN_COLUMNS: &str = "id, name, role, token_prefix, created_at, last_used_at, revoked_at, \
+                             worker_labels, worker_executors";
 
 pub async fn insert_token(
     db: impl PgExecutor<'_>,
@@ -16,9 +18,33 @@ pub async fn insert_token(
     prefix: &str,
     created_by: Option<Uuid>,
 ) -> Result<Token> {
+    insert_bound_token(
+        db,
+        name,
+        role,
+        hash,
+        prefix,
+        created_by,
+        &WorkerBinding::default(),
+    )
+    .await
+}
+
+/// Inserts a token; a worker token may be bound to the labels and executors its workers may
+/// declare.
+pub async fn insert_bound_token(
+    db: impl PgExecutor<'_>,
+    name: &str,
+    role: Role,
+    hash: &[u8],
+    prefix: &str,
+    created_by: Option<Uuid>,
+    binding: &WorkerBinding,
+) -> Result<Token> {
     let sql = format!(
-        "INSERT INTO api_tokens (id, name, role, token_hash, token_prefix, created_by)
-         VALUES ($1, $2, $3, $4, $5, $6) RETURNING {TOKEN_COLUMNS}"
+        "INSERT INTO api_tokens (id, name, role, token_hash, token_prefix, created_by,
+                                 worker_labels, worker_executors)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {TOKEN_COLUMNS}"
     );
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(Uuid::now_v7())
@@ -27,8 +53,21 @@ pub async fn insert_token(
         .bind(hash)
         .bind(prefix)
         .bind(created_by)
+        .bind(binding.labels.as_ref().map(sqlx::types::Json))
+        .bind(binding.executors.as_deref())
         .fetch_one(db)
         .await?)
+}
+
+/// Whether the token `id` exists and is not revoked (a worker stream re-checks this on every
+/// heartbeat, in case a revocation's notification was missed).
+pub async fn is_live(db: impl PgExecutor<'_>, id: Uuid) -> Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM api_tokens WHERE id = $1 AND revoked_at IS NULL)",
+    )
+    .bind(id)
+    .fetch_one(db)
+    .await?)
 }
 
 /// The live (not revoked) token with this hash.

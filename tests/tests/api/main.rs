@@ -4,6 +4,7 @@
 
 mod auth;
 mod chains;
+mod credentials;
 mod events;
 mod health;
 mod jobs;
@@ -15,3 +16,4 @@ mod servers;
 mod terminal;
 mod variables;
 mod worker_reports;
+mod worker_tokens;

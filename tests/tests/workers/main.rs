@@ -9,5 +9,7 @@ mod failover;
 mod hostile;
 mod reports;
 mod runs;
+mod secret_refs;
 mod ssh;
 mod support;
+mod worker_tokens;

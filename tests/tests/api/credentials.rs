@@ -9,7 +9,7 @@ use baton_proto::v1::Finished;
 use baton_proto::{ServerMsg, WorkerMsg};
 use baton_tests::protocol::{ScriptedWorker, hello};
 use baton_tests::receivers::HttpReceiver;
-use baton_tests::{TestApp, bash_event, send, spawn_app};
+use baton_tests::{TestApp, bash_event, send, spawn_app, spawn_app_with};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -183,7 +183,8 @@ async fn malformed_secret_references_are_refused_naming_the_field() {
 /// one referencing a variable the event cannot read fails with a reason naming it.
 #[tokio::test]
 async fn message_targets_are_resolved_only_at_delivery() {
-    let app = spawn_app().await;
+    // The receiver is on loopback, which the outbox refuses unless allowed.
+    let app = spawn_app_with(|c| c.http_allow_cidrs = "127.0.0.0/8".parse().expect("cidr")).await;
     let receiver = HttpReceiver::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -243,6 +243,19 @@ async fn a_database_crash_restart_under_load_loses_no_job_and_the_api_recovers_b
         .create_unique_database("chaos", None)
         .await
         .expect("database");
+    // The throwaway cluster commits asynchronously (synchronous_commit=off, for speed): a
+    // crash then loses the last fraction of a second of commits, which no client could tell
+    // from a lost job. This database commits durably, as a production one does.
+    let admin = sqlx::PgPool::connect(&cluster.url("postgres"))
+        .await
+        .expect("admin connection");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE \"{db_name}\" SET synchronous_commit = on"
+    )))
+    .execute(&admin)
+    .await
+    .expect("durable commits");
+    admin.close().await;
     let db = cluster.url(&db_name);
     let api = ApiProcess::start(
         &db,

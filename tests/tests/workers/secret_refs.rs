@@ -120,7 +120,11 @@ async fn header_references_resolve_on_the_worker() {
                         "headers": {"Authorization": "Bearer {{ secret.API_TOKEN }}"}}}),
     )
     .await;
-    let worker = InProcessWorker::start(&app, 1).await;
+    // The receiver is on loopback, which `http` jobs may reach only when allowed.
+    let worker = InProcessWorker::start_with(&app, 1, |c| {
+        c.http_allow_cidrs = "127.0.0.0/8".parse().expect("cidr")
+    })
+    .await;
     let id = app.run_event(&ev, &json!({})).await;
     let job = wait_finished(&app, &id).await;
     assert_eq!(job["status"], "succeeded", "{job}");

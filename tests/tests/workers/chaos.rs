@@ -466,7 +466,7 @@ async fn an_api_replica_killed_under_load_loses_no_job_and_no_line() {
             let mut i = 0usize;
             while submissions.len() < 40 || submissions.iter().filter(|s| s.after_kill).count() < 10
             {
-                let (replica, base) = if i % 2 == 0 {
+                let (replica, base) = if i.is_multiple_of(2) {
                     ("A", &a_http)
                 } else {
                     ("B", &b_http)

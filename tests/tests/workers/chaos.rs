@@ -613,3 +613,59 @@ async fn an_api_replica_killed_under_load_loses_no_job_and_no_line() {
     );
     drop(workers);
 }
+
+/// Whether `GET /api/v1/workers` shows the worker `id` connected (None: not listed).
+async fn shown_connected(app: &baton_tests::TestApp, id: Uuid) -> Option<bool> {
+    let (_, list) = app.get("/api/v1/workers").await;
+    list.as_array()?
+        .iter()
+        .find(|w| w["id"] == id.to_string())
+        .and_then(|w| w["connected"].as_bool())
+}
+
+#[tokio::test]
+async fn a_worker_whose_replica_was_killed_is_shown_disconnected_within_a_lease() {
+    let db = test_database().await;
+    let mut a = ApiProcess::start(&db, &SHORT_LEASE).await;
+    let b = ApiProcess::start(&db, &SHORT_LEASE).await;
+    let app = b.app(&db).await;
+    // The worker knows only A: once A is gone, it holds no stream anywhere.
+    let id = Uuid::now_v7();
+    let worker = WorkerProcess::start_on(
+        &app,
+        &a.grpc_address,
+        1,
+        &[
+            "--allow-local",
+            "--no-container",
+            "--worker-id",
+            &id.to_string(),
+        ],
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while shown_connected(&app, id).await != Some(true) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker never connected"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Killed, A cannot record that the worker's stream ended.
+    let killed = tokio::time::Instant::now();
+    a.kill();
+    let deadline = killed + Duration::from_secs(30);
+    while shown_connected(&app, id).await != Some(false) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker of the killed replica is still shown connected"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let shown = killed.elapsed();
+    println!("shown disconnected {shown:?} after its replica was killed");
+    // A lease (3 s) after its last heartbeat, which came at most a third of a lease before the
+    // kill; 2 s of slack for a loaded machine.
+    assert!(shown <= Duration::from_secs(5), "took {shown:?}");
+    drop(worker);
+}

@@ -246,19 +246,6 @@ async fn a_database_crash_restart_under_load_loses_no_job_and_the_api_recovers_b
         .await
         .expect("database");
     let db = cluster.url(&db_name);
-    // A throwaway cluster runs with `synchronous_commit=off`: a crash (which an immediate stop
-    // is) would then lose commits already acknowledged, runs answered 202 among them. Baton's
-    // promise holds for a database that keeps what it acknowledged, so this one does (the
-    // database's own setting overrides the server's command line; `fsync=off` only matters
-    // when the machine crashes, not the server).
-    sqlx::query(
-        "DO $$ BEGIN
-             EXECUTE format('ALTER DATABASE %I SET synchronous_commit = on', current_database());
-         END $$",
-    )
-    .execute(&sqlx::PgPool::connect(&db).await.expect("connect"))
-    .await
-    .expect("synchronous commits");
     let api = ApiProcess::start(
         &db,
         &[
@@ -268,11 +255,6 @@ async fn a_database_crash_restart_under_load_loses_no_job_and_the_api_recovers_b
     )
     .await;
     let app = api.app(&db).await;
-    let synchronous: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
-        .fetch_one(&app.pool)
-        .await
-        .expect("setting");
-    assert_eq!(synchronous, "on", "new sessions commit synchronously");
     let ev = local_event(
         &app,
         "steady",

@@ -784,6 +784,59 @@ async fn a_memory_hog_fails_for_memory() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filling_the_work_dir_stops_at_its_limit() {
+    let h = Harness::new().await;
+    // 8 MiB fit in a 16 MiB working directory, 32 MiB do not: the script's own write fails
+    // (not the engine's disk), and the run fails with the script's error.
+    let script = r#"
+df -m "$HOME" | tail -1 | awk '{print "work=" $2}'
+stat -c 'owner=%u:%g mode=%a' "$HOME"
+dd if=/dev/zero of="$HOME/small" bs=1M count=8 2>/dev/null && echo "below the limit: ok"
+rm -f "$HOME/small"
+dd if=/dev/zero of="$HOME/big" bs=1M count=32
+"#;
+    let spec = RunSpec::script(Runtime::Bash, script).with_limits(ResourceLimits {
+        work_mib: Some(16),
+        ..ResourceLimits::default()
+    });
+    let check = |run: &Run, path: &str| {
+        let stdout = run.stdout();
+        for expected in ["work=16", "owner=10001:10001 mode=700", "below the limit: ok"] {
+            assert!(
+                stdout.iter().any(|l| l == expected),
+                "{path}: missing {expected:?} in {stdout:?}"
+            );
+        }
+        assert_eq!(run.outcome.exit_code, Some(1), "{path}: {:?}", run.outcome);
+        assert_eq!(
+            run.outcome.result(),
+            RunResult::Failed(ErrorKind::Script),
+            "{path}"
+        );
+        let stderr = run.stderr();
+        assert!(
+            stderr
+                .iter()
+                .any(|l| l.contains("No space left on device")),
+            "{path}: {stderr:?}"
+        );
+    };
+    let spec_again = spec.clone();
+    let warm = h.executor.spare_stats().warm_runs;
+    let run = h.run(spec).await;
+    // A configuration with its own limits is new: the cold path.
+    assert_eq!(h.executor.spare_stats().warm_runs, warm);
+    check(&run, "cold");
+    // Now that configuration has a spare: the same in one.
+    let idle = h.executor.config().default_images.len() + 1;
+    h.wait_idle(idle).await;
+    let run = h.run(spec_again).await;
+    assert_eq!(h.executor.spare_stats().warm_runs, warm + 1);
+    check(&run, "spare");
+    h.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_runs_keep_to_the_network_settings_and_the_address_policy() {
     // A server the runs would reach if nothing stopped them.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -993,6 +1046,7 @@ async fn limits_are_per_run_and_bounded_by_the_maximums() {
             cpus: Some(2.0),
             pids: Some(512),
             tmp_mib: Some(128),
+            work_mib: Some(512),
         };
     })
     .await;
@@ -1003,12 +1057,14 @@ else
   echo "pids=$(cat /sys/fs/cgroup/pids.max) memory=$(cat /sys/fs/cgroup/memory.max)"
 fi
 df -m /tmp | tail -1 | awk '{print "tmp=" $2}'
+df -m "$HOME" | tail -1 | awk '{print "work=" $2}'
 "#;
     let asked = ResourceLimits {
         memory_mib: Some(128),
         cpus: Some(0.5),
         pids: Some(100),
         tmp_mib: Some(16),
+        work_mib: Some(24),
     };
     let run = h
         .run(RunSpec::script(Runtime::Sh, script).with_limits(asked))
@@ -1020,6 +1076,7 @@ df -m /tmp | tail -1 | awk '{print "tmp=" $2}'
         "{stdout:?}"
     );
     assert!(stdout.contains(&"tmp=16".to_owned()), "{stdout:?}");
+    assert!(stdout.contains(&"work=24".to_owned()), "{stdout:?}");
 
     for too_much in [
         ResourceLimits {
@@ -1036,6 +1093,10 @@ df -m /tmp | tail -1 | awk '{print "tmp=" $2}'
         },
         ResourceLimits {
             tmp_mib: Some(512),
+            ..ResourceLimits::default()
+        },
+        ResourceLimits {
+            work_mib: Some(1024),
             ..ResourceLimits::default()
         },
     ] {

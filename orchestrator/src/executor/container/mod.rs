@@ -222,7 +222,8 @@ pub struct ContainerConfig {
     /// When images are pulled.
     pub pull_policy: PullPolicy,
     /// Limits of a run that asks for none; every field should be set (an unset field falls
-    /// back to the built-in default: 512 MiB, 1 CPU, 256 processes, 64 MiB `/tmp`).
+    /// back to the built-in default: 512 MiB, 1 CPU, 256 processes, 64 MiB `/tmp`, 256 MiB
+    /// working directory).
     pub defaults: ResourceLimits,
     /// Highest limits a run may ask for (unset field: no maximum). The defaults must be within.
     pub maximums: ResourceLimits,
@@ -277,9 +278,10 @@ pub struct ContainerConfig {
 
 impl ContainerConfig {
     /// The defaults, for a worker with id `worker_id`: images `baton/runtime:<runtime>`,
-    /// `if-not-present`, user `10001:10001`, 512 MiB / 1 CPU / 256 pids / 64 MiB `/tmp` by
-    /// default and at most 8 GiB / 4 CPUs / 4096 pids / 1 GiB `/tmp`, network allowed on
-    /// request (bridge), image overrides allowed.
+    /// `if-not-present`, user `10001:10001`, 512 MiB / 1 CPU / 256 pids / 64 MiB `/tmp` /
+    /// 256 MiB working directory by default and at most 8 GiB / 4 CPUs / 4096 pids / 1 GiB
+    /// `/tmp` / 4 GiB working directory, network allowed on request (bridge), image overrides
+    /// allowed.
     pub fn new(worker_id: impl Into<String>) -> Self {
         ContainerConfig {
             worker_id: worker_id.into(),
@@ -291,12 +293,14 @@ impl ContainerConfig {
                 cpus: Some(1.0),
                 pids: Some(256),
                 tmp_mib: Some(64),
+                work_mib: Some(256),
             },
             maximums: ResourceLimits {
                 memory_mib: Some(8192),
                 cpus: Some(4.0),
                 pids: Some(4096),
                 tmp_mib: Some(1024),
+                work_mib: Some(4096),
             },
             user: DEFAULT_USER.to_owned(),
             allow_network: true,
@@ -1361,10 +1365,25 @@ impl ContainerExecutor {
             memory_swap: Some(memory),
             nano_cpus: Some((limits.cpus * 1e9).round() as i64),
             network_mode: Some(network_mode.to_owned()),
-            tmpfs: Some(HashMap::from([(
-                "/tmp".to_owned(),
-                format!("rw,nosuid,nodev,size={}m,mode=1777", limits.tmp_mib),
-            )])),
+            // The working directory (HOME) is a tmpfs mounted over `work/` of the volume, so
+            // that a script filling it stops at its size instead of filling the engine's
+            // disk (the volume itself has no size). Its pages count against the memory limit.
+            // It is mounted at the start and starts empty: nothing is uploaded into `work/`
+            // (the upload's empty `work/` lands under the mount, unseen), and nothing is
+            // downloaded from it (outputs are under `run/out`).
+            tmpfs: Some(HashMap::from([
+                (
+                    "/tmp".to_owned(),
+                    format!("rw,nosuid,nodev,size={}m,mode=1777", limits.tmp_mib),
+                ),
+                (
+                    WORK_DIR.to_owned(),
+                    format!(
+                        "rw,nosuid,nodev,size={}m,uid={},gid={},mode=0700",
+                        limits.work_mib, self.owner.uid, self.owner.gid
+                    ),
+                ),
+            ])),
             mounts: Some(vec![Mount {
                 target: Some(MOUNT_DIR.to_owned()),
                 typ: Some(MountType::VOLUME),
@@ -1415,6 +1434,7 @@ impl ContainerExecutor {
             cpus: f64::from_bits(key.cpus_bits),
             pids: key.pids,
             tmp_mib: key.tmp_mib,
+            work_mib: key.work_mib,
         };
         let idle = spares::idle_user(self.owner.uid);
         ContainerCreateBody {
@@ -1464,6 +1484,7 @@ impl SpareKey {
             cpus_bits: limits.cpus.to_bits(),
             pids: limits.pids,
             tmp_mib: limits.tmp_mib,
+            work_mib: limits.work_mib,
         }
     }
 }
@@ -1587,6 +1608,7 @@ struct Effective {
     cpus: f64,
     pids: u64,
     tmp_mib: u64,
+    work_mib: u64,
 }
 
 impl Effective {
@@ -1595,6 +1617,7 @@ impl Effective {
         cpus: 1.0,
         pids: 256,
         tmp_mib: 64,
+        work_mib: 256,
     };
 
     fn resolve(asked: Option<&ResourceLimits>, defaults: &ResourceLimits) -> Self {
@@ -1608,6 +1631,7 @@ impl Effective {
             cpus: asked.cpus.or(defaults.cpus).unwrap_or(b.cpus),
             pids: asked.pids.or(defaults.pids).unwrap_or(b.pids),
             tmp_mib: asked.tmp_mib.or(defaults.tmp_mib).unwrap_or(b.tmp_mib),
+            work_mib: asked.work_mib.or(defaults.work_mib).unwrap_or(b.work_mib),
         }
     }
 
@@ -1625,8 +1649,8 @@ impl Effective {
                 self.cpus
             ));
         }
-        if self.pids < 1 || self.tmp_mib < 1 {
-            return Err("pids and tmp_mib limits must be at least 1".to_owned());
+        if self.pids < 1 || self.tmp_mib < 1 || self.work_mib < 1 {
+            return Err("pids, tmp_mib and work_mib limits must be at least 1".to_owned());
         }
         let over = |what: &str, value: String, max: String| {
             Err(format!(
@@ -1658,6 +1682,15 @@ impl Effective {
             return over(
                 "/tmp size",
                 format!("{} MiB", self.tmp_mib),
+                format!("{m} MiB"),
+            );
+        }
+        if let Some(m) = max.work_mib
+            && self.work_mib > m
+        {
+            return over(
+                "working directory size",
+                format!("{} MiB", self.work_mib),
                 format!("{m} MiB"),
             );
         }
@@ -1857,6 +1890,23 @@ mod tests {
         assert_eq!(e.cpus, 1.0);
         let err = e.check(&config.maximums).expect_err("over the maximum");
         assert!(err.contains("memory limit 100000 MiB"), "{err}");
+        let asked = ResourceLimits {
+            work_mib: Some(5000),
+            ..ResourceLimits::default()
+        };
+        let e = Effective::resolve(Some(&asked), &config.defaults);
+        assert_eq!((e.work_mib, e.tmp_mib), (5000, 64));
+        let err = e.check(&config.maximums).expect_err("over the maximum");
+        assert!(err.contains("working directory size 5000 MiB"), "{err}");
+        let asked = ResourceLimits {
+            work_mib: Some(0),
+            ..ResourceLimits::default()
+        };
+        assert!(
+            Effective::resolve(Some(&asked), &config.defaults)
+                .check(&config.maximums)
+                .is_err()
+        );
         let asked = ResourceLimits {
             cpus: Some(0.0),
             ..ResourceLimits::default()

@@ -79,6 +79,7 @@ pub(crate) struct SpareKey {
     pub cpus_bits: u64,
     pub pids: u64,
     pub tmp_mib: u64,
+    pub work_mib: u64,
 }
 
 /// Counters of the pool, for operators and tests.

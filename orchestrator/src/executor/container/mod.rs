@@ -102,7 +102,10 @@ use std::time::Duration;
 
 use bollard::Docker;
 use bollard::container::LogOutput;
-use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, Mount, MountType};
+use bollard::models::{
+    ContainerCreateBody, HostConfig, HostConfigLogConfig, Mount, MountType, MountVolumeOptions,
+    MountVolumeOptionsDriverConfig,
+};
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
     DownloadFromContainerOptionsBuilder, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
@@ -826,6 +829,19 @@ impl ContainerExecutor {
         if let Err(e) = ready {
             return RunOutcome::from_error(e, started.elapsed());
         }
+        match self
+            .run_in_idle(&spec, &plan, &events, &cancel, started)
+            .await
+        {
+            Ok(outcome) => return outcome,
+            Err(unusable) => {
+                tracing::warn!(job.id = %spec.job_id, image = %plan.image, reason = %unusable.0,
+                    "the image cannot run an idle container; the run gets its files before its start");
+            }
+        }
+        if cancel.is_cancelled() {
+            return RunOutcome::from_error(ExecError::Cancelled, started.elapsed());
+        }
         let archive = match files::upload_archive(&spec, plan.script(), self.owner) {
             Ok(a) => a,
             Err(e) => return RunOutcome::from_error(e, started.elapsed()),
@@ -1352,9 +1368,45 @@ impl ContainerExecutor {
     }
 
     /// The hardening, limits and mounts of every container, cold or spare.
-    fn host_config(&self, limits: Effective, network_mode: &str) -> HostConfig {
+    fn host_config(&self, limits: Effective, network_mode: &str, volume: RunVolume) -> HostConfig {
         let memory =
             i64::try_from(limits.memory_mib.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX);
+        let mut tmpfs = HashMap::from([(
+            "/tmp".to_owned(),
+            format!("rw,nosuid,nodev,size={}m,mode=1777", limits.tmp_mib),
+        )]);
+        let volume_options = match volume {
+            // The volume is a tmpfs of `work_mib` (the engine's `local` driver mounts it when
+            // the container starts and drops it, with its files, when the container stops).
+            RunVolume::Sized => Some(MountVolumeOptions {
+                driver_config: Some(MountVolumeOptionsDriverConfig {
+                    name: Some("local".to_owned()),
+                    options: Some(HashMap::from([
+                        ("type".to_owned(), "tmpfs".to_owned()),
+                        ("device".to_owned(), "tmpfs".to_owned()),
+                        (
+                            "o".to_owned(),
+                            format!("size={}m,mode=0755,nosuid,nodev", limits.work_mib),
+                        ),
+                    ])),
+                }),
+                ..MountVolumeOptions::default()
+            }),
+            // A volume on the engine's disk (it keeps what was uploaded before the start and
+            // what is downloaded after the exit); the working directory on it is covered by
+            // a tmpfs of `work_mib`, which starts empty: the upload's empty `work/` lands
+            // under the mount, unseen, and nothing is downloaded from it.
+            RunVolume::Disk => {
+                tmpfs.insert(
+                    WORK_DIR.to_owned(),
+                    format!(
+                        "rw,nosuid,nodev,size={}m,uid={},gid={},mode=0700",
+                        limits.work_mib, self.owner.uid, self.owner.gid
+                    ),
+                );
+                None
+            }
+        };
         HostConfig {
             readonly_rootfs: Some(true),
             cap_drop: Some(vec!["ALL".to_owned()]),
@@ -1365,29 +1417,12 @@ impl ContainerExecutor {
             memory_swap: Some(memory),
             nano_cpus: Some((limits.cpus * 1e9).round() as i64),
             network_mode: Some(network_mode.to_owned()),
-            // The working directory (HOME) is a tmpfs mounted over `work/` of the volume, so
-            // that a script filling it stops at its size instead of filling the engine's
-            // disk (the volume itself has no size). Its pages count against the memory limit.
-            // It is mounted at the start and starts empty: nothing is uploaded into `work/`
-            // (the upload's empty `work/` lands under the mount, unseen), and nothing is
-            // downloaded from it (outputs are under `run/out`).
-            tmpfs: Some(HashMap::from([
-                (
-                    "/tmp".to_owned(),
-                    format!("rw,nosuid,nodev,size={}m,mode=1777", limits.tmp_mib),
-                ),
-                (
-                    WORK_DIR.to_owned(),
-                    format!(
-                        "rw,nosuid,nodev,size={}m,uid={},gid={},mode=0700",
-                        limits.work_mib, self.owner.uid, self.owner.gid
-                    ),
-                ),
-            ])),
+            tmpfs: Some(tmpfs),
             mounts: Some(vec![Mount {
                 target: Some(MOUNT_DIR.to_owned()),
                 typ: Some(MountType::VOLUME),
                 read_only: Some(false),
+                volume_options,
                 ..Mount::default()
             }]),
             log_config: Some(HostConfigLogConfig {
@@ -1402,7 +1437,7 @@ impl ContainerExecutor {
     }
 
     fn container_body(&self, plan: &Plan) -> ContainerCreateBody {
-        let host_config = self.host_config(plan.limits, &plan.network_mode);
+        let host_config = self.host_config(plan.limits, &plan.network_mode, RunVolume::Disk);
         ContainerCreateBody {
             image: Some(plan.image.clone()),
             cmd: Some(plan.cmd.clone()),
@@ -1468,7 +1503,7 @@ impl ContainerExecutor {
             stop_signal: Some("SIGTERM".to_owned()),
             host_config: Some(HostConfig {
                 auto_remove: Some(true),
-                ..self.host_config(limits, &key.network_mode)
+                ..self.host_config(limits, &key.network_mode, RunVolume::Sized)
             }),
             ..ContainerCreateBody::default()
         }
@@ -1581,6 +1616,19 @@ struct Ended {
 enum Stop {
     Cancelled,
     TimedOut,
+}
+
+/// Where a container's `/baton` lives; either way a run's files there are bounded by
+/// `work_mib` (see [`ContainerExecutor::host_config`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunVolume {
+    /// A tmpfs volume of `work_mib`: for containers started before their files are uploaded
+    /// (spares, and the idle container of a cold run), whose files live only while they run.
+    Sized,
+    /// A volume on the engine's disk with a tmpfs of `work_mib` over the working directory:
+    /// for a container that gets its files before it starts and is read after it exited
+    /// (the fallback of a cold run whose image cannot idle).
+    Disk,
 }
 
 /// Everything worked out for one run before the container is created.

@@ -204,12 +204,13 @@ impl Deliverer {
         self.policy
             .check_url(&url)
             .map_err(|refused| format!("{}: {refused}", m.target))?;
-        let response = http
-            .post(url)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| format!("cannot reach {}: {}", m.target, error_chain(&e.without_url())))?;
+        let response = http.post(url).json(&body).send().await.map_err(|e| {
+            format!(
+                "cannot reach {}: {}",
+                m.target,
+                error_chain(&e.without_url())
+            )
+        })?;
         let status = response.status();
         if status.is_success() {
             Ok(())

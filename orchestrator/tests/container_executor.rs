@@ -811,7 +811,11 @@ fn fill_spec(dir: &RunDir) -> RunSpec {
 #[track_caller]
 fn assert_filled_to_the_limit(run: &Run, dir: &RunDir, path: &str, run_dir_bounded: bool) {
     let stdout = run.stdout();
-    let mut expected = vec!["work=16", "owner=10001:10001 mode=700", "below the limit: ok"];
+    let mut expected = vec![
+        "work=16",
+        "owner=10001:10001 mode=700",
+        "below the limit: ok",
+    ];
     if run_dir_bounded {
         expected.push("run dir: full");
     }
@@ -829,9 +833,7 @@ fn assert_filled_to_the_limit(run: &Run, dir: &RunDir, path: &str, run_dir_bound
     );
     let stderr = run.stderr();
     assert!(
-        stderr
-            .iter()
-            .any(|l| l.contains("No space left on device")),
+        stderr.iter().any(|l| l.contains("No space left on device")),
         "{path}: {stderr:?}"
     );
     let collected = rundir::collect(&dir.path, 1 << 20);
@@ -926,6 +928,9 @@ async fn an_image_without_cat_still_has_a_bounded_work_dir() {
     };
     let dir = run_dir(&files);
     let run = h.run(fill_spec(&dir).with_image(image.clone())).await;
+    // The next run of that image goes straight to that path (the image is remembered).
+    let dir_again = run_dir(&files);
+    let run_again = h.run(fill_spec(&dir_again).with_image(image.clone())).await;
     let _ = h
         .docker
         .remove_image(
@@ -937,6 +942,7 @@ async fn an_image_without_cat_still_has_a_bounded_work_dir() {
     // Its files are uploaded before the start: the volume is on the engine's disk, the
     // working directory a tmpfs of `work_mib` over it.
     assert_filled_to_the_limit(&run, &dir, "no cat", false);
+    assert_filled_to_the_limit(&run_again, &dir_again, "no cat, again", false);
     h.assert_clean().await;
 }
 

@@ -413,6 +413,9 @@ pub struct ContainerExecutor {
     spares: Option<SparePool>,
     /// This process's [`LABEL_PROCESS`] (none where `/proc` cannot tell).
     process_mark: Option<String>,
+    /// Images that could not run an idle container lately (no `cat`, say), with when: their
+    /// cold runs take the path without one until [`spares::RETRY_AFTER`] has passed.
+    cannot_idle: Mutex<HashMap<String, Instant>>,
 }
 
 impl fmt::Debug for ContainerExecutor {
@@ -477,6 +480,7 @@ impl ContainerExecutor {
             live,
             spares,
             process_mark: liveness::own_mark(),
+            cannot_idle: Mutex::new(HashMap::new()),
         })
     }
 
@@ -746,6 +750,13 @@ impl ContainerExecutor {
         Some((key, name))
     }
 
+    /// Whether a cold run of `image` tries an idle container first (see `run_in_idle`).
+    fn may_idle(&self, image: &str) -> bool {
+        let mut refused = self.cannot_idle.lock().unwrap_or_else(|p| p.into_inner());
+        refused.retain(|_, at| at.elapsed() < spares::RETRY_AFTER);
+        !refused.contains_key(image)
+    }
+
     async fn remove(&self, container: &str) -> Result<(), String> {
         let options = RemoveContainerOptionsBuilder::new()
             .force(true)
@@ -829,14 +840,20 @@ impl ContainerExecutor {
         if let Err(e) = ready {
             return RunOutcome::from_error(e, started.elapsed());
         }
-        match self
-            .run_in_idle(&spec, &plan, &events, &cancel, started)
-            .await
-        {
-            Ok(outcome) => return outcome,
-            Err(unusable) => {
-                tracing::warn!(job.id = %spec.job_id, image = %plan.image, reason = %unusable.0,
-                    "the image cannot run an idle container; the run gets its files before its start");
+        if self.may_idle(&plan.image) {
+            match self
+                .run_in_idle(&spec, &plan, &events, &cancel, started)
+                .await
+            {
+                Ok(outcome) => return outcome,
+                Err(unusable) => {
+                    tracing::warn!(job.id = %spec.job_id, image = %plan.image, reason = %unusable.0,
+                        "the image cannot run an idle container; its runs get their files before their start for a while");
+                    self.cannot_idle
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(plan.image.clone(), Instant::now());
+                }
             }
         }
         if cancel.is_cancelled() {

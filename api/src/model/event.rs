@@ -159,16 +159,16 @@ pub struct ContainerLimits {
     pub pids: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tmp_mib: Option<u64>,
-    /// Size of the working directory (`HOME`, a tmpfs) in MiB; its pages count against
-    /// `memory_mib`.
+    /// Size in MiB of the run's files (`$HOME` and `$BATON_DIR`, a tmpfs); its pages count
+    /// against `memory_mib`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub work_mib: Option<u64>,
 }
 
 impl ContainerLimits {
     /// The most an event may ask for: the container executor's default maximums
-    /// (8 GiB, 4 CPUs, 4096 processes, 1 GiB of /tmp, 4 GiB of working directory). A worker configured lower refuses the
-    /// run with a clear error.
+    /// (8 GiB, 4 CPUs, 4096 processes, 1 GiB of /tmp, 4 GiB of run files). A worker
+    /// configured lower refuses the run with a clear error.
     pub const MAXIMUMS: ContainerLimits = ContainerLimits {
         memory_mib: Some(8192),
         cpus: Some(4.0),

@@ -215,9 +215,11 @@ pub struct ResourceLimits {
     /// Size of the `/tmp` tmpfs in MiB (its pages count against the memory limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tmp_mib: Option<u64>,
-    /// Size of the working directory (`HOME`) in MiB: a tmpfs, so a script filling it gets
-    /// "No space left on device" instead of filling the engine's disk. Its pages count
-    /// against the memory limit too.
+    /// Size in MiB of the run's files in `/baton` (the working directory `$HOME`, `$BATON_DIR`,
+    /// the script and helpers): a tmpfs, so a script filling it gets "No space left on device"
+    /// instead of filling the engine's disk. Its pages count against the memory limit too.
+    /// (For an image without `cat`, only the working directory is bounded; see the container
+    /// executor.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub work_mib: Option<u64>,
 }

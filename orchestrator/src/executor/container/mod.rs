@@ -21,6 +21,16 @@
 //!   worker collects `output.json`, `condition` and `vars/` exactly as from a local run. The
 //!   engine never needs to see the worker's file system: a worker in a container talking to a
 //!   remote engine works. [`RunSpec::workdir`] (a worker path) is ignored.
+//! * **Bounded files.** Everything a run writes outside `/tmp` lives in that volume, which is a
+//!   tmpfs of `work_mib` ([`ResourceLimits::work_mib`], default 256 MiB) on the engine's
+//!   `local` driver: a script filling `$HOME` or `$BATON_DIR` gets "No space left on device"
+//!   and cannot fill the engine's disk. Its pages count against the memory limit. Such a
+//!   volume exists only while its container runs (the engine mounts it at the start and drops
+//!   it at the stop), so a cold run does not get its files before its start: its container is
+//!   started with an idle process, like a spare, and the run is an exec in it (`exec.rs`,
+//!   `run_in_idle`). An image that cannot idle (no `cat`) falls back to the path described
+//!   below (files uploaded before the start, `out/` downloaded after the exit) with the
+//!   volume on the engine's disk and a tmpfs of `work_mib` over the working directory only.
 //! * **Environment.** `PATH` (a standard one, helpers first), `HOME=/baton/work`,
 //!   `LANG=C.UTF-8`, `TMPDIR=/tmp`, `PYTHONUNBUFFERED=1`, then [`RunSpec::env`], then
 //!   `BATON_JOB_ID`, `BATON_DIR=/baton/run` (when there is a run directory) and
@@ -29,7 +39,8 @@
 //! * **Hardened by default.** Runs as [`ContainerConfig::user`] (`10001:10001`), with every
 //!   capability dropped, `no-new-privileges`, a read-only root file system (the volume and a
 //!   `/tmp` tmpfs are the only writable places), memory (swap disabled), CPU and pids limits
-//!   ([`ResourceLimits`]: defaults 512 MiB, 1 CPU, 256 processes, 64 MiB `/tmp`), network
+//!   ([`ResourceLimits`]: defaults 512 MiB, 1 CPU, 256 processes, 64 MiB `/tmp`, 256 MiB
+//!   run volume), network
 //!   mode `none` unless [`RunSpec::network`], no log driver (output is streamed through the
 //!   attach connection only) and a small init process (`docker-init`) as PID 1, which forwards
 //!   signals and reaps zombies. Per-run limits ([`RunSpec::limits`]) are checked against
@@ -59,7 +70,9 @@
 //!   background and expires unused ones). The container still serves that run only and is
 //!   removed after it; hardening, limits, streaming, timeout and cancellation (every process
 //!   of the run), out-of-memory reporting and start failures behave as described here. A run
-//!   without a matching ready spare takes the cold path (the rest of this list).
+//!   without a matching ready spare runs the same way in an idle container made for it (see
+//!   *Bounded files*), or, for an image that cannot idle, takes the cold path without an
+//!   idle process (the rest of this list).
 //!   [`ContainerExecutor::shutdown`] removes the spares.
 //! * **Clean-up and orphans.** Every container is labelled [`LABEL_WORKER`] (the worker id),
 //!   [`LABEL_JOB`] (the job id) and [`LABEL_MANAGED`], and is removed with its volume when the
@@ -226,7 +239,7 @@ pub struct ContainerConfig {
     pub pull_policy: PullPolicy,
     /// Limits of a run that asks for none; every field should be set (an unset field falls
     /// back to the built-in default: 512 MiB, 1 CPU, 256 processes, 64 MiB `/tmp`, 256 MiB
-    /// working directory).
+    /// of run files).
     pub defaults: ResourceLimits,
     /// Highest limits a run may ask for (unset field: no maximum). The defaults must be within.
     pub maximums: ResourceLimits,
@@ -282,9 +295,8 @@ pub struct ContainerConfig {
 impl ContainerConfig {
     /// The defaults, for a worker with id `worker_id`: images `baton/runtime:<runtime>`,
     /// `if-not-present`, user `10001:10001`, 512 MiB / 1 CPU / 256 pids / 64 MiB `/tmp` /
-    /// 256 MiB working directory by default and at most 8 GiB / 4 CPUs / 4096 pids / 1 GiB
-    /// `/tmp` / 4 GiB working directory, network allowed on request (bridge), image overrides
-    /// allowed.
+    /// 256 MiB of run files by default and at most 8 GiB / 4 CPUs / 4096 pids / 1 GiB `/tmp` /
+    /// 4 GiB of run files, network allowed on request (bridge), image overrides allowed.
     pub fn new(worker_id: impl Into<String>) -> Self {
         ContainerConfig {
             worker_id: worker_id.into(),
@@ -1754,7 +1766,7 @@ impl Effective {
             && self.work_mib > m
         {
             return over(
-                "working directory size",
+                "run files size (work_mib)",
                 format!("{} MiB", self.work_mib),
                 format!("{m} MiB"),
             );
@@ -1962,7 +1974,7 @@ mod tests {
         let e = Effective::resolve(Some(&asked), &config.defaults);
         assert_eq!((e.work_mib, e.tmp_mib), (5000, 64));
         let err = e.check(&config.maximums).expect_err("over the maximum");
-        assert!(err.contains("working directory size 5000 MiB"), "{err}");
+        assert!(err.contains("run files size (work_mib) 5000 MiB"), "{err}");
         let asked = ResourceLimits {
             work_mib: Some(0),
             ..ResourceLimits::default()

@@ -33,7 +33,7 @@
 use std::time::Duration;
 
 use bollard::exec::{StartExecOptions, StartExecResults};
-use bollard::models::{ContainerCreateBody, ExecConfig};
+use bollard::models::{ContainerCreateBody, ExecConfig, HostConfig};
 use bollard::query_parameters::UploadToContainerOptionsBuilder;
 use futures::StreamExt as _;
 use tokio::sync::{mpsc, watch};
@@ -97,7 +97,7 @@ impl ContainerExecutor {
     /// the container's `/baton` is then a tmpfs volume of `work_mib` like a spare's, which a
     /// container that gets its files before its start cannot have (the engine mounts such a
     /// volume only while the container runs). The container carries the run's labels, not
-    /// the spare label. [`Unusable`] when the image cannot idle (no `cat`) or the engine
+    /// the spare label, and is not auto-removed. [`Unusable`] when the image cannot idle (no `cat`) or the engine
     /// refuses: nothing of the run happened, the caller takes the path without an idle
     /// process.
     pub(super) async fn run_in_idle(
@@ -109,9 +109,18 @@ impl ContainerExecutor {
         started: Instant,
     ) -> Result<RunOutcome, Unusable> {
         let key = SpareKey::new(&plan.image, &plan.network_mode, plan.limits);
+        let spare = self.spare_body(&key);
         let body = ContainerCreateBody {
             labels: Some(plan.labels.clone()),
-            ..self.spare_body(&key)
+            // Not removed by the engine when it stops: its record must outlive the SIGKILL
+            // that reads whether the out-of-memory killer struck (`oom_killed`), and the
+            // container of a crashed worker is reaped like any run's (its idle process ends
+            // with the worker's stdin, so it stops at once).
+            host_config: spare.host_config.clone().map(|hc| HostConfig {
+                auto_remove: Some(false),
+                ..hc
+            }),
+            ..spare
         };
         let name = format!(
             "baton-{}-{:08x}",
@@ -120,7 +129,8 @@ impl ContainerExecutor {
         );
         let mut guard = ContainerGuard::new(self, name.clone(), spec.job_id);
         // Kept until the run's container is removed: dropping it (this future dropped, the
-        // worker dead) ends the idle process, and the container removes itself.
+        // worker dead) ends the idle process, and the container stops (removed by its guard,
+        // or by a reaper when the worker died).
         let hold = match spares::start_idle(&self.docker, &name, body).await {
             Ok(hold) => hold,
             Err(reason) => {

@@ -42,6 +42,7 @@ pub mod outbox;
 pub mod process;
 pub mod reaper;
 pub mod redact;
+pub mod schedule;
 pub mod secret_refs;
 pub mod secrets;
 pub mod server;

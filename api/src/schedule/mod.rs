@@ -5,6 +5,8 @@
 //! DST rules, its jitter, and the `missed` policy that decides which passed slots to fire.
 //! [`firing`] is the loop every replica runs to fire due schedules, exactly once each.
 
+pub mod firing;
 pub mod spec;
 
-pub use spec::{Missed, ScheduleSpec, Slots};
+pub use firing::{Clock, Scheduler, SystemClock};
+pub use spec::{Missed, ScheduleFields, ScheduleSpec, Slots};

@@ -56,9 +56,10 @@ pub enum Missed {
 }
 text_enum!(Missed { None => "none", Last => "last", All => "all" });
 
-/// The timing fields of a schedule, as the API takes and shows them.
+/// A schedule's definition, as `POST /events/{id}/schedules` takes it and the API shows it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct TimingFields {
+#[serde(deny_unknown_fields)]
+pub struct ScheduleFields {
     /// Cron pattern: 5 fields, or 6 with seconds first; or a macro (`@hourly`, `@daily`…).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cron: Option<String>,
@@ -80,6 +81,17 @@ pub struct TimingFields {
     pub start_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_at: Option<DateTime<Utc>>,
+    /// Given to each run as its input.
+    #[serde(default = "empty_object")]
+    #[schema(value_type = Object)]
+    pub input: serde_json::Value,
+    /// A paused schedule fires nothing; on resume, the slots it missed follow `missed`.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::json!({})
 }
 
 fn default_timezone() -> String {
@@ -130,7 +142,7 @@ impl ScheduleSpec {
     /// Validates `fields` for the schedule `id`; `anchor` is where interval slots count from
     /// when there is no `start_at` (the creation time). Errors name the field.
     pub fn compile(
-        fields: &TimingFields,
+        fields: &ScheduleFields,
         id: Uuid,
         anchor: DateTime<Utc>,
     ) -> Result<Self, FieldError> {

@@ -7,25 +7,25 @@ fn utc(s: &str) -> DateTime<Utc> {
 }
 
 fn cron(pattern: &str, tz: &str) -> ScheduleSpec {
-    let fields = TimingFields {
+    let fields = ScheduleFields {
         cron: Some(pattern.into()),
         timezone: tz.into(),
         max_catch_up: DEFAULT_MAX_CATCH_UP,
-        ..TimingFields::default()
+        ..ScheduleFields::default()
     };
     ScheduleSpec::compile(&fields, Uuid::nil(), utc("2026-01-01T00:00:00Z")).expect("valid")
 }
 
-fn with(fields: TimingFields) -> Result<ScheduleSpec, FieldError> {
+fn with(fields: ScheduleFields) -> Result<ScheduleSpec, FieldError> {
     ScheduleSpec::compile(&fields, Uuid::nil(), utc("2026-01-01T00:00:00Z"))
 }
 
-fn interval(secs: i64) -> TimingFields {
-    TimingFields {
+fn interval(secs: i64) -> ScheduleFields {
+    ScheduleFields {
         interval_seconds: Some(secs),
         timezone: "UTC".into(),
         max_catch_up: DEFAULT_MAX_CATCH_UP,
-        ..TimingFields::default()
+        ..ScheduleFields::default()
     }
 }
 
@@ -136,12 +136,12 @@ fn new_york_fall_back_fires_once() {
 
 #[test]
 fn catch_up_over_a_dst_night_counts_each_wall_clock_slot_once() {
-    let spec = with(TimingFields {
+    let spec = with(ScheduleFields {
         cron: Some("0 * * * *".into()),
         timezone: "Europe/Paris".into(),
         missed: Missed::All,
         max_catch_up: 100,
-        ..TimingFields::default()
+        ..ScheduleFields::default()
     })
     .unwrap();
     let first = utc("2026-10-25T00:00:00+02:00");
@@ -186,7 +186,7 @@ fn intervals_count_from_the_anchor_within_bounds() {
         upcoming(&spec, "2026-01-01T00:00:45Z", 2),
         vec![utc("2026-01-01T00:01:00Z"), utc("2026-01-01T00:01:30Z")]
     );
-    let bounded = with(TimingFields {
+    let bounded = with(ScheduleFields {
         start_at: Some(utc("2026-02-01T00:00:10Z")),
         end_at: Some(utc("2026-02-01T00:01:00Z")),
         ..interval(20)
@@ -200,13 +200,13 @@ fn intervals_count_from_the_anchor_within_bounds() {
             utc("2026-02-01T00:00:50Z"),
         ]
     );
-    let cron_bounded = with(TimingFields {
+    let cron_bounded = with(ScheduleFields {
         cron: Some("0 0 * * *".into()),
         timezone: "UTC".into(),
         max_catch_up: 1,
         start_at: Some(utc("2026-03-03T00:00:00Z")),
         end_at: Some(utc("2026-03-04T12:00:00Z")),
-        ..TimingFields::default()
+        ..ScheduleFields::default()
     })
     .unwrap();
     assert_eq!(
@@ -217,8 +217,8 @@ fn intervals_count_from_the_anchor_within_bounds() {
 
 #[test]
 fn validation_names_the_field() {
-    let field = |fields: TimingFields| with(fields).unwrap_err().field;
-    let mut both = TimingFields {
+    let field = |fields: ScheduleFields| with(fields).unwrap_err().field;
+    let mut both = ScheduleFields {
         cron: Some("* * * * *".into()),
         ..interval(1)
     };
@@ -232,16 +232,16 @@ fn validation_names_the_field() {
         "0 0 0 * * * * *",
         "0 0 31 2 *",
     ] {
-        let f = TimingFields {
+        let f = ScheduleFields {
             cron: Some(pattern.into()),
             timezone: "UTC".into(),
             max_catch_up: 1,
-            ..TimingFields::default()
+            ..ScheduleFields::default()
         };
         assert_eq!(field(f), "cron", "{pattern}");
     }
     assert_eq!(
-        field(TimingFields {
+        field(ScheduleFields {
             interval_seconds: None,
             ..interval(1)
         }),
@@ -250,14 +250,14 @@ fn validation_names_the_field() {
     assert_eq!(field(interval(0)), "interval_seconds");
     assert_eq!(field(interval(-5)), "interval_seconds");
     assert_eq!(
-        field(TimingFields {
+        field(ScheduleFields {
             timezone: "Mars/Olympus".into(),
             ..interval(1)
         }),
         "timezone"
     );
     assert_eq!(
-        field(TimingFields {
+        field(ScheduleFields {
             start_at: Some(utc("2026-02-01T00:00:00Z")),
             end_at: Some(utc("2026-01-01T00:00:00Z")),
             ..interval(1)
@@ -265,14 +265,14 @@ fn validation_names_the_field() {
         "end_at"
     );
     assert_eq!(
-        field(TimingFields {
+        field(ScheduleFields {
             jitter_seconds: -1,
             ..interval(1)
         }),
         "jitter_seconds"
     );
     assert_eq!(
-        field(TimingFields {
+        field(ScheduleFields {
             max_catch_up: 0,
             ..interval(1)
         }),
@@ -282,7 +282,7 @@ fn validation_names_the_field() {
 
 #[test]
 fn jitter_is_a_stable_offset_within_range() {
-    let fields = TimingFields {
+    let fields = ScheduleFields {
         jitter_seconds: 10,
         ..interval(60)
     };
@@ -306,7 +306,7 @@ fn jitter_is_a_stable_offset_within_range() {
 }
 
 fn missed(mode: Missed, max: i32) -> ScheduleSpec {
-    with(TimingFields {
+    with(ScheduleFields {
         missed: mode,
         max_catch_up: max,
         ..interval(10)
@@ -356,7 +356,7 @@ fn missed_modes_after_an_outage() {
     assert_eq!(none.next, after);
 
     // An hourly schedule down for half an hour past its slot: `none` fires nothing.
-    let hourly = with(TimingFields {
+    let hourly = with(ScheduleFields {
         missed: Missed::None,
         ..interval(3600)
     })
@@ -369,12 +369,12 @@ fn missed_modes_after_an_outage() {
 
 #[test]
 fn far_behind_schedules_decide_in_bounded_work() {
-    let every_second = with(TimingFields {
+    let every_second = with(ScheduleFields {
         cron: Some("* * * * * *".into()),
         timezone: "Europe/Paris".into(),
         missed: Missed::All,
         max_catch_up: 100,
-        ..TimingFields::default()
+        ..ScheduleFields::default()
     })
     .unwrap();
     let next = utc("2026-01-01T00:00:00Z");
@@ -398,7 +398,7 @@ fn far_behind_schedules_decide_in_bounded_work() {
 
 #[test]
 fn ended_schedules_have_no_next_slot() {
-    let spec = with(TimingFields {
+    let spec = with(ScheduleFields {
         end_at: Some(utc("2026-01-01T00:00:25Z")),
         ..interval(10)
     })

@@ -1,6 +1,7 @@
 //! Schedules: CRUD and validation, firing through the real loop on one and two replicas,
 //! exactly once per nominal time, catch-up per `missed` mode, pause/resume, edits, and DST
 //! days through the real firing transaction with an injected clock.
+#![allow(clippy::unwrap_used)] // a panic is how a test reports a failure
 
 use std::time::Duration;
 

@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used)] // a panic is how a test reports a failure
+
 use super::*;
 
 fn utc(s: &str) -> DateTime<Utc> {

@@ -357,17 +357,6 @@ impl ScheduleSpec {
             .collect()
     }
 
-    /// The first slot at or after `t`.
-    pub fn first_from(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let t = floor_second(t)
-            + if t.timestamp_subsec_nanos() > 0 {
-                Duration::seconds(1)
-            } else {
-                Duration::zero()
-            };
-        self.next_after(t - Duration::seconds(1))
-    }
-
     /// Decides what a schedule whose next unfired slot is `next` does at `now`: which slots
     /// fire (per `missed`) and the next slot after them.
     pub fn decide(&self, next: DateTime<Utc>, now: DateTime<Utc>) -> Slots {

@@ -616,3 +616,53 @@ async fn dst_days_fire_once_through_the_firing_transaction_with_an_injected_cloc
         ]
     );
 }
+
+#[tokio::test]
+async fn openapi_documents_the_schedule_routes_and_job_fields() {
+    let app = spawn_app().await;
+    let (status, spec) = app.get("/api/v1/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    let paths = spec["paths"].as_object().expect("paths");
+    for (path, methods) in [
+        ("/api/v1/events/{id}/schedules", &["post"][..]),
+        ("/api/v1/schedules", &["get"][..]),
+        ("/api/v1/schedules/{id}", &["get", "patch", "delete"][..]),
+        ("/api/v1/schedules/{id}/pause", &["post"][..]),
+        ("/api/v1/schedules/{id}/resume", &["post"][..]),
+    ] {
+        for method in methods {
+            assert!(
+                paths[path][method].is_object(),
+                "{method} {path} undocumented"
+            );
+        }
+    }
+    let schemas = &spec["components"]["schemas"];
+    for field in [
+        "cron",
+        "interval_seconds",
+        "timezone",
+        "missed",
+        "max_catch_up",
+        "jitter_seconds",
+    ] {
+        assert!(
+            schemas["ScheduleFields"]["properties"][field].is_object(),
+            "{field}: {}",
+            schemas["ScheduleFields"]
+        );
+    }
+    for schema in ["Job", "JobSummary"] {
+        for field in ["schedule_id", "scheduled_for"] {
+            assert!(
+                schemas[schema]["properties"][field].is_object(),
+                "{schema}.{field}"
+            );
+        }
+    }
+    let list_params = spec["paths"]["/api/v1/jobs"]["get"]["parameters"]
+        .as_array()
+        .expect("parameters");
+    assert!(list_params.iter().any(|p| p["name"] == "schedule_id"));
+    app.stop().await;
+}

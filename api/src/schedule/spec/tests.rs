@@ -409,3 +409,22 @@ fn ended_schedules_have_no_next_slot() {
     assert_eq!(slots.fire, vec![utc("2026-01-01T00:00:20Z")]);
     assert_eq!(slots.next, None);
 }
+
+#[test]
+fn slots_do_not_depend_on_where_counting_starts_in_a_repeated_pass() {
+    // Created (or edited) during the repeated pass of a fall-back: its wall-clock times are
+    // not slots, so the next slot is the first after the pass, as when counting from before.
+    let spec = cron("*/30 * * * *", "Europe/Paris");
+    assert_eq!(
+        upcoming(&spec, "2026-10-25T02:10:00+01:00", 2),
+        vec![
+            utc("2026-10-25T03:00:00+01:00"),
+            utc("2026-10-25T03:30:00+01:00")
+        ]
+    );
+    let hourly = cron("0 * * * *", "America/New_York");
+    assert_eq!(
+        upcoming(&hourly, "2026-11-01T01:20:00-05:00", 1),
+        vec![utc("2026-11-01T02:00:00-05:00")]
+    );
+}

@@ -8,6 +8,7 @@ mod health;
 mod jobs;
 mod openapi_responses;
 pub mod rate_limit;
+mod schedules;
 mod servers;
 mod stream;
 pub mod stream_slots;
@@ -68,6 +69,15 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(events::run_event))
         .routes(routes!(actions::create_action, actions::list_actions))
         .routes(routes!(actions::delete_action))
+        .routes(routes!(schedules::create_schedule))
+        .routes(routes!(schedules::list_schedules))
+        .routes(routes!(
+            schedules::get_schedule,
+            schedules::patch_schedule,
+            schedules::delete_schedule
+        ))
+        .routes(routes!(schedules::pause_schedule))
+        .routes(routes!(schedules::resume_schedule))
         .routes(routes!(variables::list_variables))
         .routes(routes!(
             variables::put_variable,

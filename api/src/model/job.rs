@@ -93,6 +93,10 @@ pub struct Job {
     pub action_notes: Vec<String>,
     /// Output lines not kept because the job reached its log limit.
     pub log_lines_dropped: i64,
+    /// The schedule that fired this run (None for other runs, or once the schedule is deleted).
+    pub schedule_id: Option<Uuid>,
+    /// The nominal fire time this run was fired for (unique per schedule).
+    pub scheduled_for: Option<DateTime<Utc>>,
 }
 
 /// A job in a list (`GET /api/v1/jobs`): everything [`Job`] has except the run's `input` and
@@ -125,6 +129,8 @@ pub struct JobSummary {
     pub finished_at: Option<DateTime<Utc>>,
     pub action_notes: Vec<String>,
     pub log_lines_dropped: i64,
+    pub schedule_id: Option<Uuid>,
+    pub scheduled_for: Option<DateTime<Utc>>,
 }
 
 impl From<Job> for JobSummary {
@@ -156,6 +162,8 @@ impl From<Job> for JobSummary {
             finished_at: j.finished_at,
             action_notes: j.action_notes,
             log_lines_dropped: j.log_lines_dropped,
+            schedule_id: j.schedule_id,
+            scheduled_for: j.scheduled_for,
         }
     }
 }

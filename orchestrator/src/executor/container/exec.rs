@@ -370,9 +370,17 @@ impl ContainerExecutor {
         }
     }
 
-    /// Whether the out-of-memory killer struck in the container: kills it (the run is over)
-    /// so that the engine records its exit, which carries the flag.
+    /// Whether the out-of-memory killer struck in the container. Read first from the
+    /// container's own memory cgroup (`oom_kill` in `memory.events` on cgroup v2,
+    /// `memory.oom_control` on v1) through an exec, while the idle process keeps the container
+    /// up: that neither stops the container nor races the download of the run's outputs, and
+    /// works for spares, which the engine removes as soon as they stop. Only when that cannot
+    /// be read, the container is killed so that the engine records its exit, which carries the
+    /// flag.
     async fn oom_killed(&self, name: &str) -> bool {
+        if let Some(kills) = self.cgroup_oom_kills(name).await {
+            return kills > 0;
+        }
         self.signal(name, "SIGKILL").await;
         let _ = tokio::time::timeout(self.config.api_timeout, self.wait_exit(name)).await;
         self.docker
@@ -382,6 +390,48 @@ impl ContainerExecutor {
             .and_then(|c| c.state)
             .and_then(|s| s.oom_killed)
             .unwrap_or(false)
+    }
+
+    /// The container's count of processes killed for memory, if an exec can read it.
+    async fn cgroup_oom_kills(&self, name: &str) -> Option<u64> {
+        let exec = ExecConfig {
+            attach_stdin: Some(false),
+            attach_stdout: Some(true),
+            attach_stderr: Some(false),
+            tty: Some(false),
+            cmd: Some(
+                [
+                    "cat",
+                    "/sys/fs/cgroup/memory.events",
+                    "/sys/fs/cgroup/memory/memory.oom_control",
+                ]
+                .map(str::to_owned)
+                .to_vec(),
+            ),
+            privileged: Some(false),
+            user: Some(self.run_user()),
+            ..ExecConfig::default()
+        };
+        let read = async {
+            let created = self.docker.create_exec(name, exec).await.ok()?;
+            let StartExecResults::Attached { mut output, .. } =
+                self.docker.start_exec(&created.id, None).await.ok()?
+            else {
+                return None;
+            };
+            let mut text = Vec::new();
+            while let Some(Ok(chunk)) = output.next().await {
+                text.extend_from_slice(&chunk.into_bytes());
+                if text.len() > 64 * 1024 {
+                    break;
+                }
+            }
+            oom_kill_count(&String::from_utf8_lossy(&text))
+        };
+        tokio::time::timeout(self.config.api_timeout, read)
+            .await
+            .ok()
+            .flatten()
     }
 }
 
@@ -399,4 +449,33 @@ fn notify_end(output: OutputStreamBox, closed: watch::Sender<bool>) -> OutputStr
             }
         },
     ))
+}
+
+/// The `oom_kill N` count of a cgroup's `memory.events` (v2) or `memory.oom_control` (v1).
+fn oom_kill_count(text: &str) -> Option<u64> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix("oom_kill "))
+        .filter_map(|n| n.trim().parse::<u64>().ok())
+        .max()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::oom_kill_count;
+
+    #[test]
+    fn oom_kills_are_read_from_either_cgroup_version() {
+        assert_eq!(
+            oom_kill_count("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n"),
+            Some(2)
+        );
+        assert_eq!(
+            oom_kill_count("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\noom_group_kill 0\n"),
+            Some(1)
+        );
+        assert_eq!(
+            oom_kill_count("cat: /sys/fs/cgroup/memory.events: No such file\n"),
+            None
+        );
+    }
 }

@@ -93,6 +93,8 @@ pub struct Job {
     pub action_notes: Vec<String>,
     /// Output lines not kept because the job reached its log limit.
     pub log_lines_dropped: i64,
+    /// The job this one re-runs (`POST /jobs/{id}/rerun`).
+    pub rerun_of: Option<Uuid>,
 }
 
 /// A job in a list (`GET /api/v1/jobs`): everything [`Job`] has except the run's `input` and
@@ -125,6 +127,7 @@ pub struct JobSummary {
     pub finished_at: Option<DateTime<Utc>>,
     pub action_notes: Vec<String>,
     pub log_lines_dropped: i64,
+    pub rerun_of: Option<Uuid>,
 }
 
 impl From<Job> for JobSummary {
@@ -156,6 +159,7 @@ impl From<Job> for JobSummary {
             finished_at: j.finished_at,
             action_notes: j.action_notes,
             log_lines_dropped: j.log_lines_dropped,
+            rerun_of: j.rerun_of,
         }
     }
 }

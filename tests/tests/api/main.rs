@@ -16,4 +16,5 @@ mod servers;
 mod terminal;
 mod variables;
 mod worker_reports;
+mod webhooks;
 mod worker_tokens;

@@ -74,7 +74,11 @@ pub struct ApiConfig {
     pub auth_failures_per_second: u32,
     /// Deliveries per second allowed per webhook key (`POST /hooks/{key}`, a token bucket; 0:
     /// no limit). Past it: 429 with `Retry-After`.
-    #[arg(long, env = "BATON_WEBHOOK_RATE_LIMIT_PER_SECOND", default_value_t = 10)]
+    #[arg(
+        long,
+        env = "BATON_WEBHOOK_RATE_LIMIT_PER_SECOND",
+        default_value_t = 10
+    )]
     pub webhook_rate_limit_per_second: u32,
     /// Deliveries a webhook key may make at once above the steady rate.
     #[arg(long, env = "BATON_WEBHOOK_RATE_LIMIT_BURST", default_value_t = 100)]

@@ -148,9 +148,7 @@ pub fn grpc_status(err: &StorageError) -> tonic::Status {
         | S::EventNotFound(_)
         | S::TokenNotFound(_)
         | S::ServerNotFound(_)
-        | S::WebhookNotFound(_) => {
-            tonic::Status::not_found(err.to_string())
-        }
+        | S::WebhookNotFound(_) => tonic::Status::not_found(err.to_string()),
         S::ServerNameTaken(_) | S::ServerInUse(_) => {
             tonic::Status::failed_precondition(err.to_string())
         }
@@ -159,9 +157,7 @@ pub fn grpc_status(err: &StorageError) -> tonic::Status {
         | S::JobNotFinished { .. }
         | S::EventBusy(_)
         | S::EventNameTaken(_)
-        | S::EventChanged(_) => {
-            tonic::Status::failed_precondition(err.to_string())
-        }
+        | S::EventChanged(_) => tonic::Status::failed_precondition(err.to_string()),
         S::Database(_) => {
             tracing::error!(error = %err, "worker request failed");
             tonic::Status::unavailable("database error")

@@ -34,7 +34,9 @@ pub fn secret_identity(id: Uuid) -> String {
 /// Why a delivery's signature was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {
-    #[error("this webhook requires a signature: send X-Baton-Signature: sha256=<hex HMAC-SHA256 of the body>")]
+    #[error(
+        "this webhook requires a signature: send X-Baton-Signature: sha256=<hex HMAC-SHA256 of the body>"
+    )]
     Missing,
     #[error("X-Baton-Signature must be sha256=<64 hex digits>")]
     Malformed,

@@ -533,7 +533,9 @@ mod tests {
         // Another key is not affected; unknown keys spend the address's failure budget.
         for i in 10..12u8 {
             let unknown = Credential::Hook(vec![i]);
-            limiter.admit(IP, &unknown, t0).expect("within the failure burst");
+            limiter
+                .admit(IP, &unknown, t0)
+                .expect("within the failure burst");
             limiter.record(IP, &unknown, StatusCode::NOT_FOUND, false, t0);
         }
         assert!(limiter.admit(IP, &Credential::Hook(vec![99]), t0).is_err());

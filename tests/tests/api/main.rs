@@ -15,6 +15,6 @@ mod queue;
 mod servers;
 mod terminal;
 mod variables;
-mod worker_reports;
 mod webhooks;
+mod worker_reports;
 mod worker_tokens;

@@ -504,7 +504,9 @@ async fn cancelling_a_queued_job_is_immediate_and_a_finished_one_conflicts() {
         .job_id;
     let mut conn = pool.acquire().await.expect("conn");
     assert_eq!(
-        queue::request_cancel(&mut conn, id, false).await.expect("cancel"),
+        queue::request_cancel(&mut conn, id, false)
+            .await
+            .expect("cancel"),
         queue::CancelOutcome::Cancelled
     );
     let job = queue::get_job(&pool, id).await.expect("job");
@@ -527,7 +529,9 @@ async fn cancelling_a_queued_job_is_immediate_and_a_finished_one_conflicts() {
     let c = claim(&pool, Uuid::now_v7(), 1, Duration::from_secs(60))
         .await
         .remove(0);
-    queue::request_cancel(&mut conn, id, false).await.expect("cancel");
+    queue::request_cancel(&mut conn, id, false)
+        .await
+        .expect("cancel");
     let r = queue::complete(
         &mut conn,
         id,

@@ -96,8 +96,16 @@ async fn a_delivery_starts_a_run_with_the_body_and_the_listed_headers() {
     for (body, expected, needle) in [
         ("", StatusCode::BAD_REQUEST, "a JSON body is required"),
         ("{\"a\": ", StatusCode::BAD_REQUEST, "EOF while parsing"),
-        ("{\"a\": \"x\0y\"}", StatusCode::BAD_REQUEST, "control character"),
-        ("[1, 2]", StatusCode::UNPROCESSABLE_ENTITY, "must be a JSON object"),
+        (
+            "{\"a\": \"x\0y\"}",
+            StatusCode::BAD_REQUEST,
+            "control character",
+        ),
+        (
+            "[1, 2]",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "must be a JSON object",
+        ),
         (
             r#"{"a": {"b": "x\u0000"}}"#,
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -138,7 +146,10 @@ async fn a_signed_webhook_takes_only_deliveries_with_a_matching_signature() {
     let (status, answer) =
         send(deliver(&app, url, body).header("X-Baton-Signature", good.as_str())).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
-    assert_eq!(job_of(&app, &answer).await["input"], json!({"action": "opened"}));
+    assert_eq!(
+        job_of(&app, &answer).await["input"],
+        json!({"action": "opened"})
+    );
 
     let wrong_key = sign(b"another-secret", body.as_bytes());
     let other_body = sign(b"s3cret-signing-key", b"{}");
@@ -165,7 +176,8 @@ async fn a_signed_webhook_takes_only_deliveries_with_a_matching_signature() {
         send(deliver(&app, url, body).header("X-Baton-Signature", uppercase.as_str())).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
     // A signature is checked before the body: a bad one never says whether the body parses.
-    let (status, _) = send(deliver(&app, url, "not json").header("X-Baton-Signature", good.as_str())).await;
+    let (status, _) =
+        send(deliver(&app, url, "not json").header("X-Baton-Signature", good.as_str())).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
 
@@ -236,27 +248,31 @@ async fn a_repeated_delivery_with_one_idempotency_key_starts_one_run_per_webhook
     let first = webhook(&app, &event_id, &json!({"name": "first"})).await;
     let second = webhook(&app, &event_id, &json!({"name": "second"})).await;
     let url = first["url"].as_str().expect("url");
-    let delivery = |url: &str, body: &str| {
-        deliver(&app, url, body).header("Idempotency-Key", "delivery-7f3a")
-    };
+    let delivery =
+        |url: &str, body: &str| deliver(&app, url, body).header("Idempotency-Key", "delivery-7f3a");
     let (status, a) = send(delivery(url, r#"{"n": 1}"#)).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{a}");
     assert_eq!(a["created"], true);
     let (status, b) = send(delivery(url, r#"{"n": 1}"#)).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{b}");
-    assert_eq!((b["job_id"].clone(), b["created"].clone()), (a["job_id"].clone(), json!(false)));
+    assert_eq!(
+        (b["job_id"].clone(), b["created"].clone()),
+        (a["job_id"].clone(), json!(false))
+    );
     // The key is scoped to the webhook: another webhook's delivery with it is its own run.
-    let (status, c) = send(delivery(second["url"].as_str().expect("url"), r#"{"n": 1}"#)).await;
+    let (status, c) = send(delivery(
+        second["url"].as_str().expect("url"),
+        r#"{"n": 1}"#,
+    ))
+    .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{c}");
     assert_eq!(c["created"], true);
     assert_ne!(c["job_id"], a["job_id"]);
     let (_, jobs) = app.get(&format!("/api/v1/jobs?event_id={event_id}")).await;
     assert_eq!(jobs["items"].as_array().map(Vec::len), Some(2), "{jobs}");
     // An unusable key is refused, naming the header.
-    let (status, err) = send(
-        deliver(&app, url, "{}").header("Idempotency-Key", "k".repeat(151)),
-    )
-    .await;
+    let (status, err) =
+        send(deliver(&app, url, "{}").header("Idempotency-Key", "k".repeat(151))).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
     assert_eq!(err["error"]["field"], "Idempotency-Key");
 }
@@ -318,8 +334,14 @@ async fn managing_webhooks_needs_the_right_role_and_valid_fields() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     for (body, field) in [
         (json!({"name": ""}), "name"),
-        (json!({"name": "x", "signing_secret": "short"}), "signing_secret"),
-        (json!({"name": "x", "headers": ["ok", "bad header"]}), "headers[1]"),
+        (
+            json!({"name": "x", "signing_secret": "short"}),
+            "signing_secret",
+        ),
+        (
+            json!({"name": "x", "headers": ["ok", "bad header"]}),
+            "headers[1]",
+        ),
         (json!({"name": "x", "extra": 1}), "extra"),
     ] {
         let (status, err) = app.post(&path, &body).await;
@@ -346,5 +368,5 @@ async fn managing_webhooks_needs_the_right_role_and_valid_fields() {
         "no role applies to a delivery"
     );
     assert!(spec["paths"]["/api/v1/jobs/{id}/rerun"]["post"].is_object());
-    assert!(spec["paths"][&format!("/api/v1/events/{{id}}/webhooks/{{webhook_id}}")]["delete"].is_object());
+    assert!(spec["paths"]["/api/v1/events/{id}/webhooks/{webhook_id}"]["delete"].is_object());
 }

@@ -23,8 +23,10 @@ async fn a_dead_job_is_rerun_with_its_snapshot_and_input_and_an_unfinished_one_i
         fixed.display()
     );
     let ev = app
-        .create_event(&json!({"name": "replay", "runtime": "sh", "content": script,
-            "executor": "local", "max_attempts": 1}))
+        .create_event(
+            &json!({"name": "replay", "runtime": "sh", "content": script,
+            "executor": "local", "max_attempts": 1}),
+        )
         .await;
     let event_id = ev["id"].as_str().expect("id");
     let id = app.run_event(event_id, &json!({"input": {"n": 41}})).await;
@@ -84,8 +86,10 @@ async fn a_dead_job_is_rerun_with_its_snapshot_and_input_and_an_unfinished_one_i
 
     // A running job cannot be rerun (409), an unknown one is 404, a viewer may not.
     let slow = app
-        .create_event(&json!({"name": "slow", "runtime": "sh", "content": "echo up; sleep 60",
-            "executor": "local"}))
+        .create_event(
+            &json!({"name": "slow", "runtime": "sh", "content": "echo up; sleep 60",
+            "executor": "local"}),
+        )
         .await;
     let running = app
         .run_event(slow["id"].as_str().expect("id"), &json!({}))

@@ -86,6 +86,7 @@ impl ApiError {
                 S::EventNotFound(_) => (StatusCode::NOT_FOUND, "event_not_found", None),
                 S::JobNotFound(_) => (StatusCode::NOT_FOUND, "job_not_found", None),
                 S::TokenNotFound(_) => (StatusCode::NOT_FOUND, "token_not_found", None),
+                S::ScheduleNotFound(_) => (StatusCode::NOT_FOUND, "schedule_not_found", None),
                 S::ServerNotFound(_) => (StatusCode::NOT_FOUND, "server_not_found", None),
                 S::ServerNameTaken(_) => (
                     StatusCode::CONFLICT,
@@ -149,6 +150,7 @@ pub fn grpc_status(err: &StorageError) -> tonic::Status {
         | S::TokenNotFound(_)
         | S::ServerNotFound(_)
         | S::WebhookNotFound(_) => tonic::Status::not_found(err.to_string()),
+        S::ScheduleNotFound(_) => tonic::Status::not_found(err.to_string()),
         S::ServerNameTaken(_) | S::ServerInUse(_) => {
             tonic::Status::failed_precondition(err.to_string())
         }

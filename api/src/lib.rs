@@ -42,6 +42,7 @@ pub mod outbox;
 pub mod process;
 pub mod reaper;
 pub mod redact;
+pub mod schedule;
 pub mod secret_refs;
 pub mod secrets;
 pub mod server;
@@ -63,6 +64,10 @@ pub struct AppState {
     pub hub: notify::LogHub,
     /// Wakes this replica's outbox deliverer.
     pub outbox_wake: Arc<tokio::sync::Notify>,
+    /// Wakes this replica's schedule firing loop (a schedule was created or changed).
+    pub schedules_wake: Arc<tokio::sync::Notify>,
+    /// The time schedules are computed and fired by.
+    pub clock: Arc<dyn schedule::Clock>,
     /// Tokens verified recently.
     pub tokens: Arc<token_cache::TokenCache>,
     /// Tells the other replicas about runs queued here.

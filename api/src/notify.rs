@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::storage::queue::{CANCEL_CHANNEL, QUEUED_CHANNEL};
+use crate::storage::schedules::SCHEDULES_CHANNEL;
 use crate::storage::tokens::REVOKED_CHANNEL;
 
 pub const LOGS_CHANNEL: &str = "baton_job_logs";
@@ -97,6 +98,7 @@ pub async fn run(state: crate::AppState, stop: CancellationToken) {
             // Revocations may have been missed.
             state.tokens.clear();
             state.outbox_wake.notify_one();
+            state.schedules_wake.notify_one();
             dispatcher.wake_for_later();
             hub.publish(LogSignal::Resync);
         }
@@ -114,6 +116,7 @@ pub async fn run(state: crate::AppState, stop: CancellationToken) {
                     }
                     QUEUED_CHANNEL => dispatcher.wake(),
                     OUTBOX_CHANNEL => state.outbox_wake.notify_one(),
+                    SCHEDULES_CHANNEL => state.schedules_wake.notify_one(),
                     REVOKED_CHANNEL => match Uuid::parse_str(note.payload()) {
                         Ok(id) => state.tokens.forget(id),
                         Err(_) => state.tokens.clear(),
@@ -138,6 +141,7 @@ pub async fn run(state: crate::AppState, stop: CancellationToken) {
                 // The connection dropped; sqlx reconnects on the next call. Resync then.
                 Ok(None) => {
                     state.tokens.clear();
+                    state.schedules_wake.notify_one();
                     dispatcher.wake_for_later();
                     hub.publish(LogSignal::Resync);
                 }
@@ -159,6 +163,7 @@ async fn connect(pool: &sqlx::PgPool) -> Result<PgListener, sqlx::Error> {
             LOGS_CHANNEL,
             OUTBOX_CHANNEL,
             REVOKED_CHANNEL,
+            SCHEDULES_CHANNEL,
         ])
         .await?;
     Ok(listener)

@@ -1,5 +1,5 @@
 //! Running a replica: connect and migrate, bootstrap the admin token, serve HTTP and the worker
-//! gRPC service, run the dispatcher, the listener and the reaper, and stop cleanly when the
+//! gRPC service, run the dispatcher, the listener, the reaper and the schedule firing loop, and stop cleanly when the
 //! shutdown future resolves: worker streams are closed (workers reconnect elsewhere and keep
 //! their jobs), in-flight HTTP requests finish, background loops end.
 //!
@@ -101,6 +101,8 @@ impl Api {
                 dispatcher,
                 hub: notify::LogHub::default(),
                 outbox_wake: Arc::new(tokio::sync::Notify::new()),
+                schedules_wake: Arc::new(tokio::sync::Notify::new()),
+                clock: Arc::new(crate::schedule::SystemClock),
                 tokens: Arc::default(),
                 events: Arc::default(),
                 announcer: Arc::default(),
@@ -141,6 +143,14 @@ impl Api {
                 async move { announcer.run(pool, stop).await }
             }),
             tokio::spawn(notify::run(state.clone(), stop.clone())),
+            tokio::spawn(
+                crate::schedule::Scheduler::new(
+                    state.pool.clone(),
+                    state.clock.clone(),
+                    state.schedules_wake.clone(),
+                )
+                .run(stop.clone()),
+            ),
             tokio::spawn(crate::metrics::refresh_loop(
                 state.pool.clone(),
                 state.queue_depth.clone(),

@@ -1,4 +1,4 @@
-//! The REST subcommands: events, run, jobs, logs, tokens.
+//! The REST subcommands: events, run, jobs, logs, schedules, tokens.
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
@@ -36,6 +36,13 @@ pub enum ApiCommand {
     Jobs {
         #[command(subcommand)]
         command: JobsCommand,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Run events on a schedule (cron or interval).
+    Schedules {
+        #[command(subcommand)]
+        command: crate::schedules::SchedulesCommand,
         #[command(flatten)]
         conn: Connection,
     },
@@ -184,6 +191,9 @@ pub async fn run(cmd: ApiCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ApiCommand::Jobs { command, conn } => jobs(&Client::new(&conn)?, command).await,
+        ApiCommand::Schedules { command, conn } => {
+            crate::schedules::run(&Client::new(&conn)?, command).await
+        }
         ApiCommand::Tokens { command, conn } => {
             let client = Client::new(&conn)?;
             let out = match command {
@@ -379,7 +389,7 @@ async fn follow_logs(client: &Client, id: &str) -> anyhow::Result<()> {
 }
 
 /// An event id from an id or a name.
-async fn resolve_event(client: &Client, event: &str) -> anyhow::Result<String> {
+pub(crate) async fn resolve_event(client: &Client, event: &str) -> anyhow::Result<String> {
     if uuid::Uuid::parse_str(event).is_ok() {
         return Ok(event.to_owned());
     }
@@ -405,7 +415,7 @@ async fn resolve_event(client: &Client, event: &str) -> anyhow::Result<String> {
     }
 }
 
-fn print_json(value: &Value) -> anyhow::Result<()> {
+pub(crate) fn print_json(value: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }

@@ -5,6 +5,7 @@
 mod client;
 mod commands;
 mod dev;
+mod schedules;
 
 use clap::{Parser, Subcommand};
 

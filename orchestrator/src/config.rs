@@ -26,8 +26,13 @@ pub const DEFAULT_MAX_UNACKED_LOG_BYTES: usize = 16 * 1024 * 1024;
 // Keep the embedding command's description: without this, clap shows this doc comment.
 #[command(about = None, long_about = None)]
 pub struct WorkerConfig {
-    /// gRPC endpoint of a baton-api replica (`http://` or `https://`).
-    #[arg(long, env = "BATON_API_URL", default_value = DEFAULT_API_URL)]
+    /// gRPC endpoint of a baton-api replica (`http://` or `https://`), or several,
+    /// comma-separated (`http://api-a:8081,http://api-b:8081`). The worker holds one session
+    /// at a time, to the first URL; when that session breaks or cannot be opened, it tries the
+    /// next URL (round robin) after the usual reconnection backoff (at most 100 ms for the
+    /// first retry), keeping its running jobs.
+    #[arg(long, env = "BATON_API_URL", default_value = DEFAULT_API_URL,
+          value_parser = check_api_urls)]
     pub api_url: String,
 
     /// Worker token (an API token with role `worker`), sent as `authorization: Bearer ...`.
@@ -211,6 +216,40 @@ pub fn parse_labels(text: &str) -> Result<Labels, String> {
     Ok(Labels(labels))
 }
 
+/// Splits and checks `--api-url`: one or more `http://HOST:PORT` or `https://HOST:PORT` URLs,
+/// comma-separated (spaces around entries are trimmed). Every entry must be such a URL and
+/// appear once; an error names the entry.
+pub fn parse_api_urls(text: &str) -> Result<Vec<String>, String> {
+    let mut urls: Vec<String> = Vec::new();
+    for (index, entry) in text.split(',').enumerate() {
+        let url = entry.trim();
+        let position = index + 1;
+        if url.is_empty() {
+            return Err(format!(
+                "api URL entry {position} is empty (expected http://HOST:PORT,http://HOST:PORT)"
+            ));
+        }
+        let uri: tonic::codegen::http::Uri = url
+            .parse()
+            .map_err(|e| format!("invalid api URL `{url}` (entry {position}): {e}"))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+            return Err(format!(
+                "invalid api URL `{url}` (entry {position}): expected http://HOST:PORT or https://HOST:PORT"
+            ));
+        }
+        if urls.iter().any(|u| u == url) {
+            return Err(format!("api URL `{url}` is given twice"));
+        }
+        urls.push(url.to_owned());
+    }
+    Ok(urls)
+}
+
+/// The clap check of `--api-url`: the text as given, once [`parse_api_urls`] accepts it.
+fn check_api_urls(text: &str) -> Result<String, String> {
+    parse_api_urls(text).map(|_| text.to_owned())
+}
+
 /// Parses `BATON_HTTP_ALLOW_CIDRS` (comma-separated CIDRs; empty: none).
 pub fn parse_http_allow(text: &str) -> Result<baton_egress::AddressPolicy, String> {
     text.parse()
@@ -303,6 +342,37 @@ mod tests {
     }
 
     #[test]
+    fn api_urls_parse() {
+        assert_eq!(
+            parse_api_urls("http://127.0.0.1:8081").unwrap(),
+            vec!["http://127.0.0.1:8081"]
+        );
+        assert_eq!(
+            parse_api_urls("http://a:8081, https://b.example:443 ,http://[::1]:9").unwrap(),
+            vec!["http://a:8081", "https://b.example:443", "http://[::1]:9"]
+        );
+    }
+
+    #[test]
+    fn bad_api_urls_name_the_entry() {
+        let e = parse_api_urls("http://a:1,ftp://b:2").unwrap_err();
+        assert!(
+            e.contains("`ftp://b:2`") && e.contains("entry 2") && e.contains("http://HOST:PORT"),
+            "{e}"
+        );
+        let e = parse_api_urls("http://a:1,,http://b:2").unwrap_err();
+        assert!(e.contains("entry 2 is empty"), "{e}");
+        let e = parse_api_urls("").unwrap_err();
+        assert!(e.contains("entry 1 is empty"), "{e}");
+        let e = parse_api_urls("http://a:1,not a url").unwrap_err();
+        assert!(e.contains("`not a url`") && e.contains("entry 2"), "{e}");
+        let e = parse_api_urls("a:8081").unwrap_err();
+        assert!(e.contains("`a:8081`") && e.contains("entry 1"), "{e}");
+        let e = parse_api_urls("http://a:1, http://a:1").unwrap_err();
+        assert!(e.contains("`http://a:1` is given twice"), "{e}");
+    }
+
+    #[test]
     fn durations_and_sizes() {
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
@@ -367,6 +437,14 @@ mod tests {
         assert_eq!(cli.config.slots, 8);
         assert_eq!(cli.config.drain_timeout, Duration::from_secs(5));
         assert_eq!(cli.config.max_output_bytes, 2 << 20);
+
+        let two = Cli::try_parse_from(["w", "--token", "t", "--api-url", "http://a:1,http://b:2"])
+            .unwrap();
+        assert_eq!(two.config.api_url, "http://a:1,http://b:2");
+        let err = Cli::try_parse_from(["w", "--token", "t", "--api-url", "http://a:1,b"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--api-url") && err.contains("`b`"), "{err}");
 
         let err = Cli::try_parse_from(["w", "--token", "t", "--labels", "a=1,nope"])
             .unwrap_err()

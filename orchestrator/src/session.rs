@@ -5,7 +5,9 @@
 //! what the api has not stored), then dispatches the api's messages and sends a `Heartbeat`
 //! every `Welcome.heartbeat_interval_ms` until the stream breaks. Then it reconnects, forever,
 //! with exponential backoff and full jitter (100 ms doubling up to 10 s; reset once a session
-//! was established).
+//! was established). With several api URLs (`--api-url a,b`), each new attempt goes to the next
+//! replica, round robin ([`Rotation`]): a replica that died costs one short backoff, not a
+//! series of refused connections.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::worker::{Outgoing, Shared};
+use crate::worker::{ApiEndpoint, Outgoing, Shared};
 
 /// First reconnection delay bound.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
@@ -32,41 +34,92 @@ const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 /// Largest message accepted from the api (an assignment carries the script).
 const MAX_INBOUND_MESSAGE: usize = 64 * 1024 * 1024;
 
-/// The delay before reconnection attempt `failures` (1 for the first retry): uniformly random
-/// between zero and `min(cap, base · 2^(failures-1))` ("full jitter").
-pub fn backoff_delay(failures: u32) -> Duration {
+/// The largest delay before reconnection attempt `failures` (1 for the first retry):
+/// `min(cap, base · 2^(failures-1))`.
+pub fn backoff_bound(failures: u32) -> Duration {
     let exp = failures.saturating_sub(1).min(20);
-    let bound = BACKOFF_BASE.saturating_mul(1 << exp).min(BACKOFF_CAP);
-    let ms = u64::try_from(bound.as_millis()).unwrap_or(u64::MAX);
+    BACKOFF_BASE.saturating_mul(1 << exp).min(BACKOFF_CAP)
+}
+
+/// The delay before reconnection attempt `failures` (1 for the first retry): uniformly random
+/// between zero and [`backoff_bound`] ("full jitter").
+pub fn backoff_delay(failures: u32) -> Duration {
+    let ms = u64::try_from(backoff_bound(failures).as_millis()).unwrap_or(u64::MAX);
     Duration::from_millis(rand::rng().random_range(0..=ms))
+}
+
+/// Where the next session goes and how long to wait first: the worker starts with the first
+/// api URL, and after every session that ended or could not be opened moves on to the next one
+/// (round robin; with one URL it stays). The failure count that sizes the backoff restarts
+/// once a session was established, so losing a replica that served costs at most
+/// [`BACKOFF_BASE`] before the next replica is tried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotation {
+    count: usize,
+    current: usize,
+    failures: u32,
+}
+
+impl Rotation {
+    /// A rotation over `count` api URLs (at least one), starting with the first.
+    pub fn new(count: usize) -> Self {
+        Rotation {
+            count: count.max(1),
+            current: 0,
+            failures: 0,
+        }
+    }
+
+    /// The index of the URL the next session goes to.
+    pub fn current(&self) -> usize {
+        self.current
+    }
+
+    /// Records the end of a session (`established`: it got as far as `Welcome`) and moves on to
+    /// the next URL; returns the failure count to size the backoff with ([`backoff_delay`]).
+    pub fn session_ended(&mut self, established: bool) -> u32 {
+        if established {
+            self.failures = 0;
+        }
+        self.failures = self.failures.saturating_add(1);
+        self.current = (self.current + 1) % self.count;
+        self.failures
+    }
 }
 
 /// Holds sessions until `stop` fires.
 pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
-    let mut failures: u32 = 0;
+    let mut rotation = Rotation::new(shared.apis.len());
     loop {
+        let api = &shared.apis[rotation.current()];
         let (established, result) = tokio::select! {
-            r = session(&shared, &stop) => r,
+            r = session(&shared, api, &stop) => r,
             _ = stop.cancelled() => return,
         };
         if stop.is_cancelled() {
             return;
         }
-        if established {
-            failures = 0;
-        }
-        failures = failures.saturating_add(1);
+        let failures = rotation.session_ended(established);
         let delay = backoff_delay(failures);
+        let next = &shared.apis[rotation.current()].url;
         let error = match result {
             Ok(()) => "the session ended".to_owned(),
             Err(e) => format!("{e:#}"),
         };
         if established {
-            tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "lost the api session; reconnecting");
+            tracing::warn!(
+                api = %api.url,
+                error = %error,
+                next = %next,
+                retry_in_ms = delay.as_millis() as u64,
+                "lost the api session; reconnecting"
+            );
         } else {
             tracing::warn!(
+                api = %api.url,
                 attempt = failures,
                 error = %error,
+                next = %next,
                 retry_in_ms = delay.as_millis() as u64,
                 "cannot open a session with the api"
             );
@@ -79,12 +132,15 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
 }
 
 /// One session. Returns whether it got as far as `Welcome`, and why it ended.
-async fn session(shared: &Arc<Shared>, stop: &CancellationToken) -> (bool, anyhow::Result<()>) {
-    let channel = match shared.endpoint.connect().await {
+async fn session(
+    shared: &Arc<Shared>,
+    api: &ApiEndpoint,
+    stop: &CancellationToken,
+) -> (bool, anyhow::Result<()>) {
+    let channel = match api.endpoint.connect().await {
         Ok(channel) => channel,
         Err(e) => {
-            let e =
-                anyhow::Error::new(e).context(format!("connecting to {}", shared.config.api_url));
+            let e = anyhow::Error::new(e).context(format!("connecting to {}", api.url));
             return (false, Err(e));
         }
     };
@@ -136,6 +192,7 @@ async fn session(shared: &Arc<Shared>, stop: &CancellationToken) -> (bool, anyho
     };
     let session_id = shared.attach(tx, &welcome);
     tracing::info!(
+        api = %api.url,
         api_id = %welcome.api_id,
         heartbeat_ms = heartbeat.as_millis() as u64,
         lease_ms = welcome.lease_ms,
@@ -207,5 +264,52 @@ mod tests {
         let samples: Vec<Duration> = (0..200).map(|_| backoff_delay(30)).collect();
         assert!(samples.iter().any(|d| *d < Duration::from_secs(5)));
         assert!(samples.iter().any(|d| *d > Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn one_url_is_always_the_one() {
+        let mut rotation = Rotation::new(1);
+        assert_eq!(rotation.current(), 0);
+        assert_eq!(rotation.session_ended(false), 1);
+        assert_eq!(rotation.current(), 0);
+        assert_eq!(rotation.session_ended(false), 2);
+        assert_eq!(rotation.current(), 0);
+        assert_eq!(rotation.session_ended(true), 1);
+        assert_eq!(rotation.current(), 0);
+    }
+
+    #[test]
+    fn sessions_go_round_robin_from_the_first_url() {
+        let mut rotation = Rotation::new(3);
+        let mut order = vec![rotation.current()];
+        for _ in 0..6 {
+            rotation.session_ended(false);
+            order.push(rotation.current());
+        }
+        assert_eq!(order, vec![0, 1, 2, 0, 1, 2, 0]);
+    }
+
+    #[test]
+    fn a_lost_replica_costs_one_short_backoff_before_the_next() {
+        // Connected to the first replica for a while (earlier failures forgotten) ...
+        let mut rotation = Rotation::new(2);
+        rotation.session_ended(false);
+        rotation.session_ended(false);
+        rotation.session_ended(false);
+        assert_eq!(rotation.current(), 1);
+        assert_eq!(rotation.session_ended(true), 1);
+        // ... its loss sends the next attempt to the other one, after at most 100 ms.
+        assert_eq!(rotation.current(), 0);
+        let mut rotation = Rotation::new(2);
+        let failures = rotation.session_ended(true);
+        assert_eq!(rotation.current(), 1);
+        assert_eq!(backoff_bound(failures), Duration::from_millis(100));
+        // Both down: attempts alternate and back off as with one URL.
+        assert_eq!(rotation.session_ended(false), 2);
+        assert_eq!(rotation.current(), 0);
+        assert_eq!(rotation.session_ended(false), 3);
+        assert_eq!(rotation.current(), 1);
+        assert_eq!(backoff_bound(3), Duration::from_millis(400));
+        assert_eq!(backoff_bound(40), BACKOFF_CAP);
     }
 }

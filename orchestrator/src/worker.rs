@@ -20,7 +20,7 @@ use tonic::transport::{ClientTlsConfig, Endpoint};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use crate::config::WorkerConfig;
+use crate::config::{WorkerConfig, parse_api_urls};
 use crate::executor::ssh::{SshConfig, SshExecutor};
 use crate::executor::{ContainerConfig, ContainerExecutor, Executor, LocalExecutor};
 use crate::job::{self, Failure};
@@ -258,7 +258,8 @@ pub(crate) struct Shared {
     pub(crate) hostname: String,
     pub(crate) executors: HashMap<&'static str, Arc<dyn Executor>>,
     pub(crate) files: ScratchDir,
-    pub(crate) endpoint: Endpoint,
+    /// The api replicas, in `--api-url` order (at least one); sessions go round robin.
+    pub(crate) apis: Vec<ApiEndpoint>,
     pub(crate) authorization: MetadataValue<Ascii>,
     tasks: TaskTracker,
     state: Mutex<State>,
@@ -772,7 +773,16 @@ impl Worker {
         if executors.is_empty() {
             bail!("this worker offers no executor, so it could never run a job");
         }
-        let endpoint = endpoint(&config.api_url)?;
+        let apis = parse_api_urls(&config.api_url)
+            .map_err(|e| anyhow::anyhow!(e))?
+            .into_iter()
+            .map(|url| {
+                Ok(ApiEndpoint {
+                    endpoint: endpoint(&url)?,
+                    url,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let authorization =
             MetadataValue::try_from(format!("Bearer {}", config.token)).map_err(|_| {
                 anyhow::anyhow!(
@@ -802,7 +812,7 @@ impl Worker {
                 hostname,
                 executors,
                 files,
-                endpoint,
+                apis,
                 authorization,
                 tasks: TaskTracker::new(),
                 state: Mutex::new(State::default()),
@@ -905,6 +915,13 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> an
     Worker::new(config).await?.run(shutdown).await
 }
 
+/// One api replica the worker may hold its session with.
+pub(crate) struct ApiEndpoint {
+    /// As given in `--api-url` (for logs).
+    pub(crate) url: String,
+    pub(crate) endpoint: Endpoint,
+}
+
 fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
     let endpoint = Endpoint::from_shared(url.to_owned())
         .with_context(|| format!("invalid api URL `{url}`"))?;
@@ -966,6 +983,17 @@ mod tests {
             err.to_string().contains("invalid api URL `ftp://x`"),
             "{err}"
         );
+        config.api_url = "http://127.0.0.1:8081, ftp://y".into();
+        let err = Worker::new(config.clone()).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("invalid api URL `ftp://y` (entry 2)"),
+            "{err}"
+        );
+        config.api_url = "http://127.0.0.1:8081,http://127.0.0.1:8082".into();
+        let two = Worker::new(config.clone()).await.unwrap();
+        let urls: Vec<&str> = two.shared.apis.iter().map(|a| a.url.as_str()).collect();
+        assert_eq!(urls, ["http://127.0.0.1:8081", "http://127.0.0.1:8082"]);
         config.api_url = "http://127.0.0.1:8081".into();
         config.token = "bad\ntoken".into();
         assert!(Worker::new(config.clone()).await.is_err());

@@ -783,6 +783,169 @@ async fn a_memory_hog_fails_for_memory() {
     h.assert_clean().await;
 }
 
+/// A script filling its run's files: `$HOME` and `$BATON_DIR` (the run's volume) with a
+/// `work_mib` of 16. 8 MiB fit; 32 MiB do not, in either directory; an output written first
+/// still arrives. The run fails with the script's own error (the last `dd`).
+const FILL_SCRIPT: &str = r#"
+df -m "$HOME" | tail -1 | awk '{print "work=" $2}'
+stat -c 'owner=%u:%g mode=%a' "$HOME"
+mkdir -p "$BATON_DIR/out"
+printf '{"written": "before the fill"}' > "$BATON_DIR/out/output.json"
+dd if=/dev/zero of="$HOME/small" bs=1M count=8 2>/dev/null && echo "below the limit: ok"
+rm -f "$HOME/small"
+dd if=/dev/zero of="$BATON_DIR/out/fill" bs=1M count=32 2>/dev/null || echo "run dir: full"
+rm -f "$BATON_DIR/out/fill"
+dd if=/dev/zero of="$HOME/big" bs=1M count=32
+"#;
+
+fn fill_spec(dir: &RunDir) -> RunSpec {
+    RunSpec {
+        run_dir: Some(dir.path.clone()),
+        ..RunSpec::script(Runtime::Bash, FILL_SCRIPT).with_limits(ResourceLimits {
+            work_mib: Some(16),
+            ..ResourceLimits::default()
+        })
+    }
+}
+
+#[track_caller]
+fn assert_filled_to_the_limit(run: &Run, dir: &RunDir, path: &str, run_dir_bounded: bool) {
+    let stdout = run.stdout();
+    let mut expected = vec![
+        "work=16",
+        "owner=10001:10001 mode=700",
+        "below the limit: ok",
+    ];
+    if run_dir_bounded {
+        expected.push("run dir: full");
+    }
+    for expected in expected {
+        assert!(
+            stdout.iter().any(|l| l == expected),
+            "{path}: missing {expected:?} in {stdout:?}"
+        );
+    }
+    assert_eq!(run.outcome.exit_code, Some(1), "{path}: {:?}", run.outcome);
+    assert_eq!(
+        run.outcome.result(),
+        RunResult::Failed(ErrorKind::Script),
+        "{path}"
+    );
+    let stderr = run.stderr();
+    assert!(
+        stderr.iter().any(|l| l.contains("No space left on device")),
+        "{path}: {stderr:?}"
+    );
+    let collected = rundir::collect(&dir.path, 1 << 20);
+    assert_eq!(
+        collected.output_json.as_deref(),
+        Some(r#"{"written": "before the fill"}"#),
+        "{path}: {:?}",
+        collected.problems
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filling_the_run_volume_stops_at_its_limit() {
+    let h = Harness::new().await;
+    let files = RunFiles {
+        input_json: "{}".to_owned(),
+        event: event_json(Runtime::Bash),
+        variables: BTreeMap::new(),
+    };
+    let (cold_dir, warm_dir) = (run_dir(&files), run_dir(&files));
+    let warm = h.executor.spare_stats().warm_runs;
+    let run = h.run(fill_spec(&cold_dir)).await;
+    // A configuration with its own limits is new: the cold path.
+    assert_eq!(h.executor.spare_stats().warm_runs, warm);
+    assert_filled_to_the_limit(&run, &cold_dir, "cold", true);
+    // Now that configuration has a spare: the same in one.
+    let idle = h.executor.config().default_images.len() + 1;
+    h.wait_idle(idle).await;
+    let run = h.run(fill_spec(&warm_dir)).await;
+    assert_eq!(h.executor.spare_stats().warm_runs, warm + 1);
+    assert_filled_to_the_limit(&run, &warm_dir, "spare", true);
+    h.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_without_cat_still_has_a_bounded_work_dir() {
+    let h = Harness::with(|c| c.spares = 0).await;
+    // An image that cannot idle (no `cat`): made locally by deleting it and committing.
+    let tag = format!("nocat-{}", Uuid::now_v7().simple());
+    let image = format!("baton-test/own:{tag}");
+    let labels = HashMap::from([(LABEL_WORKER.to_owned(), h.worker_id.clone())]);
+    let base = h
+        .docker
+        .create_container(
+            Some(CreateContainerOptionsBuilder::new().build()),
+            ContainerCreateBody {
+                image: Some(BASE_IMAGE.to_owned()),
+                user: Some("0:0".to_owned()),
+                entrypoint: Some(Vec::new()),
+                cmd: Some(vec!["rm".to_owned(), "/usr/bin/cat".to_owned()]),
+                labels: Some(labels),
+                ..ContainerCreateBody::default()
+            },
+        )
+        .await
+        .expect("create base container");
+    h.docker
+        .start_container(&base.id, None)
+        .await
+        .expect("start base container");
+    let exit = h
+        .docker
+        .wait_container(&base.id, None)
+        .next()
+        .await
+        .expect("wait")
+        .expect("rm ran");
+    assert_eq!(exit.status_code, 0);
+    h.docker
+        .commit_container(
+            CommitContainerOptionsBuilder::new()
+                .container(&base.id)
+                .repo("baton-test/own")
+                .tag(&tag)
+                .build(),
+            bollard::models::ContainerConfig::default(),
+        )
+        .await
+        .expect("commit");
+    h.docker
+        .remove_container(
+            &base.id,
+            Some(RemoveContainerOptionsBuilder::new().v(true).build()),
+        )
+        .await
+        .expect("remove base container");
+
+    let files = RunFiles {
+        input_json: "{}".to_owned(),
+        event: event_json(Runtime::Bash),
+        variables: BTreeMap::new(),
+    };
+    let dir = run_dir(&files);
+    let run = h.run(fill_spec(&dir).with_image(image.clone())).await;
+    // The next run of that image goes straight to that path (the image is remembered).
+    let dir_again = run_dir(&files);
+    let run_again = h.run(fill_spec(&dir_again).with_image(image.clone())).await;
+    let _ = h
+        .docker
+        .remove_image(
+            &image,
+            Some(RemoveImageOptionsBuilder::new().force(true).build()),
+            None,
+        )
+        .await;
+    // Its files are uploaded before the start: the volume is on the engine's disk, the
+    // working directory a tmpfs of `work_mib` over it.
+    assert_filled_to_the_limit(&run, &dir, "no cat", false);
+    assert_filled_to_the_limit(&run_again, &dir_again, "no cat, again", false);
+    h.assert_clean().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_runs_keep_to_the_network_settings_and_the_address_policy() {
     // A server the runs would reach if nothing stopped them.
@@ -993,6 +1156,7 @@ async fn limits_are_per_run_and_bounded_by_the_maximums() {
             cpus: Some(2.0),
             pids: Some(512),
             tmp_mib: Some(128),
+            work_mib: Some(512),
         };
     })
     .await;
@@ -1003,12 +1167,14 @@ else
   echo "pids=$(cat /sys/fs/cgroup/pids.max) memory=$(cat /sys/fs/cgroup/memory.max)"
 fi
 df -m /tmp | tail -1 | awk '{print "tmp=" $2}'
+df -m "$HOME" | tail -1 | awk '{print "work=" $2}'
 "#;
     let asked = ResourceLimits {
         memory_mib: Some(128),
         cpus: Some(0.5),
         pids: Some(100),
         tmp_mib: Some(16),
+        work_mib: Some(24),
     };
     let run = h
         .run(RunSpec::script(Runtime::Sh, script).with_limits(asked))
@@ -1020,6 +1186,7 @@ df -m /tmp | tail -1 | awk '{print "tmp=" $2}'
         "{stdout:?}"
     );
     assert!(stdout.contains(&"tmp=16".to_owned()), "{stdout:?}");
+    assert!(stdout.contains(&"work=24".to_owned()), "{stdout:?}");
 
     for too_much in [
         ResourceLimits {
@@ -1036,6 +1203,10 @@ df -m /tmp | tail -1 | awk '{print "tmp=" $2}'
         },
         ResourceLimits {
             tmp_mib: Some(512),
+            ..ResourceLimits::default()
+        },
+        ResourceLimits {
+            work_mib: Some(1024),
             ..ResourceLimits::default()
         },
     ] {

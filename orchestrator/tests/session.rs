@@ -1036,3 +1036,118 @@ async fn large_output_streams_in_large_batches() {
     ack_finished(&conn, job);
     h.join().await;
 }
+
+/// A fake api on `listener`; its sessions arrive on the returned channel.
+fn serve_fake_api(listener: TcpListener) -> (JoinHandle<()>, mpsc::UnboundedReceiver<Conn>) {
+    let (conns_tx, conns) = mpsc::unbounded_channel();
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(WorkerServiceServer::new(FakeApi { conns: conns_tx }))
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    (server, conns)
+}
+
+async fn next_conn(conns: &mut mpsc::UnboundedReceiver<Conn>, what: &str) -> Conn {
+    tokio::time::timeout(DEADLINE, conns.recv())
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .expect("server gone")
+}
+
+#[tokio::test]
+async fn moves_on_to_the_next_api_url_keeping_its_job() {
+    let first = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let second = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let urls = format!(
+        "http://{}, http://{}",
+        first.local_addr().unwrap(),
+        second.local_addr().unwrap()
+    );
+    let (first_server, mut first_conns) = serve_fake_api(first);
+    let (second_server, mut second_conns) = serve_fake_api(second);
+    let mut config = WorkerConfig::new(urls, TOKEN);
+    config.allow_local = true;
+    config.no_container = true;
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let worker = tokio::spawn(baton_worker::run(config, async {
+        let _ = shutdown_rx.await;
+    }));
+
+    // The first URL first; a job runs through it.
+    let mut conn = next_conn(&mut first_conns, "a session with the first URL").await;
+    conn.handshake(60_000, vec![]).await;
+    let dir = scratch();
+    let go = dir.path().join("go");
+    let job = Uuid::now_v7();
+    conn.send(ServerMsg::Assignment(assignment(
+        job,
+        11,
+        "echo one; while [ ! -e \"$GO\" ]; do sleep 0.01; done; echo two",
+        &[("GO", go.to_str().unwrap())],
+    )));
+    let mut got = Received::default();
+    receive(&mut conn, job, &mut got, true, |g| g.last_seq() >= 1).await;
+
+    // That replica dies: its session ends and its port refuses connections from now on.
+    first_server.abort();
+    drop(conn);
+    let died = Instant::now();
+    let mut conn = next_conn(&mut second_conns, "a session with the second URL").await;
+    let hello = conn
+        .handshake(
+            60_000,
+            vec![ResumedJob {
+                job_id: job.to_string(),
+                held: true,
+                stored_seq: 1,
+                finished: false,
+            }],
+        )
+        .await;
+    let moved = died.elapsed();
+    assert!(
+        moved < Duration::from_secs(2),
+        "moving to the second URL took {moved:?}"
+    );
+    assert_eq!(hello.running.len(), 1, "the worker kept its job");
+    assert_eq!(hello.running[0].job_id, job.to_string());
+
+    // The second ends its session too: the worker tries the first (refused) and comes back.
+    drop(conn);
+    let mut conn = next_conn(&mut second_conns, "a session with the second URL again").await;
+    let hello = conn
+        .handshake(
+            60_000,
+            vec![ResumedJob {
+                job_id: job.to_string(),
+                held: true,
+                stored_seq: 1,
+                finished: false,
+            }],
+        )
+        .await;
+    assert_eq!(hello.running.len(), 1, "the worker still holds its job");
+    std::fs::write(&go, "").unwrap();
+    let mut rest = Received::default();
+    receive(&mut conn, job, &mut rest, true, |g| g.finished.is_some()).await;
+    assert_eq!(
+        rest.texts(),
+        vec!["two"],
+        "line 1 was stored: not sent again"
+    );
+    assert!(
+        first_conns.try_recv().is_err(),
+        "the dead replica got nothing"
+    );
+    ack_finished(&conn, job);
+    let _ = shutdown_tx.send(());
+    tokio::time::timeout(DEADLINE, worker)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    second_server.abort();
+}

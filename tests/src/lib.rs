@@ -9,6 +9,7 @@
 pub mod faults;
 pub mod protocol;
 pub mod receivers;
+pub mod schedules;
 
 use std::sync::OnceLock;
 use std::time::Duration;

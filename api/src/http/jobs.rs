@@ -37,6 +37,8 @@ pub struct ListJobsQuery {
     root_job_id: Option<String>,
     /// Only dead-lettered (true) or only live (false) jobs.
     dead: Option<String>,
+    /// Only the runs fired by this schedule.
+    schedule_id: Option<String>,
     /// Page size, 1-500 (default 100).
     limit: Option<String>,
     /// `next_cursor` of the previous page.
@@ -61,6 +63,7 @@ pub async fn list_jobs(
         event_id: uuid("event_id", &q.event_id)?,
         root_job_id: uuid("root_job_id", &q.root_job_id)?,
         dead: parse_param::<bool>("dead", q.dead.as_deref())?,
+        schedule_id: uuid("schedule_id", &q.schedule_id)?,
         before: uuid("cursor", &q.cursor)?,
         limit: page_limit(q.limit.as_deref(), 100, 500)?,
     };

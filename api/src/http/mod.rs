@@ -9,6 +9,7 @@ mod hooks;
 mod jobs;
 mod openapi_responses;
 pub mod rate_limit;
+mod schedules;
 mod servers;
 mod stream;
 pub mod stream_slots;
@@ -73,6 +74,15 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(webhooks::create_webhook, webhooks::list_webhooks))
         .routes(routes!(webhooks::revoke_webhook))
         .routes(routes!(hooks::deliver))
+        .routes(routes!(schedules::create_schedule))
+        .routes(routes!(schedules::list_schedules))
+        .routes(routes!(
+            schedules::get_schedule,
+            schedules::patch_schedule,
+            schedules::delete_schedule
+        ))
+        .routes(routes!(schedules::pause_schedule))
+        .routes(routes!(schedules::resume_schedule))
         .routes(routes!(variables::list_variables))
         .routes(routes!(
             variables::put_variable,

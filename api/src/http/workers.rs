@@ -14,5 +14,7 @@ pub async fn list_workers(
     caller: Caller,
 ) -> Result<axum::Json<Vec<Worker>>, ApiError> {
     caller.require(Role::Viewer)?;
-    Ok(axum::Json(workers::list(&state.pool).await?))
+    Ok(axum::Json(
+        workers::list(&state.pool, state.config.lease).await?,
+    ))
 }

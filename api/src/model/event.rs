@@ -159,17 +159,22 @@ pub struct ContainerLimits {
     pub pids: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tmp_mib: Option<u64>,
+    /// Size in MiB of the run's files (`$HOME` and `$BATON_DIR`, a tmpfs); its pages count
+    /// against `memory_mib`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_mib: Option<u64>,
 }
 
 impl ContainerLimits {
     /// The most an event may ask for: the container executor's default maximums
-    /// (8 GiB, 4 CPUs, 4096 processes, 1 GiB of /tmp). A worker configured lower refuses the
-    /// run with a clear error.
+    /// (8 GiB, 4 CPUs, 4096 processes, 1 GiB of /tmp, 4 GiB of run files). A worker
+    /// configured lower refuses the run with a clear error.
     pub const MAXIMUMS: ContainerLimits = ContainerLimits {
         memory_mib: Some(8192),
         cpus: Some(4.0),
         pids: Some(4096),
         tmp_mib: Some(1024),
+        work_mib: Some(4096),
     };
 
     fn check(&self) -> Result<(), FieldError> {
@@ -185,6 +190,7 @@ impl ContainerLimits {
         over("memory_mib", self.memory_mib, max.memory_mib, 16)?;
         over("pids", self.pids, max.pids, 16)?;
         over("tmp_mib", self.tmp_mib, max.tmp_mib, 1)?;
+        over("work_mib", self.work_mib, max.work_mib, 1)?;
         if let Some(cpus) = self.cpus
             && !(0.05..=max.cpus.unwrap_or(4.0)).contains(&cpus)
         {

@@ -95,6 +95,10 @@ pub struct Job {
     pub log_lines_dropped: i64,
     /// The job this one re-runs (`POST /jobs/{id}/rerun`).
     pub rerun_of: Option<Uuid>,
+    /// The schedule that fired this run (None for other runs, or once the schedule is deleted).
+    pub schedule_id: Option<Uuid>,
+    /// The nominal fire time this run was fired for (unique per schedule).
+    pub scheduled_for: Option<DateTime<Utc>>,
 }
 
 /// A job in a list (`GET /api/v1/jobs`): everything [`Job`] has except the run's `input` and
@@ -128,6 +132,8 @@ pub struct JobSummary {
     pub action_notes: Vec<String>,
     pub log_lines_dropped: i64,
     pub rerun_of: Option<Uuid>,
+    pub schedule_id: Option<Uuid>,
+    pub scheduled_for: Option<DateTime<Utc>>,
 }
 
 impl From<Job> for JobSummary {
@@ -160,6 +166,8 @@ impl From<Job> for JobSummary {
             action_notes: j.action_notes,
             log_lines_dropped: j.log_lines_dropped,
             rerun_of: j.rerun_of,
+            schedule_id: j.schedule_id,
+            scheduled_for: j.scheduled_for,
         }
     }
 }

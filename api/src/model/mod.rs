@@ -6,6 +6,7 @@
 pub mod action;
 pub mod event;
 pub mod job;
+pub mod schedule;
 pub mod server;
 pub mod token;
 pub mod variable;

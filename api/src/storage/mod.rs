@@ -10,6 +10,7 @@ pub mod audit;
 pub mod events;
 pub mod logs;
 pub mod queue;
+pub mod schedules;
 pub mod servers;
 pub mod tokens;
 pub mod variables;
@@ -26,6 +27,8 @@ pub enum StorageError {
     EventNotFound(Uuid),
     #[error("job {0} not found")]
     JobNotFound(Uuid),
+    #[error("schedule {0} not found")]
+    ScheduleNotFound(Uuid),
     #[error("token {0} not found")]
     TokenNotFound(Uuid),
     #[error("server {0} not found")]

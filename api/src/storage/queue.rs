@@ -154,6 +154,42 @@ async fn insert_job(
     })
 }
 
+/// Queues the run a schedule fires for its nominal time `scheduled_for`, unless that slot
+/// already has a job: `(schedule_id, scheduled_for)` is unique, so a second fire of the same
+/// slot (another replica, a retried transaction, an edit) inserts nothing and returns None.
+/// The row trigger notifies the dispatchers on commit.
+pub async fn enqueue_scheduled(
+    db: impl PgExecutor<'_>,
+    job: &NewJob<'_>,
+    schedule_id: Uuid,
+    scheduled_for: DateTime<Utc>,
+) -> Result<Option<Uuid>> {
+    let id = Uuid::now_v7();
+    let spec = serde_json::to_value(job.event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let row: Option<Uuid> = sqlx::query_scalar(
+        "INSERT INTO jobs (id, event_id, status, priority, run_at, max_attempts, executor, labels, spec,
+                           input, root_job_id, depth, created_by, schedule_id, scheduled_for)
+         VALUES ($1, $2, 'queued', $3, coalesce($4, now()), $5, $6, $7, $8, $9, $1, 0, $10, $11, $12)
+         ON CONFLICT (schedule_id, scheduled_for) DO NOTHING
+         RETURNING id",
+    )
+    .bind(id)
+    .bind(job.event.id)
+    .bind(job.priority)
+    .bind(job.run_at)
+    .bind(job.event.spec.max_attempts)
+    .bind(job.event.spec.executor.resolved().as_str())
+    .bind(Json(&job.event.spec.labels))
+    .bind(spec)
+    .bind(Json(&job.input))
+    .bind(job.created_by)
+    .bind(schedule_id)
+    .bind(scheduled_for)
+    .fetch_optional(db)
+    .await?;
+    Ok(row)
+}
+
 /// What a worker offers when it asks for work.
 #[derive(Debug, Clone)]
 pub struct ClaimRequest<'a> {
@@ -853,7 +889,7 @@ const JOB_COLUMNS: &str = "j.id, j.event_id, coalesce(j.spec->>'name', '') AS ev
     j.max_attempts, j.dead, j.priority, j.run_at, j.exit_code, j.exit_signal, j.error_kind, j.error_message,
     j.input, j.output, j.condition, j.progress, j.cancel_requested, j.parent_job_id, j.root_job_id, j.depth,
     j.idempotency_key, j.worker_id, j.created_at, j.claimed_at, j.started_at, j.finished_at, j.action_notes,
-    j.log_lines_dropped, j.rerun_of";
+    j.log_lines_dropped, j.rerun_of, j.schedule_id, j.scheduled_for";
 
 #[derive(Debug, sqlx::FromRow)]
 struct JobRow {
@@ -888,6 +924,8 @@ struct JobRow {
     action_notes: Vec<String>,
     log_lines_dropped: i64,
     rerun_of: Option<Uuid>,
+    schedule_id: Option<Uuid>,
+    scheduled_for: Option<DateTime<Utc>>,
 }
 
 impl From<JobRow> for Job {
@@ -929,6 +967,8 @@ impl From<JobRow> for Job {
             action_notes: r.action_notes,
             log_lines_dropped: r.log_lines_dropped,
             rerun_of: r.rerun_of,
+            schedule_id: r.schedule_id,
+            scheduled_for: r.scheduled_for,
         }
     }
 }
@@ -949,6 +989,7 @@ pub struct JobFilter {
     pub event_id: Option<Uuid>,
     pub root_job_id: Option<Uuid>,
     pub dead: Option<bool>,
+    pub schedule_id: Option<Uuid>,
     pub before: Option<Uuid>,
     pub limit: i64,
 }
@@ -967,6 +1008,7 @@ pub async fn list_jobs(db: impl PgExecutor<'_>, filter: &JobFilter) -> Result<Ve
            AND ($3::uuid IS NULL OR j.root_job_id = $3)
            AND ($4::bool IS NULL OR j.dead = $4)
            AND ($5::uuid IS NULL OR j.id < $5)
+           AND ($7::uuid IS NULL OR j.schedule_id = $7)
          ORDER BY j.id DESC
          LIMIT $6"
     );
@@ -977,6 +1019,7 @@ pub async fn list_jobs(db: impl PgExecutor<'_>, filter: &JobFilter) -> Result<Ve
         .bind(filter.dead)
         .bind(filter.before)
         .bind(filter.limit)
+        .bind(filter.schedule_id)
         .fetch_all(db)
         .await?;
     Ok(rows

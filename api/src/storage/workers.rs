@@ -19,7 +19,9 @@ pub struct Worker {
     pub running: i32,
     pub version: Option<String>,
     pub hostname: Option<String>,
-    /// Whether the worker holds a stream to an api replica now.
+    /// Whether the worker holds a stream to an api replica now: a replica recorded it and it
+    /// was heard from within a lease (a replica killed without closing its streams cannot
+    /// record their end; its workers then show disconnected once their heartbeats stop).
     pub connected: bool,
     pub connected_at: DateTime<Utc>,
     pub last_seen_at: DateTime<Utc>,
@@ -85,12 +87,17 @@ pub async fn disconnected(db: impl PgExecutor<'_>, id: Uuid, api_id: &str) -> Re
     Ok(())
 }
 
-pub async fn list(db: impl PgExecutor<'_>) -> Result<Vec<Worker>> {
+/// Every worker, connected ones first. A worker counts as connected while a replica holds its
+/// stream (`api_id`) and its last heartbeat is less than `silence` old: workers heartbeat
+/// several times per lease, so `silence` is the lease.
+pub async fn list(db: impl PgExecutor<'_>, silence: std::time::Duration) -> Result<Vec<Worker>> {
     Ok(sqlx::query_as(
-        "SELECT id, name, labels, executors, slots, running, version, hostname, api_id IS NOT NULL AS connected,
+        "SELECT id, name, labels, executors, slots, running, version, hostname,
+                (api_id IS NOT NULL AND last_seen_at > now() - $1 * interval '1 millisecond') AS connected,
                 connected_at, last_seen_at, disconnected_at
-         FROM workers ORDER BY api_id IS NULL, name, id",
+         FROM workers ORDER BY connected DESC, name, id",
     )
+    .bind(i64::try_from(silence.as_millis()).unwrap_or(i64::MAX))
     .fetch_all(db)
     .await?)
 }

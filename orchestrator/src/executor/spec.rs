@@ -204,7 +204,7 @@ pub struct RunSpec {
 /// Resource limits of a container run. Every field is optional: in a [`RunSpec`] an unset
 /// field means "the worker's default"; in the worker's maximums it means "no maximum".
 ///
-/// Serialized as `{"memory_mib": 512, "cpus": 1.0, "pids": 256, "tmp_mib": 64}`.
+/// Serialized as `{"memory_mib": 512, "cpus": 1.0, "pids": 256, "tmp_mib": 64, "work_mib": 256}`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct ResourceLimits {
     /// Memory limit in MiB. Swap is disabled (memory + swap = this limit), so a run that
@@ -220,6 +220,13 @@ pub struct ResourceLimits {
     /// Size of the `/tmp` tmpfs in MiB (its pages count against the memory limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tmp_mib: Option<u64>,
+    /// Size in MiB of the run's files in `/baton` (the working directory `$HOME`, `$BATON_DIR`,
+    /// the script and helpers): a tmpfs, so a script filling it gets "No space left on device"
+    /// instead of filling the engine's disk. Its pages count against the memory limit too.
+    /// (For an image without `cat`, only the working directory is bounded; see the container
+    /// executor.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_mib: Option<u64>,
 }
 
 impl RunSpec {

@@ -84,6 +84,7 @@ async fn every_runtime_shape_is_accepted() {
         json!({"runtime": "bash", "content": "true", "image": "debian:bookworm"}),
         json!({"runtime": "bash", "content": "true", "network": true, "retry_on": "infrastructure",
                "limits": {"memory_mib": 1024, "cpus": 2.0, "pids": 512}}),
+        json!({"runtime": "bash", "content": "true", "limits": {"tmp_mib": 128, "work_mib": 4096}}),
     ]
     .into_iter()
     .enumerate()
@@ -175,6 +176,14 @@ async fn bad_fields_get_a_4xx_naming_the_field() {
         (
             json!({"name": "c", "runtime": "bash", "content": "x", "limits": {"disk": 1}}),
             "limits.disk",
+        ),
+        (
+            json!({"name": "c", "runtime": "bash", "content": "x", "limits": {"work_mib": 4097}}),
+            "limits.work_mib",
+        ),
+        (
+            json!({"name": "c", "runtime": "bash", "content": "x", "limits": {"work_mib": 0}}),
+            "limits.work_mib",
         ),
     ];
     for (body, field) in cases {

@@ -12,6 +12,7 @@ mod limits;
 mod live_logs;
 mod protocol;
 mod queue;
+mod schedules;
 mod servers;
 mod terminal;
 mod variables;

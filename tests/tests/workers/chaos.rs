@@ -3,6 +3,8 @@
 //! bounded by deadlines and stopping by itself. What Baton promises under each fault is in
 //! docs/architecture.md ("Faults and what Baton promises").
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use baton_tests::test_database;
@@ -363,5 +365,302 @@ async fn a_database_crash_restart_under_load_loses_no_job_and_the_api_recovers_b
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    drop(worker);
+}
+
+/// One run request of the load in [`an_api_replica_killed_under_load_loses_no_job_and_no_line`].
+#[derive(Debug)]
+struct Submission {
+    replica: &'static str,
+    after_kill: bool,
+    /// The job id (202), or the transport error of a request to the killed replica.
+    outcome: Result<String, String>,
+}
+
+/// The `api_id` of a replica, as its `Welcome` tells a (scripted) worker; the replica stores
+/// the same id in `workers.api_id` for the workers it holds.
+async fn api_id_of(app: &baton_tests::TestApp, grpc_address: &str) -> String {
+    let token = app.token(baton_api::model::Role::Worker).await;
+    // It offers only `ssh`: no job of these tests is ever assigned to it.
+    let mut hello = baton_tests::protocol::hello(Uuid::now_v7(), 1);
+    hello.executors = vec!["ssh".into()];
+    let (probe, welcome) =
+        baton_tests::protocol::ScriptedWorker::connect(grpc_address, &token, hello).await;
+    drop(probe);
+    assert!(!welcome.api_id.is_empty(), "{welcome:?}");
+    welcome.api_id
+}
+
+/// How many of `workers` the database shows held by the replica `api_id`.
+async fn held_by(pool: &sqlx::PgPool, workers: &[Uuid], api_id: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM workers WHERE id = ANY($1) AND api_id::text = $2")
+        .bind(workers)
+        .bind(api_id)
+        .fetch_one(pool)
+        .await
+        .expect("workers")
+}
+
+#[tokio::test]
+async fn an_api_replica_killed_under_load_loses_no_job_and_no_line() {
+    let db = test_database().await;
+    let settings = [
+        ("BATON_LEASE_SECONDS", "5"),
+        ("BATON_REAPER_INTERVAL_SECONDS", "0.2"),
+    ];
+    let mut a = ApiProcess::start(&db, &settings).await;
+    let b = ApiProcess::start(&db, &settings).await;
+    let app = b.app(&db).await;
+    let (a_id, b_id) = (
+        api_id_of(&app, &a.grpc_address).await,
+        api_id_of(&app, &b.grpc_address).await,
+    );
+    assert_ne!(a_id, b_id);
+    // 50 numbered lines over about a second.
+    let ev = local_event(
+        &app,
+        "steady-lines",
+        "sh",
+        "i=1; while [ $i -le 50 ]; do echo \"line $i\"; i=$((i+1)); sleep 0.02; done",
+    )
+    .await;
+
+    // Two workers, both told A first, then B.
+    let urls = format!("{},{}", a.grpc_address, b.grpc_address);
+    let ids = [Uuid::now_v7(), Uuid::now_v7()];
+    let mut workers = Vec::new();
+    for id in ids {
+        let id = id.to_string();
+        let args = ["--allow-local", "--no-container", "--worker-id", &id];
+        workers.push(WorkerProcess::start_on(&app, &urls, 8, &args).await);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while held_by(&app.pool, &ids, &a_id).await < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the workers never connected to the first URL"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Load through both replicas, alternating, until 40 runs were asked for and 10 of them
+    // after the kill.
+    let killed = Arc::new(AtomicBool::new(false));
+    let submitted = Arc::new(AtomicUsize::new(0));
+    let load = {
+        let (a_http, b_http, ev, killed, submitted) = (
+            a.address.clone(),
+            b.address.clone(),
+            ev.clone(),
+            killed.clone(),
+            submitted.clone(),
+        );
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut submissions: Vec<Submission> = Vec::new();
+            let mut i = 0usize;
+            while submissions.len() < 40 || submissions.iter().filter(|s| s.after_kill).count() < 10
+            {
+                let (replica, base) = if i.is_multiple_of(2) {
+                    ("A", &a_http)
+                } else {
+                    ("B", &b_http)
+                };
+                i += 1;
+                let after_kill = killed.load(Ordering::SeqCst);
+                let answer = client
+                    .post(format!("{base}/api/v1/events/{ev}/run"))
+                    .bearer_auth(baton_tests::ADMIN_TOKEN)
+                    .json(&json!({}))
+                    .timeout(Duration::from_secs(30))
+                    .send()
+                    .await;
+                let outcome = match answer {
+                    Ok(r) => {
+                        let status = r.status();
+                        let body: Value = r.json().await.unwrap_or(Value::Null);
+                        assert_eq!(
+                            status,
+                            reqwest::StatusCode::ACCEPTED,
+                            "replica {replica} answered: {body}"
+                        );
+                        Ok(body["job_id"].as_str().expect("job_id").to_owned())
+                    }
+                    Err(e) => {
+                        assert_eq!(replica, "A", "the surviving replica failed a run: {e}");
+                        Err(e.to_string())
+                    }
+                };
+                submissions.push(Submission {
+                    replica,
+                    after_kill,
+                    outcome,
+                });
+                submitted.fetch_add(1, Ordering::SeqCst);
+                // A steady pace, not a synchronisation.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            submissions
+        })
+    };
+
+    // Kill A in the middle of the load: 16 runs asked for, several running with their lines
+    // partly stored.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let in_flight = loop {
+        let busy: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM jobs WHERE event_id = $1::uuid AND status = 'running' AND last_log_seq >= 5",
+        )
+        .bind(&ev)
+        .fetch_one(&app.pool)
+        .await
+        .expect("running jobs");
+        if busy >= 4 && submitted.load(Ordering::SeqCst) >= 16 {
+            break busy;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline && !load.is_finished(),
+            "the load never got going"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let kill_started = tokio::time::Instant::now();
+    a.kill();
+    killed.store(true, Ordering::SeqCst);
+    println!(
+        "killed replica A with {in_flight} runs in flight, {} runs asked for",
+        submitted.load(Ordering::SeqCst)
+    );
+
+    // Both workers are on B again: held by B in the database, and connected as the REST API
+    // shows them.
+    let deadline = kill_started + Duration::from_secs(60);
+    let reconnected = loop {
+        if held_by(&app.pool, &ids, &b_id).await == 2 {
+            let (_, list) = app.get("/api/v1/workers").await;
+            let connected = list
+                .as_array()
+                .or_else(|| list["workers"].as_array())
+                .map_or(0, |ws| {
+                    ws.iter()
+                        .filter(|w| {
+                            ids.iter().any(|id| w["id"] == id.to_string()) && w["connected"] == true
+                        })
+                        .count()
+                });
+            if connected == 2 {
+                break kill_started.elapsed();
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the workers never reconnected to the surviving replica"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    println!("both workers reconnected to the surviving replica {reconnected:?} after the kill");
+    assert!(
+        reconnected <= Duration::from_secs(2),
+        "the workers took {reconnected:?} to reconnect (at most 2 s)"
+    );
+
+    let submissions = load.await.expect("the load");
+    let accepted: Vec<&String> = submissions
+        .iter()
+        .filter_map(|s| s.outcome.as_ref().ok())
+        .collect();
+    let refused = submissions.iter().filter(|s| s.outcome.is_err()).count();
+    assert!(
+        submissions
+            .iter()
+            .any(|s| s.after_kill && s.replica == "B" && s.outcome.is_ok()),
+        "the load went on through the surviving replica: {submissions:?}"
+    );
+
+    // Every job the database holds (accepted ones, and any whose answer the kill cut off)
+    // ends well, with each of its 50 lines stored once, in order.
+    let jobs = wait_jobs(&app.pool, &ev, "every run finished", |jobs| {
+        jobs.iter()
+            .all(|j| !matches!(j.1.as_str(), "queued" | "claimed" | "running"))
+    })
+    .await;
+    for id in &accepted {
+        assert!(
+            jobs.iter().any(|j| j.0.to_string() == **id),
+            "accepted job {id} was lost"
+        );
+    }
+    let wanted: Vec<String> = (1..=50).map(|i| format!("line {i}")).collect();
+    for (id, status, _, _) in &jobs {
+        assert_eq!(status, "succeeded", "job {id}");
+        let lines: Vec<String> = texts(&all_lines(&app, &id.to_string()).await)
+            .into_iter()
+            .filter(|t| t.starts_with("line "))
+            .collect();
+        assert_eq!(lines, wanted, "job {id}: its lines, each once, in order");
+    }
+    let retried = jobs.iter().filter(|j| j.2 > 1).count();
+    println!(
+        "{} runs asked for, {} accepted, {refused} refused by the killed replica; {} jobs stored, {retried} ran again (assignments lost with the replica)",
+        submissions.len(),
+        accepted.len(),
+        jobs.len()
+    );
+    drop(workers);
+}
+
+/// Whether `GET /api/v1/workers` shows the worker `id` connected (None: not listed).
+async fn shown_connected(app: &baton_tests::TestApp, id: Uuid) -> Option<bool> {
+    let (_, list) = app.get("/api/v1/workers").await;
+    list.as_array()?
+        .iter()
+        .find(|w| w["id"] == id.to_string())
+        .and_then(|w| w["connected"].as_bool())
+}
+
+#[tokio::test]
+async fn a_worker_whose_replica_was_killed_is_shown_disconnected_within_a_lease() {
+    let db = test_database().await;
+    let mut a = ApiProcess::start(&db, &SHORT_LEASE).await;
+    let b = ApiProcess::start(&db, &SHORT_LEASE).await;
+    let app = b.app(&db).await;
+    // The worker knows only A: once A is gone, it holds no stream anywhere.
+    let id = Uuid::now_v7();
+    let worker = WorkerProcess::start_on(
+        &app,
+        &a.grpc_address,
+        1,
+        &[
+            "--allow-local",
+            "--no-container",
+            "--worker-id",
+            &id.to_string(),
+        ],
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while shown_connected(&app, id).await != Some(true) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker never connected"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Killed, A cannot record that the worker's stream ended.
+    let killed = tokio::time::Instant::now();
+    a.kill();
+    let deadline = killed + Duration::from_secs(30);
+    while shown_connected(&app, id).await != Some(false) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker of the killed replica is still shown connected"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let shown = killed.elapsed();
+    println!("shown disconnected {shown:?} after its replica was killed");
+    // A lease (3 s) after its last heartbeat, which came at most a third of a lease before the
+    // kill; 2 s of slack for a loaded machine.
+    assert!(shown <= Duration::from_secs(5), "took {shown:?}");
     drop(worker);
 }

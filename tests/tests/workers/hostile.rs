@@ -90,13 +90,14 @@ async fn hostile_scripts_are_contained_reported_and_leave_the_worker_healthy() {
     assert!(error_message(&job).contains("out-of-memory"), "{job}");
     assert_worker_healthy(&app, "memory-hog").await;
 
-    // Filling the work directory: it is bounded; the write fails, the run fails with the
-    // script's own reason, the host's disk is untouched.
+    // Filling the work directory: it is a tmpfs of the default `work_mib` (256 MiB), so 1 GiB
+    // does not fit; the write fails, the run fails with the script's own reason, the host's
+    // disk is untouched.
     let (job, lines) = run_hostile(
         &app,
         "disk-fill",
         "sh",
-        "dd if=/dev/zero of=\"$HOME/fill\" bs=1M count=4096 2>&1; echo \"dd exit $?\"; exit 1",
+        "dd if=/dev/zero of=\"$HOME/fill\" bs=1M count=1024 2>&1; echo \"dd exit $?\"; exit 1",
         json!({}),
     )
     .await;

@@ -78,14 +78,15 @@ impl WorkerProcess {
 
     /// A worker process with `extra` command-line flags (after `--api-url` and `--slots`).
     pub async fn start_with_args(app: &TestApp, slots: u32, extra: &[&str]) -> Self {
+        Self::start_on(app, &app.grpc_address, slots, extra).await
+    }
+
+    /// A worker process connecting to `api_url` (one gRPC URL, or several comma-separated),
+    /// with a worker token made through `app`, and `extra` flags.
+    pub async fn start_on(app: &TestApp, api_url: &str, slots: u32, extra: &[&str]) -> Self {
         let token = app.token(Role::Worker).await;
         let child = Command::new(env!("CARGO_BIN_EXE_baton-test-worker"))
-            .args([
-                "--api-url",
-                &app.grpc_address,
-                "--slots",
-                &slots.to_string(),
-            ])
+            .args(["--api-url", api_url, "--slots", &slots.to_string()])
             .args(extra)
             .env("BATON_WORKER_TOKEN", token)
             .env("BATON_WORKER_DRAIN_TIMEOUT", "20s")

@@ -33,13 +33,14 @@
 use std::time::Duration;
 
 use bollard::exec::{StartExecOptions, StartExecResults};
-use bollard::models::ExecConfig;
+use bollard::models::{ContainerCreateBody, ExecConfig, HostConfig};
 use bollard::query_parameters::UploadToContainerOptionsBuilder;
 use futures::StreamExt as _;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::spares::{self, SpareKey};
 use super::{
     ContainerExecutor, ContainerGuard, Ended, MOUNT_DIR, OutputStreamBox, Plan, Stop, WORK_DIR,
     engine_message, files, pump_attach,
@@ -90,6 +91,62 @@ impl ContainerExecutor {
         tracing::debug!(job.id = %spec.job_id, container = %name, summary = %outcome.summary(),
             "container run (pre-started container) ended");
         Ok(outcome)
+    }
+
+    /// Runs `spec` as the warm path does, in an idle container made for it now (a cold run):
+    /// the container's `/baton` is then a tmpfs volume of `work_mib` like a spare's, which a
+    /// container that gets its files before its start cannot have (the engine mounts such a
+    /// volume only while the container runs). The container carries the run's labels, not
+    /// the spare label, and is not auto-removed. [`Unusable`] when the image cannot idle (no `cat`) or the engine
+    /// refuses: nothing of the run happened, the caller takes the path without an idle
+    /// process.
+    pub(super) async fn run_in_idle(
+        &self,
+        spec: &RunSpec,
+        plan: &Plan,
+        events: &mpsc::Sender<ExecEvent>,
+        cancel: &CancellationToken,
+        started: Instant,
+    ) -> Result<RunOutcome, Unusable> {
+        let key = SpareKey::new(&plan.image, &plan.network_mode, plan.limits);
+        let spare = self.spare_body(&key);
+        let body = ContainerCreateBody {
+            labels: Some(plan.labels.clone()),
+            // Not removed by the engine when it stops: its record must outlive the SIGKILL
+            // that reads whether the out-of-memory killer struck (`oom_killed`), and the
+            // container of a crashed worker is reaped like any run's (its idle process ends
+            // with the worker's stdin, so it stops at once).
+            host_config: spare.host_config.clone().map(|hc| HostConfig {
+                auto_remove: Some(false),
+                ..hc
+            }),
+            ..spare
+        };
+        let name = format!(
+            "baton-{}-{:08x}",
+            spec.job_id.simple(),
+            rand::random::<u32>()
+        );
+        let mut guard = ContainerGuard::new(self, name.clone(), spec.job_id);
+        // Kept until the run's container is removed: dropping it (this future dropped, the
+        // worker dead) ends the idle process, and the container stops (removed by its guard,
+        // or by a reaper when the worker died).
+        let hold = match spares::start_idle(&self.docker, &name, body).await {
+            Ok(hold) => hold,
+            Err(reason) => {
+                if self.remove(&name).await.is_ok() {
+                    guard.disarm();
+                }
+                return Err(Unusable(reason));
+            }
+        };
+        let result = self
+            .run_in_spare(spec, plan, &name, events, cancel, started)
+            .await;
+        // `run_in_spare` removed the container (or left it to its guard and the reaper).
+        guard.disarm();
+        drop(hold);
+        result
     }
 
     /// Upload and create the exec (overlapped); start it attached; supervise; collect.

@@ -21,6 +21,16 @@
 //!   worker collects `output.json`, `condition` and `vars/` exactly as from a local run. The
 //!   engine never needs to see the worker's file system: a worker in a container talking to a
 //!   remote engine works. [`RunSpec::workdir`] (a worker path) is ignored.
+//! * **Bounded files.** Everything a run writes outside `/tmp` lives in that volume, which is a
+//!   tmpfs of `work_mib` ([`ResourceLimits::work_mib`], default 256 MiB) on the engine's
+//!   `local` driver: a script filling `$HOME` or `$BATON_DIR` gets "No space left on device"
+//!   and cannot fill the engine's disk. Its pages count against the memory limit. Such a
+//!   volume exists only while its container runs (the engine mounts it at the start and drops
+//!   it at the stop), so a cold run does not get its files before its start: its container is
+//!   started with an idle process, like a spare, and the run is an exec in it (`exec.rs`,
+//!   `run_in_idle`). An image that cannot idle (no `cat`) falls back to the path described
+//!   below (files uploaded before the start, `out/` downloaded after the exit) with the
+//!   volume on the engine's disk and a tmpfs of `work_mib` over the working directory only.
 //! * **Environment.** `PATH` (a standard one, helpers first), `HOME=/baton/work`,
 //!   `LANG=C.UTF-8`, `TMPDIR=/tmp`, `PYTHONUNBUFFERED=1`, then [`RunSpec::env`], then
 //!   `BATON_JOB_ID`, `BATON_DIR=/baton/run` (when there is a run directory) and
@@ -29,7 +39,8 @@
 //! * **Hardened by default.** Runs as [`ContainerConfig::user`] (`10001:10001`), with every
 //!   capability dropped, `no-new-privileges`, a read-only root file system (the volume and a
 //!   `/tmp` tmpfs are the only writable places), memory (swap disabled), CPU and pids limits
-//!   ([`ResourceLimits`]: defaults 512 MiB, 1 CPU, 256 processes, 64 MiB `/tmp`), network
+//!   ([`ResourceLimits`]: defaults 512 MiB, 1 CPU, 256 processes, 64 MiB `/tmp`, 256 MiB
+//!   run volume), network
 //!   mode `none` unless [`RunSpec::network`], no log driver (output is streamed through the
 //!   attach connection only) and a small init process (`docker-init`) as PID 1, which forwards
 //!   signals and reaps zombies. Per-run limits ([`RunSpec::limits`]) are checked against
@@ -59,7 +70,9 @@
 //!   background and expires unused ones). The container still serves that run only and is
 //!   removed after it; hardening, limits, streaming, timeout and cancellation (every process
 //!   of the run), out-of-memory reporting and start failures behave as described here. A run
-//!   without a matching ready spare takes the cold path (the rest of this list).
+//!   without a matching ready spare runs the same way in an idle container made for it (see
+//!   *Bounded files*), or, for an image that cannot idle, takes the cold path without an
+//!   idle process (the rest of this list).
 //!   [`ContainerExecutor::shutdown`] removes the spares.
 //! * **Clean-up and orphans.** Every container is labelled [`LABEL_WORKER`] (the worker id),
 //!   [`LABEL_JOB`] (the job id) and [`LABEL_MANAGED`], and is removed with its volume when the
@@ -102,7 +115,10 @@ use std::time::Duration;
 
 use bollard::Docker;
 use bollard::container::LogOutput;
-use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, Mount, MountType};
+use bollard::models::{
+    ContainerCreateBody, HostConfig, HostConfigLogConfig, Mount, MountType, MountVolumeOptions,
+    MountVolumeOptionsDriverConfig,
+};
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
     DownloadFromContainerOptionsBuilder, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
@@ -222,7 +238,8 @@ pub struct ContainerConfig {
     /// When images are pulled.
     pub pull_policy: PullPolicy,
     /// Limits of a run that asks for none; every field should be set (an unset field falls
-    /// back to the built-in default: 512 MiB, 1 CPU, 256 processes, 64 MiB `/tmp`).
+    /// back to the built-in default: 512 MiB, 1 CPU, 256 processes, 64 MiB `/tmp`, 256 MiB
+    /// of run files).
     pub defaults: ResourceLimits,
     /// Highest limits a run may ask for (unset field: no maximum). The defaults must be within.
     pub maximums: ResourceLimits,
@@ -277,9 +294,9 @@ pub struct ContainerConfig {
 
 impl ContainerConfig {
     /// The defaults, for a worker with id `worker_id`: images `baton/runtime:<runtime>`,
-    /// `if-not-present`, user `10001:10001`, 512 MiB / 1 CPU / 256 pids / 64 MiB `/tmp` by
-    /// default and at most 8 GiB / 4 CPUs / 4096 pids / 1 GiB `/tmp`, network allowed on
-    /// request (bridge), image overrides allowed.
+    /// `if-not-present`, user `10001:10001`, 512 MiB / 1 CPU / 256 pids / 64 MiB `/tmp` /
+    /// 256 MiB of run files by default and at most 8 GiB / 4 CPUs / 4096 pids / 1 GiB `/tmp` /
+    /// 4 GiB of run files, network allowed on request (bridge), image overrides allowed.
     pub fn new(worker_id: impl Into<String>) -> Self {
         ContainerConfig {
             worker_id: worker_id.into(),
@@ -291,12 +308,14 @@ impl ContainerConfig {
                 cpus: Some(1.0),
                 pids: Some(256),
                 tmp_mib: Some(64),
+                work_mib: Some(256),
             },
             maximums: ResourceLimits {
                 memory_mib: Some(8192),
                 cpus: Some(4.0),
                 pids: Some(4096),
                 tmp_mib: Some(1024),
+                work_mib: Some(4096),
             },
             user: DEFAULT_USER.to_owned(),
             allow_network: true,
@@ -406,6 +425,9 @@ pub struct ContainerExecutor {
     spares: Option<SparePool>,
     /// This process's [`LABEL_PROCESS`] (none where `/proc` cannot tell).
     process_mark: Option<String>,
+    /// Images that could not run an idle container lately (no `cat`, say), with when: their
+    /// cold runs take the path without one until [`spares::RETRY_AFTER`] has passed.
+    cannot_idle: Mutex<HashMap<String, Instant>>,
 }
 
 impl fmt::Debug for ContainerExecutor {
@@ -470,6 +492,7 @@ impl ContainerExecutor {
             live,
             spares,
             process_mark: liveness::own_mark(),
+            cannot_idle: Mutex::new(HashMap::new()),
         })
     }
 
@@ -739,6 +762,13 @@ impl ContainerExecutor {
         Some((key, name))
     }
 
+    /// Whether a cold run of `image` tries an idle container first (see `run_in_idle`).
+    fn may_idle(&self, image: &str) -> bool {
+        let mut refused = self.cannot_idle.lock().unwrap_or_else(|p| p.into_inner());
+        refused.retain(|_, at| at.elapsed() < spares::RETRY_AFTER);
+        !refused.contains_key(image)
+    }
+
     async fn remove(&self, container: &str) -> Result<(), String> {
         let options = RemoveContainerOptionsBuilder::new()
             .force(true)
@@ -821,6 +851,25 @@ impl ContainerExecutor {
         };
         if let Err(e) = ready {
             return RunOutcome::from_error(e, started.elapsed());
+        }
+        if self.may_idle(&plan.image) {
+            match self
+                .run_in_idle(&spec, &plan, &events, &cancel, started)
+                .await
+            {
+                Ok(outcome) => return outcome,
+                Err(unusable) => {
+                    tracing::warn!(job.id = %spec.job_id, image = %plan.image, reason = %unusable.0,
+                        "the image cannot run an idle container; its runs get their files before their start for a while");
+                    self.cannot_idle
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(plan.image.clone(), Instant::now());
+                }
+            }
+        }
+        if cancel.is_cancelled() {
+            return RunOutcome::from_error(ExecError::Cancelled, started.elapsed());
         }
         let archive = match files::upload_archive(&spec, plan.script(), self.owner) {
             Ok(a) => a,
@@ -1357,9 +1406,45 @@ impl ContainerExecutor {
     }
 
     /// The hardening, limits and mounts of every container, cold or spare.
-    fn host_config(&self, limits: Effective, network_mode: &str) -> HostConfig {
+    fn host_config(&self, limits: Effective, network_mode: &str, volume: RunVolume) -> HostConfig {
         let memory =
             i64::try_from(limits.memory_mib.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX);
+        let mut tmpfs = HashMap::from([(
+            "/tmp".to_owned(),
+            format!("rw,nosuid,nodev,size={}m,mode=1777", limits.tmp_mib),
+        )]);
+        let volume_options = match volume {
+            // The volume is a tmpfs of `work_mib` (the engine's `local` driver mounts it when
+            // the container starts and drops it, with its files, when the container stops).
+            RunVolume::Sized => Some(MountVolumeOptions {
+                driver_config: Some(MountVolumeOptionsDriverConfig {
+                    name: Some("local".to_owned()),
+                    options: Some(HashMap::from([
+                        ("type".to_owned(), "tmpfs".to_owned()),
+                        ("device".to_owned(), "tmpfs".to_owned()),
+                        (
+                            "o".to_owned(),
+                            format!("size={}m,mode=0755,nosuid,nodev", limits.work_mib),
+                        ),
+                    ])),
+                }),
+                ..MountVolumeOptions::default()
+            }),
+            // A volume on the engine's disk (it keeps what was uploaded before the start and
+            // what is downloaded after the exit); the working directory on it is covered by
+            // a tmpfs of `work_mib`, which starts empty: the upload's empty `work/` lands
+            // under the mount, unseen, and nothing is downloaded from it.
+            RunVolume::Disk => {
+                tmpfs.insert(
+                    WORK_DIR.to_owned(),
+                    format!(
+                        "rw,nosuid,nodev,size={}m,uid={},gid={},mode=0700",
+                        limits.work_mib, self.owner.uid, self.owner.gid
+                    ),
+                );
+                None
+            }
+        };
         HostConfig {
             readonly_rootfs: Some(true),
             cap_drop: Some(vec!["ALL".to_owned()]),
@@ -1370,14 +1455,12 @@ impl ContainerExecutor {
             memory_swap: Some(memory),
             nano_cpus: Some((limits.cpus * 1e9).round() as i64),
             network_mode: Some(network_mode.to_owned()),
-            tmpfs: Some(HashMap::from([(
-                "/tmp".to_owned(),
-                format!("rw,nosuid,nodev,size={}m,mode=1777", limits.tmp_mib),
-            )])),
+            tmpfs: Some(tmpfs),
             mounts: Some(vec![Mount {
                 target: Some(MOUNT_DIR.to_owned()),
                 typ: Some(MountType::VOLUME),
                 read_only: Some(false),
+                volume_options,
                 ..Mount::default()
             }]),
             log_config: Some(HostConfigLogConfig {
@@ -1392,7 +1475,7 @@ impl ContainerExecutor {
     }
 
     fn container_body(&self, plan: &Plan) -> ContainerCreateBody {
-        let host_config = self.host_config(plan.limits, &plan.network_mode);
+        let host_config = self.host_config(plan.limits, &plan.network_mode, RunVolume::Disk);
         ContainerCreateBody {
             image: Some(plan.image.clone()),
             cmd: Some(plan.cmd.clone()),
@@ -1424,6 +1507,7 @@ impl ContainerExecutor {
             cpus: f64::from_bits(key.cpus_bits),
             pids: key.pids,
             tmp_mib: key.tmp_mib,
+            work_mib: key.work_mib,
         };
         let idle = spares::idle_user(self.owner.uid);
         ContainerCreateBody {
@@ -1457,7 +1541,7 @@ impl ContainerExecutor {
             stop_signal: Some("SIGTERM".to_owned()),
             host_config: Some(HostConfig {
                 auto_remove: Some(true),
-                ..self.host_config(limits, &key.network_mode)
+                ..self.host_config(limits, &key.network_mode, RunVolume::Sized)
             }),
             ..ContainerCreateBody::default()
         }
@@ -1473,6 +1557,7 @@ impl SpareKey {
             cpus_bits: limits.cpus.to_bits(),
             pids: limits.pids,
             tmp_mib: limits.tmp_mib,
+            work_mib: limits.work_mib,
         }
     }
 }
@@ -1571,6 +1656,19 @@ enum Stop {
     TimedOut,
 }
 
+/// Where a container's `/baton` lives; either way a run's files there are bounded by
+/// `work_mib` (see [`ContainerExecutor::host_config`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunVolume {
+    /// A tmpfs volume of `work_mib`: for containers started before their files are uploaded
+    /// (spares, and the idle container of a cold run), whose files live only while they run.
+    Sized,
+    /// A volume on the engine's disk with a tmpfs of `work_mib` over the working directory:
+    /// for a container that gets its files before it starts and is read after it exited
+    /// (the fallback of a cold run whose image cannot idle).
+    Disk,
+}
+
 /// Everything worked out for one run before the container is created.
 #[derive(Debug)]
 struct Plan {
@@ -1596,6 +1694,7 @@ struct Effective {
     cpus: f64,
     pids: u64,
     tmp_mib: u64,
+    work_mib: u64,
 }
 
 impl Effective {
@@ -1604,6 +1703,7 @@ impl Effective {
         cpus: 1.0,
         pids: 256,
         tmp_mib: 64,
+        work_mib: 256,
     };
 
     fn resolve(asked: Option<&ResourceLimits>, defaults: &ResourceLimits) -> Self {
@@ -1617,6 +1717,7 @@ impl Effective {
             cpus: asked.cpus.or(defaults.cpus).unwrap_or(b.cpus),
             pids: asked.pids.or(defaults.pids).unwrap_or(b.pids),
             tmp_mib: asked.tmp_mib.or(defaults.tmp_mib).unwrap_or(b.tmp_mib),
+            work_mib: asked.work_mib.or(defaults.work_mib).unwrap_or(b.work_mib),
         }
     }
 
@@ -1634,8 +1735,8 @@ impl Effective {
                 self.cpus
             ));
         }
-        if self.pids < 1 || self.tmp_mib < 1 {
-            return Err("pids and tmp_mib limits must be at least 1".to_owned());
+        if self.pids < 1 || self.tmp_mib < 1 || self.work_mib < 1 {
+            return Err("pids, tmp_mib and work_mib limits must be at least 1".to_owned());
         }
         let over = |what: &str, value: String, max: String| {
             Err(format!(
@@ -1667,6 +1768,15 @@ impl Effective {
             return over(
                 "/tmp size",
                 format!("{} MiB", self.tmp_mib),
+                format!("{m} MiB"),
+            );
+        }
+        if let Some(m) = max.work_mib
+            && self.work_mib > m
+        {
+            return over(
+                "run files size (work_mib)",
+                format!("{} MiB", self.work_mib),
                 format!("{m} MiB"),
             );
         }
@@ -1866,6 +1976,23 @@ mod tests {
         assert_eq!(e.cpus, 1.0);
         let err = e.check(&config.maximums).expect_err("over the maximum");
         assert!(err.contains("memory limit 100000 MiB"), "{err}");
+        let asked = ResourceLimits {
+            work_mib: Some(5000),
+            ..ResourceLimits::default()
+        };
+        let e = Effective::resolve(Some(&asked), &config.defaults);
+        assert_eq!((e.work_mib, e.tmp_mib), (5000, 64));
+        let err = e.check(&config.maximums).expect_err("over the maximum");
+        assert!(err.contains("run files size (work_mib) 5000 MiB"), "{err}");
+        let asked = ResourceLimits {
+            work_mib: Some(0),
+            ..ResourceLimits::default()
+        };
+        assert!(
+            Effective::resolve(Some(&asked), &config.defaults)
+                .check(&config.maximums)
+                .is_err()
+        );
         let asked = ResourceLimits {
             cpus: Some(0.0),
             ..ResourceLimits::default()

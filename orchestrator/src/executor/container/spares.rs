@@ -54,8 +54,40 @@ pub(crate) const IDLE_COMMAND: [&str; 1] = ["cat"];
 
 /// The worker's end of a spare's stdin. Holding it keeps the spare's idle process waiting;
 /// dropping it (or the worker process dying) ends the spare.
-struct StdinHold {
+pub(crate) struct StdinHold {
     _attach: bollard::container::AttachContainerResults,
+}
+
+/// Creates an idle container (a spare's `body`), attaches to its stdin (before the start: a
+/// worker dying at any point after the start leaves no container behind) and starts it. The
+/// idle process runs as long as the returned hold is kept.
+pub(crate) async fn start_idle(
+    docker: &Docker,
+    name: &str,
+    body: ContainerCreateBody,
+) -> Result<StdinHold, String> {
+    let options = CreateContainerOptionsBuilder::new().name(name).build();
+    docker
+        .create_container(Some(options), body)
+        .await
+        .map_err(|e| format!("create: {}", engine_message(&e)))?;
+    let attach = AttachContainerOptionsBuilder::new()
+        .stream(true)
+        .stdin(true)
+        .stdout(false)
+        .stderr(false)
+        .logs(false)
+        .build();
+    let attached = docker
+        .attach_container(name, Some(attach))
+        .await
+        .map_err(|e| format!("attach: {}", engine_message(&e)))?;
+    let hold = StdinHold { _attach: attached };
+    docker
+        .start_container(name, None)
+        .await
+        .map_err(|e| format!("start: {}", engine_message(&e)))?;
+    Ok(hold)
 }
 
 /// How long a configuration whose spare failed is left without spares.
@@ -79,6 +111,7 @@ pub(crate) struct SpareKey {
     pub cpus_bits: u64,
     pub pids: u64,
     pub tmp_mib: u64,
+    pub work_mib: u64,
 }
 
 /// Counters of the pool, for operators and tests.
@@ -365,34 +398,14 @@ impl Inner {
         }
     }
 
-    /// Creates the spare, attaches to its stdin (before the start: a worker dying at any point
-    /// after the start leaves no spare behind) and starts it.
+    /// Creates and starts the spare (see [`start_idle`]) and keeps its stdin.
     async fn create_and_start(&self, name: &str, body: ContainerCreateBody) -> Result<(), String> {
-        let options = CreateContainerOptionsBuilder::new().name(name).build();
-        self.docker
-            .create_container(Some(options), body)
-            .await
-            .map_err(|e| format!("create: {}", engine_message(&e)))?;
-        let attach = AttachContainerOptionsBuilder::new()
-            .stream(true)
-            .stdin(true)
-            .stdout(false)
-            .stderr(false)
-            .logs(false)
-            .build();
-        let attached = self
-            .docker
-            .attach_container(name, Some(attach))
-            .await
-            .map_err(|e| format!("attach: {}", engine_message(&e)))?;
+        let hold = start_idle(&self.docker, name, body).await?;
         self.holds
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_owned(), StdinHold { _attach: attached });
-        self.docker
-            .start_container(name, None)
-            .await
-            .map_err(|e| format!("start: {}", engine_message(&e)))
+            .insert(name.to_owned(), hold);
+        Ok(())
     }
 
     /// Lets go of the stdin of `name` (its idle process then ends, if it still runs).

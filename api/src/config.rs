@@ -72,6 +72,17 @@ pub struct ApiConfig {
     /// database lookup (0: no limit).
     #[arg(long, env = "BATON_AUTH_FAILURES_PER_SECOND", default_value_t = 2)]
     pub auth_failures_per_second: u32,
+    /// Deliveries per second allowed per webhook key (`POST /hooks/{key}`, a token bucket; 0:
+    /// no limit). Past it: 429 with `Retry-After`.
+    #[arg(
+        long,
+        env = "BATON_WEBHOOK_RATE_LIMIT_PER_SECOND",
+        default_value_t = 10
+    )]
+    pub webhook_rate_limit_per_second: u32,
+    /// Deliveries a webhook key may make at once above the steady rate.
+    #[arg(long, env = "BATON_WEBHOOK_RATE_LIMIT_BURST", default_value_t = 100)]
+    pub webhook_rate_limit_burst: u32,
     /// Live log streams (SSE and WebSocket) one token may hold open at once; past it: 429.
     #[arg(long, env = "BATON_STREAMS_PER_TOKEN", default_value_t = 32)]
     pub streams_per_token: u32,
@@ -125,6 +136,8 @@ impl ApiConfig {
             rate_limit_burst: 20_000,
             anonymous_rate_limit_per_second: 100,
             auth_failures_per_second: 2,
+            webhook_rate_limit_per_second: 10,
+            webhook_rate_limit_burst: 100,
             streams_per_token: 32,
             stream_ping_interval: Duration::from_secs(20),
             stream_idle_timeout: Duration::from_secs(300),

@@ -163,8 +163,9 @@ impl Dispatcher {
         self.lock_conns().retain(|c| c.conn_id != conn.conn_id);
     }
 
-    /// Passes a cancel request to the worker running `job_id`, if it is connected here.
-    pub fn cancel(&self, job_id: Uuid, reason: &str) -> bool {
+    /// Passes a cancel request to the worker running `job_id`, if it is connected here;
+    /// `force`: kill the run at once, without the grace.
+    pub fn cancel(&self, job_id: Uuid, reason: &str, force: bool) -> bool {
         let conns = self.lock_conns().clone();
         for conn in conns {
             if conn.token_of(job_id).is_some() {
@@ -172,6 +173,7 @@ impl Dispatcher {
                     msg: Some(ServerMsg::Cancel(Cancel {
                         job_id: job_id.to_string(),
                         reason: reason.to_owned(),
+                        force,
                     })),
                 };
                 return conn.tx.try_send(Ok(msg)).is_ok();

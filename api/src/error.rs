@@ -106,6 +106,8 @@ impl ApiError {
                     (StatusCode::CONFLICT, "log_sequence", None)
                 }
                 S::JobFinished { .. } => (StatusCode::CONFLICT, "job_finished", None),
+                S::WebhookNotFound(_) => (StatusCode::NOT_FOUND, "webhook_not_found", None),
+                S::JobNotFinished { .. } => (StatusCode::CONFLICT, "job_not_finished", None),
                 S::Database(sqlx::Error::PoolTimedOut) => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     "database_unavailable",
@@ -147,14 +149,17 @@ pub fn grpc_status(err: &StorageError) -> tonic::Status {
         | S::EventNotFound(_)
         | S::TokenNotFound(_)
         | S::ServerNotFound(_)
-        | S::ScheduleNotFound(_) => tonic::Status::not_found(err.to_string()),
+        | S::WebhookNotFound(_) => tonic::Status::not_found(err.to_string()),
+        S::ScheduleNotFound(_) => tonic::Status::not_found(err.to_string()),
         S::ServerNameTaken(_) | S::ServerInUse(_) => {
             tonic::Status::failed_precondition(err.to_string())
         }
         S::LogGap { .. } | S::LogsIncomplete { .. } => tonic::Status::out_of_range(err.to_string()),
-        S::JobFinished { .. } | S::EventBusy(_) | S::EventNameTaken(_) | S::EventChanged(_) => {
-            tonic::Status::failed_precondition(err.to_string())
-        }
+        S::JobFinished { .. }
+        | S::JobNotFinished { .. }
+        | S::EventBusy(_)
+        | S::EventNameTaken(_)
+        | S::EventChanged(_) => tonic::Status::failed_precondition(err.to_string()),
         S::Database(_) => {
             tracing::error!(error = %err, "worker request failed");
             tonic::Status::unavailable("database error")

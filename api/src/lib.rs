@@ -48,6 +48,7 @@ pub mod secrets;
 pub mod server;
 pub mod storage;
 pub mod token_cache;
+pub mod webhooks;
 
 use std::sync::Arc;
 

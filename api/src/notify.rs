@@ -121,9 +121,14 @@ pub async fn run(state: crate::AppState, stop: CancellationToken) {
                         Ok(id) => state.tokens.forget(id),
                         Err(_) => state.tokens.clear(),
                     },
+                    // The payload is the job id, with `:force` for a cancel without grace.
                     CANCEL_CHANNEL => {
-                        if let Ok(job_id) = Uuid::parse_str(note.payload()) {
-                            dispatcher.cancel(job_id, "cancelled through the API");
+                        let (id, force) = match note.payload().strip_suffix(":force") {
+                            Some(id) => (id, true),
+                            None => (note.payload(), false),
+                        };
+                        if let Ok(job_id) = Uuid::parse_str(id) {
+                            dispatcher.cancel(job_id, "cancelled through the API", force);
                         }
                     }
                     LOGS_CHANNEL => {

@@ -83,6 +83,14 @@ pub enum JobsCommand {
     },
     Cancel {
         id: String,
+        /// Kill the run at once (SIGKILL to its process tree), without the SIGTERM grace.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Queue a new run of a finished job (also a dead one) with the same event snapshot and
+    /// input; prints the new job's id.
+    Rerun {
+        id: String,
     },
     /// Print a job's output; `--follow` keeps printing until it finishes.
     Logs {
@@ -286,11 +294,21 @@ async fn jobs(client: &Client, command: JobsCommand) -> anyhow::Result<()> {
             Ok(())
         }
         JobsCommand::Get { id } => print_json(&client.get(&format!("/api/v1/jobs/{id}")).await?),
-        JobsCommand::Cancel { id } => print_json(
-            &client
-                .post(&format!("/api/v1/jobs/{id}/cancel"), &Value::Null)
-                .await?,
-        ),
+        JobsCommand::Cancel { id, force } => {
+            let path = if force {
+                format!("/api/v1/jobs/{id}/cancel?force=true")
+            } else {
+                format!("/api/v1/jobs/{id}/cancel")
+            };
+            print_json(&client.post(&path, &Value::Null).await?)
+        }
+        JobsCommand::Rerun { id } => {
+            let accepted = client
+                .post(&format!("/api/v1/jobs/{id}/rerun"), &Value::Null)
+                .await?;
+            println!("{}", accepted["job_id"].as_str().unwrap_or_default());
+            Ok(())
+        }
         JobsCommand::Logs { id, follow } => {
             if follow {
                 follow_logs(client, &id).await

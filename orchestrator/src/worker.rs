@@ -133,6 +133,8 @@ struct JobEntry {
     run_id: u64,
     lease_token: i64,
     cancel: CancellationToken,
+    /// Fired by a forced cancel: the executor kills the run without the grace.
+    kill_now: CancellationToken,
     /// Wakes the job's task when acknowledgements free log space or the job is dropped.
     wake: Arc<Notify>,
     log: Unacked,
@@ -407,7 +409,11 @@ impl Shared {
                 let st = self.lock();
                 match st.jobs.get(&c.job_id) {
                     Some(e) => {
-                        tracing::info!(parent: &e.span, reason = %c.reason, "cancel requested");
+                        tracing::info!(parent: &e.span, reason = %c.reason, force = c.force, "cancel requested");
+                        // First: the executor, woken by `cancel`, then skips the grace.
+                        if c.force {
+                            e.kill_now.cancel();
+                        }
                         e.cancel.cancel();
                     }
                     None => tracing::debug!(job.id = %c.job_id, "cancel for a job not held"),
@@ -561,6 +567,7 @@ impl Shared {
             run_id,
             lease_token: a.lease_token,
             cancel: CancellationToken::new(),
+            kill_now: CancellationToken::new(),
             wake: Arc::new(Notify::new()),
             log: Unacked::default(),
             started: false,
@@ -589,7 +596,7 @@ impl Shared {
                 tracing::info!("noop job done");
                 done(&mut st, entry, finished);
             }
-            Ok(job::Planned::Run(plan)) => {
+            Ok(job::Planned::Run(mut plan)) => {
                 if st.running >= self.config.slots {
                     tracing::warn!(
                         running = st.running,
@@ -604,6 +611,7 @@ impl Shared {
                     run_id,
                 };
                 let (cancel, wake) = (entry.cancel.clone(), entry.wake.clone());
+                plan.spec.kill_now = entry.kill_now.clone();
                 st.jobs.insert(a.job_id.clone(), entry);
                 st.running += 1;
                 let task = job::run(self.clone(), key, *plan, cancel, wake);

@@ -649,6 +649,48 @@ async fn cancel_reaches_the_process_within_a_second_and_kills_the_tree() {
     assert_all_dead(&pids).await;
 }
 
+/// `kill_now` (a forced cancel) skips the SIGTERM grace: a tree that ignores SIGTERM dies at
+/// once by SIGKILL; fired during the grace of a plain cancel, it cuts the grace short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_now_skips_or_cuts_short_the_grace() {
+    for escalate in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = script(Runtime::Bash, &format!("trap '' TERM\n{TREE_SCRIPT}"))
+            .with_workdir(dir.path())
+            .with_kill_grace(Duration::from_secs(30));
+        let kill_now = spec.kill_now.clone();
+        let cancel = CancellationToken::new();
+        let (handle, mut rx) = spawn_run(executor(), spec, 16, cancel.clone());
+        recv_until_line(&mut rx, "ready").await;
+        let pids = read_pids(&dir.path().join("pids"));
+        let asked = Instant::now();
+        if escalate {
+            cancel.cancel();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(
+                !handle.is_finished(),
+                "SIGTERM is ignored: still in its grace"
+            );
+            kill_now.cancel();
+        } else {
+            kill_now.cancel();
+            cancel.cancel();
+        }
+        let outcome = tokio::time::timeout(Duration::from_secs(10), handle)
+            .await
+            .expect("run did not stop")
+            .expect("join");
+        let took = asked.elapsed();
+        assert!(
+            took < Duration::from_secs(2),
+            "escalate={escalate}: took {took:?}"
+        );
+        assert!(outcome.cancelled, "{outcome:?}");
+        assert_eq!(outcome.signal, Some(9), "{outcome:?}");
+        assert_all_dead(&pids).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_signal_is_visible_to_the_script() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -687,6 +687,7 @@ async fn cancel_reports_cancelled_within_a_second() {
     conn.send(ServerMsg::Cancel(Cancel {
         job_id: job.to_string(),
         reason: "user asked".into(),
+        force: false,
     }));
     receive(&mut conn, job, &mut got, true, |g| g.finished.is_some()).await;
     let took = asked.elapsed();

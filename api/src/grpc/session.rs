@@ -756,9 +756,11 @@ impl Session {
                         .await
                 }
                 Some(h) if h.cancel_requested => {
-                    self.state
-                        .dispatcher
-                        .cancel(*job_id, "cancelled through the API");
+                    self.state.dispatcher.cancel(
+                        *job_id,
+                        "cancelled through the API",
+                        h.cancel_force,
+                    );
                 }
                 Some(_) => {}
             }

@@ -2,9 +2,10 @@
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
-use utoipa::IntoParams;
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
 
 use super::extract::{page_limit, parse_param, parse_uuid, seq_cursor};
 use super::{Page, audit};
@@ -85,18 +86,29 @@ pub async fn get_job(
     Ok(axum::Json(queue::get_job(&state.pool, id).await?))
 }
 
-#[utoipa::path(post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = Uuid, Path)),
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct CancelQuery {
+    /// `true`: kill the run at once (SIGKILL to its process tree) instead of SIGTERM and a
+    /// grace period; also cuts short the grace of an earlier cancel.
+    force: Option<String>,
+}
+
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = Uuid, Path), CancelQuery),
     responses((status = 202, body = Job, description = "cancelled, or the worker was told to stop it"),
               (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "already finished")))]
 pub async fn cancel_job(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    query: Result<Query<CancelQuery>, QueryRejection>,
 ) -> Result<(axum::http::StatusCode, axum::Json<Job>), ApiError> {
     caller.require(Role::Operator)?;
     let id = parse_uuid("id", &id)?;
+    let Query(q) = query.map_err(query_error)?;
+    let force = parse_param::<bool>("force", q.force.as_deref())?.unwrap_or(false);
     let mut tx = state.pool.begin().await?;
-    let outcome = queue::request_cancel(&mut tx, id).await?;
+    let outcome = queue::request_cancel(&mut tx, id, force).await?;
     let immediate = outcome == queue::CancelOutcome::Cancelled;
     if immediate {
         // Its end fires its actions, in the cancel's transaction.
@@ -109,12 +121,48 @@ pub async fn cancel_job(
         "job.cancel",
         "job",
         id,
-        json!({"immediate": immediate}),
+        json!({"immediate": immediate, "force": force}),
     )
     .await?;
     let job = queue::get_job(&mut *tx, id).await?;
     tx.commit().await?;
     Ok((axum::http::StatusCode::ACCEPTED, axum::Json(job)))
+}
+
+/// The answer to a rerun.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RerunAccepted {
+    /// The new job (its `rerun_of` is the job rerun).
+    pub job_id: Uuid,
+}
+
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/rerun", tag = "jobs", params(("id" = Uuid, Path)),
+    responses((status = 202, body = RerunAccepted, description = "a new job with the same event snapshot and input was queued"),
+              (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "job_not_finished: the job is still queued or running")))]
+pub async fn rerun_job(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<(axum::http::StatusCode, axum::Json<RerunAccepted>), ApiError> {
+    caller.require(Role::Operator)?;
+    let id = parse_uuid("id", &id)?;
+    let mut tx = state.pool.begin().await?;
+    let job_id = queue::rerun(&mut tx, id, Some(caller.token_id)).await?;
+    audit(
+        &mut *tx,
+        &caller,
+        "job.rerun",
+        "job",
+        job_id,
+        json!({"rerun_of": id}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        axum::Json(RerunAccepted { job_id }),
+    ))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -5,6 +5,7 @@ mod actions;
 mod events;
 mod extract;
 mod health;
+mod hooks;
 mod jobs;
 mod openapi_responses;
 pub mod rate_limit;
@@ -15,6 +16,7 @@ pub mod stream_slots;
 mod tokens;
 mod uri_guard;
 mod variables;
+mod webhooks;
 mod workers;
 
 use axum::Router;
@@ -69,6 +71,9 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(events::run_event))
         .routes(routes!(actions::create_action, actions::list_actions))
         .routes(routes!(actions::delete_action))
+        .routes(routes!(webhooks::create_webhook, webhooks::list_webhooks))
+        .routes(routes!(webhooks::revoke_webhook))
+        .routes(routes!(hooks::deliver))
         .routes(routes!(schedules::create_schedule))
         .routes(routes!(schedules::list_schedules))
         .routes(routes!(
@@ -87,6 +92,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(jobs::list_jobs))
         .routes(routes!(jobs::get_job))
         .routes(routes!(jobs::cancel_job))
+        .routes(routes!(jobs::rerun_job))
         .routes(routes!(jobs::get_logs))
         .routes(routes!(stream::stream_logs))
         .routes(routes!(workers::list_workers))

@@ -3,7 +3,10 @@
 //! - per client IP for requests without a token (probes, `/metrics`, the OpenAPI document);
 //! - per client IP for failed authentications (401), strict: once spent, a request with a
 //!   token this replica has not seen authenticate is refused with 429 *before* its database
-//!   lookup, so guessing tokens costs the database nothing.
+//!   lookup, so guessing tokens costs the database nothing;
+//! - per webhook key for deliveries (`POST /hooks/{key}`, keyed by the key's hash once it was
+//!   found); an unknown key (404) counts as a failed authentication of the address, and a key
+//!   not yet seen here is refused like an unknown token once the address's budget is spent.
 //!
 //! Past a limit the answer is 429 with `Retry-After` (whole seconds). Time is passed in, so the
 //! buckets are tested with a synthetic clock.
@@ -159,6 +162,8 @@ pub enum Credential {
     Anonymous,
     /// A bearer token's SHA-256.
     Token(Vec<u8>),
+    /// A webhook delivery (`/hooks/{key}`): the key's SHA-256.
+    Hook(Vec<u8>),
 }
 
 /// Why a request was refused.
@@ -178,13 +183,15 @@ pub struct RateLimiter {
 struct LimiterState {
     /// Tokens that authenticated here (a 2xx-4xx answer other than 401).
     tokens: Buckets<Vec<u8>>,
+    /// Webhook keys that were found here.
+    hooks: Buckets<Vec<u8>>,
     anonymous: Buckets<IpAddr>,
     auth_failures: Buckets<IpAddr>,
 }
 
 impl RateLimiter {
     pub fn new(config: &ApiConfig) -> Self {
-        Self::with_rates(
+        let mut limiter = Self::with_rates(
             Rate::new(config.rate_limit_per_second, config.rate_limit_burst),
             Rate::new(
                 config.anonymous_rate_limit_per_second,
@@ -194,7 +201,21 @@ impl RateLimiter {
                 config.auth_failures_per_second,
                 config.auth_failures_per_second.saturating_mul(10),
             ),
-        )
+        );
+        limiter = limiter.with_hook_rate(Rate::new(
+            config.webhook_rate_limit_per_second,
+            config.webhook_rate_limit_burst,
+        ));
+        limiter
+    }
+
+    /// Sets the per-webhook-key rate (none by default).
+    pub fn with_hook_rate(self, rate: Option<Rate>) -> Self {
+        let mut state = self.state.into_inner().unwrap_or_else(|e| e.into_inner());
+        state.hooks = Buckets::new(rate, KNOWN_TOKEN_KEPT);
+        Self {
+            state: Mutex::new(state),
+        }
     }
 
     pub fn with_rates(
@@ -207,6 +228,7 @@ impl RateLimiter {
                 // A verified token stays known a while after its bucket refilled, so a
                 // neighbour spending the address's failure budget does not lock it out.
                 tokens: Buckets::new(per_token, KNOWN_TOKEN_KEPT),
+                hooks: Buckets::new(None, KNOWN_TOKEN_KEPT),
                 anonymous: Buckets::new(anonymous, Duration::ZERO),
                 auth_failures: Buckets::new(auth_failures, Duration::ZERO),
             }),
@@ -241,6 +263,21 @@ impl RateLimiter {
                         message: "too many failed authentications from this address",
                     })
             }
+            Credential::Hook(hash) if state.hooks.map.contains_key(hash) => {
+                state.hooks.take(hash, now).map_err(|retry_after| Limited {
+                    retry_after,
+                    message: "too many deliveries for this webhook",
+                })
+            }
+            Credential::Hook(_) => {
+                state
+                    .auth_failures
+                    .check(&ip, now)
+                    .map_err(|retry_after| Limited {
+                        retry_after,
+                        message: "too many requests with unknown webhook keys from this address",
+                    })
+            }
         }
     }
 
@@ -253,22 +290,26 @@ impl RateLimiter {
         verified: bool,
         now: Instant,
     ) {
-        let Credential::Token(hash) = credential else {
-            return;
-        };
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if status == StatusCode::UNAUTHORIZED {
-            state.tokens.map.remove(hash);
+        let state = &mut *state;
+        // What counts as "this credential is unknown" for each kind.
+        let (buckets, hash, refused) = match credential {
+            Credential::Anonymous => return,
+            Credential::Token(hash) => (&mut state.tokens, hash, StatusCode::UNAUTHORIZED),
+            Credential::Hook(hash) => (&mut state.hooks, hash, StatusCode::NOT_FOUND),
+        };
+        if status == refused {
+            buckets.map.remove(hash);
             let _ = state.auth_failures.take(&ip, now);
-        } else if verified && !state.tokens.map.contains_key(hash) {
-            // First success: the token's bucket starts, this request charged to it (without a
-            // per-token limit, the entry only marks the token as known).
-            match state.tokens.rate {
+        } else if verified && !buckets.map.contains_key(hash) {
+            // First success: the bucket starts, this request charged to it (without a limit,
+            // the entry only marks the credential as known).
+            match buckets.rate {
                 Some(_) => {
-                    let _ = state.tokens.take(hash, now);
+                    let _ = buckets.take(hash, now);
                 }
                 None => {
-                    state.tokens.map.insert(
+                    buckets.map.insert(
                         hash.clone(),
                         Bucket {
                             tokens: 0.0,
@@ -299,6 +340,9 @@ impl AuthVerified {
 }
 
 fn credential(request: &Request) -> Credential {
+    if let Some(key) = request.uri().path().strip_prefix("/hooks/") {
+        return Credential::Hook(crate::auth::hash_token(key));
+    }
     match request.headers().get(header::AUTHORIZATION) {
         None => Credential::Anonymous,
         Some(value) => {
@@ -473,6 +517,31 @@ mod tests {
         limiter.record(IP, &guess, StatusCode::UNAUTHORIZED, false, much_later);
         limiter.admit(IP, &other, much_later).expect("a prune pass");
         assert!(limiter.admit(IP, &good, much_later).is_err(), "forgotten");
+    }
+
+    #[test]
+    fn webhook_keys_are_limited_per_key_and_unknown_keys_per_address() {
+        let limiter = RateLimiter::with_rates(None, None, rate(1, 2)).with_hook_rate(rate(1, 2));
+        let t0 = Instant::now();
+        let key = Credential::Hook(vec![1]);
+        limiter.admit(IP, &key, t0).expect("first");
+        limiter.record(IP, &key, StatusCode::ACCEPTED, true, t0);
+        limiter.admit(IP, &key, t0).expect("within the burst");
+        let limited = limiter.admit(IP, &key, t0).expect_err("burst spent");
+        assert_eq!(limited.message, "too many deliveries for this webhook");
+        assert_eq!(limited.retry_after, Duration::from_secs(1));
+        // Another key is not affected; unknown keys spend the address's failure budget.
+        for i in 10..12u8 {
+            let unknown = Credential::Hook(vec![i]);
+            limiter
+                .admit(IP, &unknown, t0)
+                .expect("within the failure burst");
+            limiter.record(IP, &unknown, StatusCode::NOT_FOUND, false, t0);
+        }
+        assert!(limiter.admit(IP, &Credential::Hook(vec![99]), t0).is_err());
+        limiter
+            .admit(IP, &key, t0 + Duration::from_secs(1))
+            .expect("a known key is not held up by the address's failures");
     }
 
     #[test]

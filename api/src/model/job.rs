@@ -93,6 +93,8 @@ pub struct Job {
     pub action_notes: Vec<String>,
     /// Output lines not kept because the job reached its log limit.
     pub log_lines_dropped: i64,
+    /// The job this one re-runs (`POST /jobs/{id}/rerun`).
+    pub rerun_of: Option<Uuid>,
     /// The schedule that fired this run (None for other runs, or once the schedule is deleted).
     pub schedule_id: Option<Uuid>,
     /// The nominal fire time this run was fired for (unique per schedule).
@@ -129,6 +131,7 @@ pub struct JobSummary {
     pub finished_at: Option<DateTime<Utc>>,
     pub action_notes: Vec<String>,
     pub log_lines_dropped: i64,
+    pub rerun_of: Option<Uuid>,
     pub schedule_id: Option<Uuid>,
     pub scheduled_for: Option<DateTime<Utc>>,
 }
@@ -162,6 +165,7 @@ impl From<Job> for JobSummary {
             finished_at: j.finished_at,
             action_notes: j.action_notes,
             log_lines_dropped: j.log_lines_dropped,
+            rerun_of: j.rerun_of,
             schedule_id: j.schedule_id,
             scheduled_for: j.scheduled_for,
         }

@@ -10,6 +10,7 @@ pub mod schedule;
 pub mod server;
 pub mod token;
 pub mod variable;
+pub mod webhook;
 
 pub use event::{Event, EventPatch, Executor, HttpRequestSpec, NewEvent, Runtime};
 pub use job::{Job, JobError, JobStatus, JobSummary, LogLine, LogPage, RunRequest};

@@ -14,6 +14,7 @@ pub mod schedules;
 pub mod servers;
 pub mod tokens;
 pub mod variables;
+pub mod webhooks;
 pub mod workers;
 
 use uuid::Uuid;
@@ -63,6 +64,11 @@ pub enum StorageError {
         expected: i64,
         stored: i64,
     },
+    #[error("webhook {0} not found")]
+    WebhookNotFound(Uuid),
+    /// A rerun was asked of a job that has not finished.
+    #[error("job {job_id} has not finished (status {status}); only finished jobs can be rerun")]
+    JobNotFinished { job_id: Uuid, status: String },
     #[error("job {job_id} already finished with status {status}")]
     JobFinished { job_id: Uuid, status: String },
     #[error("database error: {0}")]

@@ -280,6 +280,8 @@ pub async fn mark_running(db: impl PgExecutor<'_>, job_id: Uuid, token: i64) -> 
 pub struct HeldLease {
     pub id: Uuid,
     pub cancel_requested: bool,
+    /// The cancel asks to kill the run at once (`POST /jobs/{id}/cancel?force=true`).
+    pub cancel_force: bool,
 }
 
 /// Extends the leases a worker holds. Jobs missing from the answer are lost: the worker must
@@ -296,7 +298,7 @@ pub async fn renew_leases(
          FROM unnest($2::uuid[], $3::bigint[]) AS held(id, token)
          WHERE j.id = held.id AND j.lease_token = held.token AND j.worker_id = $1
            AND j.lease_expires_at > now()
-         RETURNING j.id, j.cancel_requested",
+         RETURNING j.id, j.cancel_requested, j.cancel_force",
     )
     .bind(worker_id)
     .bind(ids)
@@ -792,10 +794,19 @@ pub enum CancelOutcome {
 pub const CANCEL_CHANNEL: &str = "baton_job_cancel";
 
 /// Cancels a queued job at once, or flags a claimed/running one and notifies its worker.
-pub async fn request_cancel(conn: &mut PgConnection, job_id: Uuid) -> Result<CancelOutcome> {
+///
+/// With `force` the worker is told to kill the run at once, without the SIGTERM grace (the
+/// request is kept in `cancel_force`, so a heartbeat repeats it; the notification's payload
+/// is `job_id:force`).
+pub async fn request_cancel(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    force: bool,
+) -> Result<CancelOutcome> {
     let row: Option<(String, Option<Uuid>)> = sqlx::query_as(
         "UPDATE jobs SET
              cancel_requested = true,
+             cancel_force = cancel_force OR $2,
              status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
              finished_at = CASE WHEN status = 'queued' THEN now() END,
              error_kind = CASE WHEN status = 'queued' THEN 'cancelled' ELSE error_kind END,
@@ -804,14 +815,20 @@ pub async fn request_cancel(conn: &mut PgConnection, job_id: Uuid) -> Result<Can
          RETURNING status, worker_id",
     )
     .bind(job_id)
+    .bind(force)
     .fetch_optional(&mut *conn)
     .await?;
     match row {
         Some((status, _)) if status == "cancelled" => Ok(CancelOutcome::Cancelled),
         Some((_, worker_id)) => {
+            let payload = if force {
+                format!("{job_id}:force")
+            } else {
+                job_id.to_string()
+            };
             sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(CANCEL_CHANNEL)
-                .bind(job_id.to_string())
+                .bind(payload)
                 .execute(&mut *conn)
                 .await?;
             Ok(CancelOutcome::Requested { worker_id })
@@ -830,12 +847,49 @@ pub async fn request_cancel(conn: &mut PgConnection, job_id: Uuid) -> Result<Can
     }
 }
 
+/// Queues a new run of a finished job (any terminal status, dead ones included: dead-letter
+/// replay): the same event snapshot (`spec`), input, priority, attempts and routing, with
+/// `rerun_of` set. It starts a chain of its own. The row trigger notifies dispatchers.
+/// [`StorageError::JobNotFinished`] for a job still queued or running.
+pub async fn rerun(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    created_by: Option<Uuid>,
+) -> Result<Uuid> {
+    let id = Uuid::now_v7();
+    let created: Option<Uuid> = sqlx::query_scalar(
+        "INSERT INTO jobs (id, event_id, status, priority, run_at, max_attempts, executor, labels,
+                           spec, input, root_job_id, depth, created_by, rerun_of)
+         SELECT $1, j.event_id, 'queued', j.priority, now(), j.max_attempts, j.executor, j.labels,
+                j.spec, j.input, $1, 0, $2, j.id
+         FROM jobs j
+         WHERE j.id = $3 AND j.status IN ('succeeded', 'failed', 'timed_out', 'cancelled')
+         RETURNING id",
+    )
+    .bind(id)
+    .bind(created_by)
+    .bind(job_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(id) = created {
+        return Ok(id);
+    }
+    let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
+        .bind(job_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Err(match status {
+        Some(status) => StorageError::JobNotFinished { job_id, status },
+        None => StorageError::JobNotFound(job_id),
+    })
+}
+
 /// The columns behind [`Job`], joined with the event's name.
 const JOB_COLUMNS: &str = "j.id, j.event_id, coalesce(j.spec->>'name', '') AS event_name, j.status, j.attempt,
     j.max_attempts, j.dead, j.priority, j.run_at, j.exit_code, j.exit_signal, j.error_kind, j.error_message,
     j.input, j.output, j.condition, j.progress, j.cancel_requested, j.parent_job_id, j.root_job_id, j.depth,
     j.idempotency_key, j.worker_id, j.created_at, j.claimed_at, j.started_at, j.finished_at, j.action_notes,
-    j.log_lines_dropped, j.schedule_id, j.scheduled_for";
+    j.log_lines_dropped, j.rerun_of, j.schedule_id, j.scheduled_for";
 
 #[derive(Debug, sqlx::FromRow)]
 struct JobRow {
@@ -869,6 +923,7 @@ struct JobRow {
     finished_at: Option<DateTime<Utc>>,
     action_notes: Vec<String>,
     log_lines_dropped: i64,
+    rerun_of: Option<Uuid>,
     schedule_id: Option<Uuid>,
     scheduled_for: Option<DateTime<Utc>>,
 }
@@ -911,6 +966,7 @@ impl From<JobRow> for Job {
             finished_at: r.finished_at,
             action_notes: r.action_notes,
             log_lines_dropped: r.log_lines_dropped,
+            rerun_of: r.rerun_of,
             schedule_id: r.schedule_id,
             scheduled_for: r.scheduled_for,
         }

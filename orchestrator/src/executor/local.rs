@@ -210,10 +210,28 @@ impl LocalExecutor {
                 Ok(status) => (status, None),
                 Err(stop) => {
                     tracing::debug!(job.id = %spec.job_id, pid, ?stop, "stopping local run");
-                    group.signal(Signal::SIGTERM);
-                    let status = match tokio::time::timeout(spec.kill_grace, child.wait()).await {
-                        Ok(status) => status,
-                        Err(_) => {
+                    if !spec.kill_now.is_cancelled() {
+                        group.signal(Signal::SIGTERM);
+                    }
+                    // The grace ends early when a forced cancel comes (or came already).
+                    let grace = async {
+                        tokio::select! {
+                            _ = tokio::time::sleep(spec.kill_grace) => {}
+                            _ = spec.kill_now.cancelled() => {}
+                        }
+                    };
+                    let exited = {
+                        let wait = child.wait();
+                        tokio::pin!(wait);
+                        tokio::select! {
+                            biased;
+                            status = &mut wait => Some(status),
+                            _ = grace => None,
+                        }
+                    };
+                    let status = match exited {
+                        Some(status) => status,
+                        None => {
                             group.signal(Signal::SIGKILL);
                             child.wait().await
                         }

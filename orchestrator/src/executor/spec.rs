@@ -7,6 +7,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// Default timeout of a run when none is given (the design's per-event default, one hour).
@@ -172,6 +173,10 @@ pub struct RunSpec {
     pub timeout: Duration,
     /// Grace between `SIGTERM` and `SIGKILL` when the run is timed out or cancelled.
     pub kill_grace: Duration,
+    /// Fired (before or with the cancellation token): the run is killed at once, `SIGKILL` to
+    /// its whole tree without waiting out [`RunSpec::kill_grace`]; fired during the grace, it
+    /// cuts the grace short. A forced cancel (`POST /jobs/{id}/cancel?force=true`).
+    pub kill_now: CancellationToken,
     /// Per-run helper directory, exported as `BATON_DIR` (prepared by the caller).
     pub run_dir: Option<PathBuf>,
     /// Directory holding `baton.sh` / `baton.py` / `baton.js`; exported as `BATON_HELPERS` and
@@ -236,6 +241,7 @@ impl RunSpec {
             workdir: None,
             timeout: DEFAULT_TIMEOUT,
             kill_grace: DEFAULT_KILL_GRACE,
+            kill_now: CancellationToken::new(),
             run_dir: None,
             helpers_dir: None,
             image: None,
@@ -342,6 +348,7 @@ impl fmt::Debug for RunSpec {
             .field("workdir", &self.workdir)
             .field("timeout", &self.timeout)
             .field("kill_grace", &self.kill_grace)
+            .field("kill_now", &self.kill_now.is_cancelled())
             .field("run_dir", &self.run_dir)
             .field("helpers_dir", &self.helpers_dir)
             .field("image", &self.image)

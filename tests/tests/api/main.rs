@@ -16,5 +16,6 @@ mod schedules;
 mod servers;
 mod terminal;
 mod variables;
+mod webhooks;
 mod worker_reports;
 mod worker_tokens;

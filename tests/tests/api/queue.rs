@@ -395,7 +395,7 @@ async fn renewing_keeps_the_lease_and_reports_lost_ones_and_cancels() {
     let leases: Vec<(Uuid, i64)> = jobs.iter().map(|j| (j.id, j.lease_token)).collect();
     let mut conn = pool.acquire().await.expect("conn");
     assert!(matches!(
-        queue::request_cancel(&mut conn, b).await,
+        queue::request_cancel(&mut conn, b, false).await,
         Ok(queue::CancelOutcome::Requested { .. })
     ));
     let held = queue::renew_leases(&pool, worker, &leases, Duration::from_secs(60))
@@ -504,7 +504,9 @@ async fn cancelling_a_queued_job_is_immediate_and_a_finished_one_conflicts() {
         .job_id;
     let mut conn = pool.acquire().await.expect("conn");
     assert_eq!(
-        queue::request_cancel(&mut conn, id).await.expect("cancel"),
+        queue::request_cancel(&mut conn, id, false)
+            .await
+            .expect("cancel"),
         queue::CancelOutcome::Cancelled
     );
     let job = queue::get_job(&pool, id).await.expect("job");
@@ -515,7 +517,7 @@ async fn cancelling_a_queued_job_is_immediate_and_a_finished_one_conflicts() {
             .is_empty()
     );
     assert!(matches!(
-        queue::request_cancel(&mut conn, id).await,
+        queue::request_cancel(&mut conn, id, false).await,
         Err(StorageError::JobFinished { .. })
     ));
 
@@ -527,7 +529,9 @@ async fn cancelling_a_queued_job_is_immediate_and_a_finished_one_conflicts() {
     let c = claim(&pool, Uuid::now_v7(), 1, Duration::from_secs(60))
         .await
         .remove(0);
-    queue::request_cancel(&mut conn, id).await.expect("cancel");
+    queue::request_cancel(&mut conn, id, false)
+        .await
+        .expect("cancel");
     let r = queue::complete(
         &mut conn,
         id,

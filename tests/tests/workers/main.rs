@@ -7,6 +7,7 @@ mod container;
 mod container_reaping;
 mod failover;
 mod hostile;
+mod job_controls;
 mod reports;
 mod runs;
 mod secret_refs;

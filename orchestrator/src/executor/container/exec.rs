@@ -248,6 +248,7 @@ impl ContainerExecutor {
                         .kill_after_grace(
                             name,
                             spec.kill_grace,
+                            &spec.kill_now,
                             &mut wait,
                             "the run's process did not end after SIGKILL",
                         )

@@ -989,6 +989,7 @@ impl ContainerExecutor {
                         .kill_after_grace(
                             name,
                             spec.kill_grace,
+                            &spec.kill_now,
                             &mut wait,
                             "the container did not stop after SIGKILL",
                         )
@@ -1196,12 +1197,20 @@ impl ContainerExecutor {
         &self,
         container: &str,
         grace: Duration,
+        kill_now: &CancellationToken,
         wait: &mut std::pin::Pin<&mut impl std::future::Future<Output = Result<T, String>>>,
         stuck: &str,
     ) -> Result<T, String> {
-        match tokio::time::timeout(grace, wait.as_mut()).await {
-            Ok(r) => r,
-            Err(_) => {
+        // A forced cancel (now or during the grace) cuts the grace short.
+        let ended = tokio::select! {
+            biased;
+            r = wait.as_mut() => Some(r),
+            _ = kill_now.cancelled() => None,
+            _ = tokio::time::sleep(grace) => None,
+        };
+        match ended {
+            Some(r) => r,
+            None => {
                 self.signal(container, "SIGKILL").await;
                 tokio::time::timeout(self.config.api_timeout, wait.as_mut())
                     .await

@@ -523,6 +523,8 @@ impl RemoteRun<'_> {
             let drain_deadline = exit_at
                 .map(|at| (last_output.max(at) + config.drain_idle).min(at + config.drain_max));
             let grace_deadline = match (term_at, &exit, kill_requested) {
+                // A forced cancel skips (or cuts short) the grace.
+                (Some(t), None, false) if spec.kill_now.is_cancelled() => Some(t),
                 (Some(t), None, false) => Some(t + spec.kill_grace),
                 _ => None,
             };
@@ -571,6 +573,8 @@ impl RemoteRun<'_> {
                         command = Some("KILL");
                         None
                     }
+                    // Wakes the loop to recompute the grace when a forced cancel comes.
+                    _ = spec.kill_now.cancelled(), if grace_deadline.is_some() && !spec.kill_now.is_cancelled() => None,
                     _ = sleep_until_opt(stuck_deadline) => {
                         stuck = true;
                         break;

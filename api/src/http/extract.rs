@@ -39,6 +39,20 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     } else {
         bytes
     };
+    if may_hold_a_huge_number(text)
+        && let Ok(value) = serde_json::from_slice::<serde_json::Value>(text)
+        && let Some(field) = huge_number_path(&value, String::new())
+    {
+        return Err(FieldError::new(
+            if field.is_empty() {
+                "body".to_owned()
+            } else {
+                field
+            },
+            format!("numbers must be smaller than {MAX_NUMBER:e} in magnitude"),
+        )
+        .into());
+    }
     if has_escaped_nul(text)
         && let Ok(value) = serde_json::from_slice::<serde_json::Value>(text)
         && let Some(field) = nul_path(&value, String::new())
@@ -86,6 +100,59 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 
 /// Whether JSON text contains a `\u0000` escape (a raw NUL is invalid JSON anyway): the
 /// cheap pre-check before looking for the field that holds it.
+/// Numbers at least this large are refused: PostgreSQL stores them as `numeric`, and what it
+/// gives back for one near `f64::MAX` may not read back as a JSON number (a job that could be
+/// stored but never shown).
+const MAX_NUMBER: f64 = 1e300;
+
+/// A cheap scan: a positive exponent of three digits or a run of 300 digits, without which no
+/// number in `text` can reach [`MAX_NUMBER`].
+fn may_hold_a_huge_number(text: &[u8]) -> bool {
+    let mut digits = 0;
+    for (i, b) in text.iter().enumerate() {
+        if b.is_ascii_digit() {
+            digits += 1;
+            if digits >= 300 {
+                return true;
+            }
+            continue;
+        }
+        digits = 0;
+        if matches!(b, b'e' | b'E') {
+            let rest = &text[i + 1..];
+            let rest = rest.strip_prefix(b"+").unwrap_or(rest);
+            if rest.len() >= 3 && rest[..3].iter().all(u8::is_ascii_digit) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// The path of the first number in `value` at least [`MAX_NUMBER`] in magnitude.
+fn huge_number_path(value: &serde_json::Value, at: String) -> Option<String> {
+    use serde_json::Value;
+    let join = |k: &str| {
+        if at.is_empty() {
+            k.to_owned()
+        } else {
+            format!("{at}.{k}")
+        }
+    };
+    match value {
+        Value::Number(n) => n
+            .as_f64()
+            .is_some_and(|f| !f.is_finite() || f.abs() >= MAX_NUMBER)
+            .then(|| at.clone()),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| huge_number_path(v, format!("{at}[{i}]"))),
+        Value::Object(map) => map.iter().find_map(|(k, v)| huge_number_path(v, join(k))),
+        _ => None,
+    }
+}
+
 fn has_escaped_nul(text: &[u8]) -> bool {
     const ESCAPE: &[u8] = b"u0000";
     text.windows(ESCAPE.len() + 1)
@@ -179,6 +246,23 @@ mod tests {
             Ok(_) => None,
             Err(other) => panic!("unexpected error {other:?}"),
         }
+    }
+
+    #[test]
+    fn numbers_too_large_to_store_are_refused_naming_the_field() {
+        let err = parse_json::<serde_json::Value>(
+            br#"{"input": {"rows": [1, 1.7976931348623157e+308]}}"#,
+        )
+        .expect_err("refused");
+        assert!(format!("{err:?}").contains("input.rows[1]"), "{err:?}");
+        let long = format!("{{\"n\": {}}}", "9".repeat(310));
+        assert!(parse_json::<serde_json::Value>(long.as_bytes()).is_err());
+        // Ordinary numbers, small exponents and long strings of digits are fine.
+        let fine = format!(
+            r#"{{"a": 1e10, "b": -2.5e-300, "s": "{}"}}"#,
+            "1".repeat(400)
+        );
+        assert!(parse_json::<serde_json::Value>(fine.as_bytes()).is_ok());
     }
 
     #[test]

@@ -120,17 +120,6 @@ fn input_of(target: &HookTarget, body: &[u8], headers: &HeaderMap) -> Result<Val
         });
     }
     let mut input: Value = parse_json(body)?;
-    if let Some(field) = huge_number_path(&input, String::new()) {
-        return Err(FieldError::new(
-            if field.is_empty() {
-                "body".to_owned()
-            } else {
-                field
-            },
-            format!("numbers must be smaller than {MAX_NUMBER:e} in magnitude"),
-        )
-        .into());
-    }
     if target.headers.is_empty() {
         return Ok(input);
     }
@@ -154,36 +143,6 @@ fn input_of(target: &HookTarget, body: &[u8], headers: &HeaderMap) -> Result<Val
     }
     object.insert("_headers".into(), Value::Object(passed));
     Ok(input)
-}
-
-/// Numbers at least this large are refused: PostgreSQL stores them in `jsonb`, but prints
-/// them back as hundreds of digits that do not parse as an `f64` again (near `f64::MAX`), so
-/// the job could not be read.
-const MAX_NUMBER: f64 = 1e300;
-
-/// The path (`a.b[2]`, or "" for the root) of the first number too large to store.
-fn huge_number_path(value: &Value, at: String) -> Option<String> {
-    match value {
-        Value::Number(n) => n
-            .as_f64()
-            .is_some_and(|f| !f.is_finite() || f.abs() >= MAX_NUMBER)
-            .then_some(at),
-        Value::Array(items) => items
-            .iter()
-            .enumerate()
-            .find_map(|(i, v)| huge_number_path(v, format!("{at}[{i}]"))),
-        Value::Object(map) => map.iter().find_map(|(k, v)| {
-            huge_number_path(
-                v,
-                if at.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{at}.{k}")
-                },
-            )
-        }),
-        _ => None,
-    }
 }
 
 /// The delivery's `Idempotency-Key`, scoped to the webhook.

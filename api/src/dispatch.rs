@@ -41,6 +41,9 @@ pub struct WorkerConn {
     pub slots: u32,
     /// Jobs this worker holds through this connection: job id → fencing token.
     held: Mutex<HashMap<Uuid, i64>>,
+    /// The secret values in the assignment of each job dispatched through this connection (what
+    /// its script can print), so the session masks its reports without a query.
+    secrets: Mutex<HashMap<Uuid, Arc<Vec<String>>>>,
     draining: AtomicBool,
     pub tx: WorkerTx,
 }
@@ -65,7 +68,20 @@ impl WorkerConn {
 
     /// Forgets a job (finished or lost); returns whether it was held.
     pub fn release(&self, job_id: Uuid) -> bool {
+        self.lock_secrets().remove(&job_id);
         self.lock_held().remove(&job_id).is_some()
+    }
+
+    /// The secret values job `job_id` was dispatched with through this connection (none for a
+    /// job resumed after a reconnect: the session then loads them).
+    pub fn secrets_of(&self, job_id: Uuid) -> Option<Arc<Vec<String>>> {
+        self.lock_secrets().get(&job_id).cloned()
+    }
+
+    fn lock_secrets(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Arc<Vec<String>>>> {
+        self.secrets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn held_jobs(&self) -> Vec<(Uuid, i64)> {
@@ -151,6 +167,7 @@ impl Dispatcher {
             labels,
             slots,
             held: Mutex::new(held),
+            secrets: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
             tx,
         });
@@ -313,17 +330,20 @@ impl Dispatcher {
         &self,
         conn: &WorkerConn,
         job: &ClaimedJob,
-        variables: &mut HashMap<Uuid, Value>,
+        variables: &mut HashMap<Uuid, (Value, Arc<Vec<String>>)>,
     ) -> Result<(), crate::storage::StorageError> {
-        let vars = match variables.get(&job.event_id) {
+        let (vars, secrets) = match variables.get(&job.event_id) {
             Some(v) => v,
             None => {
-                let (values, _) =
+                let (values, secrets) =
                     crate::secrets::readable_variables(&self.pool, &self.vault, job.event_id)
                         .await?;
-                variables.entry(job.event_id).or_insert(json!(values))
+                variables
+                    .entry(job.event_id)
+                    .or_insert((json!(values), Arc::new(secrets)))
             }
         };
+        let secrets = secrets.clone();
         let mut assignment = assignment(job, vars);
         match self.server_for(job).await {
             Ok(server) => {
@@ -334,6 +354,7 @@ impl Dispatcher {
                 return self.fail_unrunnable(job, reason).await;
             }
         }
+        conn.lock_secrets().insert(job.id, secrets);
         conn.hold(job.id, job.lease_token);
         let msg = ServerMessage {
             msg: Some(ServerMsg::Assignment(assignment)),

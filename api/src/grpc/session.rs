@@ -641,8 +641,14 @@ impl Session {
     ) -> Result<T, StorageError> {
         let mut maskers = self.maskers.lock().await;
         if !maskers.contains_key(&job_id) {
-            let secrets =
-                crate::secrets::job_secrets(&self.state.pool, &self.state.vault, job_id).await?;
+            // The values its assignment carried, when this connection dispatched it; loaded
+            // for a job resumed after a reconnect.
+            let secrets = match self.conn.secrets_of(job_id) {
+                Some(values) => crate::masking::Secrets::new(values.iter().cloned()),
+                None => {
+                    crate::secrets::job_secrets(&self.state.pool, &self.state.vault, job_id).await?
+                }
+            };
             // Only held jobs get here, and they are forgotten when finished or lost; a bound
             // all the same.
             if maskers.len() >= self.conn.slots as usize * 2 {

@@ -447,20 +447,32 @@ async fn a_batch_whose_secrets_cannot_be_loaded_is_refused_and_stored_masked_lat
     let secret = "hunter2-fail-open";
     put_secret(&app, "pw", secret).await;
     let ev = event_id(&app, &bash_event("fail-closed")).await;
-    let (mut w, _) = ScriptedWorker::connect(
-        &app.grpc_address,
-        &app.token(Role::Worker).await,
-        hello(Uuid::now_v7(), 1),
-    )
-    .await;
+    let token = app.token(Role::Worker).await;
+    let worker_id = Uuid::now_v7();
+    let (mut w, _) = ScriptedWorker::connect(&app.grpc_address, &token, hello(worker_id, 1)).await;
     let id = app.run_event(&ev, &json!({})).await;
     let a = assignment(&mut w).await;
-    // The secrets cannot be read for a moment (a real failure of the database query).
+    // The job's secrets travel with its dispatch: masking its reports on this stream needs
+    // no query, even while the variables cannot be read.
     sqlx::query("ALTER TABLE variables RENAME TO variables_away")
         .execute(&app.pool)
         .await
         .expect("rename");
     w.send(batch(&id, a.lease_token, 1, &[&format!("pw={secret}")]))
+        .await;
+    w.next_matching(|m| matches!(m, ServerMsg::LogAck(_)).then_some(()))
+        .await;
+    assert_eq!(log_texts(&app, &id).await, vec!["pw=***"]);
+    // After a reconnect the job is resumed, and its secrets must be loaded: they cannot be
+    // read for a moment (a real failure of the database query).
+    drop(w);
+    let mut resumed = hello(worker_id, 1);
+    resumed.running = vec![baton_proto::v1::HeldJob {
+        job_id: id.clone(),
+        lease_token: a.lease_token,
+    }];
+    let (mut w, _) = ScriptedWorker::connect(&app.grpc_address, &token, resumed).await;
+    w.send(batch(&id, a.lease_token, 2, &[&format!("pw={secret}")]))
         .await;
     let notice = w
         .next_matching(|m| match m {
@@ -469,17 +481,21 @@ async fn a_batch_whose_secrets_cannot_be_loaded_is_refused_and_stored_masked_lat
         })
         .await;
     assert!(notice.transient, "{notice:?}");
-    assert!(log_texts(&app, &id).await.is_empty(), "stored unmasked");
+    assert_eq!(
+        log_texts(&app, &id).await,
+        vec!["pw=***"],
+        "stored unmasked"
+    );
     sqlx::query("ALTER TABLE variables_away RENAME TO variables")
         .execute(&app.pool)
         .await
         .expect("rename back");
     // The worker re-sends; this time the secrets load and the line is stored masked.
-    w.send(batch(&id, a.lease_token, 1, &[&format!("pw={secret}")]))
+    w.send(batch(&id, a.lease_token, 2, &[&format!("pw={secret}")]))
         .await;
     w.next_matching(|m| matches!(m, ServerMsg::LogAck(_)).then_some(()))
         .await;
-    w.send(batch(&id, a.lease_token, 2, &[&format!("again {secret}")]))
+    w.send(batch(&id, a.lease_token, 3, &[&format!("again {secret}")]))
         .await;
     let ack = w
         .next_matching(|m| match m {
@@ -487,8 +503,11 @@ async fn a_batch_whose_secrets_cannot_be_loaded_is_refused_and_stored_masked_lat
             _ => None,
         })
         .await;
-    assert_eq!(ack.stored_seq, 2);
-    assert_eq!(log_texts(&app, &id).await, vec!["pw=***", "again ***"]);
+    assert_eq!(ack.stored_seq, 3);
+    assert_eq!(
+        log_texts(&app, &id).await,
+        vec!["pw=***", "pw=***", "again ***"]
+    );
 }
 
 #[tokio::test]

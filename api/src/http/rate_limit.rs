@@ -238,47 +238,32 @@ impl RateLimiter {
     /// Before the request runs: may it?
     pub fn admit(&self, ip: IpAddr, credential: &Credential, now: Instant) -> Result<(), Limited> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        match credential {
-            Credential::Anonymous => {
-                state
-                    .anonymous
-                    .take(&ip, now)
-                    .map_err(|retry_after| Limited {
-                        retry_after,
-                        message: "too many requests without a token from this address",
-                    })
-            }
-            Credential::Token(hash) if state.tokens.map.contains_key(hash) => {
-                state.tokens.take(hash, now).map_err(|retry_after| Limited {
-                    retry_after,
-                    message: "too many requests for this token",
-                })
-            }
-            Credential::Token(_) => {
-                state
-                    .auth_failures
-                    .check(&ip, now)
-                    .map_err(|retry_after| Limited {
-                        retry_after,
-                        message: "too many failed authentications from this address",
-                    })
-            }
-            Credential::Hook(hash) if state.hooks.map.contains_key(hash) => {
-                state.hooks.take(hash, now).map_err(|retry_after| Limited {
-                    retry_after,
-                    message: "too many deliveries for this webhook",
-                })
-            }
-            Credential::Hook(_) => {
-                state
-                    .auth_failures
-                    .check(&ip, now)
-                    .map_err(|retry_after| Limited {
-                        retry_after,
-                        message: "too many requests with unknown webhook keys from this address",
-                    })
-            }
-        }
+        let (taken, message) = match credential {
+            Credential::Anonymous => (
+                state.anonymous.take(&ip, now),
+                "too many requests without a token from this address",
+            ),
+            Credential::Token(hash) if state.tokens.map.contains_key(hash) => (
+                state.tokens.take(hash, now),
+                "too many requests for this token",
+            ),
+            Credential::Token(_) => (
+                state.auth_failures.check(&ip, now),
+                "too many failed authentications from this address",
+            ),
+            Credential::Hook(hash) if state.hooks.map.contains_key(hash) => (
+                state.hooks.take(hash, now),
+                "too many deliveries for this webhook",
+            ),
+            Credential::Hook(_) => (
+                state.auth_failures.check(&ip, now),
+                "too many requests with unknown webhook keys from this address",
+            ),
+        };
+        taken.map_err(|retry_after| Limited {
+            retry_after,
+            message,
+        })
     }
 
     /// After the request ran, with its answer's status and whether its token was verified.

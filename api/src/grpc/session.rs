@@ -385,9 +385,21 @@ impl Session {
         if let Some(token) = self.conn.token_of(job_id) {
             let mut outcome = Outcome::failure(ErrorKind::Infrastructure, reason.clone());
             outcome.retryable = false;
+            // A terminal transition like any other: its actions run in its transaction.
             let failed = async {
                 let mut tx = self.state.pool.begin().await?;
-                queue::complete(&mut tx, job_id, token, &outcome).await?;
+                if let queue::Completion::Finished {
+                    has_actions: true, ..
+                } = queue::complete(&mut tx, job_id, token, &outcome).await?
+                {
+                    crate::actions::after_terminal(
+                        &mut tx,
+                        &self.state.vault,
+                        self.state.config.chain_depth_limit,
+                        job_id,
+                    )
+                    .await?;
+                }
                 tx.commit().await?;
                 Ok::<_, StorageError>(())
             };

@@ -516,6 +516,15 @@ async fn the_api_gives_up_on_a_job_whose_completion_it_keeps_refusing() {
     let app = spawn_app_with(|c| c.lease = Duration::from_secs(2)).await;
     refuse_successes(&app.pool, i64::MAX).await;
     let ev = event_id(&app, &bash_event("refused")).await;
+    // Giving up is a terminal transition like any other: its on_failure action runs.
+    let alert = event_id(&app, &bash_event("alert")).await;
+    let (status, body) = app
+        .post(
+            &format!("/api/v1/events/{ev}/actions"),
+            &json!({"trigger": "on_failure", "action": {"type": "run_event", "event_id": alert}}),
+        )
+        .await;
+    assert!(status.is_success(), "{body}");
     // A worker that re-sends its completion whatever it is told (as an old worker would).
     let (mut w, _) = ScriptedWorker::connect(
         &app.grpc_address,
@@ -568,4 +577,11 @@ async fn the_api_gives_up_on_a_job_whose_completion_it_keeps_refusing() {
             .contains("injected"),
         "{j}"
     );
+    let children: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE parent_job_id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&app.pool)
+            .await
+            .expect("children");
+    assert_eq!(children, 1, "the on_failure action ran once");
 }

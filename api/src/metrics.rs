@@ -1,7 +1,8 @@
 //! Prometheus metrics at `GET /metrics`: queue depth by status (read from the database by a
 //! background task every `BATON_METRICS_REFRESH_SECONDS`, so every replica reports the same
 //! truth and a scrape never queries the database), connected workers, open live log streams,
-//! dispatch latency (due → handed to a worker), completions by status and errors by kind.
+//! dispatch latency (due → handed to a worker), completions by status and errors by kind,
+//! schedule lag (a slot's due time → its firing).
 //!
 //! `/metrics` needs no token, so any Prometheus can scrape it: it shows counts only (no names,
 //! ids or payloads), costs no query, and falls under the per-address limit for requests
@@ -20,6 +21,8 @@ pub const DISPATCH_LATENCY: &str = "baton_dispatch_latency_seconds";
 pub const JOBS_COMPLETED: &str = "baton_jobs_completed_total";
 pub const JOB_ERRORS: &str = "baton_job_errors_total";
 pub const LOG_BYTES: &str = "baton_log_bytes_stored_total";
+/// Seconds from a schedule slot's due time (nominal fire time plus jitter) to its firing.
+pub const SCHEDULE_LAG: &str = "baton_schedule_lag_seconds";
 
 /// The process-wide recorder (installed once, whatever the number of replicas in a process).
 pub fn handle() -> &'static PrometheusHandle {
@@ -32,6 +35,14 @@ pub fn handle() -> &'static PrometheusHandle {
                     0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
                 ],
             )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(SCHEDULE_LAG.into()),
+                    &[
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0,
+                    ],
+                )
+            })
             .map(PrometheusBuilder::build_recorder);
         match recorder {
             Ok(recorder) => {

@@ -18,6 +18,7 @@ mod container;
 mod dispatch;
 mod logs;
 mod queue;
+mod schedules;
 mod ssh;
 mod support;
 mod throughput;
@@ -52,6 +53,9 @@ enum Bench {
     Container(container::Args),
     /// One job printing 200 MB: MiB/s persisted and lines lost.
     Logs(logs::Args),
+    /// 1,000 schedules firing every second on 2 replicas: lateness p50/p99, duplicates and
+    /// missed slots; and the idle database load of 10,000 schedules that are not due.
+    Schedules(schedules::Args),
     /// A trivial run through the SSH executor over a pooled connection vs a fresh
     /// `ssh -o ControlMaster=no host true`, alternating: medians and their ratio.
     Ssh(ssh::Args),
@@ -77,6 +81,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Logs(args) => logs::run(args).await,
             Bench::Container(args) => container::run(args).await,
             Bench::Ssh(args) => ssh::run(args).await,
+            Bench::Schedules(args) => schedules::run(args).await,
         }
     })?;
     println!("{summary}");

@@ -45,6 +45,11 @@ pub async fn database(cluster: &Cluster, name: &str, connections: u32) -> anyhow
         .create_database(name, Some(TEMPLATE))
         .await
         .with_context(|| format!("creating database {name}"))?;
+    connect(cluster, name, connections).await
+}
+
+/// A pool of `connections` on the existing database `name`.
+pub async fn connect(cluster: &Cluster, name: &str, connections: u32) -> anyhow::Result<PgPool> {
     PgPoolOptions::new()
         .max_connections(connections)
         .min_connections(connections)
@@ -169,6 +174,17 @@ pub async fn start_api(
     adjust: impl FnOnce(&mut baton_api::ApiConfig),
 ) -> anyhow::Result<ApiHandle> {
     let pool = database(cluster, name, connections).await?;
+    start_replica(cluster, name, pool, adjust).await
+}
+
+/// Starts one more api replica on the existing database `name` (as [`start_api`] does;
+/// `pool` becomes the handle's own pool).
+pub async fn start_replica(
+    cluster: &Cluster,
+    name: &str,
+    pool: PgPool,
+    adjust: impl FnOnce(&mut baton_api::ApiConfig),
+) -> anyhow::Result<ApiHandle> {
     let mut config = baton_api::ApiConfig::new(cluster.url(name));
     config.admin_token = Some(ADMIN_TOKEN.to_owned());
     config.master_key = Some(MASTER_KEY.to_owned());

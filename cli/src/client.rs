@@ -95,6 +95,11 @@ impl Client {
         Ok(resp)
     }
 
+    /// `path` (as the API returns it, e.g. a webhook's `/hooks/KEY`) on this client's api.
+    pub fn absolute(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
         self.call(Method::GET, path, None).await
     }

@@ -1,4 +1,4 @@
-//! The REST subcommands: events, run, jobs, logs, schedules, tokens.
+//! The REST subcommands: events, run, jobs, logs, schedules, webhooks, tokens.
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
@@ -43,6 +43,13 @@ pub enum ApiCommand {
     Schedules {
         #[command(subcommand)]
         command: crate::schedules::SchedulesCommand,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Start an event's runs from other systems: webhook URLs with optional HMAC signing.
+    Webhooks {
+        #[command(subcommand)]
+        command: crate::webhooks::WebhooksCommand,
         #[command(flatten)]
         conn: Connection,
     },
@@ -193,6 +200,9 @@ pub async fn run(cmd: ApiCommand) -> anyhow::Result<()> {
         ApiCommand::Jobs { command, conn } => jobs(&Client::new(&conn)?, command).await,
         ApiCommand::Schedules { command, conn } => {
             crate::schedules::run(&Client::new(&conn)?, command).await
+        }
+        ApiCommand::Webhooks { command, conn } => {
+            crate::webhooks::run(&Client::new(&conn)?, command).await
         }
         ApiCommand::Tokens { command, conn } => {
             let client = Client::new(&conn)?;

@@ -6,6 +6,7 @@ mod client;
 mod commands;
 mod dev;
 mod schedules;
+mod webhooks;
 
 use clap::{Parser, Subcommand};
 

@@ -29,6 +29,7 @@ fn start(data_dir: &Path, port: u16) -> Dev {
         .arg("dev")
         .env("BATON_DATA_DIR", data_dir)
         .env("BATON_LISTEN", format!("127.0.0.1:{port}"))
+        .env("BATON_GRPC_LISTEN", format!("127.0.0.1:{}", free_port()))
         .env_remove("BATON_ADMIN_TOKEN")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -37,7 +38,8 @@ fn start(data_dir: &Path, port: u16) -> Dev {
     let stdout = child.stdout.take().expect("stdout");
     let (mut url, mut token) = (None, None);
     // Reading blocks until baton dev prints; it exits (closing stdout) if it fails to start.
-    for line in BufReader::new(stdout).lines() {
+    let mut lines = BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
         let line = line.expect("line");
         if let Some(rest) = line.trim().strip_prefix("API:") {
             url = rest
@@ -52,10 +54,28 @@ fn start(data_dir: &Path, port: u16) -> Dev {
             break;
         }
     }
+    // Keep reading what it logs afterwards (a closed pipe would fail its log writes).
+    std::thread::spawn(move || lines.for_each(drop));
     Dev {
         child,
         url: url.expect("baton dev printed the API URL"),
         token: token.expect("baton dev printed the admin token"),
+    }
+}
+
+/// A test that fails midway must not leave `baton dev` (and its PostgreSQL) running: it would
+/// hold the test's output open and its ports.
+impl Drop for Dev {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -141,5 +161,173 @@ fn baton_dev_serves_the_api_stops_postgres_and_reuses_its_data() {
     );
     assert_eq!(status, 200, "the data survived the restart: {job}");
     assert_eq!(job["event_name"], "hello");
+    stop(dev);
+}
+
+/// Runs the `baton` CLI against `dev`; returns its stdout, failing the test if it fails.
+fn cli(dev: &Dev, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(args)
+        .env("BATON_URL", &dev.url)
+        .env("BATON_TOKEN", &dev.token)
+        .output()
+        .expect("run baton");
+    assert!(
+        out.status.success(),
+        "baton {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// Waits (60 s at most) until the job is in a terminal state and returns it.
+fn wait_finished(client: &reqwest::blocking::Client, dev: &Dev, job_id: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, job) = call(
+            client,
+            dev,
+            reqwest::Method::GET,
+            &format!("/api/v1/jobs/{job_id}"),
+            None,
+        );
+        assert_eq!(status, 200, "{job}");
+        if ["succeeded", "failed", "cancelled"].contains(&job["status"].as_str().unwrap_or("")) {
+            return job;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {job_id} did not finish: {job}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_cli_manages_schedules_webhooks_and_reruns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let dev = start(&dir.path().join("baton-data"), free_port());
+    let client = reqwest::blocking::Client::new();
+    let (status, event) = call(
+        &client,
+        &dev,
+        reqwest::Method::POST,
+        "/api/v1/events",
+        Some(serde_json::json!({"name": "deploy", "runtime": "bash",
+            "content": "echo deploying", "executor": "local"})),
+    );
+    assert_eq!(status, 201, "{event}");
+
+    // Schedules: create paused, list, resume, pause, delete.
+    let created: serde_json::Value = serde_json::from_str(&cli(
+        &dev,
+        &[
+            "schedules",
+            "create",
+            "deploy",
+            "--cron",
+            "0 3 * * *",
+            "--timezone",
+            "Europe/Paris",
+            "--paused",
+        ],
+    ))
+    .expect("schedules create prints JSON");
+    let schedule = created["id"].as_str().expect("schedule id").to_owned();
+    assert_eq!(created["paused"], true);
+    let listed = cli(&dev, &["schedules", "list", "--event", "deploy"]);
+    assert!(
+        listed.contains(&schedule) && listed.contains("paused"),
+        "{listed}"
+    );
+    let resumed: serde_json::Value =
+        serde_json::from_str(&cli(&dev, &["schedules", "resume", &schedule])).expect("JSON");
+    assert_eq!(resumed["paused"], false);
+    assert!(
+        resumed["next_runs"][0]
+            .as_str()
+            .expect("next run")
+            .contains("T03:00:00+0")
+    );
+    let paused: serde_json::Value =
+        serde_json::from_str(&cli(&dev, &["schedules", "pause", &schedule])).expect("JSON");
+    assert_eq!(paused["paused"], true);
+    assert!(cli(&dev, &["schedules", "delete", &schedule]).contains("deleted"));
+    assert!(!cli(&dev, &["schedules", "list"]).contains(&schedule));
+
+    // Webhooks: a signed one refuses an unsigned delivery; an unsigned one starts a run.
+    let signed = cli(
+        &dev,
+        &[
+            "webhooks",
+            "create",
+            "deploy",
+            "--name",
+            "ci",
+            "--signing-secret",
+            "s3cret-for-ci",
+        ],
+    );
+    let signed_url = signed
+        .lines()
+        .find_map(|l| l.strip_prefix("url: "))
+        .expect("webhooks create prints the url")
+        .to_owned();
+    let refused = client
+        .post(&signed_url)
+        .json(&serde_json::json!({"ref": "main"}))
+        .send()
+        .expect("deliver");
+    assert_eq!(
+        refused.status().as_u16(),
+        401,
+        "an unsigned delivery to a signed hook"
+    );
+    let open = cli(&dev, &["webhooks", "create", "deploy", "--name", "chat"]);
+    let url = open
+        .lines()
+        .find_map(|l| l.strip_prefix("url: "))
+        .expect("url")
+        .to_owned();
+    assert!(open.lines().any(|l| l.starts_with("key: ")), "{open}");
+    let accepted: serde_json::Value = client
+        .post(&url)
+        .json(&serde_json::json!({"ref": "main"}))
+        .send()
+        .expect("deliver")
+        .json()
+        .expect("JSON answer");
+    let job_id = accepted["job_id"].as_str().expect("job_id").to_owned();
+    let job = wait_finished(&client, &dev, &job_id);
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["input"]["ref"], "main");
+
+    // Rerun: a new job of the same snapshot and input.
+    let rerun = cli(&dev, &["jobs", "rerun", &job_id]).trim().to_owned();
+    let again = wait_finished(&client, &dev, &rerun);
+    assert_eq!(again["rerun_of"], job_id.as_str(), "{again}");
+    assert_eq!(again["input"]["ref"], "main");
+    assert_eq!(again["status"], "succeeded");
+
+    let hooks = cli(&dev, &["webhooks", "list", "deploy"]);
+    let chat = hooks
+        .lines()
+        .find(|l| l.contains(" chat "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("the chat webhook is listed")
+        .to_owned();
+    assert!(
+        hooks.contains("signed") && hooks.contains("active"),
+        "{hooks}"
+    );
+    assert!(cli(&dev, &["webhooks", "revoke", "deploy", &chat]).contains("revoked"));
+    assert!(cli(&dev, &["webhooks", "list", "deploy"]).contains("revoked "));
+    let gone = client
+        .post(&url)
+        .json(&serde_json::json!({}))
+        .send()
+        .expect("deliver");
+    assert_eq!(gone.status().as_u16(), 404, "a revoked key starts nothing");
     stop(dev);
 }

@@ -120,7 +120,13 @@ async fn fire_one(
                 created_by: row.created_by,
             };
             match queue::enqueue_scheduled(&mut *tx, &job, row.id, *slot).await? {
-                Some(_) => report.jobs += 1,
+                Some(_) => {
+                    report.jobs += 1;
+                    // How late the slot fires after its due time (nominal + jitter): the
+                    // firing loop's own lateness, plus any catch-up after downtime or a pause.
+                    let lag = (now - spec.due_at(*slot)).to_std().unwrap_or_default();
+                    metrics::histogram!(crate::metrics::SCHEDULE_LAG).record(lag.as_secs_f64());
+                }
                 None => report.duplicates += 1,
             }
         }

@@ -271,6 +271,25 @@ async fn a_schedule_every_second_fires_jobs_that_carry_it() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(bad["error"]["field"], "schedule_id");
     assert_every_second_once(&fired_slots(&app.pool, id).await);
+    // The lag of every fire is a histogram at /metrics.
+    let text = app
+        .anonymous(reqwest::Method::GET, "/metrics")
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let fires: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("baton_schedule_lag_seconds_count "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no baton_schedule_lag_seconds in {text}"));
+    assert!(fires >= 3.0, "{fires} fires counted");
+    assert!(
+        text.contains("baton_schedule_lag_seconds_bucket{le=\"0.05\"}"),
+        "{text}"
+    );
     app.stop().await;
 }
 

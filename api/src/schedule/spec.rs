@@ -36,8 +36,10 @@ pub const MAX_JITTER_SECONDS: i32 = 3600;
 pub const MAX_CATCH_UP: i32 = 1000;
 /// Default `max_catch_up`.
 pub const DEFAULT_MAX_CATCH_UP: i32 = 100;
-/// With `missed: none`, the latest passed slot still fires when it is at most this late
-/// (a replica a little behind its wake-up time is not a missed slot).
+/// A slot at most this late is late, not missed: it fires whatever `missed` says (a replica
+/// behind its wake-up time under load, or a short stall, must not drop slots of a frequent
+/// schedule). `missed` decides only about slots overdue by more: those passed while no
+/// replica was firing, or while the schedule was paused.
 pub const ON_TIME_GRACE: Duration = Duration::seconds(60);
 /// Forward steps taken before a far-behind schedule jumps back from "now" instead.
 const FORWARD_STEP_CAP: usize = 10_000;
@@ -358,7 +360,9 @@ impl ScheduleSpec {
     }
 
     /// Decides what a schedule whose next unfired slot is `next` does at `now`: which slots
-    /// fire (per `missed`) and the next slot after them.
+    /// fire and the next slot after them. Slots due within [`ON_TIME_GRACE`] of `now` all fire;
+    /// older ones (missed) follow `missed`: `all` fires the latest `max_catch_up` of them,
+    /// `last` the latest one unless a slot within the grace fires anyway, `none` none.
     pub fn decide(&self, next: DateTime<Utc>, now: DateTime<Utc>) -> Slots {
         // Slots whose fire time (slot + jitter) has come.
         let cutoff = now - self.jitter;
@@ -369,39 +373,49 @@ impl ScheduleSpec {
                 next: Some(next),
             };
         }
-        let keep = match self.missed {
+        // Slots before this one are missed rather than late.
+        let missed_before = cutoff - ON_TIME_GRACE;
+        let keep_missed = match self.missed {
             Missed::All => self.max_catch_up,
-            Missed::Last | Missed::None => 1,
+            Missed::Last => 1,
+            Missed::None => 0,
         };
-        let mut due: VecDeque<DateTime<Utc>> = VecDeque::with_capacity(keep.min(64));
+        let mut missed: VecDeque<DateTime<Utc>> = VecDeque::with_capacity(keep_missed.min(64));
+        let mut late: Vec<DateTime<Utc>> = Vec::new();
         let mut passed_over: u64 = 0;
         let mut cur = Some(next);
         let mut steps = 0usize;
         while let Some(slot) = cur.filter(|s| *s <= cutoff) {
             steps += 1;
             if steps == FORWARD_STEP_CAP {
-                // Far behind: start again a few slots before the cutoff.
-                let restart = self.rewind(cutoff, keep + 1).max(slot);
-                passed_over += (due.len() as u64) + 1;
-                due.clear();
+                // Far behind: start again a few slots before the grace window.
+                let restart = self.rewind(missed_before, keep_missed + 1).max(slot);
+                passed_over += (missed.len() + late.len()) as u64 + 1;
+                missed.clear();
+                late.clear();
                 cur = Some(restart);
                 continue;
             }
-            if due.len() == keep {
-                due.pop_front();
+            if slot >= missed_before {
+                late.push(slot);
+            } else if keep_missed == 0 {
                 passed_over += 1;
+            } else {
+                if missed.len() == keep_missed {
+                    missed.pop_front();
+                    passed_over += 1;
+                }
+                missed.push_back(slot);
             }
-            due.push_back(slot);
             cur = self.next_after(slot);
         }
-        let mut fire: Vec<DateTime<Utc>> = due.into();
-        if self.missed == Missed::None
-            && let Some(latest) = fire.last().copied()
-            && cutoff - latest > ON_TIME_GRACE
-        {
-            fire.clear();
-            passed_over += 1;
+        if self.missed == Missed::Last && !late.is_empty() {
+            // The latest slot fires anyway: the missed one is not needed.
+            passed_over += missed.len() as u64;
+            missed.clear();
         }
+        let mut fire: Vec<DateTime<Utc>> = missed.into();
+        fire.extend(late);
         Slots {
             fire,
             passed_over,

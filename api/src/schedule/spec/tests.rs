@@ -343,19 +343,51 @@ fn missed_modes_after_an_outage() {
     assert_eq!(all.fire[59], utc("2026-01-01T00:10:00Z"));
     assert_eq!((all.passed_over, all.next), (0, after));
 
+    // The 6 slots of the last minute (00:09:10 … 00:10:00) are late, not missed: they fire
+    // in every mode; the 54 before them follow `missed`.
+    let late: Vec<_> = all.fire[54..].to_vec();
+    assert_eq!(late[0], utc("2026-01-01T00:09:10Z"));
+
     let capped = missed(Missed::All, 7).decide(next, now);
-    assert_eq!(capped.fire.len(), 7);
-    assert_eq!(capped.fire[0], utc("2026-01-01T00:09:00Z"));
-    assert_eq!((capped.passed_over, capped.next), (53, after));
+    assert_eq!(capped.fire.len(), 13);
+    assert_eq!(capped.fire[0], utc("2026-01-01T00:08:00Z"));
+    assert_eq!(capped.fire[6], utc("2026-01-01T00:09:00Z"));
+    assert_eq!(capped.fire[7..], late[..]);
+    assert_eq!((capped.passed_over, capped.next), (47, after));
 
     let last = missed(Missed::Last, 100).decide(next, now);
-    assert_eq!(last.fire, vec![utc("2026-01-01T00:10:00Z")]);
-    assert_eq!((last.passed_over, last.next), (59, after));
+    assert_eq!(last.fire, late);
+    assert_eq!((last.passed_over, last.next), (54, after));
 
-    // The latest slot is 5 s late: still on time for `none`; the others are dropped.
     let none = missed(Missed::None, 100).decide(next, now);
-    assert_eq!(none.fire, vec![utc("2026-01-01T00:10:00Z")]);
-    assert_eq!(none.next, after);
+    assert_eq!(none.fire, late);
+    assert_eq!((none.passed_over, none.next), (54, after));
+
+    // An interval longer than the grace, down past a slot: `last` fires that slot (missed),
+    // `none` nothing.
+    let five_minutes = |mode| {
+        with(ScheduleFields {
+            missed: mode,
+            ..interval(300)
+        })
+        .unwrap()
+    };
+    let slot = utc("2026-01-01T00:05:00Z");
+    let down = slot + Duration::seconds(90);
+    let last = five_minutes(Missed::Last).decide(slot - Duration::seconds(300), down);
+    assert_eq!(last.fire, vec![slot]);
+    assert_eq!(last.passed_over, 1);
+    assert!(
+        five_minutes(Missed::None)
+            .decide(slot, down)
+            .fire
+            .is_empty()
+    );
+
+    // A schedule every 10 s fired 50 s late (a stalled replica): nothing is dropped.
+    let stalled = missed(Missed::Last, 100).decide(next, next + Duration::seconds(50));
+    assert_eq!(stalled.fire.len(), 6);
+    assert_eq!(stalled.passed_over, 0);
 
     // An hourly schedule down for half an hour past its slot: `none` fires nothing.
     let hourly = with(ScheduleFields {
@@ -382,19 +414,29 @@ fn far_behind_schedules_decide_in_bounded_work() {
     let next = utc("2026-01-01T00:00:00Z");
     let now = utc("2026-03-01T00:00:00.5Z");
     let slots = every_second.decide(next, now);
-    assert_eq!(slots.fire.len(), 100);
-    assert_eq!(slots.fire[0], utc("2026-02-28T23:58:21Z"));
+    // The 60 slots of the last minute are late (they fire), and the 100 before them are the
+    // catch-up.
+    assert_eq!(slots.fire.len(), 160);
+    assert_eq!(slots.fire[0], utc("2026-02-28T23:57:21Z"));
+    assert_eq!(slots.fire[100], utc("2026-02-28T23:59:01Z"));
     assert_eq!(*slots.fire.last().unwrap(), utc("2026-03-01T00:00:00Z"));
     assert_eq!(slots.next, Some(utc("2026-03-01T00:00:01Z")));
 
     let interval_all = missed(Missed::All, 3).decide(next, now);
     assert_eq!(
         interval_all.fire,
-        vec![
-            utc("2026-02-28T23:59:40Z"),
-            utc("2026-02-28T23:59:50Z"),
-            utc("2026-03-01T00:00:00Z")
+        [
+            "2026-02-28T23:58:40Z",
+            "2026-02-28T23:58:50Z",
+            "2026-02-28T23:59:00Z",
+            "2026-02-28T23:59:10Z",
+            "2026-02-28T23:59:20Z",
+            "2026-02-28T23:59:30Z",
+            "2026-02-28T23:59:40Z",
+            "2026-02-28T23:59:50Z",
+            "2026-03-01T00:00:00Z"
         ]
+        .map(utc)
     );
 }
 

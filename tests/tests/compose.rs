@@ -462,7 +462,7 @@ async fn the_compose_stack_runs_jobs_and_survives_worker_network_and_database_fa
             .build()
             .expect("client"),
     };
-    let mut workers = api.wait_workers(2).await;
+    api.wait_workers(2).await;
     eprintln!("stack up with 2 workers in {:?}", Instant::now() - started);
     // Images: non-root, healthy by their own HEALTHCHECK.
     for service in ["api-1", "api-2", "worker", "postgres"] {
@@ -551,6 +551,12 @@ async fn the_compose_stack_runs_jobs_and_survives_worker_network_and_database_fa
     let child = api.wait_succeeded(&child).await;
     assert_eq!(child["output"], json!({"n": 2}), "{child}");
     assert_eq!(child["parent_job_id"], root.as_str(), "{child}");
+
+    // `--scale worker=N`: a third worker joins; scaled back, it drains and leaves.
+    stack.compose(&["up", "-d", "--scale", "worker=3"]);
+    api.wait_workers(3).await;
+    stack.compose(&["up", "-d", "--scale", "worker=2"]);
+    let mut workers = api.wait_workers(2).await;
 
     // A worker container killed mid-run: the job finishes on the other worker.
     let slow = api
@@ -712,6 +718,33 @@ async fn the_compose_stack_runs_jobs_and_survives_worker_network_and_database_fa
     let distinct: BTreeSet<&String> = jobs.iter().collect();
     assert_eq!(distinct.len(), 20);
     api.wait_workers(2).await;
+    // The other replica is ready again too.
+    let port_2 = stack.compose(&["port", "api-2", "8080"]);
+    let api_2 = Api {
+        url: format!(
+            "http://127.0.0.1:{}",
+            port_2.rsplit(':').next().expect("port")
+        ),
+        token: api.token.clone(),
+        client: api.client.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = api_2.get("/readyz").await;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "api-2 never ready: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (status, list) = api_2
+        .get(&format!("/api/v1/jobs?event_id={quick}&limit=100"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(20), "{list}");
 
     // `down -v` leaves nothing behind.
     let worker_ids: Vec<String> = workers.iter().map(|(id, _)| id.clone()).collect();

@@ -174,10 +174,10 @@ pub async fn register_token(
         None => {
             let inserted =
                 tokens::insert_token(pool, name, role, &hash, &display_prefix(secret), None).await;
-            if let Err(e) = inserted {
-                if tokens::hash_is_live(pool, &hash).await? != Some(true) {
-                    return Err(e);
-                }
+            if let Err(e) = inserted
+                && tokens::hash_is_live(pool, &hash).await? != Some(true)
+            {
+                return Err(e);
             }
         }
     }

@@ -449,22 +449,45 @@ fn env_value(stack: &Stack, key: &str) -> String {
 async fn the_compose_stack_runs_jobs_and_survives_worker_network_and_database_failures() {
     let Some(mut stack) = setup() else { return };
     let started = Instant::now();
-    stack.compose(&["up", "-d"]);
+    let api = up(&stack).await;
+    eprintln!("stack up with 2 workers in {:?}", Instant::now() - started);
+    images_are_healthy_and_not_root(&stack).await;
+    container_ssh_and_chained_jobs(&stack, &api).await;
+    workers_scale(&stack, &api).await;
+    let victim = a_killed_worker_containers_job_finishes_on_the_other(&stack, &api).await;
+    let cut = a_worker_cut_off_past_its_lease_has_its_late_completion_refused(&stack, &api).await;
+    a_database_restart_loses_no_job(&stack, &api).await;
+    let mut workers: Vec<String> = api
+        .wait_workers(2)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    workers.extend([victim, cut]);
+    down_leaves_nothing(&mut stack, &workers);
+    eprintln!("compose test done in {:?}", Instant::now() - started);
+}
 
+/// `up -d` from a clean state; a client of api-1 once both workers are connected.
+async fn up(stack: &Stack) -> Api {
+    stack.compose(&["up", "-d"]);
     // The api replicas publish their REST port on a free port of 127.0.0.1.
     let port = stack.compose(&["port", "api-1", "8080"]);
     let port = port.rsplit(':').next().expect("port").to_owned();
     let api = Api {
         url: format!("http://127.0.0.1:{port}"),
-        token: env_value(&stack, "BATON_ADMIN_TOKEN"),
+        token: env_value(stack, "BATON_ADMIN_TOKEN"),
         client: reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
             .expect("client"),
     };
     api.wait_workers(2).await;
-    eprintln!("stack up with 2 workers in {:?}", Instant::now() - started);
-    // Images: non-root, healthy by their own HEALTHCHECK.
+    api
+}
+
+/// Every service's container is healthy by its image's HEALTHCHECK and runs as non-root.
+async fn images_are_healthy_and_not_root(stack: &Stack) {
     for service in ["api-1", "api-2", "worker", "postgres"] {
         for c in stack.containers(service) {
             let health = eventually(120, &format!("{service} healthy"), || {
@@ -480,8 +503,10 @@ async fn the_compose_stack_runs_jobs_and_survives_worker_network_and_database_fa
             );
         }
     }
+}
 
-    // A container job.
+/// A container job, an ssh job on the sshd container, and a chain container → ssh.
+async fn container_ssh_and_chained_jobs(stack: &Stack, api: &Api) {
     let hello = api
         .event(
             json!({"name": "hello", "runtime": "bash", "executor": "container",
@@ -497,7 +522,7 @@ async fn the_compose_stack_runs_jobs_and_survives_worker_network_and_database_fa
     );
 
     // An ssh job on the sshd container, and a chain container → ssh.
-    let sshd_dir = PathBuf::from(env_value(&stack, "BATON_TEST_SSHD_DIR"));
+    let sshd_dir = PathBuf::from(env_value(stack, "BATON_TEST_SSHD_DIR"));
     let host_key = std::fs::read_to_string(sshd_dir.join("host_ed25519.pub")).expect("host key");
     let host_key = host_key
         .split_whitespace()
@@ -551,14 +576,20 @@ async fn the_compose_stack_runs_jobs_and_survives_worker_network_and_database_fa
     let child = api.wait_succeeded(&child).await;
     assert_eq!(child["output"], json!({"n": 2}), "{child}");
     assert_eq!(child["parent_job_id"], root.as_str(), "{child}");
+}
 
-    // `--scale worker=N`: a third worker joins; scaled back, it drains and leaves.
+/// `--scale worker=N`: a third worker joins; scaled back, it drains and leaves.
+async fn workers_scale(stack: &Stack, api: &Api) {
     stack.compose(&["up", "-d", "--scale", "worker=3"]);
     api.wait_workers(3).await;
     stack.compose(&["up", "-d", "--scale", "worker=2"]);
-    let mut workers = api.wait_workers(2).await;
+    api.wait_workers(2).await;
+}
 
-    // A worker container killed mid-run: the job finishes on the other worker.
+/// A worker container killed mid-run: the job finishes on the other worker. Returns the
+/// killed worker's id.
+async fn a_killed_worker_containers_job_finishes_on_the_other(stack: &Stack, api: &Api) -> String {
+    let workers = api.wait_workers(2).await;
     let slow = api
         .event(
             json!({"name": "slow", "runtime": "bash", "executor": "container",
@@ -568,11 +599,11 @@ async fn the_compose_stack_runs_jobs_and_survives_worker_network_and_database_fa
     let job = api.run(&slow).await;
     let running = api
         .wait_job(&job, "running", |j| {
-            j["status"] == "running" && api_log_started(j)
+            j["status"] == "running" && has_started(j)
         })
         .await;
     let victim = running["worker_id"].as_str().expect("worker").to_owned();
-    let victim_container = container_of(&stack, &workers, &victim);
+    let victim_container = container_of(stack, &workers, &victim);
     // The worker's containers (spares and the run's): the image's HEALTHCHECK is off there
     // (the worker watches its runs itself).
     let victims_containers = eventually(30, "the run's container", || {
@@ -601,16 +632,23 @@ async fn the_compose_stack_runs_jobs_and_survives_worker_network_and_database_fa
     // Started again (what its restart policy does after a crash), it is the same worker and
     // removes the job container its killed run left.
     docker(&["start", &victim_container]);
-    workers = api.wait_workers(2).await;
+    let workers = api.wait_workers(2).await;
     assert!(workers.iter().any(|(id, _)| *id == victim), "{workers:?}");
     eventually(60, "the killed run's container removed", || {
         let left = worker_containers(&victim, true);
         (!victims_containers.iter().any(|c| left.contains(c))).then_some(())
     })
     .await;
+    victim
+}
 
-    // A worker cut off from the network past its lease, reconnected after its run ended: the
-    // job re-ran elsewhere, the late completion is refused.
+/// A worker cut off from the network past its lease, reconnected after its run ended: the
+/// job re-ran elsewhere, the late completion is refused. Returns that worker's id.
+async fn a_worker_cut_off_past_its_lease_has_its_late_completion_refused(
+    stack: &Stack,
+    api: &Api,
+) -> String {
+    let workers = api.wait_workers(2).await;
     let short = api
         .event(
             json!({"name": "short", "runtime": "bash", "executor": "container",
@@ -620,11 +658,11 @@ async fn the_compose_stack_runs_jobs_and_survives_worker_network_and_database_fa
     let job = api.run(&short).await;
     let running = api
         .wait_job(&job, "running", |j| {
-            j["status"] == "running" && api_log_started(j)
+            j["status"] == "running" && has_started(j)
         })
         .await;
     let cut = running["worker_id"].as_str().expect("worker").to_owned();
-    let cut_container = container_of(&stack, &workers, &cut);
+    let cut_container = container_of(stack, &workers, &cut);
     let network = stack.network();
     docker(&["network", "disconnect", &network, &cut_container]);
     let moved = api
@@ -645,7 +683,7 @@ async fn the_compose_stack_runs_jobs_and_survives_worker_network_and_database_fa
     docker(&["network", "connect", &network, &cut_container]);
     let done = api.wait_succeeded(&job).await;
     assert_ne!(done["worker_id"], cut.as_str(), "{done}");
-    workers = api.wait_workers(2).await;
+    let workers = api.wait_workers(2).await;
     assert!(workers.iter().any(|(id, _)| *id == cut), "{workers:?}");
     let refused = eventually(60, "the late completion refused", || {
         let out = Command::new("docker")
@@ -679,8 +717,11 @@ async fn the_compose_stack_runs_jobs_and_survives_worker_network_and_database_fa
         (2, 1),
         "{log}"
     );
+    cut
+}
 
-    // PostgreSQL restarted under load: every job succeeds, none is lost.
+/// PostgreSQL restarted under load: every job succeeds, none is lost, both replicas recover.
+async fn a_database_restart_loses_no_job(stack: &Stack, api: &Api) {
     let quick = api
         .event(
             json!({"name": "quick", "runtime": "bash", "executor": "container",
@@ -745,16 +786,18 @@ async fn the_compose_stack_runs_jobs_and_survives_worker_network_and_database_fa
         .await;
     assert_eq!(status, StatusCode::OK, "{list}");
     assert_eq!(list["items"].as_array().map(Vec::len), Some(20), "{list}");
+}
 
-    // `down -v` leaves nothing behind.
-    let worker_ids: Vec<String> = workers.iter().map(|(id, _)| id.clone()).collect();
+/// `down -v` leaves no container, volume or network behind, nor any container or volume of
+/// the workers (`workers`: every worker id the test saw).
+fn down_leaves_nothing(stack: &mut Stack, workers: &[String]) {
     let project = stack.project.clone();
     stack.down();
     let label = format!("label=com.docker.compose.project={project}");
     assert_eq!(docker(&["ps", "-aq", "--filter", &label]), "");
     assert_eq!(docker(&["volume", "ls", "-q", "--filter", &label]), "");
     assert_eq!(docker(&["network", "ls", "-q", "--filter", &label]), "");
-    for id in worker_ids.iter().chain([&victim, &cut]) {
+    for id in workers {
         assert_eq!(
             docker(&[
                 "ps",
@@ -777,10 +820,9 @@ async fn the_compose_stack_runs_jobs_and_survives_worker_network_and_database_fa
             "volumes of worker {id} left"
         );
     }
-    eprintln!("compose test done in {:?}", Instant::now() - started);
 }
 
 /// The run has started (its `started_at` is set).
-fn api_log_started(job: &Value) -> bool {
+fn has_started(job: &Value) -> bool {
     !job["started_at"].is_null()
 }

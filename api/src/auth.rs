@@ -157,6 +157,7 @@ pub async fn bootstrap_admin(
 
 /// Registers a token whose secret the operator chose (or that was kept from an earlier run),
 /// unless it is already known. A known token that was revoked stays revoked (logged).
+/// Replicas starting together may register the same token at once: the loser finds it live.
 pub async fn register_token(
     pool: &PgPool,
     name: &str,
@@ -171,9 +172,25 @@ pub async fn register_token(
             "the token {name:?} was revoked: it stays revoked and is not accepted"
         ),
         None => {
-            tokens::insert_token(pool, name, role, &hash, &display_prefix(secret), None).await?;
+            let inserted =
+                tokens::insert_token(pool, name, role, &hash, &display_prefix(secret), None).await;
+            if let Err(e) = inserted
+                && tokens::hash_is_live(pool, &hash).await? != Some(true)
+            {
+                return Err(e);
+            }
         }
     }
+    Ok(())
+}
+
+/// Registers `BATON_WORKER_TOKEN` (see [`register_token`]): a deployment's shared worker secret.
+pub async fn bootstrap_worker(pool: &PgPool, token: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        token.len() >= 16,
+        "BATON_WORKER_TOKEN must be at least 16 characters long"
+    );
+    register_token(pool, "worker (BATON_WORKER_TOKEN)", Role::Worker, token).await?;
     Ok(())
 }
 

@@ -19,6 +19,13 @@ pub struct ApiConfig {
     /// when no admin token exists.
     #[arg(long, env = "BATON_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// A worker token to accept (≥ 16 characters), registered at start like
+    /// `BATON_ADMIN_TOKEN`: role `worker`, bound to no labels. A deployment (compose, a
+    /// Kubernetes Secret, systemd) then hands one secret to the api and its workers, which read
+    /// the same variable. A revoked token stays revoked; tokens made with `POST /tokens` are
+    /// the finer-grained alternative.
+    #[arg(long, env = "BATON_WORKER_TOKEN", hide_env_values = true)]
+    pub worker_token: Option<String>,
     /// Key for secrets at rest (server credentials, secret variables); ≥ 32 characters, the
     /// same on every replica. Without it, secrets cannot be stored.
     #[arg(long, env = "BATON_MASTER_KEY", hide_env_values = true)]
@@ -126,6 +133,7 @@ impl ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             admin_token: None,
+            worker_token: None,
             master_key: None,
             body_limit_bytes: 4 * 1024 * 1024,
             lease: Duration::from_secs(15),

@@ -71,6 +71,9 @@ impl Api {
         crate::crypto::Vault::new(config.master_key.as_deref())?;
         let pool = connect(&config).await?;
         let generated = crate::auth::bootstrap_admin(&pool, config.admin_token.as_deref()).await?;
+        if let Some(token) = config.worker_token.as_deref() {
+            crate::auth::bootstrap_worker(&pool, token).await?;
+        }
         Ok((Self::with_pool(pool, config), generated))
     }
 

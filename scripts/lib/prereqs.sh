@@ -41,6 +41,23 @@ ensure_docker() {
   fi
 }
 
+# docker-compose (Debian's 1.29) for the compose stack test, unless `docker compose` (v2) works.
+ensure_compose() {
+  if docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1; then
+    return 0
+  fi
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "==> installing: docker-compose"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends docker-compose >/dev/null
+  else
+    echo "The compose test needs docker-compose (apt-get install -y docker-compose) or the" >&2
+    echo "docker compose plugin." >&2
+    exit 1
+  fi
+}
+
 # schemathesis (PyPI) for the OpenAPI fuzz test, in a virtual environment outside the clone,
 # pinned and cached by version. Exports BATON_SCHEMATHESIS for tests/tests/fuzz.rs.
 SCHEMATHESIS_VERSION=4.32.5

@@ -282,3 +282,59 @@ async fn token_bindings_are_validated() {
         );
     }
 }
+
+/// `BATON_WORKER_TOKEN` on the api (the deployments' shared worker secret): registered at
+/// start by every replica (two starting on one database agree), accepted on the worker stream,
+/// useless on the REST API, and once revoked it stays revoked across a restart.
+#[tokio::test]
+async fn the_configured_worker_token_is_registered_once_and_a_revocation_survives_restarts() {
+    let secret = format!("wkr-{}", Uuid::now_v7().simple());
+    let configured = secret.clone();
+    let app = baton_tests::spawn_app_with(move |c| c.worker_token = Some(configured)).await;
+    let configured = secret.clone();
+    let replica = spawn_replica(app.database_url.clone(), move |c| {
+        c.worker_token = Some(configured)
+    })
+    .await;
+
+    let (worker, _) =
+        ScriptedWorker::connect(&replica.grpc_address, &secret, hello(Uuid::now_v7(), 1)).await;
+    drop(worker);
+    let (status, _) =
+        baton_tests::send(app.request_as(&secret, reqwest::Method::GET, "/api/v1/jobs")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    let (status, tokens) = app.get("/api/v1/tokens").await;
+    assert_eq!(status, StatusCode::OK, "{tokens}");
+    let registered: Vec<&Value> = tokens
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|t| t["name"] == "worker (BATON_WORKER_TOKEN)")
+        .collect();
+    assert_eq!(registered.len(), 1, "{tokens}");
+    assert_eq!(registered[0]["role"], "worker", "{tokens}");
+    let id = registered[0]["id"].as_str().expect("id").to_owned();
+    let (status, body) = app.delete(&format!("/api/v1/tokens/{id}")).await;
+    assert!(status.is_success(), "{status} {body}");
+
+    let configured = secret.clone();
+    let restarted = replica
+        .restart(move |c| c.worker_token = Some(configured))
+        .await;
+    let refused = refused_with(&restarted, &secret, hello(Uuid::now_v7(), 1)).await;
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+}
+
+/// A configured worker token shorter than 16 characters stops the start with a clear message.
+#[tokio::test]
+async fn a_short_configured_worker_token_stops_the_start() {
+    let app = spawn_app().await;
+    let mut config = baton_api::ApiConfig::new(app.database_url.clone());
+    config.worker_token = Some("short".into());
+    let err = match baton_api::Api::start(config).await {
+        Ok(_) => panic!("the api started with a 5-character worker token"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("BATON_WORKER_TOKEN"), "{err}");
+}

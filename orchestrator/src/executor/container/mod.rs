@@ -116,8 +116,8 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::container::LogOutput;
 use bollard::models::{
-    ContainerCreateBody, HostConfig, HostConfigLogConfig, Mount, MountType, MountVolumeOptions,
-    MountVolumeOptionsDriverConfig,
+    ContainerCreateBody, HealthConfig, HostConfig, HostConfigLogConfig, Mount, MountType,
+    MountVolumeOptions, MountVolumeOptionsDriverConfig,
 };
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
@@ -1492,8 +1492,18 @@ impl ContainerExecutor {
             tty: Some(false),
             stop_signal: Some("SIGTERM".to_owned()),
             host_config: Some(host_config),
+            healthcheck: Some(no_healthcheck()),
             ..ContainerCreateBody::default()
         }
+    }
+}
+
+/// Turns off an image's `HEALTHCHECK` in a run's container: the worker watches its runs itself,
+/// and a probe would be one more process in the run's pid and memory limits.
+fn no_healthcheck() -> HealthConfig {
+    HealthConfig {
+        test: Some(vec!["NONE".to_owned()]),
+        ..HealthConfig::default()
     }
 }
 
@@ -1543,6 +1553,7 @@ impl ContainerExecutor {
                 auto_remove: Some(true),
                 ..self.host_config(limits, &key.network_mode, RunVolume::Sized)
             }),
+            healthcheck: Some(no_healthcheck()),
             ..ContainerCreateBody::default()
         }
     }

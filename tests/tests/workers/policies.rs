@@ -309,18 +309,25 @@ async fn a_silent_run_is_flagged_stuck_fires_on_stuck_once_and_is_cleared_by_out
     assert_eq!(items[0]["parent_job_id"], job_id.as_str());
 }
 
-/// The startup window on the local executor: an early non-zero exit is a start failure (the
-/// script's own fault: kind script), a missing program an infrastructure one; a later exit, or
-/// a window of 0, is an ordinary failure.
+/// The startup window on the local executor.
 #[tokio::test]
 async fn the_startup_window_marks_early_exits_on_the_local_executor() {
     let c = cluster(4).await;
+    startup_window_cases(&c.a, &json!({"executor": "local"})).await;
+}
+
+/// The startup window's rule, on the executor `placement` names (a worker offering it must
+/// be connected): an early non-zero exit is a start failure (the script's own fault: kind
+/// script, also for bash's 127 of a command missing inside the script), a missing program an
+/// infrastructure one; a later exit, or a window of 0, is an ordinary failure.
+pub(crate) async fn startup_window_cases(app: &TestApp, placement: &Value) {
     let run = |name: &str, spec: Value| {
-        let app = &c.a;
         let mut spec = spec;
         spec["name"] = json!(name);
-        spec["executor"] = json!("local");
         spec["max_attempts"] = json!(1);
+        for (k, v) in placement.as_object().expect("placement") {
+            spec[k] = v.clone();
+        }
         async move {
             let id = event(app, spec).await;
             let job = app.run_event(&id, &json!({})).await;
@@ -348,6 +355,7 @@ async fn the_startup_window_marks_early_exits_on_the_local_executor() {
         json!({"runtime": "exec", "command": ["/nonexistent/program", "x"]}),
     )
     .await;
+    assert_eq!(missing["status"], "failed", "{missing}");
     assert_eq!(missing["error"]["kind"], "infrastructure", "{missing}");
     assert_eq!(missing["error"]["start_failure"], true, "{missing}");
 
@@ -356,7 +364,7 @@ async fn the_startup_window_marks_early_exits_on_the_local_executor() {
         json!({"runtime": "bash", "content": "no-such-command-xyz"}),
     )
     .await;
-    assert_eq!(not_found_inside["exit_code"], 127);
+    assert_eq!(not_found_inside["exit_code"], 127, "{not_found_inside}");
     assert_eq!(
         not_found_inside["error"]["kind"], "script",
         "bash's own 127 is the script's fault: {not_found_inside}"

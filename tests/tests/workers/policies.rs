@@ -57,6 +57,10 @@ fn at(job: &Value, field: &str) -> Option<DateTime<Utc>> {
     job[field].as_str().map(|s| s.parse().expect("timestamp"))
 }
 
+fn at_set(job: &Value, field: &str) -> DateTime<Utc> {
+    at(job, field).unwrap_or_else(|| panic!("{field} is set: {job}"))
+}
+
 /// The most jobs whose [started_at, finished_at] intervals overlap at one instant.
 fn max_overlap(jobs: &[&Value]) -> usize {
     let mut edges: Vec<(DateTime<Utc>, i32)> = Vec::new();
@@ -210,7 +214,7 @@ async fn cancel_previous_cancels_earlier_runs_and_the_last_runs() {
     let ids = c.run_all(&id, vec![json!({}); 9]).await;
     let first = wait_finished(&c.a, &first).await;
     assert_eq!(first["status"], "cancelled", "{first}");
-    let ran_for = at(&first, "finished_at").unwrap() - at(&first, "started_at").unwrap();
+    let ran_for = at_set(&first, "finished_at") - at_set(&first, "started_at");
     assert!(
         ran_for < chrono::Duration::milliseconds(1900),
         "its process was killed: {first}"
@@ -241,7 +245,7 @@ async fn cancel_previous_cancels_earlier_runs_and_the_last_runs() {
             );
         }
     }
-    assert!(at(last, "started_at").unwrap() >= at(&first, "finished_at").unwrap());
+    assert!(at_set(last, "started_at") >= at_set(&first, "finished_at"));
 }
 
 /// `stuck_after_seconds`: a run silent past its threshold is flagged (job, list filter,

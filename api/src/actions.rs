@@ -20,6 +20,23 @@ use crate::storage::{StorageError, actions, events};
 /// The default limit on how deep a chain may go (a cycle stops there, with a note).
 pub const DEFAULT_CHAIN_DEPTH_LIMIT: i32 = 20;
 
+/// What evaluating actions needs besides the transaction: the vault (variable writes,
+/// masking messages) and the chain depth limit (chained runs).
+#[derive(Debug, Clone)]
+pub struct Effects {
+    pub vault: Vault,
+    pub chain_depth_limit: i32,
+}
+
+impl Effects {
+    pub fn from_state(state: &crate::AppState) -> Self {
+        Self {
+            vault: state.vault.clone(),
+            chain_depth_limit: state.config.chain_depth_limit,
+        }
+    }
+}
+
 /// Checks that a template parses.
 pub fn check_template(template: &str) -> Result<(), String> {
     let env = environment();
@@ -106,7 +123,44 @@ pub fn fires(trigger: Trigger, job: &Job) -> bool {
         Trigger::OnFailure => matches!(job.status, JobStatus::Failed | JobStatus::TimedOut),
         Trigger::Always => job.status.is_terminal(),
         Trigger::OnCondition => job.condition == Some(true),
+        // Fired when the job becomes stuck ([`after_stuck`]), never by its end.
+        Trigger::OnStuck => false,
     }
+}
+
+/// When actions are evaluated: at a job's end, or when it becomes stuck.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Moment {
+    End,
+    Stuck,
+}
+
+impl Moment {
+    fn fires(self, trigger: Trigger, job: &Job) -> bool {
+        match self {
+            Self::End => fires(trigger, job),
+            Self::Stuck => trigger == Trigger::OnStuck,
+        }
+    }
+}
+
+/// The `on_stuck` actions of a job the reaper just flagged as stuck, in the caller's
+/// transaction, which also holds the flag: they fire once per time it becomes stuck.
+pub async fn after_stuck(
+    conn: &mut PgConnection,
+    vault: &Vault,
+    chain_depth_limit: i32,
+    job_id: Uuid,
+) -> Result<(), StorageError> {
+    evaluate(
+        conn,
+        vault,
+        chain_depth_limit,
+        job_id,
+        &HashMap::new(),
+        Moment::Stuck,
+    )
+    .await
 }
 
 /// Everything a job that ended without a worker's report sets in motion (failed by the
@@ -128,6 +182,25 @@ pub async fn after_finish(
     chain_depth_limit: i32,
     job_id: Uuid,
     variable_writes: &HashMap<String, String>,
+) -> Result<(), StorageError> {
+    evaluate(
+        conn,
+        vault,
+        chain_depth_limit,
+        job_id,
+        variable_writes,
+        Moment::End,
+    )
+    .await
+}
+
+async fn evaluate(
+    conn: &mut PgConnection,
+    vault: &Vault,
+    chain_depth_limit: i32,
+    job_id: Uuid,
+    variable_writes: &HashMap<String, String>,
+    moment: Moment,
 ) -> Result<(), StorageError> {
     let job = queue::get_job(&mut *conn, job_id).await?;
     // Most completions set nothing in motion: stop before loading the event.
@@ -160,7 +233,7 @@ pub async fn after_finish(
     let context = json!({"event": {"id": event.id, "name": event.spec.name, "description": event.spec.description},
                          "job": job});
     for action in actions {
-        if !fires(action.trigger, &job) {
+        if !moment.fires(action.trigger, &job) {
             continue;
         }
         match &action.action {
@@ -190,7 +263,7 @@ pub async fn after_finish(
                 }
                 let run_at =
                     chrono::Utc::now() + chrono::Duration::seconds(i64::from(action.delay_seconds));
-                queue::enqueue(
+                let enqueued = queue::enqueue(
                     &mut *conn,
                     &NewJob {
                         event: &target,
@@ -208,6 +281,10 @@ pub async fn after_finish(
                     },
                 )
                 .await?;
+                if crate::admission::needed(&target) {
+                    crate::admission::admit(conn, vault, chain_depth_limit, enqueued.job_id)
+                        .await?;
+                }
             }
             ActionSpec::SendMessage {
                 channel,

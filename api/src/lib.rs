@@ -25,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 pub mod actions;
+pub mod admission;
 pub mod announce;
 pub mod auth;
 pub mod config;
@@ -39,6 +40,7 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod outbox;
+pub mod policy;
 pub mod process;
 pub mod reaper;
 pub mod redact;

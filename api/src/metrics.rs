@@ -2,7 +2,8 @@
 //! background task every `BATON_METRICS_REFRESH_SECONDS`, so every replica reports the same
 //! truth and a scrape never queries the database), connected workers, open live log streams,
 //! dispatch latency (due → handed to a worker), completions by status and errors by kind,
-//! schedule lag (a slot's due time → its firing).
+//! schedule lag (a slot's due time → its firing), running jobs flagged stuck
+//! (`baton_jobs_stuck`, read with the queue depth).
 //!
 //! `/metrics` needs no token, so any Prometheus can scrape it: it shows counts only (no names,
 //! ids or payloads), costs no query, and falls under the per-address limit for requests
@@ -59,18 +60,27 @@ pub fn handle() -> &'static PrometheusHandle {
 
 /// This replica's last reading of the queue depth (queued, claimed, running), set by
 /// [`refresh_loop`] and rendered by a scrape.
+/// Also the number of running jobs flagged stuck (`baton_jobs_stuck`).
 #[derive(Debug, Default)]
-pub struct QueueDepth(std::sync::Mutex<Option<[i64; 3]>>);
+pub struct QueueDepth(std::sync::Mutex<(Option<[i64; 3]>, Option<i64>)>);
 
 const DEPTH_STATUSES: [&str; 3] = ["queued", "claimed", "running"];
 
 impl QueueDepth {
     fn set(&self, depth: [i64; 3]) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(depth);
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).0 = Some(depth);
+    }
+
+    fn set_stuck(&self, stuck: i64) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).1 = Some(stuck);
     }
 
     fn get(&self) -> Option<[i64; 3]> {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    fn stuck(&self) -> Option<i64> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).1
     }
 }
 
@@ -97,6 +107,10 @@ pub async fn refresh_loop(
             })),
             Err(e) => tracing::warn!(error = %e, "cannot refresh the queue-depth metrics"),
         }
+        match crate::storage::stuck::count(&pool).await {
+            Ok(n) => depth.set_stuck(n),
+            Err(e) => tracing::warn!(error = %e, "cannot refresh the stuck-jobs metric"),
+        }
     }
 }
 
@@ -110,6 +124,12 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
         for (status, n) in DEPTH_STATUSES.iter().zip(depth) {
             let _ = writeln!(text, "baton_jobs{{status=\"{status}\"}} {n}");
         }
+    }
+    if let Some(stuck) = state.queue_depth.stuck() {
+        let _ = writeln!(
+            text,
+            "# TYPE baton_jobs_stuck gauge\nbaton_jobs_stuck {stuck}"
+        );
     }
     let _ = write!(
         text,

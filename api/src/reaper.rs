@@ -1,7 +1,8 @@
 //! The reaper: returns jobs whose worker stopped renewing its lease to the queue, and ends
 //! those that must not run again (a cancel was pending, or too many leases were lost) together
-//! with the actions their end fires. Every replica runs one; `SKIP LOCKED` makes concurrent
-//! reapers harmless.
+//! with the actions their end fires; and flags running jobs that went silent past their
+//! event's `stuck_after_seconds` as stuck, with their `on_stuck` actions. Every replica runs
+//! one; `SKIP LOCKED` makes concurrent reapers harmless.
 
 use std::time::Duration;
 
@@ -74,6 +75,18 @@ impl Reaper {
             Ok(requeued) => reaped.extend(requeued),
             Err(e) => failure = failure.or(Some(e)),
         }
+        for _ in 0..MAX_FINISHED_PER_PASS {
+            match self.flag_stuck_one().await {
+                Ok(Some(job_id)) => {
+                    tracing::warn!(job.id = %job_id, "job flagged stuck: no log line or progress within its event's stuck_after_seconds");
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    failure = failure.or(Some(e));
+                    break;
+                }
+            }
+        }
         if let Some(e) = failure {
             for job in &reaped {
                 tracing::warn!(job.id = %job.id, status = %job.status, "lease expired; job taken back");
@@ -81,6 +94,18 @@ impl Reaper {
             return Err(e);
         }
         Ok(reaped)
+    }
+
+    /// Flags one silent running job as stuck and fires its `on_stuck` actions, in one
+    /// transaction: the actions fire once per time the job becomes stuck.
+    async fn flag_stuck_one(&self) -> Result<Option<uuid::Uuid>, StorageError> {
+        let mut tx = self.pool.begin().await?;
+        let Some(job_id) = crate::storage::stuck::flag_one(&mut *tx).await? else {
+            return Ok(None);
+        };
+        crate::actions::after_stuck(&mut tx, &self.vault, self.chain_depth_limit, job_id).await?;
+        tx.commit().await?;
+        Ok(Some(job_id))
     }
 
     async fn finish_one(&self) -> Result<Option<ReapedJob>, StorageError> {

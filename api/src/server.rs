@@ -151,6 +151,7 @@ impl Api {
                     state.pool.clone(),
                     state.clock.clone(),
                     state.schedules_wake.clone(),
+                    crate::actions::Effects::from_state(&state),
                 )
                 .run(stop.clone()),
             ),

@@ -84,6 +84,10 @@ pub enum JobsCommand {
         status: Option<String>,
         #[arg(long)]
         event: Option<String>,
+        /// Only jobs flagged stuck (no log line or progress for their event's
+        /// `stuck_after_seconds`).
+        #[arg(long)]
+        stuck: bool,
     },
     Get {
         id: String,
@@ -280,8 +284,15 @@ async fn events(client: &Client, command: EventsCommand) -> anyhow::Result<()> {
 
 async fn jobs(client: &Client, command: JobsCommand) -> anyhow::Result<()> {
     match command {
-        JobsCommand::List { status, event } => {
+        JobsCommand::List {
+            status,
+            event,
+            stuck,
+        } => {
             let mut query = vec!["limit=100".to_owned()];
+            if stuck {
+                query.push("stuck=true".to_owned());
+            }
             if let Some(s) = status {
                 query.push(format!("status={}", urlencode(&s)));
             }
@@ -293,12 +304,13 @@ async fn jobs(client: &Client, command: JobsCommand) -> anyhow::Result<()> {
                 .await?;
             for j in page["items"].as_array().cloned().unwrap_or_default() {
                 println!(
-                    "{}  {:<10} attempt {:<2} {:<30} {}",
+                    "{}  {:<10} attempt {:<2} {:<30} {}{}",
                     j["id"].as_str().unwrap_or(""),
                     j["status"].as_str().unwrap_or(""),
                     j["attempt"],
                     j["event_name"].as_str().unwrap_or(""),
-                    j["created_at"].as_str().unwrap_or("")
+                    j["created_at"].as_str().unwrap_or(""),
+                    if j["stuck"] == true { "  STUCK" } else { "" }
                 );
             }
             Ok(())

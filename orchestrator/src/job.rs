@@ -107,7 +107,13 @@ struct EventSnapshot {
     network: Option<bool>,
     #[serde(default)]
     limits: Option<ResourceLimits>,
+    /// Absent in snapshots of jobs queued before the field existed: the default applies.
+    #[serde(default)]
+    startup_window_seconds: Option<u32>,
 }
+
+/// The startup window of a job whose snapshot names none (the events' default).
+const DEFAULT_STARTUP_WINDOW: Duration = Duration::from_secs(5);
 
 /// Resolves an assignment into a plan: parses the event snapshot and the context, picks the
 /// executor. Errors are what the job's `Finished` reports.
@@ -216,6 +222,13 @@ pub(crate) fn plan(
         network: snapshot.network.unwrap_or(false),
         limits: snapshot.limits,
         ssh,
+        startup_window: Some(
+            snapshot
+                .startup_window_seconds
+                .map_or(DEFAULT_STARTUP_WINDOW, |s| {
+                    Duration::from_secs(u64::from(s))
+                }),
+        ),
         ..RunSpec::script(runtime, "")
             .with_job_id(job_uuid)
             .with_timeout(timeout)
@@ -408,6 +421,7 @@ pub(crate) fn finished_message(
         output_json: collected.output_json.unwrap_or_default(),
         condition: collected.condition,
         variables: collected.variables.into_iter().collect(),
+        start_failure: outcome.start_failure(),
     }
 }
 

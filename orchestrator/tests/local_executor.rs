@@ -859,6 +859,42 @@ async fn exec_127_in_the_startup_window_is_a_start_failure() {
     assert_eq!(run.outcome.result(), RunResult::Failed(ErrorKind::Script));
 }
 
+#[tokio::test]
+async fn the_runs_own_startup_window_applies_the_whole_rule() {
+    let with_window = |content: &str, window: Duration| RunSpec {
+        startup_window: Some(window),
+        ..script(Runtime::Sh, content)
+    };
+    // An early non-zero exit of a script: a start failure, the script's own fault.
+    let run = run_local(with_window("echo nope >&2; exit 3", Duration::from_secs(5))).await;
+    match &run.outcome.error {
+        Some(ExecError::EarlyExit { code: 3, reason }) => {
+            assert!(reason.contains("startup window of 5 s"), "{reason}");
+            assert!(reason.contains("nope"), "the stderr tail: {reason}");
+        }
+        other => panic!("expected EarlyExit, got {other:?}"),
+    }
+    assert!(run.outcome.start_failure());
+    assert_eq!(run.outcome.result(), RunResult::Failed(ErrorKind::Script));
+    // Exit 0, a window of zero, an exit after the window: not start failures.
+    for spec in [
+        with_window("exit 0", Duration::from_secs(5)),
+        with_window("exit 3", Duration::ZERO),
+        with_window("sleep 0.3; exit 3", Duration::from_millis(100)),
+    ] {
+        let run = run_local(spec).await;
+        assert!(!run.outcome.start_failure(), "{:?}", run.outcome);
+    }
+    // A missing program stays an infrastructure start failure.
+    let run = run_local(RunSpec {
+        startup_window: Some(Duration::from_secs(5)),
+        ..RunSpec::exec(["env", "baton-no-such-program-xyz"])
+    })
+    .await;
+    assert_start_failed(&run, "command not found");
+    assert!(run.outcome.start_failure());
+}
+
 // ---------------------------------------------------------------------------------------------
 // HTTP
 

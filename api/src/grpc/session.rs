@@ -865,10 +865,7 @@ fn make_storable(outcome: &mut Outcome, variables: &mut HashMap<String, String>)
         variables.clear();
         match outcome.error.as_mut() {
             None => {
-                outcome.error = Some(JobError {
-                    kind: ErrorKind::Output,
-                    message,
-                });
+                outcome.error = Some(JobError::new(ErrorKind::Output, message));
                 outcome.retryable = false;
             }
             // The run failed anyway: keep its own error, note this one.
@@ -919,6 +916,7 @@ fn outcome_of(f: &baton_proto::v1::Finished) -> Outcome {
         } else {
             f.error_message.clone()
         },
+        start_failure: f.start_failure,
     });
     let output = if f.output_json.is_empty() {
         None
@@ -926,10 +924,10 @@ fn outcome_of(f: &baton_proto::v1::Finished) -> Outcome {
         match serde_json::from_str(&f.output_json) {
             Ok(v) => Some(v),
             Err(e) => {
-                error.get_or_insert(JobError {
-                    kind: ErrorKind::Output,
-                    message: format!("the worker sent output that is not JSON: {e}"),
-                });
+                error.get_or_insert(JobError::new(
+                    ErrorKind::Output,
+                    format!("the worker sent output that is not JSON: {e}"),
+                ));
                 None
             }
         }

@@ -205,6 +205,13 @@ pub async fn run_event(
         armed: true,
     };
     let mut input = request.input.take().unwrap_or_else(|| json!({}));
+    if crate::admission::needed(&event) {
+        // `skip` and `cancel_previous` decide under the group's lock, in a transaction (the
+        // row trigger notifies the dispatchers on commit).
+        announce.armed = false;
+        let enqueued = run_admitted(&state, &caller, id, request, input).await?;
+        return Ok((StatusCode::ACCEPTED, axum::Json(enqueued)));
+    }
     let mut second_try = false;
     let enqueued = loop {
         let job = queue::NewJob {
@@ -248,6 +255,56 @@ pub async fn run_event(
             created: enqueued.created,
         }),
     ))
+}
+
+/// A run of an event whose concurrency strategy decides at enqueue (`skip`,
+/// `cancel_previous`): the job, its audit row and the admission in one transaction, from the
+/// event as it is now.
+async fn run_admitted(
+    state: &AppState,
+    caller: &Caller,
+    id: Uuid,
+    request: RunRequest,
+    input: serde_json::Value,
+) -> Result<RunAccepted, ApiError> {
+    let mut tx = state.pool.begin().await?;
+    let event = events::get_event(&mut *tx, id).await?;
+    let job = queue::NewJob {
+        event: &event,
+        input,
+        priority: request.priority.unwrap_or(event.spec.priority),
+        run_at: request.run_at,
+        idempotency_key: request.idempotency_key.as_deref(),
+        parent: None,
+        created_by: Some(caller.token_id),
+    };
+    let enqueued = queue::enqueue(&mut *tx, &job).await?;
+    if enqueued.created {
+        crate::admission::admit(
+            &mut tx,
+            &state.vault,
+            state.config.chain_depth_limit,
+            enqueued.job_id,
+        )
+        .await?;
+        crate::storage::audit::record(
+            &mut *tx,
+            &AuditEntry {
+                token_id: Some(caller.token_id),
+                actor: &caller.name,
+                action: "event.run",
+                target_type: "job",
+                target_id: Some(enqueued.job_id.to_string()),
+                detail: json!({"event_id": id}),
+            },
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(RunAccepted {
+        job_id: enqueued.job_id,
+        created: enqueued.created,
+    })
 }
 
 /// Announces a run queued through the REST API when dropped (see [`crate::announce`]): wakes

@@ -84,6 +84,15 @@ pub async fn deliver(
     };
     // The row trigger notifies the dispatchers on commit.
     let enqueued = queue::enqueue(&mut *tx, &job).await?;
+    if enqueued.created && crate::admission::needed(&event) {
+        crate::admission::admit(
+            &mut tx,
+            &state.vault,
+            state.config.chain_depth_limit,
+            enqueued.job_id,
+        )
+        .await?;
+    }
     if enqueued.created {
         let actor = format!("webhook {}", target.name);
         audit::record(

@@ -39,6 +39,8 @@ pub struct ListJobsQuery {
     dead: Option<String>,
     /// Only the runs fired by this schedule.
     schedule_id: Option<String>,
+    /// Only jobs flagged stuck (true) or only jobs not flagged (false).
+    stuck: Option<String>,
     /// Page size, 1-500 (default 100).
     limit: Option<String>,
     /// `next_cursor` of the previous page.
@@ -64,6 +66,7 @@ pub async fn list_jobs(
         root_job_id: uuid("root_job_id", &q.root_job_id)?,
         dead: parse_param::<bool>("dead", q.dead.as_deref())?,
         schedule_id: uuid("schedule_id", &q.schedule_id)?,
+        stuck: parse_param::<bool>("stuck", q.stuck.as_deref())?,
         before: uuid("cursor", &q.cursor)?,
         limit: page_limit(q.limit.as_deref(), 100, 500)?,
     };
@@ -149,6 +152,14 @@ pub async fn rerun_job(
     let id = parse_uuid("id", &id)?;
     let mut tx = state.pool.begin().await?;
     let job_id = queue::rerun(&mut tx, id, Some(caller.token_id)).await?;
+    // A rerun enters its concurrency group like any new run (`skip` may end it at once).
+    crate::admission::admit(
+        &mut tx,
+        &state.vault,
+        state.config.chain_depth_limit,
+        job_id,
+    )
+    .await?;
     audit(
         &mut *tx,
         &caller,

@@ -18,8 +18,11 @@ pub enum Trigger {
     Always,
     /// The run set its condition flag to true (`baton_set_condition true`).
     OnCondition,
+    /// The run became stuck (no log line, progress or start for its event's
+    /// `stuck_after_seconds`): fired once per time it becomes stuck, while it still runs.
+    OnStuck,
 }
-text_enum!(Trigger { OnSuccess => "on_success", OnFailure => "on_failure", Always => "always", OnCondition => "on_condition" });
+text_enum!(Trigger { OnSuccess => "on_success", OnFailure => "on_failure", Always => "always", OnCondition => "on_condition", OnStuck => "on_stuck" });
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]

@@ -133,6 +133,73 @@ pub struct NewEvent {
     #[serde(default)]
     #[sqlx(try_from = "String")]
     pub variables_write: VariablesWrite,
+    /// At most `max` runs of one group (same rendered `key`) claimed or running at once,
+    /// enforced by the database across all replicas and workers; absent: unlimited.
+    #[serde(default)]
+    #[sqlx(json(nullable))]
+    pub concurrency: Option<Concurrency>,
+    /// A running job with no log line, no progress update and no start for this long is
+    /// flagged `stuck` (and its `on_stuck` actions fire once); absent: never.
+    #[serde(default)]
+    pub stuck_after_seconds: Option<i32>,
+    /// A run that exits non-zero within this many seconds of its start is reported as a
+    /// start failure (`error.start_failure`); 0 turns the rule off.
+    #[serde(default = "default_startup_window")]
+    pub startup_window_seconds: i32,
+}
+
+/// An event's concurrency policy (see `crate::policy::concurrency`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Concurrency {
+    /// Runs of one group that may be claimed or running at once (at least 1).
+    pub max: i32,
+    /// A template over the run's input (`{{ input.host }}`) naming the run's group; absent
+    /// or rendering empty: one group for all runs of the event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// What a new run does when its group is full (default `queue`).
+    #[serde(default)]
+    pub strategy: ConcurrencyStrategy,
+}
+
+/// What a new run does when its concurrency group is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ConcurrencyStrategy {
+    /// It waits in the queue until a run of its group ends.
+    #[default]
+    Queue,
+    /// It ends at once, `cancelled` with `error.kind = "concurrency"`.
+    Skip,
+    /// The group's earlier runs are cancelled (their processes killed); it runs once they
+    /// are gone.
+    CancelPrevious,
+}
+text_enum!(ConcurrencyStrategy { Queue => "queue", Skip => "skip", CancelPrevious => "cancel_previous" });
+
+impl Concurrency {
+    fn check(&self) -> Result<(), FieldError> {
+        check_range("concurrency.max", self.max, 1, 10_000)?;
+        if let Some(key) = &self.key {
+            if key.len() > 1024 || key.contains('\0') {
+                return Err(FieldError::new(
+                    "concurrency.key",
+                    "must be at most 1024 bytes, without NUL bytes",
+                ));
+            }
+            crate::actions::check_template(key)
+                .map_err(|e| FieldError::new("concurrency.key", e))?;
+        }
+        Ok(())
+    }
+}
+
+/// The default startup window, in seconds.
+pub const DEFAULT_STARTUP_WINDOW_SECONDS: i32 = 5;
+
+fn default_startup_window() -> i32 {
+    DEFAULT_STARTUP_WINDOW_SECONDS
 }
 
 /// The variables an event's scripts may write (`baton_set_variable`).
@@ -320,6 +387,18 @@ impl NewEvent {
             604_800,
         )?;
         check_range("priority", self.priority, -1000, 1000)?;
+        if let Some(concurrency) = &self.concurrency {
+            concurrency.check()?;
+        }
+        if let Some(stuck) = self.stuck_after_seconds {
+            check_range("stuck_after_seconds", stuck, 1, 604_800)?;
+        }
+        check_range(
+            "startup_window_seconds",
+            self.startup_window_seconds,
+            0,
+            3600,
+        )?;
         Ok(())
     }
 

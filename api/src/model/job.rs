@@ -46,16 +46,35 @@ pub enum ErrorKind {
     LeaseLost,
     /// The script's output was malformed or too large.
     Output,
+    /// Ended by its event's concurrency policy: skipped (`skip`, its group was full) or
+    /// cancelled while queued by a newer run (`cancel_previous`).
+    Concurrency,
 }
 text_enum!(ErrorKind {
     Script => "script", Infrastructure => "infrastructure", Timeout => "timeout",
     Cancelled => "cancelled", LeaseLost => "lease_lost", Output => "output",
+    Concurrency => "concurrency",
 });
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct JobError {
     pub kind: ErrorKind,
     pub message: String,
+    /// The run exited non-zero within its event's startup window (`startup_window_seconds`):
+    /// it failed to start rather than ran and failed.
+    /// Present (and true) only for a start failure.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub start_failure: bool,
+}
+
+impl JobError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            start_failure: false,
+        }
+    }
 }
 
 /// A job as the API shows it.
@@ -99,6 +118,12 @@ pub struct Job {
     pub schedule_id: Option<Uuid>,
     /// The nominal fire time this run was fired for (unique per schedule).
     pub scheduled_for: Option<DateTime<Utc>>,
+    /// The run's concurrency group within its event (its key rendered from the input; `""`
+    /// is the shared group); null when the event has no concurrency policy.
+    pub concurrency_key: Option<String>,
+    /// Running with no log line, progress or start for the event's `stuck_after_seconds`
+    /// (cleared when it moves again).
+    pub stuck: bool,
 }
 
 /// A job in a list (`GET /api/v1/jobs`): everything [`Job`] has except the run's `input` and
@@ -134,6 +159,8 @@ pub struct JobSummary {
     pub rerun_of: Option<Uuid>,
     pub schedule_id: Option<Uuid>,
     pub scheduled_for: Option<DateTime<Utc>>,
+    pub concurrency_key: Option<String>,
+    pub stuck: bool,
 }
 
 impl From<Job> for JobSummary {
@@ -168,6 +195,8 @@ impl From<Job> for JobSummary {
             rerun_of: j.rerun_of,
             schedule_id: j.schedule_id,
             scheduled_for: j.scheduled_for,
+            concurrency_key: j.concurrency_key,
+            stuck: j.stuck,
         }
     }
 }

@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::ScheduleSpec;
+use crate::actions::Effects;
 use crate::storage::schedules::{self, NextSlot, ScheduleRow};
 use crate::storage::{Result, events, queue};
 
@@ -61,14 +62,16 @@ pub struct FireReport {
     pub duplicates: u64,
 }
 
-/// Fires every schedule due at `now`, in transactions of up to [`BATCH`] schedules.
-pub async fn fire_due(pool: &PgPool, now: DateTime<Utc>) -> Result<FireReport> {
+/// Fires every schedule due at `now`, in transactions of up to [`BATCH`] schedules. Each
+/// run enters its event's concurrency group as it is queued (`skip` may end it at once, a
+/// recorded skipped job that fires its actions: hence `effects`).
+pub async fn fire_due(pool: &PgPool, now: DateTime<Utc>, effects: &Effects) -> Result<FireReport> {
     let mut report = FireReport::default();
     loop {
         let mut tx = pool.begin().await?;
         let due = schedules::lock_due(&mut *tx, now, BATCH).await?;
         for row in &due {
-            fire_one(&mut tx, row, now, &mut report).await?;
+            fire_one(&mut tx, row, now, effects, &mut report).await?;
         }
         tx.commit().await?;
         report.schedules += due.len() as u64;
@@ -83,6 +86,7 @@ async fn fire_one(
     tx: &mut sqlx::PgConnection,
     row: &ScheduleRow,
     now: DateTime<Utc>,
+    effects: &Effects,
     report: &mut FireReport,
 ) -> Result<()> {
     let Some(next) = row.next_fire_at else {
@@ -120,12 +124,21 @@ async fn fire_one(
                 created_by: row.created_by,
             };
             match queue::enqueue_scheduled(&mut *tx, &job, row.id, *slot).await? {
-                Some(_) => {
+                Some(job_id) => {
                     report.jobs += 1;
                     // How late the slot fires after its due time (nominal + jitter): the
                     // firing loop's own lateness, plus any catch-up after downtime or a pause.
                     let lag = (now - spec.due_at(*slot)).to_std().unwrap_or_default();
                     metrics::histogram!(crate::metrics::SCHEDULE_LAG).record(lag.as_secs_f64());
+                    if crate::admission::needed(&event) {
+                        crate::admission::admit(
+                            tx,
+                            &effects.vault,
+                            effects.chain_depth_limit,
+                            job_id,
+                        )
+                        .await?;
+                    }
                 }
                 None => report.duplicates += 1,
             }
@@ -143,11 +156,17 @@ pub struct Scheduler {
     pool: PgPool,
     clock: Arc<dyn Clock>,
     wake: Arc<Notify>,
+    effects: Effects,
 }
 
 impl Scheduler {
-    pub fn new(pool: PgPool, clock: Arc<dyn Clock>, wake: Arc<Notify>) -> Self {
-        Self { pool, clock, wake }
+    pub fn new(pool: PgPool, clock: Arc<dyn Clock>, wake: Arc<Notify>, effects: Effects) -> Self {
+        Self {
+            pool,
+            clock,
+            wake,
+            effects,
+        }
     }
 
     /// Fires due schedules until `stop`.
@@ -170,7 +189,7 @@ impl Scheduler {
 
     /// Fires what is due and says how long to sleep.
     async fn pass(&self) -> Result<Duration> {
-        let report = fire_due(&self.pool, self.clock.now()).await?;
+        let report = fire_due(&self.pool, self.clock.now(), &self.effects).await?;
         if report.jobs > 0 {
             tracing::debug!(?report, "schedules fired");
         }

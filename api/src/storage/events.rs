@@ -8,15 +8,18 @@ use crate::model::{Event, NewEvent};
 
 const EVENT_COLUMNS: &str = "id, name, description, runtime, content, command, request, executor, server_id,
     image, env, timeout_seconds, max_attempts, retry_backoff_seconds, retry_backoff_max_seconds, retry_on,
-    network, limits, priority, labels, variables_write, revision, created_at, updated_at";
+    network, limits, priority, labels, variables_write, concurrency, stuck_after_seconds, startup_window_seconds,
+    revision, created_at, updated_at";
 
 /// Stores a validated event.
 pub async fn insert_event(db: impl PgExecutor<'_>, spec: &NewEvent) -> Result<Event> {
     let sql = format!(
         "INSERT INTO events (id, name, description, runtime, content, command, request, executor, server_id,
              image, env, timeout_seconds, max_attempts, retry_backoff_seconds, retry_backoff_max_seconds,
-             priority, labels, retry_on, network, limits, variables_write)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)
+             priority, labels, retry_on, network, limits, variables_write, concurrency,
+             stuck_after_seconds, startup_window_seconds)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21,
+                 $22, $23, $24)
          RETURNING {EVENT_COLUMNS}"
     );
     bind_spec(
@@ -35,6 +38,7 @@ pub async fn update_event(db: impl PgExecutor<'_>, id: Uuid, spec: &NewEvent) ->
              request = $7, executor = $8, server_id = $9, image = $10, env = $11, timeout_seconds = $12,
              max_attempts = $13, retry_backoff_seconds = $14, retry_backoff_max_seconds = $15,
              priority = $16, labels = $17, retry_on = $18, network = $19, limits = $20, variables_write = $21,
+             concurrency = $22, stuck_after_seconds = $23, startup_window_seconds = $24,
              updated_at = now(),
              revision = revision + 1
          WHERE id = $1
@@ -71,6 +75,9 @@ fn bind_spec<'q>(query: EventQuery<'q>, spec: &'q NewEvent) -> EventQuery<'q> {
         .bind(spec.network)
         .bind(spec.limits.as_ref().map(Json))
         .bind(spec.variables_write.as_str())
+        .bind(spec.concurrency.as_ref().map(Json))
+        .bind(spec.stuck_after_seconds)
+        .bind(spec.startup_window_seconds)
 }
 
 fn name_taken_or(err: sqlx::Error, spec: &NewEvent) -> StorageError {

@@ -138,7 +138,8 @@ pub async fn append_batch(
     sqlx::query(
         "UPDATE jobs SET last_log_seq = $2, log_bytes = $3,
              log_lines_dropped = log_lines_dropped + $4, log_bytes_dropped = log_bytes_dropped + $5,
-             lease_expires_at = now() + $6 * interval '1 millisecond', heartbeat_at = now()
+             lease_expires_at = now() + $6 * interval '1 millisecond', heartbeat_at = now(),
+             active_at = now(), stuck = false
          WHERE id = $1",
     )
     .bind(job_id)

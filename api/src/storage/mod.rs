@@ -7,11 +7,13 @@
 
 pub mod actions;
 pub mod audit;
+pub mod concurrency;
 pub mod events;
 pub mod logs;
 pub mod queue;
 pub mod schedules;
 pub mod servers;
+pub mod stuck;
 pub mod tokens;
 pub mod variables;
 pub mod webhooks;

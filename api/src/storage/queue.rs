@@ -90,6 +90,7 @@ async fn insert_job(
         None => (None, id, 0),
     };
     let spec = serde_json::to_value(job.event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let group = concurrency_group(job);
     // The no-op DO UPDATE makes a conflicting insert wait for and return the existing row
     // (DO NOTHING would return nothing under a race); `xmax = 0` tells a fresh insert apart.
     // The audit row ($15…) is written only for a fresh insert, and only when an action is given.
@@ -102,8 +103,10 @@ async fn insert_job(
              SELECT CASE WHEN $16 IS NOT NULL THEN set_config('baton.announced', 'on', true) END
          ), job AS (
              INSERT INTO jobs (id, event_id, status, priority, run_at, max_attempts, idempotency_key,
-                               executor, labels, spec, input, parent_job_id, root_job_id, depth, created_by)
-             SELECT $1, e.id, 'queued', $3, coalesce($4, now()), $5, $6, $7, $8, $9, $10, $11, $12, $13, $14
+                               executor, labels, spec, input, parent_job_id, root_job_id, depth, created_by,
+                               concurrency_key, concurrency_max)
+             SELECT $1, e.id, 'queued', $3, coalesce($4, now()), $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
+                    $20, $21
              FROM events e CROSS JOIN quiet
              WHERE e.id = $2 AND ($19::bigint IS NULL OR e.revision = $19)
              ON CONFLICT (event_id, idempotency_key) DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key
@@ -133,6 +136,8 @@ async fn insert_job(
     .bind(audit.map(|a| Json(&a.detail)))
     .bind(audit.and_then(|a| a.token_id))
     .bind(audit.map(|_| job.event.revision))
+    .bind(group.as_ref().map(|g| g.0.as_str()))
+    .bind(group.as_ref().map(|g| g.1))
     .fetch_optional(db)
     .await
     .map_err(|e| match e {
@@ -154,6 +159,15 @@ async fn insert_job(
     })
 }
 
+/// The run's concurrency group (key, max) when its event has a policy.
+fn concurrency_group(job: &NewJob<'_>) -> Option<(String, i32)> {
+    let policy = job.event.spec.concurrency.as_ref()?;
+    Some((
+        crate::policy::concurrency::group_key(policy, &job.input),
+        policy.max,
+    ))
+}
+
 /// Queues the run a schedule fires for its nominal time `scheduled_for`, unless that slot
 /// already has a job: `(schedule_id, scheduled_for)` is unique, so a second fire of the same
 /// slot (another replica, a retried transaction, an edit) inserts nothing and returns None.
@@ -166,10 +180,12 @@ pub async fn enqueue_scheduled(
 ) -> Result<Option<Uuid>> {
     let id = Uuid::now_v7();
     let spec = serde_json::to_value(job.event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let group = concurrency_group(job);
     let row: Option<Uuid> = sqlx::query_scalar(
         "INSERT INTO jobs (id, event_id, status, priority, run_at, max_attempts, executor, labels, spec,
-                           input, root_job_id, depth, created_by, schedule_id, scheduled_for)
-         VALUES ($1, $2, 'queued', $3, coalesce($4, now()), $5, $6, $7, $8, $9, $1, 0, $10, $11, $12)
+                           input, root_job_id, depth, created_by, schedule_id, scheduled_for,
+                           concurrency_key, concurrency_max)
+         VALUES ($1, $2, 'queued', $3, coalesce($4, now()), $5, $6, $7, $8, $9, $1, 0, $10, $11, $12, $13, $14)
          ON CONFLICT (schedule_id, scheduled_for) DO NOTHING
          RETURNING id",
     )
@@ -185,6 +201,8 @@ pub async fn enqueue_scheduled(
     .bind(job.created_by)
     .bind(schedule_id)
     .bind(scheduled_for)
+    .bind(group.as_ref().map(|g| g.0.as_str()))
+    .bind(group.as_ref().map(|g| g.1))
     .fetch_optional(db)
     .await?;
     Ok(row)
@@ -261,7 +279,8 @@ pub async fn next_due_at(db: impl PgExecutor<'_>) -> Result<Option<DateTime<Utc>
 /// Marks a claimed job as running (the worker started the process).
 pub async fn mark_running(db: impl PgExecutor<'_>, job_id: Uuid, token: i64) -> Result<()> {
     let done = sqlx::query(
-        "UPDATE jobs SET status = 'running', started_at = coalesce(started_at, now()), heartbeat_at = now()
+        "UPDATE jobs SET status = 'running', started_at = coalesce(started_at, now()), heartbeat_at = now(),
+             active_at = now(), stuck = false
          WHERE id = $1 AND lease_token = $2 AND lease_expires_at > now()
            AND status IN ('claimed', 'running')",
     )
@@ -340,10 +359,7 @@ impl Outcome {
         Self {
             exit_code: None,
             exit_signal: None,
-            error: Some(JobError {
-                kind,
-                message: message.into(),
-            }),
+            error: Some(JobError::new(kind, message)),
             retryable: matches!(
                 kind,
                 ErrorKind::Script | ErrorKind::Infrastructure | ErrorKind::Timeout
@@ -443,7 +459,8 @@ pub async fn complete(
             "UPDATE jobs SET status = 'queued', attempt = attempt + 1,
                  run_at = now() + $2 * interval '1 millisecond',
                  lease_token = NULL, lease_expires_at = NULL, worker_id = NULL, completed_token = $7,
-                 exit_code = $3, exit_signal = $4, error_kind = $5, error_message = $6, progress = NULL
+                 exit_code = $3, exit_signal = $4, error_kind = $5, error_message = $6, progress = NULL,
+                 start_failure = $8, stuck = false
              WHERE id = $1 RETURNING run_at",
         )
         .bind(job_id)
@@ -453,6 +470,7 @@ pub async fn complete(
         .bind(err.kind.as_str())
         .bind(&err.message)
         .bind(token)
+        .bind(err.start_failure)
         .fetch_one(&mut *conn)
         .await?;
         return Ok(Completion::Retrying {
@@ -473,7 +491,7 @@ pub async fn complete(
              started_at = coalesce(started_at, now()),
              lease_token = NULL, lease_expires_at = NULL, completed_token = $10,
              exit_code = $4, exit_signal = $5, error_kind = $6, error_message = $7,
-             output = $8, condition = $9,
+             output = $8, condition = $9, start_failure = $11,
              progress = CASE WHEN $2 = 'succeeded' THEN 100 ELSE progress END
          WHERE id = $1
          RETURNING EXISTS (SELECT 1 FROM event_actions a WHERE a.event_id = jobs.event_id)",
@@ -488,6 +506,7 @@ pub async fn complete(
     .bind(outcome.output.as_ref().map(Json))
     .bind(outcome.condition)
     .bind(token)
+    .bind(error.is_some_and(|e| e.start_failure))
     .fetch_one(&mut *conn)
     .await?;
     Ok(Completion::Finished {
@@ -556,7 +575,8 @@ async fn succeed(
              started_at = coalesce(started_at, now()),
              lease_token = NULL, lease_expires_at = NULL, completed_token = r.token,
              exit_code = r.exit_code, exit_signal = r.exit_signal, error_kind = NULL,
-             error_message = NULL, output = r.output, condition = r.condition, progress = 100
+             error_message = NULL, output = r.output, condition = r.condition, progress = 100,
+             start_failure = false
          FROM unnest($1::uuid[], $2::bigint[], $3::int[], $4::int[], $5::jsonb[], $6::bool[],
                      $7::bigint[]) AS r(id, token, exit_code, exit_signal, output, condition, last_seq)
          WHERE jobs.id = r.id AND jobs.lease_token = r.token AND jobs.lease_expires_at > now()
@@ -630,7 +650,7 @@ pub async fn set_progress(
     percent: i16,
 ) -> Result<()> {
     let done = sqlx::query(
-        "UPDATE jobs SET progress = $3, heartbeat_at = now()
+        "UPDATE jobs SET progress = $3, heartbeat_at = now(), active_at = now(), stuck = false
          WHERE id = $1 AND lease_token = $2 AND lease_expires_at > now()",
     )
     .bind(job_id)
@@ -859,9 +879,10 @@ pub async fn rerun(
     let id = Uuid::now_v7();
     let created: Option<Uuid> = sqlx::query_scalar(
         "INSERT INTO jobs (id, event_id, status, priority, run_at, max_attempts, executor, labels,
-                           spec, input, root_job_id, depth, created_by, rerun_of)
+                           spec, input, root_job_id, depth, created_by, rerun_of, concurrency_key,
+                           concurrency_max)
          SELECT $1, j.event_id, 'queued', j.priority, now(), j.max_attempts, j.executor, j.labels,
-                j.spec, j.input, $1, 0, $2, j.id
+                j.spec, j.input, $1, 0, $2, j.id, j.concurrency_key, j.concurrency_max
          FROM jobs j
          WHERE j.id = $3 AND j.status IN ('succeeded', 'failed', 'timed_out', 'cancelled')
          RETURNING id",
@@ -889,7 +910,7 @@ const JOB_COLUMNS: &str = "j.id, j.event_id, coalesce(j.spec->>'name', '') AS ev
     j.max_attempts, j.dead, j.priority, j.run_at, j.exit_code, j.exit_signal, j.error_kind, j.error_message,
     j.input, j.output, j.condition, j.progress, j.cancel_requested, j.parent_job_id, j.root_job_id, j.depth,
     j.idempotency_key, j.worker_id, j.created_at, j.claimed_at, j.started_at, j.finished_at, j.action_notes,
-    j.log_lines_dropped, j.rerun_of, j.schedule_id, j.scheduled_for";
+    j.log_lines_dropped, j.rerun_of, j.schedule_id, j.scheduled_for, j.concurrency_key, j.stuck, j.start_failure";
 
 #[derive(Debug, sqlx::FromRow)]
 struct JobRow {
@@ -926,6 +947,9 @@ struct JobRow {
     rerun_of: Option<Uuid>,
     schedule_id: Option<Uuid>,
     scheduled_for: Option<DateTime<Utc>>,
+    concurrency_key: Option<String>,
+    stuck: bool,
+    start_failure: bool,
 }
 
 impl From<JobRow> for Job {
@@ -934,7 +958,11 @@ impl From<JobRow> for Job {
             r.error_kind.as_deref().map(str::parse::<ErrorKind>),
             r.error_message,
         ) {
-            (Some(Ok(kind)), Some(message)) => Some(JobError { kind, message }),
+            (Some(Ok(kind)), Some(message)) => Some(JobError {
+                kind,
+                message,
+                start_failure: r.start_failure,
+            }),
             _ => None,
         };
         Job {
@@ -969,6 +997,8 @@ impl From<JobRow> for Job {
             rerun_of: r.rerun_of,
             schedule_id: r.schedule_id,
             scheduled_for: r.scheduled_for,
+            concurrency_key: r.concurrency_key,
+            stuck: r.stuck,
         }
     }
 }
@@ -990,6 +1020,7 @@ pub struct JobFilter {
     pub root_job_id: Option<Uuid>,
     pub dead: Option<bool>,
     pub schedule_id: Option<Uuid>,
+    pub stuck: Option<bool>,
     pub before: Option<Uuid>,
     pub limit: i64,
 }
@@ -1009,6 +1040,7 @@ pub async fn list_jobs(db: impl PgExecutor<'_>, filter: &JobFilter) -> Result<Ve
            AND ($4::bool IS NULL OR j.dead = $4)
            AND ($5::uuid IS NULL OR j.id < $5)
            AND ($7::uuid IS NULL OR j.schedule_id = $7)
+           AND ($8::bool IS NULL OR j.stuck = $8)
          ORDER BY j.id DESC
          LIMIT $6"
     );
@@ -1020,6 +1052,7 @@ pub async fn list_jobs(db: impl PgExecutor<'_>, filter: &JobFilter) -> Result<Ve
         .bind(filter.before)
         .bind(filter.limit)
         .bind(filter.schedule_id)
+        .bind(filter.stuck)
         .fetch_all(db)
         .await?;
     Ok(rows

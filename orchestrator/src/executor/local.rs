@@ -25,10 +25,9 @@
 //!   [`LocalConfig::drain_idle`] without data (at most [`LocalConfig::drain_max`]) after the
 //!   main process exited.
 //! * **Start failures.** Spawn errors (missing interpreter or program, permission denied) and a
-//!   working directory that does not exist are [`ExecError::StartFailed`]. For the `exec`
-//!   runtime only, an exit code of 126 or 127 within [`LocalConfig::startup_window`] is also
-//!   reported as a start failure ("command not found" / "not executable" from a wrapper such as
-//!   `env`), with the last lines of stderr in the reason.
+//!   working directory that does not exist are [`ExecError::StartFailed`]. A non-zero exit
+//!   within the run's startup window is a start failure too, by the rule shared by every
+//!   executor ([`startup`](super::startup)), with the last lines of stderr in the reason.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -37,7 +36,7 @@ use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -50,6 +49,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::output::{DEFAULT_MAX_LINE_BYTES, DrainLimits, PumpReport, pump};
 use super::process::ProcessGroup;
+use super::startup;
 use super::{
     ExecError, ExecEvent, Executor, OutputStream, RunOutcome, RunSpec, Runtime, http,
     sleep_until_opt,
@@ -72,7 +72,8 @@ pub struct LocalConfig {
     pub python: PathBuf,
     /// Interpreter for `node` scripts.
     pub node: PathBuf,
-    /// For `exec` runs, an exit code 126/127 within this window counts as a start failure.
+    /// The startup window of runs whose spec has none ([`RunSpec::startup_window`]): only the
+    /// `exec` 126/127 heuristic applies with it (see [`startup`](super::startup)).
     /// `Duration::ZERO` disables the check.
     pub startup_window: Duration,
     /// Worker environment variables passed through to runs.
@@ -294,10 +295,20 @@ impl LocalExecutor {
                 });
             }
             None => {
-                if let Some(reason) = status.and_then(|status| {
-                    self.start_failure(&spec, &program, status, exited - spawned, &err.tail)
+                let (window, from_spec) = startup::window_of(&spec, self.config.startup_window);
+                if let Some(error) = status.and_then(|status| {
+                    startup::judge(&startup::EarlyEnd {
+                        runtime: spec.runtime,
+                        window,
+                        from_spec,
+                        ran_for: exited - spawned,
+                        exit_code: status.code(),
+                        program: &program,
+                        place: "",
+                        stderr_tail: &err.tail,
+                    })
                 }) {
-                    outcome.error = Some(ExecError::StartFailed { reason });
+                    outcome.error = Some(error);
                 }
             }
         }
@@ -317,35 +328,6 @@ impl LocalExecutor {
         outcome.duration = started.elapsed();
         tracing::debug!(job.id = %spec.job_id, pid, summary = %outcome.summary(), "local run ended");
         outcome
-    }
-
-    /// The `exec` startup-window heuristic: 126/127 right after start means "could not run".
-    fn start_failure(
-        &self,
-        spec: &RunSpec,
-        program: &str,
-        status: ExitStatus,
-        ran_for: Duration,
-        stderr_tail: &[String],
-    ) -> Option<String> {
-        if spec.runtime != Runtime::Exec || ran_for >= self.config.startup_window {
-            return None;
-        }
-        let code = status.code()?;
-        let what = match code {
-            126 => "command found but not executable",
-            127 => "command not found",
-            _ => return None,
-        };
-        let mut reason = format!(
-            "`{program}` exited with code {code} within {:?} of starting ({what})",
-            self.config.startup_window
-        );
-        if !stderr_tail.is_empty() {
-            reason.push_str(": ");
-            reason.push_str(&stderr_tail.join(" / "));
-        }
-        Some(reason)
     }
 
     /// Writes the script, resolves the working directory and builds the command.

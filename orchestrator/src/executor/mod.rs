@@ -70,6 +70,7 @@ pub mod output;
 mod process;
 mod spec;
 pub mod ssh;
+pub mod startup;
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};

@@ -59,6 +59,16 @@ pub enum ExecError {
         /// Human-readable cause, including the program or path involved.
         reason: String,
     },
+    /// The run exited non-zero within its startup window although its program ran (see
+    /// [`startup`](super::startup)): a start failure that is the script's fault (a syntax
+    /// error, a command missing inside the script, an immediate `exit 1`).
+    #[error("failed to start: {reason}")]
+    EarlyExit {
+        /// The exit code.
+        code: i32,
+        /// What happened, with the end of its stderr.
+        reason: String,
+    },
     /// The job definition cannot be run (no script, empty argv, invalid method or URL, …).
     #[error("invalid run spec: {reason}")]
     InvalidSpec {
@@ -133,12 +143,22 @@ impl ExecError {
             | ExecError::Io { .. }
             | ExecError::Ssh(_) => ErrorKind::Infrastructure,
             ExecError::InvalidSpec { .. }
+            | ExecError::EarlyExit { .. }
             | ExecError::HttpStatus { .. }
             | ExecError::HttpRefused { .. }
             | ExecError::OutOfMemory { .. } => ErrorKind::Script,
             ExecError::TimedOut { .. } => ErrorKind::Timeout,
             ExecError::Cancelled => ErrorKind::Cancelled,
         }
+    }
+
+    /// The run failed to start (at spawn, or within its startup window): the job records
+    /// `error.start_failure = true`.
+    pub fn is_start_failure(&self) -> bool {
+        matches!(
+            self,
+            ExecError::StartFailed { .. } | ExecError::EarlyExit { .. }
+        )
     }
 
     /// Shorthand for [`ExecError::StartFailed`].
@@ -251,6 +271,14 @@ impl RunOutcome {
         } else {
             RunResult::Failed(ErrorKind::Script)
         }
+    }
+
+    /// The run failed to start (see [`ExecError::is_start_failure`]); never for a cancelled
+    /// or timed-out run.
+    pub fn start_failure(&self) -> bool {
+        !self.cancelled
+            && !self.timed_out
+            && self.error.as_ref().is_some_and(ExecError::is_start_failure)
     }
 
     /// True when [`RunOutcome::result`] is [`RunResult::Succeeded`].

@@ -199,6 +199,10 @@ pub struct RunSpec {
     /// SSH executor: the server to run on (from the job's assignment). Other executors ignore
     /// it.
     pub ssh: Option<super::ssh::SshTarget>,
+    /// The startup window of this run (the event's `startup_window_seconds`): a non-zero exit
+    /// within it is a start failure (see [`startup`](super::startup)). `None`: the executor's
+    /// configured default; zero: off.
+    pub startup_window: Option<Duration>,
 }
 
 /// Resource limits of a container run. Every field is optional: in a [`RunSpec`] an unset
@@ -249,6 +253,7 @@ impl RunSpec {
             limits: None,
             labels: BTreeMap::new(),
             ssh: None,
+            startup_window: None,
         }
     }
 
@@ -356,6 +361,7 @@ impl fmt::Debug for RunSpec {
             .field("limits", &self.limits)
             .field("labels", &self.labels)
             .field("ssh", &self.ssh)
+            .field("startup_window", &self.startup_window)
             .finish()
     }
 }

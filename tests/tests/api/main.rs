@@ -10,6 +10,7 @@ mod health;
 mod jobs;
 mod limits;
 mod live_logs;
+mod policies;
 mod protocol;
 mod queue;
 mod schedules;

@@ -86,3 +86,12 @@ async fn the_chain_runs_with_every_step_in_a_container() {
     data_flows(&app, &json!({"executor": "container"})).await;
     worker.stop().await;
 }
+
+/// The startup window's rule on the container executor (see `policies`).
+#[tokio::test]
+async fn the_startup_window_marks_early_exits_in_containers() {
+    let app = spawn_app().await;
+    let worker = container_worker(&app).await;
+    crate::policies::startup_window_cases(&app, &json!({"executor": "container"})).await;
+    worker.stop().await;
+}

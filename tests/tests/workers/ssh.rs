@@ -121,3 +121,18 @@ async fn a_host_key_seen_on_first_use_is_pinned() {
     );
     worker.stop().await;
 }
+
+/// The startup window's rule on the ssh executor (see `policies`).
+#[tokio::test]
+async fn the_startup_window_marks_early_exits_over_ssh() {
+    let sshd = Sshd::start();
+    let app = spawn_app().await;
+    let server_id = register(&app, &sshd, "test-sshd", &sshd.host_key_line()).await;
+    let worker = ssh_worker(&app).await;
+    crate::policies::startup_window_cases(
+        &app,
+        &json!({"executor": "ssh", "server_id": server_id}),
+    )
+    .await;
+    worker.stop().await;
+}

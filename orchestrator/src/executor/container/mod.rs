@@ -59,9 +59,9 @@
 //!   engine cannot tell `exit 137` from a `SIGKILL`).
 //! * **Start failures.** Engine errors before the container runs (pull, create, upload,
 //!   attach, start) are [`ExecError::StartFailed`]. An interpreter or program that does not
-//!   exist in the image is detected from the init process's `exec … failed` message; for
-//!   `exec`, an exit code of 126/127 within [`ContainerConfig::startup_window`] is also a start
-//!   failure, as for the local executor.
+//!   exist in the image is detected from the init process's `exec … failed` message; a
+//!   non-zero exit within the run's startup window is a start failure by the rule shared by
+//!   every executor ([`startup`](super::startup)).
 //! * **Pre-started containers.** With [`ContainerConfig::spares`] > 0 (the default: 1), a run
 //!   whose image, network and limits match a *spare* — a container made the same way and
 //!   started before the job arrived, running an idle process — takes it instead of creating
@@ -266,7 +266,8 @@ pub struct ContainerConfig {
     pub python: String,
     /// Interpreter for `node` scripts.
     pub node: String,
-    /// For `exec` runs, an exit code 126/127 within this window counts as a start failure.
+    /// The startup window of runs whose spec has none ([`RunSpec::startup_window`]): only the
+    /// `exec` 126/127 heuristic applies with it (see [`startup`](super::startup)).
     pub startup_window: Duration,
     /// Longest emitted output line in bytes; longer lines are split.
     pub max_line_bytes: usize,
@@ -1085,12 +1086,12 @@ impl ContainerExecutor {
                 });
             }
             None => {
-                if let Some(reason) = self.start_failure(spec, plan, code, ran_for, &report) {
-                    outcome.error = Some(ExecError::StartFailed { reason });
-                } else if oom && code != Some(0) {
+                if oom && code != Some(0) {
                     outcome.error = Some(ExecError::OutOfMemory {
                         limit_mib: Some(plan.limits.memory_mib),
                     });
+                } else if let Some(error) = self.start_failure(spec, plan, code, ran_for, &report) {
+                    outcome.error = Some(error);
                 } else if oom {
                     tracing::warn!(job.id = %spec.job_id,
                         "a process of the run was killed by the out-of-memory killer, but the run exited 0");
@@ -1234,8 +1235,9 @@ impl ContainerExecutor {
         }
     }
 
-    /// Start failures detected after the fact: the init process could not exec the command, or
-    /// (for `exec`) 126/127 right after start.
+    /// Start failures detected after the fact: the init process or the engine could not exec
+    /// the interpreter or program (126/127 with its message), or the rule of the startup
+    /// window ([`startup`](super::startup)).
     fn start_failure(
         &self,
         spec: &RunSpec,
@@ -1243,42 +1245,34 @@ impl ContainerExecutor {
         code: Option<i32>,
         ran_for: Duration,
         report: &AttachReport,
-    ) -> Option<String> {
+    ) -> Option<ExecError> {
         let code = code?;
-        if code != 126 && code != 127 {
-            return None;
-        }
-        let stderr_tail = &report.tail;
         let program = plan.cmd.first().map(String::as_str).unwrap_or_default();
         // The init process's message (cold path, on stderr), or the engine's when an exec
         // cannot start its program (warm path, written on the exec's stdout).
-        if let Some(line) = stderr_tail.iter().chain(&report.out_tail).find(|l| {
-            (l.contains("[FATAL tini") && l.contains("exec"))
-                || l.contains("OCI runtime exec failed")
-        }) {
-            return Some(format!(
+        if (code == 126 || code == 127)
+            && let Some(line) = report.tail.iter().chain(&report.out_tail).find(|l| {
+                (l.contains("[FATAL tini") && l.contains("exec"))
+                    || l.contains("OCI runtime exec failed")
+            })
+        {
+            return Some(ExecError::start_failed(format!(
                 "cannot run `{program}` in image `{}`: {}",
                 plan.image,
                 line.trim()
-            ));
+            )));
         }
-        if spec.runtime != Runtime::Exec || ran_for >= self.config.startup_window {
-            return None;
-        }
-        let what = if code == 126 {
-            "command found but not executable"
-        } else {
-            "command not found"
-        };
-        let mut reason = format!(
-            "`{program}` exited with code {code} within {:?} of starting in image `{}` ({what})",
-            self.config.startup_window, plan.image
-        );
-        if !stderr_tail.is_empty() {
-            reason.push_str(": ");
-            reason.push_str(&stderr_tail.join(" / "));
-        }
-        Some(reason)
+        let (window, from_spec) = super::startup::window_of(spec, self.config.startup_window);
+        super::startup::judge(&super::startup::EarlyEnd {
+            runtime: spec.runtime,
+            window,
+            from_spec,
+            ran_for,
+            exit_code: Some(code),
+            program,
+            place: &format!(" in image `{}`", plan.image),
+            stderr_tail: &report.tail,
+        })
     }
 
     /// Checks the spec against the configuration and works out image, command, limits, env.

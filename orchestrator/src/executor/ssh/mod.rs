@@ -160,7 +160,8 @@ pub struct SshConfig {
     pub python: String,
     /// Interpreter for `node` scripts.
     pub node: String,
-    /// For `exec` runs, an exit code 126/127 within this window counts as a start failure.
+    /// The startup window of runs whose spec has none ([`RunSpec::startup_window`](crate::executor::RunSpec::startup_window)):
+    /// only the `exec` 126/127 heuristic applies with it (see [`startup`](crate::executor::startup)).
     pub startup_window: Duration,
     /// Longest emitted output line in bytes; longer lines are split.
     pub max_line_bytes: usize,

@@ -19,9 +19,7 @@ use super::shell_transfer;
 use super::transfer::{self, Entry, RequestError};
 use super::{SshConfig, SshError, SshExecutor, SshTarget};
 use crate::executor::output::{LineSplitter, parse_progress};
-use crate::executor::{
-    ExecError, ExecEvent, OutputStream, RunOutcome, RunSpec, Runtime, sleep_until_opt,
-};
+use crate::executor::{ExecError, ExecEvent, OutputStream, RunOutcome, RunSpec, sleep_until_opt};
 
 /// Events kept ready for a slow consumer before reading the run's output stops (back-pressure).
 const MAX_PENDING_EVENTS: usize = 256;
@@ -753,11 +751,11 @@ impl RemoteRun<'_> {
                 )));
             }
             None => {
-                if let Some(reason) = self
+                if let Some(error) = self
                     .start_failure(&files, handle, &exit, ran_for, &pump.tail)
                     .await
                 {
-                    outcome.error = Some(ExecError::StartFailed { reason });
+                    outcome.error = Some(error);
                 }
             }
         }
@@ -835,8 +833,9 @@ impl RemoteRun<'_> {
         (outcome, healthy, files, cleanup)
     }
 
-    /// A start failure: `start.sh` gave up (exit 127 with `start-error`), or, for `exec` runs,
-    /// 126/127 right after the start.
+    /// A start failure: `start.sh` gave up (exit 127 with `start-error`: the interpreter or
+    /// program could not be run), or the rule of the startup window
+    /// ([`startup`](crate::executor::startup)).
     async fn start_failure(
         &self,
         files: &Files,
@@ -844,7 +843,7 @@ impl RemoteRun<'_> {
         exit: &Option<Exit>,
         ran_for: Duration,
         stderr_tail: &VecDeque<String>,
-    ) -> Option<String> {
+    ) -> Option<ExecError> {
         let Some(Exit::Code(code)) = exit else {
             return None;
         };
@@ -863,16 +862,11 @@ impl RemoteRun<'_> {
             && let Ok(Some(reason)) = read_reason.await
         {
             let reason = String::from_utf8_lossy(&reason).trim().to_owned();
-            return Some(format!("{reason} ({})", self.address()));
+            return Some(ExecError::start_failed(format!(
+                "{reason} ({})",
+                self.address()
+            )));
         }
-        if self.spec.runtime != Runtime::Exec || ran_for >= self.config.startup_window {
-            return None;
-        }
-        let what = match code {
-            126 => "command found but not executable",
-            127 => "command not found",
-            _ => return None,
-        };
         let program = self
             .spec
             .command
@@ -880,16 +874,19 @@ impl RemoteRun<'_> {
             .and_then(|c| c.first())
             .map(String::as_str)
             .unwrap_or_default();
-        let mut reason = format!(
-            "`{program}` exited with code {code} within {:?} of starting on {} ({what})",
-            self.config.startup_window,
-            self.address()
-        );
-        if !stderr_tail.is_empty() {
-            reason.push_str(": ");
-            reason.push_str(&stderr_tail.iter().cloned().collect::<Vec<_>>().join(" / "));
-        }
-        Some(reason)
+        let (window, from_spec) =
+            crate::executor::startup::window_of(self.spec, self.config.startup_window);
+        let tail: Vec<String> = stderr_tail.iter().cloned().collect();
+        crate::executor::startup::judge(&crate::executor::startup::EarlyEnd {
+            runtime: self.spec.runtime,
+            window,
+            from_spec,
+            ran_for,
+            exit_code: i32::try_from(*code).ok(),
+            program,
+            place: &format!(" on {}", self.address()),
+            stderr_tail: &tail,
+        })
     }
 }
 

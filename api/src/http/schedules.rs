@@ -289,6 +289,9 @@ async fn set_paused(
     caller.require(Role::Operator)?;
     let id = parse_uuid("id", &id)?;
     let mut tx = state.pool.begin().await?;
+    if !paused {
+        skip_paused_slots(&mut tx, id, state.clock.now()).await?;
+    }
     let row = schedules::set_paused(&mut *tx, id, paused).await?;
     let action = if paused {
         "schedule.pause"
@@ -300,4 +303,26 @@ async fn set_paused(
     tx.commit().await?;
     state.schedules_wake.notify_one();
     Ok(axum::Json(view(row)))
+}
+
+/// On resume: slots that passed while the schedule was paused were missed (not late, however
+/// recent), so `missed` alone decides which still fire. Moves the schedule's next slot
+/// accordingly, under the row lock; a running schedule is left as it is.
+async fn skip_paused_slots(
+    tx: &mut sqlx::PgConnection,
+    id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<(), ApiError> {
+    let current = schedules::get_schedule(&mut *tx, id, true).await?;
+    let Some(next) = current.next_fire_at.filter(|_| current.paused) else {
+        return Ok(());
+    };
+    // A stored definition that no longer compiles is ended by the firing loop.
+    let Ok(spec) = ScheduleSpec::compile(&current.fields(), current.id, current.anchor_at) else {
+        return Ok(());
+    };
+    let fire_at = spec.on_resume(next, now);
+    let due_at = fire_at.map(|n| spec.due_at(n));
+    schedules::advance(&mut *tx, id, NextSlot { fire_at, due_at }, None).await?;
+    Ok(())
 }

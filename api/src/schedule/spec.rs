@@ -364,6 +364,19 @@ impl ScheduleSpec {
     /// older ones (missed) follow `missed`: `all` fires the latest `max_catch_up` of them,
     /// `last` the latest one unless a slot within the grace fires anyway, `none` none.
     pub fn decide(&self, next: DateTime<Utc>, now: DateTime<Utc>) -> Slots {
+        self.decide_with_grace(next, now, ON_TIME_GRACE)
+    }
+
+    /// Where a schedule resumed at `now` (paused, its next unfired slot `next`) continues:
+    /// every slot that passed while it was paused was missed, however recent, so `missed`
+    /// alone decides which of them still fire. Returns the new next unfired slot: the first
+    /// slot kept, or the first after `now`.
+    pub fn on_resume(&self, next: DateTime<Utc>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let slots = self.decide_with_grace(next, now, Duration::zero());
+        slots.fire.first().copied().or(slots.next)
+    }
+
+    fn decide_with_grace(&self, next: DateTime<Utc>, now: DateTime<Utc>, grace: Duration) -> Slots {
         // Slots whose fire time (slot + jitter) has come.
         let cutoff = now - self.jitter;
         if next > cutoff {
@@ -374,7 +387,7 @@ impl ScheduleSpec {
             };
         }
         // Slots before this one are missed rather than late.
-        let missed_before = cutoff - ON_TIME_GRACE;
+        let missed_before = cutoff - grace;
         let keep_missed = match self.missed {
             Missed::All => self.max_catch_up,
             Missed::Last => 1,

@@ -470,3 +470,29 @@ fn slots_do_not_depend_on_where_counting_starts_in_a_repeated_pass() {
         vec![utc("2026-11-01T02:00:00-05:00")]
     );
 }
+
+#[test]
+fn a_resumed_schedule_treats_every_slot_passed_while_paused_as_missed() {
+    // Every 10 s; paused with next slot 00:00:10, resumed at 00:00:45: 00:00:10 … 00:00:40
+    // passed while paused (all within the 60 s grace, yet missed).
+    let next = utc("2026-01-01T00:00:10Z");
+    let now = utc("2026-01-01T00:00:45Z");
+    assert_eq!(
+        missed(Missed::None, 100).on_resume(next, now),
+        Some(utc("2026-01-01T00:00:50Z"))
+    );
+    assert_eq!(
+        missed(Missed::Last, 100).on_resume(next, now),
+        Some(utc("2026-01-01T00:00:40Z"))
+    );
+    assert_eq!(
+        missed(Missed::All, 2).on_resume(next, now),
+        Some(utc("2026-01-01T00:00:30Z"))
+    );
+    assert_eq!(missed(Missed::All, 100).on_resume(next, now), Some(next));
+    // Nothing passed: unchanged.
+    assert_eq!(
+        missed(Missed::Last, 100).on_resume(next, next - Duration::seconds(1)),
+        Some(next)
+    );
+}

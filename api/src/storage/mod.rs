@@ -12,6 +12,7 @@ pub mod logs;
 pub mod queue;
 pub mod schedules;
 pub mod servers;
+pub mod sessions;
 pub mod tokens;
 pub mod variables;
 pub mod webhooks;

@@ -17,3 +17,9 @@ CREATE INDEX dashboard_sessions_expiry ON dashboard_sessions (expires_at);
 CREATE INDEX jobs_worker_idx ON jobs (worker_id, id DESC) WHERE worker_id IS NOT NULL;
 CREATE INDEX jobs_dead_idx ON jobs (id DESC) WHERE dead;
 CREATE INDEX jobs_schedule_idx ON jobs (schedule_id, id DESC) WHERE schedule_id IS NOT NULL;
+
+-- Deleting a job (BATON_RETENTION_DAYS) clears the references to it: without these indexes
+-- each deleted row would scan the whole jobs table (children's parent, reruns) and outbox.
+CREATE INDEX jobs_parent_idx ON jobs (parent_job_id) WHERE parent_job_id IS NOT NULL;
+CREATE INDEX jobs_rerun_of_idx ON jobs (rerun_of) WHERE rerun_of IS NOT NULL;
+CREATE INDEX message_outbox_job_idx ON message_outbox (job_id) WHERE job_id IS NOT NULL;

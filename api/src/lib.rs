@@ -44,6 +44,7 @@ pub mod outbox;
 pub mod process;
 pub mod reaper;
 pub mod redact;
+pub mod retention;
 pub mod schedule;
 pub mod secret_refs;
 pub mod secrets;

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 mod container;
+mod dashboard;
 mod dispatch;
 mod logs;
 mod queue;
@@ -50,6 +51,9 @@ enum Bench {
     /// `true` in a fresh container through the container executor (and, with `--api`, the
     /// whole api + worker path) vs `docker run --rm IMAGE true`: medians and their ratio.
     Container(container::Args),
+    /// The dashboard's runs page with 1,000,000 finished jobs: p50/p95 of the first page and
+    /// of deep filtered pages (target: p95 ≤ 100 ms).
+    Dashboard(dashboard::Args),
     /// One job printing 200 MB: MiB/s persisted and lines lost.
     Logs(logs::Args),
     /// A trivial run through the SSH executor over a pooled connection vs a fresh
@@ -77,6 +81,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Logs(args) => logs::run(args).await,
             Bench::Container(args) => container::run(args).await,
             Bench::Ssh(args) => ssh::run(args).await,
+            Bench::Dashboard(args) => dashboard::run(args).await,
         }
     })?;
     println!("{summary}");

@@ -91,4 +91,3 @@ pub async fn wait_finished(app: &TestApp, id: &str) -> Value {
     })
     .await
 }
-

@@ -358,10 +358,7 @@ mod tests {
             to_html("\u{1b}[38;5;244mx"),
             "<span style=\"color:#808080;\">x</span>"
         );
-        assert_eq!(
-            to_html("\u{1b}[38;5;3mx"),
-            "<span class=\"a-f3\">x</span>"
-        );
+        assert_eq!(to_html("\u{1b}[38;5;3mx"), "<span class=\"a-f3\">x</span>");
         assert_eq!(
             to_html("\u{1b}[38;2;1;2;3;48;2;250;128;0mx"),
             "<span style=\"color:#010203;background-color:#fa8000;\">x</span>"

@@ -31,7 +31,10 @@ pub async fn page_view(
     let names = worker_names(&state).await?;
     let next_href = found.next_cursor.as_ref().map(|c| {
         let keep = query_string(&q, &["cursor", "dead"]);
-        format!("/dead?{keep}{}cursor={c}", if keep.is_empty() { "" } else { "&" })
+        format!(
+            "/dead?{keep}{}cursor={c}",
+            if keep.is_empty() { "" } else { "&" }
+        )
     });
     show(
         "dead.html",
@@ -44,8 +47,6 @@ pub async fn page_view(
         }),
     )
 }
-
-
 
 /// `POST /dead/rerun`: `id` once per run to rerun.
 pub async fn rerun(
@@ -75,4 +76,3 @@ pub async fn rerun(
     }
     .into_response())
 }
-

@@ -86,10 +86,26 @@ fn values_of(event: &Event) -> Value {
 fn values_from(form: &Form) -> Value {
     let mut map = Map::new();
     for key in [
-        "name", "description", "runtime", "content", "command", "request", "executor",
-        "server_id", "image", "env", "labels", "timeout_seconds", "max_attempts",
-        "retry_backoff_seconds", "retry_backoff_max_seconds", "retry_on", "priority",
-        "memory_mib", "cpus", "pids",
+        "name",
+        "description",
+        "runtime",
+        "content",
+        "command",
+        "request",
+        "executor",
+        "server_id",
+        "image",
+        "env",
+        "labels",
+        "timeout_seconds",
+        "max_attempts",
+        "retry_backoff_seconds",
+        "retry_backoff_max_seconds",
+        "retry_on",
+        "priority",
+        "memory_mib",
+        "cpus",
+        "pids",
     ] {
         map.insert(key.into(), json!(form.get(key)));
     }
@@ -105,9 +121,9 @@ fn pairs(field: &str, text: Option<&str>) -> Result<BTreeMap<String, String>, Fi
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let (k, v) = line.split_once('=').ok_or_else(|| {
-            FieldError::new(field, format!("line {}: expected KEY=VALUE", i + 1))
-        })?;
+        let (k, v) = line
+            .split_once('=')
+            .ok_or_else(|| FieldError::new(field, format!("line {}: expected KEY=VALUE", i + 1)))?;
         map.insert(k.trim().to_owned(), v.to_owned());
     }
     Ok(map)
@@ -138,7 +154,12 @@ fn event_json(form: &Form, patch: bool) -> Result<Value, FieldError> {
         None => {}
     };
     let runtime = form.text("runtime").unwrap_or("bash");
-    optional("content", form.get("content").filter(|c| !c.trim().is_empty()).map(|c| json!(c.replace("\r\n", "\n"))));
+    optional(
+        "content",
+        form.get("content")
+            .filter(|c| !c.trim().is_empty())
+            .map(|c| json!(c.replace("\r\n", "\n"))),
+    );
     let command: Vec<String> = form
         .get("command")
         .unwrap_or_default()
@@ -148,9 +169,10 @@ fn event_json(form: &Form, patch: bool) -> Result<Value, FieldError> {
         .collect();
     optional("command", (!command.is_empty()).then(|| json!(command)));
     let request = match form.text("request") {
-        Some(text) => Some(serde_json::from_str::<Value>(text).map_err(|e| {
-            FieldError::new("request", format!("not JSON: {e}"))
-        })?),
+        Some(text) => Some(
+            serde_json::from_str::<Value>(text)
+                .map_err(|e| FieldError::new("request", format!("not JSON: {e}")))?,
+        ),
         None => None,
     };
     optional("request", request);
@@ -163,9 +185,18 @@ fn event_json(form: &Form, patch: bool) -> Result<Value, FieldError> {
             limits.insert(key.into(), v);
         }
     }
-    optional("limits", (!limits.is_empty()).then_some(Value::Object(limits)));
-    body.insert("name".into(), json!(form.get("name").unwrap_or_default().trim()));
-    body.insert("description".into(), json!(form.get("description").unwrap_or_default()));
+    optional(
+        "limits",
+        (!limits.is_empty()).then_some(Value::Object(limits)),
+    );
+    body.insert(
+        "name".into(),
+        json!(form.get("name").unwrap_or_default().trim()),
+    );
+    body.insert(
+        "description".into(),
+        json!(form.get("description").unwrap_or_default()),
+    );
     body.insert("runtime".into(), json!(runtime));
     body.insert("env".into(), json!(pairs("env", form.get("env"))?));
     body.insert("labels".into(), json!(pairs("labels", form.get("labels"))?));
@@ -174,7 +205,11 @@ fn event_json(form: &Form, patch: bool) -> Result<Value, FieldError> {
         body.insert("retry_on".into(), json!(r));
     }
     for key in [
-        "timeout_seconds", "max_attempts", "retry_backoff_seconds", "retry_backoff_max_seconds", "priority",
+        "timeout_seconds",
+        "max_attempts",
+        "retry_backoff_seconds",
+        "retry_backoff_max_seconds",
+        "priority",
     ] {
         if let Some(v) = number(form, key)? {
             body.insert(key.into(), v);
@@ -206,7 +241,10 @@ async fn form_page(
     Ok(response)
 }
 
-pub async fn new_form(State(state): State<AppState>, session: Session) -> Result<Response, DashError> {
+pub async fn new_form(
+    State(state): State<AppState>,
+    session: Session,
+) -> Result<Response, DashError> {
     session.caller.require(Role::Admin)?;
     let defaults = json!({"runtime": "bash", "executor": "", "timeout_seconds": 3600, "max_attempts": 1, "priority": 0});
     form_page(&state, &session, None, defaults, None, StatusCode::OK).await
@@ -218,8 +256,17 @@ pub async fn edit_form(
     Path(id): Path<String>,
 ) -> Result<Response, DashError> {
     session.caller.require(Role::Admin)?;
-    let axum::Json(event) = events::get_event(State(state.clone()), session.caller.clone(), Path(id)).await?;
-    form_page(&state, &session, Some(&event), values_of(&event), None, StatusCode::OK).await
+    let axum::Json(event) =
+        events::get_event(State(state.clone()), session.caller.clone(), Path(id)).await?;
+    form_page(
+        &state,
+        &session,
+        Some(&event),
+        values_of(&event),
+        None,
+        StatusCode::OK,
+    )
+    .await
 }
 
 /// A refused form is shown again with the API's message (naming the field); other errors
@@ -233,7 +280,15 @@ async fn refused(
 ) -> Result<Response, DashError> {
     let (status, _, _) = err.parts();
     if status == StatusCode::UNPROCESSABLE_ENTITY || status == StatusCode::CONFLICT {
-        form_page(state, session, event, values_from(form), Some(err.to_string()), status).await
+        form_page(
+            state,
+            session,
+            event,
+            values_from(form),
+            Some(err.to_string()),
+            status,
+        )
+        .await
     } else {
         Err(err.into())
     }
@@ -254,7 +309,9 @@ pub async fn create(
     }
     .await;
     match result {
-        Ok((_, axum::Json(event))) => Ok(Redirect::to(&format!("/events/{}", event.id)).into_response()),
+        Ok((_, axum::Json(event))) => {
+            Ok(Redirect::to(&format!("/events/{}", event.id)).into_response())
+        }
         Err(e) => refused(&state, &session, None, &form, e).await,
     }
 }
@@ -267,12 +324,22 @@ pub async fn update(
     form: Form,
 ) -> Result<Response, DashError> {
     session.check_csrf(&form)?;
-    let axum::Json(current) =
-        events::get_event(State(state.clone()), session.caller.clone(), Path(id.clone())).await?;
+    let axum::Json(current) = events::get_event(
+        State(state.clone()),
+        session.caller.clone(),
+        Path(id.clone()),
+    )
+    .await?;
     let result = async {
         let body = event_json(&form, true)?;
         let patch = parse_json(body.to_string().as_bytes())?;
-        events::patch_event(State(state.clone()), session.caller.clone(), Path(id.clone()), JsonBody(patch)).await
+        events::patch_event(
+            State(state.clone()),
+            session.caller.clone(),
+            Path(id.clone()),
+            JsonBody(patch),
+        )
+        .await
     }
     .await;
     match result {
@@ -289,10 +356,18 @@ pub async fn page_view(
     run_error: Option<String>,
     input: Option<String>,
 ) -> Result<Response, DashError> {
-    let axum::Json(event) =
-        events::get_event(State(state.clone()), session.caller.clone(), Path(id.clone())).await?;
-    let axum::Json(actions) =
-        actions::list_actions(State(state.clone()), session.caller.clone(), Path(id.clone())).await?;
+    let axum::Json(event) = events::get_event(
+        State(state.clone()),
+        session.caller.clone(),
+        Path(id.clone()),
+    )
+    .await?;
+    let axum::Json(actions) = actions::list_actions(
+        State(state.clone()),
+        session.caller.clone(),
+        Path(id.clone()),
+    )
+    .await?;
     let axum::Json(scheds) = schedules::list_schedules(
         State(state.clone()),
         session.caller.clone(),
@@ -339,8 +414,6 @@ pub async fn page_handler(
     page_view(state, session, id, None, None).await
 }
 
-
-
 /// `POST /events/{id}/run`: `input` (JSON), optional `priority`.
 pub async fn run(
     State(state): State<AppState>,
@@ -360,13 +433,28 @@ pub async fn run(
             body["priority"] = p;
         }
         let request = parse_json(body.to_string().as_bytes())?;
-        events::run_event(State(state.clone()), session.caller.clone(), Path(id.clone()), JsonBody(request)).await
+        events::run_event(
+            State(state.clone()),
+            session.caller.clone(),
+            Path(id.clone()),
+            JsonBody(request),
+        )
+        .await
     }
     .await;
     match result {
-        Ok((_, axum::Json(accepted))) => Ok(Redirect::to(&format!("/runs/{}", accepted.job_id)).into_response()),
+        Ok((_, axum::Json(accepted))) => {
+            Ok(Redirect::to(&format!("/runs/{}", accepted.job_id)).into_response())
+        }
         Err(e) if e.parts().0 == StatusCode::UNPROCESSABLE_ENTITY => {
-            let mut response = page_view(state, session, id, Some(e.to_string()), form.get("input").map(str::to_owned)).await?;
+            let mut response = page_view(
+                state,
+                session,
+                id,
+                Some(e.to_string()),
+                form.get("input").map(str::to_owned),
+            )
+            .await?;
             *response.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
             Ok(response)
         }
@@ -416,6 +504,11 @@ pub async fn delete_action(
     form: Form,
 ) -> Result<Response, DashError> {
     session.check_csrf(&form)?;
-    actions::delete_action(State(state), session.caller.clone(), Path((id.clone(), action_id))).await?;
+    actions::delete_action(
+        State(state),
+        session.caller.clone(),
+        Path((id.clone(), action_id)),
+    )
+    .await?;
     Ok(Redirect::to(&format!("/events/{id}#actions")).into_response())
 }

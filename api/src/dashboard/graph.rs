@@ -162,7 +162,12 @@ mod tests {
     #[test]
     fn layers_follow_the_longest_path_and_survive_cycles() {
         let nodes: Vec<Node> = ["a", "b", "c", "d"].iter().map(|i| node(i)).collect();
-        let edges = vec![edge("a", "b"), edge("b", "c"), edge("a", "c"), edge("a", "d")];
+        let edges = vec![
+            edge("a", "b"),
+            edge("b", "c"),
+            edge("a", "c"),
+            edge("a", "d"),
+        ];
         let l = layers(&nodes, &edges);
         assert_eq!((l["a"], l["b"], l["c"], l["d"]), (0, 1, 2, 1));
         let cyclic = vec![edge("a", "b"), edge("b", "a")];

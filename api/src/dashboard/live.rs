@@ -2,9 +2,10 @@
 //! templates as the pages (so the browser's script only swaps markup the server escaped).
 //!
 //! - `/live/runs?FILTERS`: the runs page's counts, active runs and first page of rows, sent
-//!   again whenever they change. Woken by the replica's notifications (new runs, log lines,
-//!   finished runs: [`crate::notify::LogHub`]) and by a one-second look for what sends no
-//!   notification (claims, progress), at most every 300 ms.
+//!   again whenever they change. Woken by the replica's notifications (log lines, finished
+//!   runs: [`crate::notify::LogHub`]) and by a one-second look for what sends no
+//!   notification (new runs, claims, progress; the queue's notifications stay with the
+//!   dispatcher, which they wake under load thousands of times a second), at most every 300 ms.
 //! - `/live/runs/{id}?after=SEQ`: a run's new log lines (ANSI rendered), read by the same
 //!   follower as `GET /api/v1/jobs/{id}/logs/stream`, and its summary when it changes.
 //!
@@ -95,7 +96,9 @@ pub async fn runs(
         let mut last = String::new();
         loop {
             if !session.still_valid(&state).await {
-                let _ = tx.send(Event::default().event("signed_out").data("{}")).await;
+                let _ = tx
+                    .send(Event::default().event("signed_out").data("{}"))
+                    .await;
                 return;
             }
             let parts = match live_parts(&state, &q).await.and_then(|p| fragments(&p)) {
@@ -106,7 +109,11 @@ pub async fn runs(
                 }
             };
             if parts != last {
-                if tx.send(Event::default().event("runs").data(&parts)).await.is_err() {
+                if tx
+                    .send(Event::default().event("runs").data(&parts))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 last = parts;

@@ -45,7 +45,10 @@ pub fn router() -> Router<AppState> {
         .route("/live/runs/{id}", get(live::run))
         .route("/events", get(events::list).post(events::create))
         .route("/events/new", get(events::new_form))
-        .route("/events/{id}", get(events::page_handler).post(events::update))
+        .route(
+            "/events/{id}",
+            get(events::page_handler).post(events::update),
+        )
         .route("/events/{id}/edit", get(events::edit_form))
         .route("/events/{id}/run", post(events::run))
         .route("/events/{id}/actions", post(events::add_action))

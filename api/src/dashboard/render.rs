@@ -11,7 +11,6 @@ use chrono::{DateTime, Utc};
 use minijinja::Environment;
 use serde_json::{Value, json};
 
-
 use super::session::Session;
 use crate::error::ApiError;
 use crate::model::Role;
@@ -22,10 +21,19 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("error.html", include_str!("templates/error.html")),
     ("runs.html", include_str!("templates/runs.html")),
     ("runs_rows.html", include_str!("templates/runs_rows.html")),
-    ("runs_counts.html", include_str!("templates/runs_counts.html")),
-    ("runs_active.html", include_str!("templates/runs_active.html")),
+    (
+        "runs_counts.html",
+        include_str!("templates/runs_counts.html"),
+    ),
+    (
+        "runs_active.html",
+        include_str!("templates/runs_active.html"),
+    ),
     ("run.html", include_str!("templates/run.html")),
-    ("run_summary.html", include_str!("templates/run_summary.html")),
+    (
+        "run_summary.html",
+        include_str!("templates/run_summary.html"),
+    ),
     ("events.html", include_str!("templates/events.html")),
     ("event.html", include_str!("templates/event.html")),
     ("event_form.html", include_str!("templates/event_form.html")),
@@ -150,7 +158,9 @@ impl IntoResponse for DashError {
         };
         let body = env()
             .get_template("error.html")
-            .and_then(|t| t.render(json!({"title": title, "status": status.as_u16(), "message": message})))
+            .and_then(|t| {
+                t.render(json!({"title": title, "status": status.as_u16(), "message": message}))
+            })
             .unwrap_or_else(|_| message.clone());
         (status, Html(body)).into_response()
     }
@@ -168,7 +178,10 @@ pub fn show(
     if let Value::Object(map) = &mut ctx {
         map.insert("title".into(), json!(title));
         map.insert("nav".into(), json!(nav));
-        map.insert("me".into(), json!({"name": session.caller.name, "role": session.caller.role}));
+        map.insert(
+            "me".into(),
+            json!({"name": session.caller.name, "role": session.caller.role}),
+        );
         map.insert("csrf".into(), json!(session.csrf));
         map.insert(
             "can_operate".into(),

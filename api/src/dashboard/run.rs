@@ -55,12 +55,8 @@ pub async fn page_view(
     session: Session,
     Path(id): Path<String>,
 ) -> Result<Response, DashError> {
-    let axum::Json(job) = jobs::get_job(
-        State(state.clone()),
-        session.caller.clone(),
-        Path(id),
-    )
-    .await?;
+    let axum::Json(job) =
+        jobs::get_job(State(state.clone()), session.caller.clone(), Path(id)).await?;
     let lines = logs::lines_after(&state.pool, job.id, 0, FIRST_LINES).await?;
     let after = lines.last().map_or(0, |l| l.seq);
     let chain = chain(&state, &job).await?;
@@ -83,14 +79,15 @@ pub async fn page_view(
     show("run.html", &session, "runs", &title, ctx)
 }
 
-
-
 fn pretty(v: &Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_default()
 }
 
 /// The SVG of the chain `job` belongs to (from its root), its children, and the chain's size.
-async fn chain(state: &AppState, job: &Job) -> Result<(Option<String>, Vec<Value>, usize), DashError> {
+async fn chain(
+    state: &AppState,
+    job: &Job,
+) -> Result<(Option<String>, Vec<Value>, usize), DashError> {
     let mut members = queue::list_jobs(
         &state.pool,
         &queue::JobFilter {
@@ -114,7 +111,7 @@ async fn chain(state: &AppState, job: &Job) -> Result<(Option<String>, Vec<Value
         .map(|m| Node {
             id: m.id.to_string(),
             label: m.event_name.clone(),
-            sublabel: format!("{} · {}", m.status, &m.id.to_string()[..8]),
+            sublabel: format!("{} · …{}", m.status, &m.id.to_string()[28..]),
             class: m.status.to_string(),
             href: Some(format!("/runs/{}", m.id)),
             current: m.id == job.id,
@@ -130,7 +127,11 @@ async fn chain(state: &AppState, job: &Job) -> Result<(Option<String>, Vec<Value
         })
         .collect();
     let svg = graph::svg(
-        &format!("Chain of {} runs from {}", members.len(), members[0].event_name),
+        &format!(
+            "Chain of {} runs from {}",
+            members.len(),
+            members[0].event_name
+        ),
         &nodes,
         &edges,
     );

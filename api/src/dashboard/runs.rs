@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Query, State};
 use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::response::Response;
 use chrono::Utc;
 use serde::Serialize;
@@ -51,7 +51,10 @@ impl RunView {
             (Some(s), Some(f)) => duration_text((f - s).num_seconds()),
             (Some(s), None) => duration_text((Utc::now() - s).num_seconds()),
             (None, Some(_)) => "–".into(),
-            (None, None) => format!("waiting {}", duration_text((Utc::now() - j.created_at).num_seconds())),
+            (None, None) => format!(
+                "waiting {}",
+                duration_text((Utc::now() - j.created_at).num_seconds())
+            ),
         };
         Self {
             id: j.id,
@@ -65,11 +68,17 @@ impl RunView {
             dead: j.dead,
             created_at: j.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
             elapsed,
-            worker: j
-                .worker_id
-                .map(|w| worker_names.get(&w).cloned().unwrap_or_else(|| w.to_string()[..8].to_owned())),
+            worker: j.worker_id.map(|w| {
+                worker_names
+                    .get(&w)
+                    .cloned()
+                    .unwrap_or_else(|| w.to_string()[..8].to_owned())
+            }),
             worker_id: j.worker_id,
-            error: j.error.as_ref().map(|e| format!("{}: {}", e.kind, e.message)),
+            error: j
+                .error
+                .as_ref()
+                .map(|e| format!("{}: {}", e.kind, e.message)),
             cancel_requested: j.cancel_requested,
         }
     }
@@ -197,12 +206,21 @@ pub async fn page_handler(
     obj.insert("workers".into(), json!(worker_options));
     obj.insert(
         "statuses".into(),
-        json!(crate::model::JobStatus::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>()),
+        json!(
+            crate::model::JobStatus::ALL
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+        ),
     );
     // Only the first page follows new runs live; deeper pages are history.
     obj.insert(
         "live_url".into(),
-        json!(q.cursor.is_none().then(|| format!("/live/runs?{live_query}"))),
+        json!(
+            q.cursor
+                .is_none()
+                .then(|| format!("/live/runs?{live_query}"))
+        ),
     );
     show("runs.html", session, "runs", "Runs", ctx)
 }

@@ -19,7 +19,10 @@ use crate::storage::{events, queue, schedules};
 /// Fire times drawn per schedule and window at most (an every-second schedule is a band).
 const MAX_MARKS: usize = 288;
 
-pub async fn page_view(State(state): State<AppState>, session: Session) -> Result<Response, DashError> {
+pub async fn page_view(
+    State(state): State<AppState>,
+    session: Session,
+) -> Result<Response, DashError> {
     session.caller.require(Role::Viewer)?;
     let now = Utc::now();
     let window = Duration::hours(24);
@@ -34,7 +37,8 @@ pub async fn page_view(State(state): State<AppState>, session: Session) -> Resul
         let spec = row.fields();
         let compiled = ScheduleSpec::compile(&spec, row.id, row.anchor_at).ok();
         let pos = |t: DateTime<Utc>, from: DateTime<Utc>| {
-            ((t - from).num_seconds() as f64 / window.num_seconds() as f64 * 100.0).clamp(0.0, 100.0)
+            ((t - from).num_seconds() as f64 / window.num_seconds() as f64 * 100.0)
+                .clamp(0.0, 100.0)
         };
         let mut upcoming: Vec<Value> = Vec::new();
         let mut missed: Vec<Value> = Vec::new();
@@ -100,5 +104,3 @@ pub async fn page_view(State(state): State<AppState>, session: Session) -> Resul
         json!({"schedules": items, "hours": hours, "now": now.to_rfc3339()}),
     )
 }
-
-

@@ -46,7 +46,10 @@ pub struct Session {
 impl Session {
     /// Whether the session still stands (not signed out, expired or its token revoked).
     pub async fn still_valid(&self, state: &AppState) -> bool {
-        matches!(sessions::find(&state.pool, &self.id_hash).await, Ok(Some(_)))
+        matches!(
+            sessions::find(&state.pool, &self.id_hash).await,
+            Ok(Some(_))
+        )
     }
 }
 
@@ -201,7 +204,10 @@ pub async fn login(
         login_form(&state, &headers, next, Some(message), status)
     };
     if token.is_empty() {
-        return refuse("token: paste an API token", StatusCode::UNPROCESSABLE_ENTITY);
+        return refuse(
+            "token: paste an API token",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        );
     }
     // The same verification as a bearer token (the token cache, revocations). A refusal is
     // a 401, which the rate limiter counts as a failed authentication of this address.
@@ -288,7 +294,10 @@ mod tests {
     #[test]
     fn cookies_are_found_among_others() {
         let mut h = HeaderMap::new();
-        h.append(header::COOKIE, HeaderValue::from_static("a=1; baton_session=xyz"));
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; baton_session=xyz"),
+        );
         assert_eq!(cookie(&h, SESSION_COOKIE).as_deref(), Some("xyz"));
         assert_eq!(cookie(&h, "b"), None);
     }

@@ -11,7 +11,10 @@ use super::session::Session;
 use crate::AppState;
 use crate::http::workers;
 
-pub async fn page_view(State(state): State<AppState>, session: Session) -> Result<Response, DashError> {
+pub async fn page_view(
+    State(state): State<AppState>,
+    session: Session,
+) -> Result<Response, DashError> {
     let axum::Json(list) = workers::list_workers(State(state), session.caller.clone()).await?;
     let now = Utc::now();
     let items: Vec<_> = list
@@ -25,7 +28,11 @@ pub async fn page_view(State(state): State<AppState>, session: Session) -> Resul
             })
         })
         .collect();
-    show("workers.html", &session, "workers", "Workers", json!({"workers": items}))
+    show(
+        "workers.html",
+        &session,
+        "workers",
+        "Workers",
+        json!({"workers": items}),
+    )
 }
-
-

@@ -262,7 +262,8 @@ pub async fn get_logs_text(
             match logs::lines_after(&pool, id, after, TEXT_PAGE).await {
                 Ok(lines) if lines.is_empty() => None,
                 Ok(lines) => {
-                    let next = (lines.len() == TEXT_PAGE).then(|| lines.last().map_or(after, |l| l.seq));
+                    let next =
+                        (lines.len() == TEXT_PAGE).then(|| lines.last().map_or(after, |l| l.seq));
                     let mut text = String::new();
                     for line in &lines {
                         if raw {
@@ -280,7 +281,10 @@ pub async fn get_logs_text(
     });
     Ok((
         [
-            (axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8".to_owned()),
+            (
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; charset=utf-8".to_owned(),
+            ),
             (
                 axum::http::header::CONTENT_DISPOSITION,
                 format!("attachment; filename=\"baton-job-{id}.log.txt\""),

@@ -10,6 +10,7 @@ pub mod audit;
 pub mod events;
 pub mod logs;
 pub mod queue;
+pub mod retention;
 pub mod schedules;
 pub mod servers;
 pub mod sessions;

@@ -1109,12 +1109,12 @@ pub async fn count_by_status(db: impl PgExecutor<'_>, cap: i64) -> Result<Vec<(J
 
 /// How many dead-lettered jobs there are, up to `cap`.
 pub async fn count_dead(db: impl PgExecutor<'_>, cap: i64) -> Result<i64> {
-    Ok(sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT 1 FROM jobs WHERE dead LIMIT $1) c",
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM (SELECT 1 FROM jobs WHERE dead LIMIT $1) c")
+            .bind(cap)
+            .fetch_one(db)
+            .await?,
     )
-    .bind(cap)
-    .fetch_one(db)
-    .await?)
 }
 
 /// How many jobs are queued, claimed and running (for the metrics).

@@ -5,6 +5,7 @@
 mod auth;
 mod chains;
 mod credentials;
+mod dashboard;
 mod events;
 mod health;
 mod jobs;
@@ -12,6 +13,7 @@ mod limits;
 mod live_logs;
 mod protocol;
 mod queue;
+mod retention;
 mod schedules;
 mod servers;
 mod terminal;

@@ -114,6 +114,7 @@ pub async fn screenshot(client: &Client, name: &str) {
     if std::env::var("BATON_DOCS_SCREENSHOTS").as_deref() == Ok("1") {
         let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/images");
         std::fs::create_dir_all(&docs).expect("docs/images");
-        std::fs::write(docs.join(format!("dashboard-{name}.png")), &png).expect("write docs screenshot");
+        std::fs::write(docs.join(format!("dashboard-{name}.png")), &png)
+            .expect("write docs screenshot");
     }
 }

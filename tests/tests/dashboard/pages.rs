@@ -21,13 +21,23 @@ sleep 600
 "#;
 
 async fn sign_in(client: &Client, app: &TestApp, token: &str) {
-    client.goto(&format!("{}/", app.address)).await.expect("open /");
+    client
+        .goto(&format!("{}/", app.address))
+        .await
+        .expect("open /");
     // Not signed in: the runs page sends the browser to the sign-in form.
     eventually("the sign-in form is shown", || async {
-        client.current_url().await.is_ok_and(|u| u.path() == "/login")
+        client
+            .current_url()
+            .await
+            .is_ok_and(|u| u.path() == "/login")
     })
     .await;
-    element(client, "#token").await.send_keys(token).await.expect("type the token");
+    element(client, "#token")
+        .await
+        .send_keys(token)
+        .await
+        .expect("type the token");
     element(client, "form[action='/login'] button[type=submit]")
         .await
         .click()
@@ -37,7 +47,11 @@ async fn sign_in(client: &Client, app: &TestApp, token: &str) {
 }
 
 async fn sign_out(client: &Client) {
-    element(client, "form.signout button").await.click().await.expect("sign out");
+    element(client, "form.signout button")
+        .await
+        .click()
+        .await
+        .expect("sign out");
     element(client, "#token").await;
 }
 
@@ -48,7 +62,9 @@ async fn text_of(client: &Client, css: &str) -> String {
 /// Creates an event through the API and returns its id.
 async fn api_event(app: &TestApp, name: &str, content: &str) -> String {
     let event = app
-        .create_event(&json!({"name": name, "runtime": "bash", "executor": "local", "content": content}))
+        .create_event(
+            &json!({"name": name, "runtime": "bash", "executor": "local", "content": content}),
+        )
         .await;
     event["id"].as_str().expect("id").to_owned()
 }
@@ -61,9 +77,20 @@ async fn the_dashboard_drives_runs_live_in_a_real_browser() {
     let client = driver.browser().await;
 
     // A wrong token is refused on the form itself.
-    client.goto(&format!("{}/login", app.address)).await.expect("open /login");
-    element(&client, "#token").await.send_keys("baton_not_a_token").await.expect("type");
-    element(&client, "form[action='/login'] button").await.click().await.expect("submit");
+    client
+        .goto(&format!("{}/login", app.address))
+        .await
+        .expect("open /login");
+    element(&client, "#token")
+        .await
+        .send_keys("baton_not_a_token")
+        .await
+        .expect("type");
+    element(&client, "form[action='/login'] button")
+        .await
+        .click()
+        .await
+        .expect("submit");
     let refusal = text_of(&client, "#token-error").await;
     assert!(refusal.contains("unknown or revoked token"), "{refusal}");
 
@@ -73,12 +100,31 @@ async fn the_dashboard_drives_runs_live_in_a_real_browser() {
     assert_eq!(js(&client, "return document.cookie").await, json!(""));
 
     // Create an event through the form.
-    client.goto(&format!("{}/events/new", app.address)).await.expect("open the form");
-    element(&client, "#f-name").await.send_keys("long-red").await.expect("name");
-    element(&client, "#f-content").await.send_keys(SCRIPT).await.expect("script");
-    element(&client, "#f-executor").await.select_by_value("local").await.expect("executor");
+    client
+        .goto(&format!("{}/events/new", app.address))
+        .await
+        .expect("open the form");
+    element(&client, "#f-name")
+        .await
+        .send_keys("long-red")
+        .await
+        .expect("name");
+    element(&client, "#f-content")
+        .await
+        .send_keys(SCRIPT)
+        .await
+        .expect("script");
+    element(&client, "#f-executor")
+        .await
+        .select_by_value("local")
+        .await
+        .expect("executor");
     screenshot(&client, "event-form").await;
-    element(&client, "#save-event").await.click().await.expect("create");
+    element(&client, "#save-event")
+        .await
+        .click()
+        .await
+        .expect("create");
     let heading = text_of(&client, "h1").await;
     assert_eq!(heading, "Event long-red");
     let event_url = client.current_url().await.expect("url");
@@ -91,7 +137,11 @@ async fn the_dashboard_drives_runs_live_in_a_real_browser() {
     let input = element(&client, "#run-input").await;
     input.clear().await.expect("clear");
     input.send_keys("{not json").await.expect("type");
-    element(&client, "#run-button").await.click().await.expect("run");
+    element(&client, "#run-button")
+        .await
+        .click()
+        .await
+        .expect("run");
     let error = text_of(&client, "p.error[role=alert]").await;
     assert!(error.starts_with("input"), "{error}");
 
@@ -99,9 +149,16 @@ async fn the_dashboard_drives_runs_live_in_a_real_browser() {
     let input = element(&client, "#run-input").await;
     input.clear().await.expect("clear");
     input.send_keys(r#"{"rows": 3}"#).await.expect("type");
-    element(&client, "#run-button").await.click().await.expect("run");
+    element(&client, "#run-button")
+        .await
+        .click()
+        .await
+        .expect("run");
     eventually("the run's page opens", || async {
-        client.current_url().await.is_ok_and(|u| u.path().starts_with("/runs/"))
+        client
+            .current_url()
+            .await
+            .is_ok_and(|u| u.path().starts_with("/runs/"))
     })
     .await;
     let run_url = client.current_url().await.expect("url");
@@ -113,7 +170,11 @@ async fn the_dashboard_drives_runs_live_in_a_real_browser() {
     // The red line, rendered red, while the job runs.
     let red = element(&client, "#log .a-f1").await;
     assert!(red.text().await.expect("text").contains("DANGER red line"));
-    let color = js(&client, "return getComputedStyle(document.querySelector('#log .a-f1')).color").await;
+    let color = js(
+        &client,
+        "return getComputedStyle(document.querySelector('#log .a-f1')).color",
+    )
+    .await;
     let rgb: Vec<u32> = color
         .as_str()
         .unwrap_or_default()
@@ -122,7 +183,10 @@ async fn the_dashboard_drives_runs_live_in_a_real_browser() {
         .split(',')
         .filter_map(|c| c.trim().parse().ok())
         .collect();
-    assert!(rgb.len() >= 3 && rgb[0] >= 180 && rgb[1] <= 130 && rgb[2] <= 130, "not red: {color}");
+    assert!(
+        rgb.len() >= 3 && rgb[0] >= 180 && rgb[1] <= 130 && rgb[2] <= 130,
+        "not red: {color}"
+    );
     let (_, now) = app.get(&format!("/api/v1/jobs/{job_id}")).await;
     assert_eq!(now["status"], "running", "{now}");
 
@@ -131,21 +195,52 @@ async fn the_dashboard_drives_runs_live_in_a_real_browser() {
     assert!(live.text().await.expect("text").contains("LIVE-LINE"));
     let style = js(&client, "const s = getComputedStyle(document.querySelector('#log .a-bold')); return [s.color, s.fontWeight]").await;
     assert_eq!(style[0], "rgb(255, 135, 0)", "{style}");
-    assert_eq!(js(&client, "return window.__sameDocument === true").await, json!(true));
+    assert_eq!(
+        js(&client, "return window.__sameDocument === true").await,
+        json!(true)
+    );
     // Log lines are text, never markup.
-    assert_eq!(js(&client, "return document.querySelectorAll('#log img, #log script').length").await, json!(0));
-    assert_eq!(js(&client, "return window.pwned === undefined").await, json!(true));
-    assert!(text_of(&client, "#log").await.contains("<img src=x onerror="));
+    assert_eq!(
+        js(
+            &client,
+            "return document.querySelectorAll('#log img, #log script').length"
+        )
+        .await,
+        json!(0)
+    );
+    assert_eq!(
+        js(&client, "return window.pwned === undefined").await,
+        json!(true)
+    );
+    assert!(
+        text_of(&client, "#log")
+            .await
+            .contains("<img src=x onerror=")
+    );
     // Progress shows in the summary.
     eventually("progress 40 is shown", || async {
-        js(&client, "const p = document.querySelector('#summary progress'); return p ? p.value : -1").await == json!(40)
+        js(
+            &client,
+            "const p = document.querySelector('#summary progress'); return p ? p.value : -1",
+        )
+        .await
+            == json!(40)
     })
     .await;
     screenshot(&client, "run-live").await;
     // Search keeps the matching lines.
-    element(&client, "#log-search").await.send_keys("danger").await.expect("search");
+    element(&client, "#log-search")
+        .await
+        .send_keys("danger")
+        .await
+        .expect("search");
     eventually("search filters the log", || async {
-        js(&client, "return document.querySelectorAll('#log .line:not(.hidden)').length").await == json!(1)
+        js(
+            &client,
+            "return document.querySelectorAll('#log .line:not(.hidden)').length",
+        )
+        .await
+            == json!(1)
     })
     .await;
     assert_eq!(text_of(&client, "#log-matches").await, "1 matching line");
@@ -157,17 +252,22 @@ async fn the_dashboard_drives_runs_live_in_a_real_browser() {
         .await
         .expect("download");
     assert_eq!(response.status(), StatusCode::OK);
-    assert!(response
-        .headers()
-        .get("content-disposition")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("attachment")));
+    assert!(
+        response
+            .headers()
+            .get("content-disposition")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("attachment"))
+    );
     let text = response.text().await.expect("text");
     assert!(text.starts_with("DANGER red line and plain\n"), "{text}");
     assert!(!text.contains('\u{1b}'));
 
     // The runs page lists it, live.
-    client.goto(&format!("{}/", app.address)).await.expect("runs");
+    client
+        .goto(&format!("{}/", app.address))
+        .await
+        .expect("runs");
     element(&client, &format!("tr.run[data-id='{job_id}']")).await;
     assert!(text_of(&client, "#active").await.contains("long-red"));
     let second = app.run_event(&event_id, &json!({})).await;
@@ -175,8 +275,15 @@ async fn the_dashboard_drives_runs_live_in_a_real_browser() {
     screenshot(&client, "runs").await;
 
     // Cancel the long run from its page.
-    client.goto(&format!("{}/runs/{job_id}", app.address)).await.expect("run page");
-    element(&client, "#cancel-button").await.click().await.expect("cancel");
+    client
+        .goto(&format!("{}/runs/{job_id}", app.address))
+        .await
+        .expect("run page");
+    element(&client, "#cancel-button")
+        .await
+        .click()
+        .await
+        .expect("cancel");
     let cancelled = wait_finished(&app, &job_id).await;
     assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
     eventually("the page shows it cancelled", || async {
@@ -191,9 +298,18 @@ async fn the_dashboard_drives_runs_live_in_a_real_browser() {
     wait_job(&app, &second, |j| j["status"] == "running").await;
     sign_out(&client).await;
     sign_in(&client, &app, &viewer).await;
-    client.goto(&format!("{}/runs/{second}", app.address)).await.expect("run page");
+    client
+        .goto(&format!("{}/runs/{second}", app.address))
+        .await
+        .expect("run page");
     element(&client, "#summary").await;
-    assert!(client.find_all(Locator::Css("#cancel-button, #kill-button")).await.expect("find").is_empty());
+    assert!(
+        client
+            .find_all(Locator::Css("#cancel-button, #kill-button"))
+            .await
+            .expect("find")
+            .is_empty()
+    );
     let forged = js(
         &client,
         &format!(
@@ -203,15 +319,25 @@ async fn the_dashboard_drives_runs_live_in_a_real_browser() {
         ),
     )
     .await;
-    assert_eq!(forged, json!([403, 403, 403]), "a viewer's cancel must be refused");
+    assert_eq!(
+        forged,
+        json!([403, 403, 403]),
+        "a viewer's cancel must be refused"
+    );
     let (_, still) = app.get(&format!("/api/v1/jobs/{second}")).await;
     assert_eq!(still["status"], "running");
     assert_eq!(still["cancel_requested"], false);
     // As does the event form.
-    client.goto(&format!("{}/events/new", app.address)).await.expect("form");
+    client
+        .goto(&format!("{}/events/new", app.address))
+        .await
+        .expect("form");
     assert_eq!(text_of(&client, "h1").await, "403 · Forbidden");
     let (status, _) = app
-        .post(&format!("/api/v1/jobs/{second}/cancel?force=true"), &json!({}))
+        .post(
+            &format!("/api/v1/jobs/{second}/cancel?force=true"),
+            &json!({}),
+        )
         .await;
     assert_eq!(status, StatusCode::ACCEPTED);
 
@@ -236,9 +362,19 @@ async fn the_dashboard_drives_runs_live_in_a_real_browser() {
         })
     })
     .await;
-    client.goto(&format!("{}/runs/{root}", app.address)).await.expect("chain root");
+    client
+        .goto(&format!("{}/runs/{root}", app.address))
+        .await
+        .expect("chain root");
     element(&client, "svg.graph").await;
-    assert_eq!(js(&client, "return document.querySelectorAll('svg.graph g.node').length").await, json!(3));
+    assert_eq!(
+        js(
+            &client,
+            "return document.querySelectorAll('svg.graph g.node').length"
+        )
+        .await,
+        json!(3)
+    );
     screenshot(&client, "chain").await;
 
     other_pages(&client, &app, &event_id).await;
@@ -254,7 +390,10 @@ async fn other_pages(client: &Client, app: &TestApp, event_id: &str) {
         )
         .await;
     assert_eq!(status, StatusCode::CREATED);
-    for (key, value, secret) in [("REGION", "eu-west-1", false), ("API_KEY", "s3cr3t-value-xyz", true)] {
+    for (key, value, secret) in [
+        ("REGION", "eu-west-1", false),
+        ("API_KEY", "s3cr3t-value-xyz", true),
+    ] {
         let (status, body) = app
             .request(Method::PUT, &format!("/api/v1/variables/{key}"))
             .json(&json!({"value": value, "secret": secret}))
@@ -277,7 +416,10 @@ async fn other_pages(client: &Client, app: &TestApp, event_id: &str) {
         ("/variables", "variables", "REGION"),
         ("/servers", "servers", "No servers"),
     ] {
-        client.goto(&format!("{}{path}", app.address)).await.expect("page");
+        client
+            .goto(&format!("{}{path}", app.address))
+            .await
+            .expect("page");
         let main = text_of(client, "main").await;
         assert!(main.contains(expect), "{path} lacks {expect:?}: {main}");
         assert!(!main.contains("s3cr3t-value-xyz"), "{path} shows a secret");
@@ -285,9 +427,20 @@ async fn other_pages(client: &Client, app: &TestApp, event_id: &str) {
     }
     // Phone width: the runs page still fits.
     client.set_window_size(390, 844).await.expect("resize");
-    client.goto(&format!("{}/", app.address)).await.expect("runs");
+    client
+        .goto(&format!("{}/", app.address))
+        .await
+        .expect("runs");
     element(client, "#runs-body").await;
-    let overflow = js(client, "return document.documentElement.scrollWidth <= window.innerWidth + 1").await;
-    assert_eq!(overflow, json!(true), "the runs page scrolls sideways on a phone");
+    let overflow = js(
+        client,
+        "return document.documentElement.scrollWidth <= window.innerWidth + 1",
+    )
+    .await;
+    assert_eq!(
+        overflow,
+        json!(true),
+        "the runs page scrolls sideways on a phone"
+    );
     screenshot(client, "runs-phone").await;
 }

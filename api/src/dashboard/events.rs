@@ -68,12 +68,12 @@ fn values_of(event: &Event) -> Value {
             .collect::<Vec<_>>()
             .join("\n")
     };
-    let limits = s.limits.clone().unwrap_or_default();
+    let limits = s.limits.unwrap_or_default();
     json!({
         "name": s.name, "description": s.description, "runtime": s.runtime.as_str(),
         "content": s.content, "command": s.command.as_ref().map(|c| c.join("\n")),
         "request": s.request.as_ref().map(|r| serde_json::to_string_pretty(r).unwrap_or_default()),
-        "executor": serde_json::to_value(&s.executor).unwrap_or_default(),
+        "executor": serde_json::to_value(s.executor).unwrap_or_default(),
         "server_id": s.server_id, "image": s.image, "env": lines(&s.env), "labels": lines(&s.labels),
         "timeout_seconds": s.timeout_seconds, "max_attempts": s.max_attempts,
         "retry_backoff_seconds": s.retry_backoff_seconds, "retry_backoff_max_seconds": s.retry_backoff_max_seconds,

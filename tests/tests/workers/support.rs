@@ -6,7 +6,6 @@ use std::time::Duration;
 use baton_api::model::Role;
 use baton_tests::TestApp;
 use serde_json::Value;
-use tokio::sync::oneshot;
 
 pub use baton_tests::worker::{InProcessWorker, wait_finished, wait_job};
 

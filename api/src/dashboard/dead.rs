@@ -48,14 +48,17 @@ pub async fn page_view(
     )
 }
 
-/// `POST /dead/rerun`: `id` once per run to rerun.
+/// `POST /dead/rerun`: `id` once per selected run, or `only` (a row's own button) for one.
 pub async fn rerun(
     State(state): State<AppState>,
     session: Session,
     form: Form,
 ) -> Result<Response, DashError> {
     session.check_csrf(&form)?;
-    let ids = form.all("id");
+    let ids = match form.get("only") {
+        Some(one) => vec![one],
+        None => form.all("id"),
+    };
     if ids.is_empty() {
         return Err(crate::model::FieldError::new("id", "select at least one run to rerun").into());
     }

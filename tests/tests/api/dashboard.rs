@@ -271,6 +271,17 @@ async fn forms_need_the_csrf_token_and_the_role_the_api_needs() {
     assert_eq!(status, StatusCode::SEE_OTHER, "{location}");
     let (_, page) = app.get(&format!("/api/v1/jobs?event_id={event_id}")).await;
     assert_eq!(page["items"].as_array().expect("items").len(), 3);
+    // A row's own button reruns that run only, whatever else is ticked.
+    let (status, location) = admin
+        .post(
+            "/dead/rerun",
+            &format!("_csrf={}&id={job}&id={job}&only={job}", admin.csrf),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert!(location.starts_with("/runs/"), "{location}");
+    let (_, page) = app.get(&format!("/api/v1/jobs?event_id={event_id}")).await;
+    assert_eq!(page["items"].as_array().expect("items").len(), 4);
 
     // A bad field in the event form is named, and the form comes back filled in.
     let (status, body) = admin

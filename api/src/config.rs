@@ -113,6 +113,14 @@ pub struct ApiConfig {
     #[arg(long, env = "BATON_HTTP_ALLOW_CIDRS", default_value = "",
           value_parser = |s: &str| s.parse::<baton_egress::AddressPolicy>().map_err(|e| e.to_string()))]
     pub http_allow_cidrs: baton_egress::AddressPolicy,
+    /// Mark the dashboard's session cookies `Secure` (set it when the api is served over
+    /// TLS; a proxy's `X-Forwarded-Proto: https` does the same per request).
+    #[arg(long, env = "BATON_SECURE_COOKIES", default_value_t = false)]
+    pub secure_cookies: bool,
+    /// Delete finished jobs (and their logs) that finished more than this many days ago, in
+    /// small batches (unset: keep everything).
+    #[arg(long, env = "BATON_RETENTION_DAYS", value_parser = clap::value_parser!(u32).range(1..=36500))]
+    pub retention_days: Option<u32>,
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -155,6 +163,8 @@ impl ApiConfig {
             smtp_url: None,
             smtp_from: "baton@localhost".into(),
             http_allow_cidrs: baton_egress::AddressPolicy::default(),
+            secure_cookies: false,
+            retention_days: None,
         }
     }
 

@@ -56,7 +56,8 @@ pub struct ErrorDetail {
 }
 
 impl ApiError {
-    fn parts(&self) -> (StatusCode, &'static str, Option<String>) {
+    /// The status, the error code and the field named, as the JSON body carries them.
+    pub fn parts(&self) -> (StatusCode, &'static str, Option<String>) {
         use StorageError as S;
         match self {
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", None),

@@ -13,6 +13,7 @@
 //! - [`auth`]: bearer tokens and roles; [`error`]: the one mapping from errors to statuses.
 //! - [`grpc`]: the worker stream; [`dispatch`]: pushes claimed jobs to connected workers;
 //!   [`notify`]: one LISTEN connection fanned out (queued jobs, cancels, live logs).
+//! - [`dashboard`]: the web dashboard at `/` (server-rendered, live over SSE).
 //! - [`server`]: start-up (migrations, admin bootstrap) and graceful shutdown; [`reaper`].
 //!
 //! ## Life of a job
@@ -30,6 +31,7 @@ pub mod announce;
 pub mod auth;
 pub mod config;
 pub mod crypto;
+pub mod dashboard;
 pub mod dispatch;
 pub mod error;
 pub mod event_cache;
@@ -44,6 +46,7 @@ pub mod policy;
 pub mod process;
 pub mod reaper;
 pub mod redact;
+pub mod retention;
 pub mod schedule;
 pub mod secret_refs;
 pub mod secrets;

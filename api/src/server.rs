@@ -155,6 +155,11 @@ impl Api {
                 )
                 .run(stop.clone()),
             ),
+            tokio::spawn(crate::retention::run(
+                state.pool.clone(),
+                state.config.retention_days,
+                stop.clone(),
+            )),
             tokio::spawn(crate::metrics::refresh_loop(
                 state.pool.clone(),
                 state.queue_depth.clone(),

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 mod container;
+mod dashboard;
 mod dispatch;
 mod logs;
 mod queue;
@@ -51,6 +52,9 @@ enum Bench {
     /// `true` in a fresh container through the container executor (and, with `--api`, the
     /// whole api + worker path) vs `docker run --rm IMAGE true`: medians and their ratio.
     Container(container::Args),
+    /// The dashboard's runs page with 1,000,000 finished jobs: p50/p95 of the first page and
+    /// of deep filtered pages (target: p95 ≤ 100 ms).
+    Dashboard(dashboard::Args),
     /// One job printing 200 MB: MiB/s persisted and lines lost.
     Logs(logs::Args),
     /// 1,000 schedules firing every second on 2 replicas: lateness p50/p99, duplicates and
@@ -82,6 +86,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Container(args) => container::run(args).await,
             Bench::Ssh(args) => ssh::run(args).await,
             Bench::Schedules(args) => schedules::run(args).await,
+            Bench::Dashboard(args) => dashboard::run(args).await,
         }
     })?;
     println!("{summary}");

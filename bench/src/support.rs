@@ -367,6 +367,11 @@ impl Rest {
         })
     }
 
+    /// `http://127.0.0.1:PORT` of the replica.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     /// `POST path` with a JSON body; the JSON answer, or an error unless the status is 2xx.
     pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
         let request = self

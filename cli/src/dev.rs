@@ -118,6 +118,7 @@ async fn serve(
 
     let url = format!("http://{}", http.local_addr()?);
     println!("Baton is running.");
+    println!("  Dashboard:   {url}/  (sign in with the admin token)");
     println!("  API:         {url}/api/v1  (OpenAPI: {url}/api/v1/openapi.json)");
     println!("  Admin token: {admin_token}");
     println!("  Data:        {}", data_dir.display());

@@ -15,6 +15,8 @@ ensure_prereqs() {
     command -v python3 >/dev/null 2>&1 || { missing+=(python3); hint+=("python3 (runtime helper tests)"); }
     command -v node >/dev/null 2>&1 || { missing+=(nodejs); hint+=("node (runtime helper tests)"); }
     [ -x /usr/sbin/sshd ] && command -v ssh-keygen >/dev/null 2>&1 || { missing+=(openssh-server); hint+=("sshd and ssh-keygen (ssh executor tests)"); }
+    command -v chromium >/dev/null 2>&1 || { missing+=(chromium); hint+=("chromium (the dashboard's browser test)"); }
+    command -v chromedriver >/dev/null 2>&1 || { missing+=(chromium-driver); hint+=("chromedriver (the dashboard's browser test)"); }
   fi
   if [ "$purpose" = test ]; then
     command -v debootstrap >/dev/null 2>&1 || { missing+=(debootstrap); hint+=("debootstrap (builds the runtime image)"); }

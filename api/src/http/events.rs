@@ -45,9 +45,9 @@ pub async fn create_event(
 #[serde(deny_unknown_fields)]
 pub struct ListEventsQuery {
     /// Page size, 1-500 (default 100).
-    limit: Option<String>,
+    pub limit: Option<String>,
     /// `next_cursor` of the previous page.
-    cursor: Option<String>,
+    pub cursor: Option<String>,
 }
 
 #[utoipa::path(get, path = "/api/v1/events", tag = "events", params(ListEventsQuery),

@@ -16,7 +16,7 @@ use crate::model::{FieldError, Job, JobStatus, JobSummary, LogPage, Role};
 use crate::storage::{logs, queue};
 
 /// A query string that does not parse: name the parameter when serde does.
-pub(super) fn query_error(rejection: QueryRejection) -> ApiError {
+pub(crate) fn query_error(rejection: QueryRejection) -> ApiError {
     let text = rejection.body_text();
     let field = text
         .split("unknown field `")
@@ -27,24 +27,66 @@ pub(super) fn query_error(rejection: QueryRejection) -> ApiError {
     FieldError::new(field, text).into()
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct ListJobsQuery {
     /// queued, claimed, running, succeeded, failed, timed_out or cancelled.
-    status: Option<String>,
-    event_id: Option<String>,
+    pub status: Option<String>,
+    pub event_id: Option<String>,
     /// All jobs of one chain.
-    root_job_id: Option<String>,
+    pub root_job_id: Option<String>,
     /// Only dead-lettered (true) or only live (false) jobs.
-    dead: Option<String>,
+    pub dead: Option<String>,
     /// Only the runs fired by this schedule.
-    schedule_id: Option<String>,
-    /// Only jobs flagged stuck (true) or only jobs not flagged (false).
-    stuck: Option<String>,
+    pub schedule_id: Option<String>,
+    /// Only the runs this worker took.
+    pub worker_id: Option<String>,
+    /// Only jobs flagged stuck (true) or only jobs not flagged (false): see the event's
+    /// `stuck_after_seconds`.
+    pub stuck: Option<String>,
     /// Page size, 1-500 (default 100).
-    limit: Option<String>,
+    pub limit: Option<String>,
     /// `next_cursor` of the previous page.
-    cursor: Option<String>,
+    pub cursor: Option<String>,
+}
+
+impl ListJobsQuery {
+    /// The storage filter these parameters ask for (422 naming a bad parameter).
+    pub fn filter(&self, default_limit: i64) -> Result<queue::JobFilter, ApiError> {
+        let uuid = |field: &str, raw: &Option<String>| {
+            raw.as_deref()
+                .filter(|r| !r.is_empty())
+                .map(|r| parse_uuid(field, r))
+                .transpose()
+        };
+        fn text(raw: &Option<String>) -> Option<&str> {
+            raw.as_deref().filter(|r| !r.is_empty())
+        }
+        Ok(queue::JobFilter {
+            status: parse_param::<JobStatus>("status", text(&self.status))?,
+            event_id: uuid("event_id", &self.event_id)?,
+            root_job_id: uuid("root_job_id", &self.root_job_id)?,
+            dead: parse_param::<bool>("dead", text(&self.dead))?,
+            schedule_id: uuid("schedule_id", &self.schedule_id)?,
+            worker_id: uuid("worker_id", &self.worker_id)?,
+            stuck: parse_param::<bool>("stuck", text(&self.stuck))?,
+            active: false,
+            before: uuid("cursor", &self.cursor)?,
+            limit: page_limit(text(&self.limit), default_limit, 500)?,
+        })
+    }
+}
+
+/// A page of jobs and the cursor of the next page (the last id when the page is full).
+pub async fn job_page(
+    db: impl sqlx::PgExecutor<'_>,
+    filter: &queue::JobFilter,
+) -> Result<Page<JobSummary>, ApiError> {
+    let items = queue::list_jobs(db, filter).await?;
+    let next_cursor = (items.len() as i64 == filter.limit)
+        .then(|| items.last().map(|j| j.id.to_string()))
+        .flatten();
+    Ok(Page { items, next_cursor })
 }
 
 #[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs", params(ListJobsQuery),
@@ -57,24 +99,8 @@ pub async fn list_jobs(
 ) -> Result<axum::Json<Page<JobSummary>>, ApiError> {
     caller.require(Role::Viewer)?;
     let Query(q) = query.map_err(query_error)?;
-    let uuid = |field: &str, raw: &Option<String>| {
-        raw.as_deref().map(|r| parse_uuid(field, r)).transpose()
-    };
-    let filter = queue::JobFilter {
-        status: parse_param::<JobStatus>("status", q.status.as_deref())?,
-        event_id: uuid("event_id", &q.event_id)?,
-        root_job_id: uuid("root_job_id", &q.root_job_id)?,
-        dead: parse_param::<bool>("dead", q.dead.as_deref())?,
-        schedule_id: uuid("schedule_id", &q.schedule_id)?,
-        stuck: parse_param::<bool>("stuck", q.stuck.as_deref())?,
-        before: uuid("cursor", &q.cursor)?,
-        limit: page_limit(q.limit.as_deref(), 100, 500)?,
-    };
-    let items = queue::list_jobs(&state.pool, &filter).await?;
-    let next_cursor = (items.len() as i64 == filter.limit)
-        .then(|| items.last().map(|j| j.id.to_string()))
-        .flatten();
-    Ok(axum::Json(Page { items, next_cursor }))
+    let filter = q.filter(100)?;
+    Ok(axum::Json(job_page(&state.pool, &filter).await?))
 }
 
 #[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs", params(("id" = Uuid, Path)),
@@ -94,7 +120,7 @@ pub async fn get_job(
 pub struct CancelQuery {
     /// `true`: kill the run at once (SIGKILL to its process tree) instead of SIGTERM and a
     /// grace period; also cuts short the grace of an earlier cancel.
-    force: Option<String>,
+    pub force: Option<String>,
 }
 
 #[utoipa::path(post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = Uuid, Path), CancelQuery),
@@ -207,4 +233,72 @@ pub async fn get_logs(
     let next = lines.last().map_or(after, |l| l.seq);
     let done = status.is_terminal() && (lines.len() as i64) < limit;
     Ok(axum::Json(LogPage { lines, next, done }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct LogsTextQuery {
+    /// `true`: keep ANSI escape sequences (colours) as the script wrote them.
+    raw: Option<String>,
+}
+
+/// Lines read per database round trip while a log is downloaded.
+const TEXT_PAGE: usize = 5000;
+
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/logs.txt", tag = "jobs", params(("id" = Uuid, Path), LogsTextQuery),
+    responses((status = 200, content_type = "text/plain", body = String,
+               description = "the whole log as a plain text file (ANSI escape sequences removed unless raw=true), streamed"),
+              (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn get_logs_text(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    query: Result<Query<LogsTextQuery>, QueryRejection>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    caller.require(Role::Viewer)?;
+    let id = parse_uuid("id", &id)?;
+    let Query(q) = query.map_err(query_error)?;
+    let raw = parse_param::<bool>("raw", q.raw.as_deref())?.unwrap_or(false);
+    queue::job_status(&state.pool, id).await?;
+    // Page by page, so a 16 MiB log is never held whole.
+    let pool = state.pool.clone();
+    let body = futures::stream::unfold(Some(0i64), move |after| {
+        let pool = pool.clone();
+        async move {
+            let after = after?;
+            match logs::lines_after(&pool, id, after, TEXT_PAGE).await {
+                Ok(lines) if lines.is_empty() => None,
+                Ok(lines) => {
+                    let next =
+                        (lines.len() == TEXT_PAGE).then(|| lines.last().map_or(after, |l| l.seq));
+                    let mut text = String::new();
+                    for line in &lines {
+                        if raw {
+                            text.push_str(&line.text);
+                        } else {
+                            text.push_str(&crate::dashboard::ansi::strip(&line.text));
+                        }
+                        text.push('\n');
+                    }
+                    Some((Ok::<_, std::io::Error>(bytes::Bytes::from(text)), next))
+                }
+                Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
+            }
+        }
+    });
+    Ok((
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; charset=utf-8".to_owned(),
+            ),
+            (
+                axum::http::header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"baton-job-{id}.log.txt\""),
+            ),
+        ],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
 }

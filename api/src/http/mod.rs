@@ -1,23 +1,23 @@
 //! The REST API (axum): routes, OpenAPI document, and the fallbacks that keep every answer
 //! JSON. Handlers are thin: they authenticate, validate, call `storage`, write the audit log.
 
-mod actions;
-mod events;
-mod extract;
+pub(crate) mod actions;
+pub(crate) mod events;
+pub(crate) mod extract;
 mod health;
 mod hooks;
-mod jobs;
+pub(crate) mod jobs;
 mod openapi_responses;
 pub mod rate_limit;
-mod schedules;
-mod servers;
-mod stream;
+pub(crate) mod schedules;
+pub(crate) mod servers;
+pub(crate) mod stream;
 pub mod stream_slots;
 mod tokens;
 mod uri_guard;
-mod variables;
+pub(crate) mod variables;
 mod webhooks;
-mod workers;
+pub(crate) mod workers;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -94,6 +94,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(jobs::cancel_job))
         .routes(routes!(jobs::rerun_job))
         .routes(routes!(jobs::get_logs))
+        .routes(routes!(jobs::get_logs_text))
         .routes(routes!(stream::stream_logs))
         .routes(routes!(workers::list_workers))
         .routes(routes!(servers::create_server, servers::list_servers))
@@ -115,6 +116,7 @@ pub fn router(state: AppState) -> Router {
         }),
     )
     .route("/metrics", axum::routing::get(crate::metrics::render))
+    .merge(crate::dashboard::router())
     .fallback(not_found)
     .method_not_allowed_fallback(method_not_allowed)
     .layer(DefaultBodyLimit::max(body_limit))

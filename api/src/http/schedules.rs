@@ -105,11 +105,11 @@ pub async fn create_schedule(
 #[serde(deny_unknown_fields)]
 pub struct ListSchedulesQuery {
     /// Only this event's schedules.
-    event_id: Option<String>,
+    pub event_id: Option<String>,
     /// Page size, 1-500 (default 100).
-    limit: Option<String>,
+    pub limit: Option<String>,
     /// `next_cursor` of the previous page.
-    cursor: Option<String>,
+    pub cursor: Option<String>,
 }
 
 #[utoipa::path(get, path = "/api/v1/schedules", tag = "schedules", params(ListSchedulesQuery),

@@ -54,7 +54,7 @@ pub struct StreamQuery {
 
 /// What a follower yields.
 #[derive(Debug)]
-enum Item {
+pub(crate) enum Item {
     Line(LogLine),
     Finished(Box<Job>),
     /// Nothing new for the idle limit: the stream ends; `after` is where to resume.
@@ -179,7 +179,12 @@ async fn websocket(mut socket: WebSocket, items: mpsc::Receiver<Item>, ping: Dur
 /// Reads a job's lines after `after` and keeps reading as new ones are stored, until the job
 /// finished and every line was sent, nothing happened for the idle limit, or the receiver is
 /// dropped. Holds the stream's slot until it ends.
-fn follow(state: AppState, job_id: Uuid, mut after: i64, slot: StreamSlot) -> mpsc::Receiver<Item> {
+pub(crate) fn follow(
+    state: AppState,
+    job_id: Uuid,
+    mut after: i64,
+    slot: StreamSlot,
+) -> mpsc::Receiver<Item> {
     let (tx, rx) = mpsc::channel(256);
     // Subscribe before the first read so nothing stored in between is missed.
     let mut signals = state.hub.subscribe();

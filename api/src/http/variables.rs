@@ -20,7 +20,7 @@ use crate::storage::variables::{self, StoredValue, VariableRow};
 #[serde(deny_unknown_fields)]
 pub struct ScopeQuery {
     /// `global` (default) or `event:{event id}`.
-    scope: Option<String>,
+    pub scope: Option<String>,
 }
 
 fn view(row: VariableRow) -> Variable {

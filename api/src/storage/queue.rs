@@ -1012,7 +1012,9 @@ pub async fn get_job(db: impl PgExecutor<'_>, job_id: Uuid) -> Result<Job> {
     row.map(Job::from).ok_or(StorageError::JobNotFound(job_id))
 }
 
-/// Filters of `GET /api/v1/jobs`; results are newest first, `before` is the cursor.
+/// Filters of `GET /api/v1/jobs` and the dashboard's runs; results are newest first, `before`
+/// is the cursor. Only the filters given appear in the statement, so each combination is
+/// planned for the index that serves it (status, event, root, worker, schedule, dead).
 #[derive(Debug, Clone, Default)]
 pub struct JobFilter {
     pub status: Option<JobStatus>,
@@ -1020,7 +1022,11 @@ pub struct JobFilter {
     pub root_job_id: Option<Uuid>,
     pub dead: Option<bool>,
     pub schedule_id: Option<Uuid>,
+    pub worker_id: Option<Uuid>,
+    /// Flagged stuck (true: see the event's `stuck_after_seconds`), or not.
     pub stuck: Option<bool>,
+    /// Only claimed and running jobs.
+    pub active: bool,
     pub before: Option<Uuid>,
     pub limit: i64,
 }
@@ -1032,33 +1038,105 @@ pub async fn list_jobs(db: impl PgExecutor<'_>, filter: &JobFilter) -> Result<Ve
         "j.input, j.output,",
         "'null'::jsonb AS input, NULL::jsonb AS output,",
     );
+    let mut conditions: Vec<String> = Vec::new();
+    let mut n = 0;
+    let mut next = |condition: &str| {
+        n += 1;
+        conditions.push(condition.replace('?', &format!("${n}")));
+    };
+    if filter.status.is_some() {
+        next("j.status = ?");
+    }
+    if filter.event_id.is_some() {
+        next("j.event_id = ?");
+    }
+    if filter.root_job_id.is_some() {
+        next("j.root_job_id = ?");
+    }
+    if filter.dead.is_some() {
+        next("j.dead = ?");
+    }
+    if filter.schedule_id.is_some() {
+        next("j.schedule_id = ?");
+    }
+    if filter.worker_id.is_some() {
+        next("j.worker_id = ?");
+    }
+    if filter.before.is_some() {
+        next("j.id < ?");
+    }
+    if filter.stuck.is_some() {
+        next("j.stuck = ?");
+    }
+    if filter.active {
+        conditions.push("j.status IN ('claimed', 'running')".into());
+    }
+    let limit_param = n + 1;
+    let where_clause = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conditions.join(" AND "))
+    };
     let sql = format!(
-        "SELECT {columns} FROM jobs j
-         WHERE ($1::text IS NULL OR j.status = $1)
-           AND ($2::uuid IS NULL OR j.event_id = $2)
-           AND ($3::uuid IS NULL OR j.root_job_id = $3)
-           AND ($4::bool IS NULL OR j.dead = $4)
-           AND ($5::uuid IS NULL OR j.id < $5)
-           AND ($7::uuid IS NULL OR j.schedule_id = $7)
-           AND ($8::bool IS NULL OR j.stuck = $8)
-         ORDER BY j.id DESC
-         LIMIT $6"
+        "SELECT {columns} FROM jobs j {where_clause} ORDER BY j.id DESC LIMIT ${limit_param}"
     );
-    let rows: Vec<JobRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(filter.status.map(JobStatus::as_str))
-        .bind(filter.event_id)
-        .bind(filter.root_job_id)
-        .bind(filter.dead)
-        .bind(filter.before)
-        .bind(filter.limit)
-        .bind(filter.schedule_id)
-        .bind(filter.stuck)
-        .fetch_all(db)
-        .await?;
+    let mut query = sqlx::query_as::<_, JobRow>(sqlx::AssertSqlSafe(sql));
+    if let Some(status) = filter.status {
+        query = query.bind(status.as_str());
+    }
+    if let Some(v) = filter.event_id {
+        query = query.bind(v);
+    }
+    if let Some(v) = filter.root_job_id {
+        query = query.bind(v);
+    }
+    if let Some(v) = filter.dead {
+        query = query.bind(v);
+    }
+    if let Some(v) = filter.schedule_id {
+        query = query.bind(v);
+    }
+    if let Some(v) = filter.worker_id {
+        query = query.bind(v);
+    }
+    if let Some(v) = filter.before {
+        query = query.bind(v);
+    }
+    if let Some(v) = filter.stuck {
+        query = query.bind(v);
+    }
+    let rows = query.bind(filter.limit).fetch_all(db).await?;
     Ok(rows
         .into_iter()
         .map(|row| JobSummary::from(Job::from(row)))
         .collect())
+}
+
+/// How many jobs have each status, counted up to `cap` per status (an index-only walk of
+/// `jobs_status_idx` that stops at `cap`, so the cost does not grow with the history): a
+/// count equal to `cap` means "at least".
+pub async fn count_by_status(db: impl PgExecutor<'_>, cap: i64) -> Result<Vec<(JobStatus, i64)>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT s.status, (SELECT count(*) FROM (SELECT 1 FROM jobs j WHERE j.status = s.status LIMIT $1) c)
+         FROM unnest(ARRAY['queued', 'claimed', 'running', 'succeeded', 'failed', 'timed_out', 'cancelled']) AS s(status)",
+    )
+    .bind(cap)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(status, count)| status.parse().ok().map(|s| (s, count)))
+        .collect())
+}
+
+/// How many dead-lettered jobs there are, up to `cap`.
+pub async fn count_dead(db: impl PgExecutor<'_>, cap: i64) -> Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM (SELECT 1 FROM jobs WHERE dead LIMIT $1) c")
+            .bind(cap)
+            .fetch_one(db)
+            .await?,
+    )
 }
 
 /// How many jobs are queued, claimed and running (for the metrics).

@@ -5,6 +5,7 @@
 mod auth;
 mod chains;
 mod credentials;
+mod dashboard;
 mod events;
 mod health;
 mod jobs;
@@ -13,6 +14,7 @@ mod live_logs;
 mod policies;
 mod protocol;
 mod queue;
+mod retention;
 mod schedules;
 mod servers;
 mod terminal;

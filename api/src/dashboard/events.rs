@@ -19,7 +19,7 @@ use crate::AppState;
 use crate::http::extract::{JsonBody, parse_json};
 use crate::http::{actions, events, jobs, schedules};
 use crate::model::action::{Channel, Trigger};
-use crate::model::event::RetryOn;
+use crate::model::event::{ConcurrencyStrategy, RetryOn};
 use crate::model::{Event, Executor, FieldError, Role, Runtime};
 use crate::storage::servers;
 
@@ -55,6 +55,7 @@ async fn choices(state: &AppState) -> Result<Value, DashError> {
         "runtimes": Runtime::ALL.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
         "executors": Executor::ALL.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
         "retry_ons": RetryOn::ALL.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+        "strategies": ConcurrencyStrategy::ALL.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
         "servers": servers.iter().map(|s| json!({"id": s.id, "name": s.name})).collect::<Vec<_>>(),
     }))
 }
@@ -79,6 +80,11 @@ fn values_of(event: &Event) -> Value {
         "retry_backoff_seconds": s.retry_backoff_seconds, "retry_backoff_max_seconds": s.retry_backoff_max_seconds,
         "retry_on": s.retry_on.as_str(), "network": s.network, "priority": s.priority,
         "memory_mib": limits.memory_mib, "cpus": limits.cpus, "pids": limits.pids,
+        "concurrency_max": s.concurrency.as_ref().map(|c| c.max),
+        "concurrency_key": s.concurrency.as_ref().and_then(|c| c.key.clone()),
+        "concurrency_strategy": s.concurrency.as_ref().map(|c| c.strategy.as_str()),
+        "stuck_after_seconds": s.stuck_after_seconds,
+        "startup_window_seconds": s.startup_window_seconds,
     })
 }
 
@@ -106,6 +112,11 @@ fn values_from(form: &Form) -> Value {
         "memory_mib",
         "cpus",
         "pids",
+        "concurrency_max",
+        "concurrency_key",
+        "concurrency_strategy",
+        "stuck_after_seconds",
+        "startup_window_seconds",
     ] {
         map.insert(key.into(), json!(form.get(key)));
     }
@@ -189,6 +200,29 @@ fn event_json(form: &Form, patch: bool) -> Result<Value, FieldError> {
         "limits",
         (!limits.is_empty()).then_some(Value::Object(limits)),
     );
+    optional("stuck_after_seconds", number(form, "stuck_after_seconds")?);
+    // A run policy needs its `max`; a key or strategy without one is named as the error.
+    let concurrency = match number(form, "concurrency_max")? {
+        Some(max) => {
+            let mut c = Map::new();
+            c.insert("max".into(), max);
+            if let Some(key) = form.text("concurrency_key") {
+                c.insert("key".into(), json!(key));
+            }
+            if let Some(strategy) = form.text("concurrency_strategy") {
+                c.insert("strategy".into(), json!(strategy));
+            }
+            Some(Value::Object(c))
+        }
+        None if form.text("concurrency_key").is_some() => {
+            return Err(FieldError::new(
+                "concurrency.max",
+                "a concurrency key needs a maximum",
+            ));
+        }
+        None => None,
+    };
+    optional("concurrency", concurrency);
     body.insert(
         "name".into(),
         json!(form.get("name").unwrap_or_default().trim()),
@@ -210,6 +244,7 @@ fn event_json(form: &Form, patch: bool) -> Result<Value, FieldError> {
         "retry_backoff_seconds",
         "retry_backoff_max_seconds",
         "priority",
+        "startup_window_seconds",
     ] {
         if let Some(v) = number(form, key)? {
             body.insert(key.into(), v);

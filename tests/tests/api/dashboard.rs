@@ -296,6 +296,50 @@ async fn forms_need_the_csrf_token_and_the_role_the_api_needs() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(body.contains("timeout_seconds"), "{body}");
     assert!(body.contains("value=\"bad\""), "{body}");
+
+    // Run policies through the form: stored on the event, shown again when editing.
+    let (status, location) = admin
+        .post(
+            "/events",
+            &format!(
+                "_csrf={}&name=policed&runtime=bash&content=true&concurrency_max=2\
+                 &concurrency_key=%7B%7B+input.host+%7D%7D&concurrency_strategy=skip\
+                 &stuck_after_seconds=30&startup_window_seconds=3",
+                admin.csrf
+            ),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{location}");
+    let (_, events) = app.get("/api/v1/events?limit=500").await;
+    let policed = events["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .find(|e| e["name"] == "policed")
+        .expect("the event made by the form")
+        .clone();
+    assert_eq!(
+        policed["concurrency"],
+        json!({"max": 2, "key": "{{ input.host }}", "strategy": "skip"})
+    );
+    assert_eq!(policed["stuck_after_seconds"], 30);
+    assert_eq!(policed["startup_window_seconds"], 3);
+    let id = policed["id"].as_str().expect("id");
+    let (_, edit) = admin.get(&format!("/events/{id}/edit")).await;
+    assert!(edit.contains("value=\"{{ input.host }}\""), "{edit}");
+    assert!(edit.contains("<option value=\"skip\" selected>"), "{edit}");
+    // A key without a maximum is named.
+    let (status, body) = admin
+        .post(
+            "/events",
+            &format!(
+                "_csrf={}&name=nomax&runtime=bash&content=true&concurrency_key=k",
+                admin.csrf
+            ),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(body.contains("concurrency.max"), "{body}");
 }
 
 #[tokio::test]

@@ -130,6 +130,10 @@ pub async fn after_finish(
     variable_writes: &HashMap<String, String>,
 ) -> Result<(), StorageError> {
     let job = queue::get_job(&mut *conn, job_id).await?;
+    if job.workflow_run_id.is_some() {
+        // A workflow step's end moves its run on, in this same transaction.
+        crate::workflow::engine::on_job_finished(&mut *conn, &job).await?;
+    }
     // Most completions set nothing in motion: stop before loading the event.
     let actions = actions::list_actions(&mut *conn, job.event_id).await?;
     if actions.is_empty() && variable_writes.is_empty() {

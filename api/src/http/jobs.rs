@@ -39,6 +39,8 @@ pub struct ListJobsQuery {
     dead: Option<String>,
     /// Only the runs fired by this schedule.
     schedule_id: Option<String>,
+    /// Only the jobs of this workflow run.
+    workflow_run_id: Option<String>,
     /// Page size, 1-500 (default 100).
     limit: Option<String>,
     /// `next_cursor` of the previous page.
@@ -64,6 +66,7 @@ pub async fn list_jobs(
         root_job_id: uuid("root_job_id", &q.root_job_id)?,
         dead: parse_param::<bool>("dead", q.dead.as_deref())?,
         schedule_id: uuid("schedule_id", &q.schedule_id)?,
+        workflow_run_id: uuid("workflow_run_id", &q.workflow_run_id)?,
         before: uuid("cursor", &q.cursor)?,
         limit: page_limit(q.limit.as_deref(), 100, 500)?,
     };

@@ -99,6 +99,12 @@ pub struct Job {
     pub schedule_id: Option<Uuid>,
     /// The nominal fire time this run was fired for (unique per schedule).
     pub scheduled_for: Option<DateTime<Utc>>,
+    /// The workflow run this job is a step of (`GET /workflow-runs/{id}`).
+    pub workflow_run_id: Option<Uuid>,
+    /// The step of that run (`_on_failure` for the run's on_failure job).
+    pub step_id: Option<String>,
+    /// The element of a `for_each` step.
+    pub step_item: Option<i32>,
 }
 
 /// A job in a list (`GET /api/v1/jobs`): everything [`Job`] has except the run's `input` and
@@ -134,6 +140,12 @@ pub struct JobSummary {
     pub rerun_of: Option<Uuid>,
     pub schedule_id: Option<Uuid>,
     pub scheduled_for: Option<DateTime<Utc>>,
+    /// The workflow run this job is a step of (`GET /workflow-runs/{id}`).
+    pub workflow_run_id: Option<Uuid>,
+    /// The step of that run (`_on_failure` for the run's on_failure job).
+    pub step_id: Option<String>,
+    /// The element of a `for_each` step.
+    pub step_item: Option<i32>,
 }
 
 impl From<Job> for JobSummary {
@@ -168,6 +180,9 @@ impl From<Job> for JobSummary {
             rerun_of: j.rerun_of,
             schedule_id: j.schedule_id,
             scheduled_for: j.scheduled_for,
+            workflow_run_id: j.workflow_run_id,
+            step_id: j.step_id,
+            step_item: j.step_item,
         }
     }
 }

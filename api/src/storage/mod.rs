@@ -16,6 +16,7 @@ pub mod tokens;
 pub mod variables;
 pub mod webhooks;
 pub mod workers;
+pub mod workflows;
 
 use uuid::Uuid;
 
@@ -71,6 +72,20 @@ pub enum StorageError {
     JobNotFinished { job_id: Uuid, status: String },
     #[error("job {job_id} already finished with status {status}")]
     JobFinished { job_id: Uuid, status: String },
+    #[error("workflow {0} not found")]
+    WorkflowNotFound(Uuid),
+    #[error("a workflow named {0:?} already exists")]
+    WorkflowNameTaken(String),
+    #[error("workflow {0} has running runs; cancel them first")]
+    WorkflowBusy(Uuid),
+    #[error("workflow run {0} not found")]
+    WorkflowRunNotFound(Uuid),
+    /// Cancel of a run that already ended.
+    #[error("workflow run {run_id} already ended with status {status}")]
+    WorkflowRunFinished { run_id: Uuid, status: String },
+    /// Retry of a run that is running or succeeded.
+    #[error("workflow run {run_id} is {status}; only failed or cancelled runs can be retried")]
+    WorkflowRunNotRetryable { run_id: Uuid, status: String },
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 }

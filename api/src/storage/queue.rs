@@ -476,7 +476,8 @@ pub async fn complete(
              output = $8, condition = $9,
              progress = CASE WHEN $2 = 'succeeded' THEN 100 ELSE progress END
          WHERE id = $1
-         RETURNING EXISTS (SELECT 1 FROM event_actions a WHERE a.event_id = jobs.event_id)",
+         RETURNING EXISTS (SELECT 1 FROM event_actions a WHERE a.event_id = jobs.event_id)
+                   OR jobs.workflow_run_id IS NOT NULL",
     )
     .bind(job_id)
     .bind(status.as_str())
@@ -561,9 +562,11 @@ async fn succeed(
                      $7::bigint[]) AS r(id, token, exit_code, exit_signal, output, condition, last_seq)
          WHERE jobs.id = r.id AND jobs.lease_token = r.token AND jobs.lease_expires_at > now()
            AND jobs.status IN ('claimed', 'running') AND jobs.last_log_seq >= r.last_seq
-           AND ($8 OR NOT EXISTS (SELECT 1 FROM event_actions a WHERE a.event_id = jobs.event_id))
+           AND ($8 OR (NOT EXISTS (SELECT 1 FROM event_actions a WHERE a.event_id = jobs.event_id)
+                       AND jobs.workflow_run_id IS NULL))
          RETURNING jobs.id,
-                   $8 AND EXISTS (SELECT 1 FROM event_actions a WHERE a.event_id = jobs.event_id)",
+                   $8 AND (EXISTS (SELECT 1 FROM event_actions a WHERE a.event_id = jobs.event_id)
+                           OR jobs.workflow_run_id IS NOT NULL)",
     )
     .bind(ids)
     .bind(tokens)
@@ -889,7 +892,7 @@ const JOB_COLUMNS: &str = "j.id, j.event_id, coalesce(j.spec->>'name', '') AS ev
     j.max_attempts, j.dead, j.priority, j.run_at, j.exit_code, j.exit_signal, j.error_kind, j.error_message,
     j.input, j.output, j.condition, j.progress, j.cancel_requested, j.parent_job_id, j.root_job_id, j.depth,
     j.idempotency_key, j.worker_id, j.created_at, j.claimed_at, j.started_at, j.finished_at, j.action_notes,
-    j.log_lines_dropped, j.rerun_of, j.schedule_id, j.scheduled_for";
+    j.log_lines_dropped, j.rerun_of, j.schedule_id, j.scheduled_for, j.workflow_run_id, j.step_id, j.step_item";
 
 #[derive(Debug, sqlx::FromRow)]
 struct JobRow {
@@ -926,6 +929,9 @@ struct JobRow {
     rerun_of: Option<Uuid>,
     schedule_id: Option<Uuid>,
     scheduled_for: Option<DateTime<Utc>>,
+    workflow_run_id: Option<Uuid>,
+    step_id: Option<String>,
+    step_item: Option<i32>,
 }
 
 impl From<JobRow> for Job {
@@ -969,6 +975,9 @@ impl From<JobRow> for Job {
             rerun_of: r.rerun_of,
             schedule_id: r.schedule_id,
             scheduled_for: r.scheduled_for,
+            workflow_run_id: r.workflow_run_id,
+            step_id: r.step_id,
+            step_item: r.step_item,
         }
     }
 }
@@ -990,6 +999,7 @@ pub struct JobFilter {
     pub root_job_id: Option<Uuid>,
     pub dead: Option<bool>,
     pub schedule_id: Option<Uuid>,
+    pub workflow_run_id: Option<Uuid>,
     pub before: Option<Uuid>,
     pub limit: i64,
 }
@@ -1009,6 +1019,7 @@ pub async fn list_jobs(db: impl PgExecutor<'_>, filter: &JobFilter) -> Result<Ve
            AND ($4::bool IS NULL OR j.dead = $4)
            AND ($5::uuid IS NULL OR j.id < $5)
            AND ($7::uuid IS NULL OR j.schedule_id = $7)
+           AND ($8::uuid IS NULL OR j.workflow_run_id = $8)
          ORDER BY j.id DESC
          LIMIT $6"
     );
@@ -1020,6 +1031,7 @@ pub async fn list_jobs(db: impl PgExecutor<'_>, filter: &JobFilter) -> Result<Ve
         .bind(filter.before)
         .bind(filter.limit)
         .bind(filter.schedule_id)
+        .bind(filter.workflow_run_id)
         .fetch_all(db)
         .await?;
     Ok(rows

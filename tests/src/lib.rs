@@ -10,6 +10,7 @@ pub mod faults;
 pub mod protocol;
 pub mod receivers;
 pub mod schedules;
+pub mod workflows;
 
 use std::sync::OnceLock;
 use std::time::Duration;

@@ -18,6 +18,7 @@ mod uri_guard;
 mod variables;
 mod webhooks;
 mod workers;
+mod workflows;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -95,6 +96,16 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(jobs::rerun_job))
         .routes(routes!(jobs::get_logs))
         .routes(routes!(stream::stream_logs))
+        .routes(routes!(
+            workflows::create_workflow,
+            workflows::list_workflows
+        ))
+        .routes(routes!(workflows::get_workflow, workflows::delete_workflow))
+        .routes(routes!(workflows::run_workflow))
+        .routes(routes!(workflows::list_runs))
+        .routes(routes!(workflows::get_run))
+        .routes(routes!(workflows::cancel_run))
+        .routes(routes!(workflows::retry_run))
         .routes(routes!(workers::list_workers))
         .routes(routes!(servers::create_server, servers::list_servers))
         .routes(routes!(servers::get_server, servers::delete_server))

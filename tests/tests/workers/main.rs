@@ -14,3 +14,4 @@ mod secret_refs;
 mod ssh;
 mod support;
 mod worker_tokens;
+mod workflows;

@@ -15,3 +15,4 @@ mod ssh;
 mod support;
 mod worker_tokens;
 mod workflows;
+mod workflows_chaos;

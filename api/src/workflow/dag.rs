@@ -113,6 +113,10 @@ fn find_cycle(def: &NewWorkflow, index: &BTreeMap<&str, usize>, left: &[usize]) 
         if let Some(&pos) = on_path.get(&next) {
             let mut cycle: Vec<usize> = path[pos..].to_vec();
             cycle.reverse(); // needs point backwards: show the run order
+            // Start at the step defined first, so the answer does not depend on the walk.
+            if let Some(first) = (0..cycle.len()).min_by_key(|&i| cycle[i]) {
+                cycle.rotate_left(first);
+            }
             cycle.push(cycle[0]);
             return cycle;
         }

@@ -19,3 +19,4 @@ mod variables;
 mod webhooks;
 mod worker_reports;
 mod worker_tokens;
+mod workflows;

@@ -21,6 +21,7 @@ mod queue;
 mod ssh;
 mod support;
 mod throughput;
+mod workflow;
 
 use clap::{Parser, Subcommand};
 
@@ -55,6 +56,9 @@ enum Bench {
     /// A trivial run through the SSH executor over a pooled connection vs a fresh
     /// `ssh -o ControlMaster=no host true`, alternating: medians and their ratio.
     Ssh(ssh::Args),
+    /// A 100-step fan-out/fan-in workflow of `noop` steps (and a `for_each` of 99) end to end,
+    /// against 100 independent `noop` runs: the DAG's orchestration overhead as a ratio.
+    Workflow(workflow::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -77,6 +81,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Logs(args) => logs::run(args).await,
             Bench::Container(args) => container::run(args).await,
             Bench::Ssh(args) => ssh::run(args).await,
+            Bench::Workflow(args) => workflow::run(args).await,
         }
     })?;
     println!("{summary}");

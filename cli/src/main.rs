@@ -6,6 +6,7 @@ mod client;
 mod commands;
 mod dev;
 mod schedules;
+mod workflows;
 
 use clap::{Parser, Subcommand};
 

@@ -109,6 +109,30 @@ pub fn fires(trigger: Trigger, job: &Job) -> bool {
     }
 }
 
+/// Evaluates an action's CEL `if` over the finished job (see
+/// [`crate::model::action::ACTION_IF_VARIABLES`]).
+pub fn condition_holds(source: &str, job: &Job, context: &Value) -> Result<bool, String> {
+    let null = Value::Null;
+    let status = json!(job.status.as_str());
+    let output = job.output.clone().unwrap_or(Value::Null);
+    let condition = json!(job.condition);
+    let exit_code = json!(job.exit_code);
+    let error = json!(job.error);
+    crate::workflow::expr::eval_bool(
+        source,
+        &[
+            ("status", &status),
+            ("output", &output),
+            ("condition", &condition),
+            ("exit_code", &exit_code),
+            ("error", &error),
+            ("input", &job.input),
+            ("job", context.get("job").unwrap_or(&null)),
+            ("event", context.get("event").unwrap_or(&null)),
+        ],
+    )
+}
+
 /// Everything a job that ended without a worker's report sets in motion (failed by the
 /// reaper or the dispatcher, cancelled while queued): its actions, in the caller's
 /// transaction, which also holds the transition.
@@ -166,6 +190,18 @@ pub async fn after_finish(
     for action in actions {
         if !fires(action.trigger, &job) {
             continue;
+        }
+        if let Some(source) = &action.if_ {
+            match condition_holds(source, &job, &context) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    let note = format!("action {}: if: {e}; not fired", action.id);
+                    tracing::warn!(job.id = %job.id, %note);
+                    actions::add_note(&mut *conn, job.id, &note).await?;
+                    continue;
+                }
+            }
         }
         match &action.action {
             ActionSpec::RunEvent { event_id } => {

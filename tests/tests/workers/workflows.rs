@@ -411,3 +411,79 @@ async fn retry_reruns_only_failed_and_failure_skipped_steps_keeping_outputs() {
     );
     worker.stop().await;
 }
+
+/// The jobs chained from `parent` (`parent_job_id`), as event ids.
+async fn children(app: &TestApp, parent: &str) -> Vec<String> {
+    let row: Vec<(String,)> = sqlx::query_as(
+        "SELECT event_id::text FROM jobs WHERE parent_job_id = $1::uuid ORDER BY id",
+    )
+    .bind(parent)
+    .fetch_all(&app.pool)
+    .await
+    .expect("children");
+    row.into_iter().map(|(e,)| e).collect()
+}
+
+#[tokio::test]
+async fn actions_fire_only_when_their_cel_if_holds() {
+    let app = spawn_app().await;
+    let worker = InProcessWorker::start(&app, 4).await;
+    let src = local_event(
+        &app,
+        "count-rows",
+        "python",
+        "import baton\nbaton.output({'rows': baton.input()['rows']})",
+    )
+    .await;
+    let big = noop_event(&app, "big").await;
+    let small = noop_event(&app, "small").await;
+    for (trigger, condition, target) in [
+        (
+            "on_success",
+            "output.rows > 100 && status == 'succeeded'",
+            &big,
+        ),
+        (
+            "always",
+            "status != 'succeeded' || output.rows <= 100",
+            &small,
+        ),
+    ] {
+        let (status, body) = app
+            .post(
+                &format!("/api/v1/events/{src}/actions"),
+                &json!({"trigger": trigger, "if": condition,
+                        "action": {"type": "run_event", "event_id": target}}),
+            )
+            .await;
+        assert_eq!(status, reqwest::StatusCode::CREATED, "{body}");
+        assert_eq!(body["if"], condition);
+    }
+    for (rows, expected) in [(150, &big), (5, &small)] {
+        let job = app.run_event(&src, &json!({"input": {"rows": rows}})).await;
+        wait_finished(&app, &job).await;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let fired = children(&app, &job).await;
+            if !fired.is_empty() {
+                assert_eq!(&fired, &[expected.clone()], "rows={rows}");
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no action fired");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    // An `if` that does not compile, or names an unknown variable, is refused naming `if`.
+    for bad in ["output.rows >", "rows > 1"] {
+        let (status, body) = app
+            .post(
+                &format!("/api/v1/events/{src}/actions"),
+                &json!({"trigger": "always", "if": bad,
+                        "action": {"type": "run_event", "event_id": big}}),
+            )
+            .await;
+        assert_eq!(status, reqwest::StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(body["error"]["field"], "if");
+    }
+    worker.stop().await;
+}

@@ -308,4 +308,5 @@ pub fn retry_targets(def: &NewWorkflow, states: &BTreeMap<String, StepView>) -> 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test reports a failure
 mod tests;

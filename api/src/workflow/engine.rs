@@ -243,15 +243,18 @@ async fn step_event(
     spec: &StepSpec,
     cache: &mut BTreeMap<Uuid, Option<Event>>,
 ) -> Result<Option<Event>> {
-    if !cache.contains_key(&spec.event_id) {
-        let found = match events::get_event(&mut *conn, spec.event_id).await {
-            Ok(e) => Some(e),
-            Err(StorageError::EventNotFound(_)) => None,
-            Err(e) => return Err(e),
-        };
-        cache.insert(spec.event_id, found);
-    }
-    let Some(mut event) = cache.get(&spec.event_id).cloned().flatten() else {
+    let cached = match cache.entry(spec.event_id) {
+        std::collections::btree_map::Entry::Occupied(known) => known.into_mut(),
+        std::collections::btree_map::Entry::Vacant(slot) => {
+            let found = match events::get_event(&mut *conn, spec.event_id).await {
+                Ok(e) => Some(e),
+                Err(StorageError::EventNotFound(_)) => None,
+                Err(e) => return Err(e),
+            };
+            slot.insert(found)
+        }
+    };
+    let Some(mut event) = cached.clone() else {
         return Ok(None);
     };
     if let Some(retry) = spec.retry {

@@ -207,6 +207,7 @@ pub fn eval_bool(source: &str, vars: &[(&str, &Value)]) -> Result<bool, String> 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test reports a failure
 mod tests {
     use super::*;
     use serde_json::json;

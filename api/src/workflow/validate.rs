@@ -142,6 +142,7 @@ fn check_expression(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test reports a failure
 mod tests {
     use super::*;
     use serde_json::json;

@@ -126,7 +126,7 @@ async fn a_yaml_definition_is_accepted_and_reads_back_as_json() {
     let (_, read) = app
         .get(&format!(
             "/api/v1/workflows/{}",
-            body["id"].as_str().unwrap()
+            body["id"].as_str().expect("id")
         ))
         .await;
     assert_eq!(read["name"], "nightly-backup");

@@ -466,7 +466,7 @@ async fn actions_fire_only_when_their_cel_if_holds() {
         loop {
             let fired = children(&app, &job).await;
             if !fired.is_empty() {
-                assert_eq!(&fired, &[expected.clone()], "rows={rows}");
+                assert_eq!(fired, std::slice::from_ref(expected), "rows={rows}");
                 break;
             }
             assert!(tokio::time::Instant::now() < deadline, "no action fired");

@@ -74,8 +74,14 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(actions::delete_action))
         .routes(routes!(webhooks::create_webhook, webhooks::list_webhooks))
         .routes(routes!(webhooks::revoke_webhook))
+        .routes(routes!(
+            webhooks::create_workflow_webhook,
+            webhooks::list_workflow_webhooks
+        ))
+        .routes(routes!(webhooks::revoke_workflow_webhook))
         .routes(routes!(hooks::deliver))
         .routes(routes!(schedules::create_schedule))
+        .routes(routes!(schedules::create_workflow_schedule))
         .routes(routes!(schedules::list_schedules))
         .routes(routes!(
             schedules::get_schedule,

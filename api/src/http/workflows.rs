@@ -157,23 +157,40 @@ pub async fn run_workflow(
 ) -> Result<(StatusCode, axum::Json<RunStarted>), ApiError> {
     caller.require(Role::Operator)?;
     let id = parse_uuid("id", &id)?;
-    let input = request.and_then(|r| r.input).unwrap_or_else(|| json!({}));
+    let request = request.unwrap_or_default();
+    let key = request.idempotency_key.as_deref();
+    if let Some(key) = key
+        && (key.is_empty() || key.len() > 200 || key.chars().any(char::is_control))
+    {
+        return Err(FieldError::new(
+            "idempotency_key",
+            "must be 1 to 200 characters, without control characters",
+        )
+        .into());
+    }
+    let input = request.input.unwrap_or_else(|| json!({}));
     let mut tx = state.pool.begin().await?;
     let workflow = store::get_workflow(&mut *tx, id).await?;
-    let run = engine::start_run(&mut tx, &workflow, &input, Some(caller.token_id)).await?;
-    audit(
-        &mut *tx,
-        &caller,
-        "workflow.run",
-        "workflow_run",
-        run.id,
-        json!({"workflow_id": id}),
-    )
-    .await?;
+    let (run, created) =
+        engine::start_run(&mut tx, &workflow, &input, Some(caller.token_id), key).await?;
+    if created {
+        audit(
+            &mut *tx,
+            &caller,
+            "workflow.run",
+            "workflow_run",
+            run.id,
+            json!({"workflow_id": id}),
+        )
+        .await?;
+    }
     tx.commit().await?;
     Ok((
         StatusCode::ACCEPTED,
-        axum::Json(RunStarted { run_id: run.id }),
+        axum::Json(RunStarted {
+            run_id: run.id,
+            created,
+        }),
     ))
 }
 

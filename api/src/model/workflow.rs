@@ -113,11 +113,16 @@ pub struct RunWorkflowRequest {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub input: Option<Value>,
+    /// A repeat with the same key (per workflow) starts nothing and returns the first run.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, ToSchema)]
 pub struct RunStarted {
     pub run_id: Uuid,
+    /// False when the idempotency key matched an earlier run (that run is returned).
+    pub created: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

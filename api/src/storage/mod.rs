@@ -92,6 +92,37 @@ pub enum StorageError {
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 
+/// What a schedule (or a webhook) starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Event(Uuid),
+    Workflow(Uuid),
+}
+
+impl Target {
+    pub fn event_id(self) -> Option<Uuid> {
+        match self {
+            Target::Event(id) => Some(id),
+            Target::Workflow(_) => None,
+        }
+    }
+
+    pub fn workflow_id(self) -> Option<Uuid> {
+        match self {
+            Target::Workflow(id) => Some(id),
+            Target::Event(_) => None,
+        }
+    }
+
+    /// The error for a target that does not exist.
+    pub fn not_found(self) -> StorageError {
+        match self {
+            Target::Event(id) => StorageError::EventNotFound(id),
+            Target::Workflow(id) => StorageError::WorkflowNotFound(id),
+        }
+    }
+}
+
 /// True when `err` is a unique-constraint violation on the named constraint.
 pub(crate) fn is_unique_violation(err: &sqlx::Error, constraint: &str) -> bool {
     match err {

@@ -145,25 +145,62 @@ impl RunRow {
 const RUN_COLUMNS: &str = "id, workflow_id, workflow_name, definition, status, input, attempt,
     on_failure_job_id, created_at, finished_at";
 
-/// Inserts a run and one `pending` row per step.
+/// The schedule slot a run is fired for: `(schedule_id, scheduled_for)` is unique.
+pub type ScheduleSlot = (Uuid, DateTime<Utc>);
+
+/// What started a run, for its unique keys.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOrigin<'a> {
+    pub slot: Option<ScheduleSlot>,
+    /// Unique per workflow: a repeat finds the first run ([`run_by_key`]).
+    pub idempotency_key: Option<&'a str>,
+}
+
+/// The run of `workflow_id` started with this idempotency key.
+pub async fn run_by_key(
+    db: impl PgExecutor<'_>,
+    workflow_id: Uuid,
+    key: &str,
+) -> Result<Option<RunRow>> {
+    let sql = format!(
+        "SELECT {RUN_COLUMNS} FROM workflow_runs WHERE workflow_id = $1 AND idempotency_key = $2"
+    );
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(workflow_id)
+        .bind(key)
+        .fetch_optional(db)
+        .await?)
+}
+
+/// Inserts a run and one `pending` row per step. With a schedule slot or an idempotency key
+/// that already has a run, inserts nothing and returns None.
 pub async fn insert_run(
     conn: &mut PgConnection,
     workflow: &Workflow,
     input: &Value,
     created_by: Option<Uuid>,
-) -> Result<RunRow> {
+    origin: &RunOrigin<'_>,
+) -> Result<Option<RunRow>> {
+    // DO NOTHING without a target covers both unique keys: the schedule slot and the
+    // idempotency key.
     let sql = format!(
-        "INSERT INTO workflow_runs (id, workflow_id, workflow_name, definition, status, input, created_by)
-         VALUES ($1, $2, $3, $4, 'running', $5, $6) RETURNING {RUN_COLUMNS}"
+        "INSERT INTO workflow_runs (id, workflow_id, workflow_name, definition, status, input, created_by,
+                                    schedule_id, scheduled_for, idempotency_key)
+         VALUES ($1, $2, $3, $4, 'running', $5, $6, $7, $8, $9)
+         ON CONFLICT DO NOTHING
+         RETURNING {RUN_COLUMNS}"
     );
-    let run: RunRow = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+    let run: Option<RunRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(Uuid::now_v7())
         .bind(workflow.id)
         .bind(&workflow.spec.name)
         .bind(Json(&workflow.spec))
         .bind(Json(input))
         .bind(created_by)
-        .fetch_one(&mut *conn)
+        .bind(origin.slot.map(|s| s.0))
+        .bind(origin.slot.map(|s| s.1))
+        .bind(origin.idempotency_key)
+        .fetch_optional(&mut *conn)
         .await
         .map_err(|e| match e {
             sqlx::Error::Database(d) if d.is_foreign_key_violation() => {
@@ -171,6 +208,9 @@ pub async fn insert_run(
             }
             other => other.into(),
         })?;
+    let Some(run) = run else {
+        return Ok(None);
+    };
     let ids: Vec<&str> = workflow.spec.steps.iter().map(|s| s.id.as_str()).collect();
     sqlx::query(
         "INSERT INTO workflow_steps (run_id, step_id, position, status)
@@ -180,7 +220,7 @@ pub async fn insert_run(
     .bind(&ids)
     .execute(&mut *conn)
     .await?;
-    Ok(run)
+    Ok(Some(run))
 }
 
 /// Locks a run's row for the caller's transaction: every change to its steps happens under

@@ -35,16 +35,51 @@ pub const ON_FAILURE_STEP: &str = "_on_failure";
 /// Most elements a `for_each` list may have.
 pub const MAX_ITEMS: usize = 10_000;
 
-/// Inserts a run of `workflow` and starts its root steps.
+/// Inserts a run of `workflow` and starts its root steps. With an idempotency key that already
+/// started a run, returns that run instead (`false`: not created now).
 pub async fn start_run(
     conn: &mut PgConnection,
     workflow: &Workflow,
     input: &Value,
     created_by: Option<Uuid>,
-) -> Result<RunRow> {
-    let run = store::insert_run(&mut *conn, workflow, input, created_by).await?;
+    idempotency_key: Option<&str>,
+) -> Result<(RunRow, bool)> {
+    let origin = store::RunOrigin {
+        slot: None,
+        idempotency_key,
+    };
+    if let Some(run) = store::insert_run(&mut *conn, workflow, input, created_by, &origin).await? {
+        advance(conn, &run).await?;
+        return Ok((run, true));
+    }
+    let existing = match idempotency_key {
+        Some(key) => store::run_by_key(&mut *conn, workflow.id, key).await?,
+        None => None,
+    };
+    existing
+        .map(|run| (run, false))
+        .ok_or(StorageError::WorkflowNotFound(workflow.id))
+}
+
+/// The run a schedule fires for its nominal time `slot`, unless that slot already has one
+/// (then None: `(schedule_id, scheduled_for)` is unique, as for event schedules).
+pub async fn start_scheduled_run(
+    conn: &mut PgConnection,
+    workflow: &Workflow,
+    input: &Value,
+    created_by: Option<Uuid>,
+    slot: store::ScheduleSlot,
+) -> Result<Option<RunRow>> {
+    let origin = store::RunOrigin {
+        slot: Some(slot),
+        idempotency_key: None,
+    };
+    let Some(run) = store::insert_run(&mut *conn, workflow, input, created_by, &origin).await?
+    else {
+        return Ok(None);
+    };
     advance(conn, &run).await?;
-    Ok(run)
+    Ok(Some(run))
 }
 
 /// A job ended (succeeded, failed, timed out or cancelled — not a retry): if it is a step's,

@@ -244,3 +244,131 @@ async fn runs_start_their_roots_and_roles_and_errors_are_enforced() {
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
 }
+
+#[tokio::test]
+async fn a_schedule_of_a_workflow_starts_one_run_per_fire_time() {
+    let app = spawn_app().await;
+    let e = event(&app, "e").await;
+    let wf = create_workflow(
+        &app,
+        &json!({"name": "every-second", "steps": [{"id": "a", "event_id": e}]}),
+    )
+    .await;
+    let (status, schedule) = app
+        .post(
+            &format!("/api/v1/workflows/{wf}/schedules"),
+            &json!({"interval_seconds": 1, "input": {"from": "schedule"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{schedule}");
+    assert_eq!(schedule["workflow_id"], wf.as_str());
+    assert_eq!(schedule["event_id"], Value::Null);
+    let schedule_id: uuid::Uuid = schedule["id"].as_str().expect("id").parse().expect("uuid");
+    let slots = baton_tests::schedules::eventually(
+        std::time::Duration::from_secs(60),
+        "two fired runs",
+        || async {
+            let slots: Vec<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+                "SELECT scheduled_for FROM workflow_runs WHERE schedule_id = $1 ORDER BY scheduled_for",
+            )
+            .bind(schedule_id)
+            .fetch_all(&app.pool)
+            .await
+            .expect("runs");
+            (slots.len() >= 2).then_some(slots)
+        },
+    )
+    .await;
+    let mut distinct = slots.clone();
+    distinct.dedup();
+    assert_eq!(distinct, slots, "one run per fire time");
+    let (_, runs) = app
+        .get(&format!("/api/v1/workflow-runs?workflow_id={wf}"))
+        .await;
+    assert_eq!(runs["items"][0]["input"], json!({"from": "schedule"}));
+    let (_, listed) = app
+        .get(&format!("/api/v1/schedules?workflow_id={wf}"))
+        .await;
+    assert_eq!(
+        listed["items"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+    let (status, _) = app
+        .post(
+            "/api/v1/workflows/00000000-0000-7000-8000-000000000000/schedules",
+            &json!({"interval_seconds": 5}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_webhook_of_a_workflow_starts_runs_once_per_idempotency_key() {
+    let app = spawn_app().await;
+    let e = event(&app, "e").await;
+    let wf = create_workflow(
+        &app,
+        &json!({"name": "hooked", "steps": [{"id": "a", "event_id": e}]}),
+    )
+    .await;
+    let (status, created) = app
+        .post(
+            &format!("/api/v1/workflows/{wf}/webhooks"),
+            &json!({"name": "ci", "headers": ["X-Source"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["workflow_id"], wf.as_str());
+    let url = created["url"].as_str().expect("url").to_owned();
+    let deliver = |key: &str| {
+        app.anonymous(Method::POST, &url)
+            .header("content-type", "application/json")
+            .header("X-Source", "ci")
+            .header("Idempotency-Key", key)
+            .body(r#"{"ref": "main"}"#)
+    };
+    let (status, first) = send(deliver("k1")).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    assert_eq!(first["created"], true);
+    assert!(first.get("job_id").is_none(), "{first}");
+    let run_id = first["run_id"].as_str().expect("run_id").to_owned();
+    let (_, run) = app.get(&format!("/api/v1/workflow-runs/{run_id}")).await;
+    assert_eq!(
+        run["input"],
+        json!({"ref": "main", "_headers": {"x-source": "ci"}})
+    );
+    let (status, again) = send(deliver("k1")).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{again}");
+    assert_eq!(again["run_id"], run_id.as_str());
+    assert_eq!(again["created"], false);
+    let (_, other) = send(deliver("k2")).await;
+    assert_ne!(other["run_id"], run_id.as_str());
+
+    let (_, hooks) = app.get(&format!("/api/v1/workflows/{wf}/webhooks")).await;
+    let hook_id = hooks[0]["id"].as_str().expect("id").to_owned();
+    let (status, _) = app
+        .delete(&format!("/api/v1/workflows/{wf}/webhooks/{hook_id}"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = send(deliver("k3")).await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "a revoked key starts nothing"
+    );
+
+    // A run request's own idempotency key.
+    let body = json!({"input": {}, "idempotency_key": "once"});
+    let (_, a) = app
+        .post(&format!("/api/v1/workflows/{wf}/run"), &body)
+        .await;
+    let (_, b) = app
+        .post(&format!("/api/v1/workflows/{wf}/run"), &body)
+        .await;
+    assert_eq!(a["run_id"], b["run_id"]);
+    assert_eq!(
+        (a["created"].clone(), b["created"].clone()),
+        (json!(true), json!(false))
+    );
+}

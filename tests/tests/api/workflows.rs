@@ -372,3 +372,39 @@ async fn a_webhook_of_a_workflow_starts_runs_once_per_idempotency_key() {
         (json!(true), json!(false))
     );
 }
+
+#[tokio::test]
+async fn openapi_documents_the_workflow_routes() {
+    let app = spawn_app().await;
+    let (status, doc) = app.get("/api/v1/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    for (path, method) in [
+        ("/api/v1/workflows", "post"),
+        ("/api/v1/workflows", "get"),
+        ("/api/v1/workflows/{id}", "get"),
+        ("/api/v1/workflows/{id}", "delete"),
+        ("/api/v1/workflows/{id}/run", "post"),
+        ("/api/v1/workflows/{id}/schedules", "post"),
+        ("/api/v1/workflows/{id}/webhooks", "post"),
+        ("/api/v1/workflows/{id}/webhooks", "get"),
+        ("/api/v1/workflows/{id}/webhooks/{webhook_id}", "delete"),
+        ("/api/v1/workflow-runs", "get"),
+        ("/api/v1/workflow-runs/{id}", "get"),
+        ("/api/v1/workflow-runs/{id}/cancel", "post"),
+        ("/api/v1/workflow-runs/{id}/retry", "post"),
+    ] {
+        assert!(
+            doc["paths"][path][method].is_object(),
+            "{method} {path} is not documented"
+        );
+    }
+    let create = &doc["paths"]["/api/v1/workflows"]["post"];
+    assert!(create["requestBody"]["content"]["application/yaml"].is_object());
+    assert!(create["responses"]["422"].is_object());
+    let job = &doc["components"]["schemas"]["Job"]["properties"];
+    for field in ["workflow_run_id", "step_id", "step_item"] {
+        assert!(job[field].is_object(), "Job.{field}");
+    }
+    let action = &doc["components"]["schemas"]["NewAction"]["properties"];
+    assert!(action["if"].is_object(), "NewAction.if");
+}

@@ -262,7 +262,7 @@ async fn full_view(conn: &mut sqlx::PgConnection, run: RunRow) -> Result<Workflo
                 error: r.error.clone(),
                 attempt: r.attempt,
                 job_ids,
-                items: r.items.as_ref().map(|i| i.0.len() as i32),
+                items: r.item_count,
                 output: r.output.map(|o| o.0),
                 started_at: r.started_at,
                 finished_at: r.finished_at,

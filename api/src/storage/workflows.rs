@@ -298,7 +298,10 @@ pub struct StepRow {
     pub skip_reason: Option<String>,
     pub error: Option<String>,
     pub attempt: i32,
+    /// The `for_each` list (read by [`load_step`] only; [`load_steps`] leaves it out).
     pub items: Option<Json<Vec<Value>>>,
+    /// How many elements the `for_each` list has (None for other steps).
+    pub item_count: Option<i32>,
     pub next_item: i32,
     pub output: Option<Json<Value>>,
     pub started_at: Option<DateTime<Utc>>,
@@ -311,10 +314,12 @@ impl StepRow {
     }
 }
 
-/// A run's steps, in definition order.
+/// A run's steps, in definition order, without their `for_each` lists (which may be long and
+/// are needed only by the step's own progress): `item_count` says how long they are.
 pub async fn load_steps(db: impl PgExecutor<'_>, run_id: Uuid) -> Result<Vec<StepRow>> {
     Ok(sqlx::query_as(
-        "SELECT step_id, status, skip_reason, error, attempt, items, next_item, output, started_at, finished_at
+        "SELECT step_id, status, skip_reason, error, attempt, NULL::jsonb AS items,
+                jsonb_array_length(items) AS item_count, next_item, output, started_at, finished_at
          FROM workflow_steps WHERE run_id = $1 ORDER BY position",
     )
     .bind(run_id)
@@ -329,7 +334,8 @@ pub async fn load_step(
     step_id: &str,
 ) -> Result<Option<StepRow>> {
     Ok(sqlx::query_as(
-        "SELECT step_id, status, skip_reason, error, attempt, items, next_item, output, started_at, finished_at
+        "SELECT step_id, status, skip_reason, error, attempt, items, jsonb_array_length(items) AS item_count,
+                next_item, output, started_at, finished_at
          FROM workflow_steps WHERE run_id = $1 AND step_id = $2",
     )
     .bind(run_id)

@@ -2,8 +2,6 @@
 //! steps. The definition's rules (ids, the graph, expressions) are checked by
 //! `crate::workflow::validate`, which names the step and field of any problem.
 
-use std::collections::BTreeMap;
-
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -53,7 +51,8 @@ pub struct StepSpec {
     /// output is the list of the jobs' outputs, in order.
     #[serde(default)]
     pub for_each: Option<String>,
-    /// At most this many of a `for_each` step's jobs run at once (default 10).
+    /// At most this many of a `for_each` step's jobs are queued or running at once (1-1000;
+    /// default: every element at once, bounded only by the workers' slots).
     #[serde(default)]
     pub max_parallel: Option<i32>,
     /// When the step may run, given how its needs ended (default `all_succeeded`).
@@ -238,6 +237,3 @@ pub struct RunFilter {
     pub before: Option<Uuid>,
     pub limit: i64,
 }
-
-/// What a step's definition needs to be looked up quickly.
-pub type StepIndex<'a> = BTreeMap<&'a str, &'a StepSpec>;

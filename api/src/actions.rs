@@ -163,6 +163,30 @@ pub async fn after_stuck(
     .await
 }
 
+/// Evaluates an action's CEL `if` over the finished job (see
+/// [`crate::model::action::ACTION_IF_VARIABLES`]).
+pub fn condition_holds(source: &str, job: &Job, context: &Value) -> Result<bool, String> {
+    let null = Value::Null;
+    let status = json!(job.status.as_str());
+    let output = job.output.clone().unwrap_or(Value::Null);
+    let condition = json!(job.condition);
+    let exit_code = json!(job.exit_code);
+    let error = json!(job.error);
+    crate::workflow::expr::eval_bool(
+        source,
+        &[
+            ("status", &status),
+            ("output", &output),
+            ("condition", &condition),
+            ("exit_code", &exit_code),
+            ("error", &error),
+            ("input", &job.input),
+            ("job", context.get("job").unwrap_or(&null)),
+            ("event", context.get("event").unwrap_or(&null)),
+        ],
+    )
+}
+
 /// Everything a job that ended without a worker's report sets in motion (failed by the
 /// reaper or the dispatcher, cancelled while queued): its actions, in the caller's
 /// transaction, which also holds the transition.
@@ -203,6 +227,10 @@ async fn evaluate(
     moment: Moment,
 ) -> Result<(), StorageError> {
     let job = queue::get_job(&mut *conn, job_id).await?;
+    if job.workflow_run_id.is_some() {
+        // A workflow step's end moves its run on, in this same transaction.
+        crate::workflow::engine::on_job_finished(&mut *conn, &job).await?;
+    }
     // Most completions set nothing in motion: stop before loading the event.
     let actions = actions::list_actions(&mut *conn, job.event_id).await?;
     if actions.is_empty() && variable_writes.is_empty() {
@@ -235,6 +263,18 @@ async fn evaluate(
     for action in actions {
         if !moment.fires(action.trigger, &job) {
             continue;
+        }
+        if let Some(source) = &action.if_ {
+            match condition_holds(source, &job, &context) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    let note = format!("action {}: if: {e}; not fired", action.id);
+                    tracing::warn!(job.id = %job.id, %note);
+                    actions::add_note(&mut *conn, job.id, &note).await?;
+                    continue;
+                }
+            }
         }
         match &action.action {
             ActionSpec::RunEvent { event_id } => {

@@ -109,6 +109,22 @@ impl ApiError {
                 S::JobFinished { .. } => (StatusCode::CONFLICT, "job_finished", None),
                 S::WebhookNotFound(_) => (StatusCode::NOT_FOUND, "webhook_not_found", None),
                 S::JobNotFinished { .. } => (StatusCode::CONFLICT, "job_not_finished", None),
+                S::WorkflowNotFound(_) => (StatusCode::NOT_FOUND, "workflow_not_found", None),
+                S::WorkflowNameTaken(_) => (
+                    StatusCode::CONFLICT,
+                    "workflow_name_taken",
+                    Some("name".into()),
+                ),
+                S::WorkflowBusy(_) => (StatusCode::CONFLICT, "workflow_busy", None),
+                S::WorkflowRunNotFound(_) => {
+                    (StatusCode::NOT_FOUND, "workflow_run_not_found", None)
+                }
+                S::WorkflowRunFinished { .. } => {
+                    (StatusCode::CONFLICT, "workflow_run_finished", None)
+                }
+                S::WorkflowRunNotRetryable { .. } => {
+                    (StatusCode::CONFLICT, "workflow_run_not_retryable", None)
+                }
                 S::Database(sqlx::Error::PoolTimedOut) => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     "database_unavailable",
@@ -151,7 +167,13 @@ pub fn grpc_status(err: &StorageError) -> tonic::Status {
         | S::TokenNotFound(_)
         | S::ServerNotFound(_)
         | S::WebhookNotFound(_) => tonic::Status::not_found(err.to_string()),
-        S::ScheduleNotFound(_) => tonic::Status::not_found(err.to_string()),
+        S::ScheduleNotFound(_) | S::WorkflowNotFound(_) | S::WorkflowRunNotFound(_) => {
+            tonic::Status::not_found(err.to_string())
+        }
+        S::WorkflowNameTaken(_)
+        | S::WorkflowBusy(_)
+        | S::WorkflowRunFinished { .. }
+        | S::WorkflowRunNotRetryable { .. } => tonic::Status::failed_precondition(err.to_string()),
         S::ServerNameTaken(_) | S::ServerInUse(_) => {
             tonic::Status::failed_precondition(err.to_string())
         }

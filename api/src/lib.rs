@@ -54,6 +54,7 @@ pub mod server;
 pub mod storage;
 pub mod token_cache;
 pub mod webhooks;
+pub mod workflow;
 
 use std::sync::Arc;
 

@@ -23,6 +23,7 @@ mod schedules;
 mod ssh;
 mod support;
 mod throughput;
+mod workflow;
 
 use clap::{Parser, Subcommand};
 
@@ -63,6 +64,9 @@ enum Bench {
     /// A trivial run through the SSH executor over a pooled connection vs a fresh
     /// `ssh -o ControlMaster=no host true`, alternating: medians and their ratio.
     Ssh(ssh::Args),
+    /// A 100-step fan-out/fan-in workflow of `noop` steps (and a `for_each` of 99) end to end,
+    /// against 100 independent `noop` runs: the DAG's orchestration overhead as a ratio.
+    Workflow(workflow::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -87,6 +91,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Ssh(args) => ssh::run(args).await,
             Bench::Schedules(args) => schedules::run(args).await,
             Bench::Dashboard(args) => dashboard::run(args).await,
+            Bench::Workflow(args) => workflow::run(args).await,
         }
     })?;
     println!("{summary}");

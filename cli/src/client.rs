@@ -45,14 +45,38 @@ impl Client {
         path: &str,
         body: Option<&Value>,
     ) -> anyhow::Result<Value> {
-        let url = format!("{}{path}", self.base);
         let mut req = self
             .http
-            .request(method.clone(), &url)
+            .request(method.clone(), format!("{}{path}", self.base))
             .bearer_auth(&self.token);
         if let Some(body) = body {
             req = req.json(body);
         }
+        self.answer(method, path, req).await
+    }
+
+    /// `POST path` with a body of the given content type (a YAML document, say).
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> anyhow::Result<Value> {
+        let req = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .header("content-type", content_type)
+            .body(body);
+        self.answer(Method::POST, path, req).await
+    }
+
+    async fn answer(
+        &self,
+        method: Method,
+        path: &str,
+        req: reqwest::RequestBuilder,
+    ) -> anyhow::Result<Value> {
         let resp = req
             .send()
             .await

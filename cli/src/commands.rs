@@ -53,6 +53,13 @@ pub enum ApiCommand {
         #[command(flatten)]
         conn: Connection,
     },
+    /// Define and run workflows (DAGs of steps), watch, cancel and retry their runs.
+    Workflows {
+        #[command(subcommand)]
+        command: crate::workflows::WorkflowsCommand,
+        #[command(flatten)]
+        conn: Connection,
+    },
     /// Manage API and worker tokens (admin).
     Tokens {
         #[command(subcommand)]
@@ -207,6 +214,9 @@ pub async fn run(cmd: ApiCommand) -> anyhow::Result<()> {
         }
         ApiCommand::Webhooks { command, conn } => {
             crate::webhooks::run(&Client::new(&conn)?, command).await
+        }
+        ApiCommand::Workflows { command, conn } => {
+            crate::workflows::run(&Client::new(&conn)?, command).await
         }
         ApiCommand::Tokens { command, conn } => {
             let client = Client::new(&conn)?;
@@ -412,27 +422,38 @@ async fn follow_logs(client: &Client, id: &str) -> anyhow::Result<()> {
 
 /// An event id from an id or a name.
 pub(crate) async fn resolve_event(client: &Client, event: &str) -> anyhow::Result<String> {
-    if uuid::Uuid::parse_str(event).is_ok() {
-        return Ok(event.to_owned());
+    resolve_named(client, "events", "event", event).await
+}
+
+/// The id of the object named `name` (or `name` itself when it is an id) in the paged
+/// collection `/api/v1/{collection}`, whose items carry `id` and `name`.
+pub(crate) async fn resolve_named(
+    client: &Client,
+    collection: &str,
+    what: &str,
+    name: &str,
+) -> anyhow::Result<String> {
+    if uuid::Uuid::parse_str(name).is_ok() {
+        return Ok(name.to_owned());
     }
     let mut cursor: Option<String> = None;
     loop {
         let path = match &cursor {
-            Some(c) => format!("/api/v1/events?limit=500&cursor={}", urlencode(c)),
-            None => "/api/v1/events?limit=500".to_owned(),
+            Some(c) => format!("/api/v1/{collection}?limit=500&cursor={}", urlencode(c)),
+            None => format!("/api/v1/{collection}?limit=500"),
         };
         let page = client.get(&path).await?;
         if let Some(found) = page["items"]
             .as_array()
             .into_iter()
             .flatten()
-            .find(|e| e["name"] == event)
+            .find(|e| e["name"] == name)
         {
             return Ok(found["id"].as_str().unwrap_or_default().to_owned());
         }
         match page["next_cursor"].as_str() {
             Some(c) => cursor = Some(c.to_owned()),
-            None => bail!("no event named {event:?}"),
+            None => bail!("no {what} named {name:?}"),
         }
     }
 }

@@ -7,6 +7,7 @@ mod commands;
 mod dev;
 mod schedules;
 mod webhooks;
+mod workflows;
 
 use clap::{Parser, Subcommand};
 

@@ -118,10 +118,13 @@ pub async fn run(client: &Client, command: SchedulesCommand) -> anyhow::Result<(
                                 .map(|n| format!("every {n}s"))
                         })
                         .unwrap_or_default();
+                    let target = match s["workflow_id"].as_str() {
+                        Some(w) => format!("workflow {w}"),
+                        None => format!("event {}", s["event_id"].as_str().unwrap_or("")),
+                    };
                     println!(
-                        "{}  event {}  {:<20} {:<16} {:<6} next {}",
+                        "{}  {target}  {:<20} {:<16} {:<6} next {}",
                         s["id"].as_str().unwrap_or(""),
-                        s["event_id"].as_str().unwrap_or(""),
                         when,
                         s["timezone"].as_str().unwrap_or(""),
                         if s["paused"] == json!(true) {

@@ -166,18 +166,9 @@ fn baton_dev_serves_the_api_stops_postgres_and_reuses_its_data() {
 
 /// Runs the `baton` CLI against `dev`; returns its stdout, failing the test if it fails.
 fn cli(dev: &Dev, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_baton"))
-        .args(args)
-        .env("BATON_URL", &dev.url)
-        .env("BATON_TOKEN", &dev.token)
-        .output()
-        .expect("run baton");
-    assert!(
-        out.status.success(),
-        "baton {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
+    let (ok, out, err) = baton(dev, args);
+    assert!(ok, "baton {args:?} failed: {err}");
+    out
 }
 
 /// Waits (60 s at most) until the job is in a terminal state and returns it.
@@ -329,5 +320,90 @@ fn the_cli_manages_schedules_webhooks_and_reruns() {
         .send()
         .expect("deliver");
     assert_eq!(gone.status().as_u16(), 404, "a revoked key starts nothing");
+    stop(dev);
+}
+
+/// Runs the `baton` CLI against `dev`; returns (success, stdout, stderr).
+fn baton(dev: &Dev, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(args)
+        .env("BATON_URL", &dev.url)
+        .env("BATON_TOKEN", &dev.token)
+        .output()
+        .expect("run baton");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn baton_workflows_create_run_wait_list_and_refuse_a_bad_retry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let dev = start(&dir.path().join("baton-data"), free_port());
+    let client = reqwest::blocking::Client::new();
+    let (status, event) = call(
+        &client,
+        &dev,
+        reqwest::Method::POST,
+        "/api/v1/events",
+        Some(serde_json::json!({"name": "pass", "runtime": "noop", "executor": "local"})),
+    );
+    assert_eq!(status, 201, "{event}");
+    let id = event["id"].as_str().expect("id");
+    let file = dir.path().join("diamond.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "name: cli-diamond\nsteps:\n  - {{id: a, event_id: {id}}}\n  - {{id: b, event_id: {id}, needs: [a]}}\n  - {{id: c, event_id: {id}, needs: [a], if: \"input.c == true\"}}\n  - {{id: d, event_id: {id}, needs: [b, c], when: always}}\n"
+        ),
+    )
+    .expect("write");
+    let (ok, out, err) = baton(&dev, &["workflows", "create", file.to_str().expect("path")]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("\"cli-diamond\""), "{out}");
+    let (ok, out, err) = baton(&dev, &["workflows", "list"]);
+    assert!(
+        ok && out.contains("cli-diamond") && out.contains("4 steps"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = baton(
+        &dev,
+        &[
+            "workflows",
+            "run",
+            "cli-diamond",
+            "--input",
+            "{\"c\": false}",
+            "--wait",
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("succeeded"), "{out}");
+    assert!(
+        out.contains("(condition)"),
+        "c was skipped by its if: {out}"
+    );
+    let run_id = out.split_whitespace().next().expect("run id").to_owned();
+    let (ok, out, err) = baton(&dev, &["workflows", "runs", "--workflow", "cli-diamond"]);
+    assert!(ok && out.contains(&run_id), "{out}{err}");
+    let (ok, out, err) = baton(&dev, &["workflows", "show", &run_id]);
+    assert!(
+        ok && out.contains("d ") && out.contains("succeeded"),
+        "{out}{err}"
+    );
+    let (ok, _, err) = baton(&dev, &["workflows", "retry", &run_id]);
+    assert!(!ok, "a succeeded run is not retried");
+    assert!(err.contains("409"), "{err}");
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        format!("name: bad\nsteps:\n  - {{id: a, event_id: {id}, needs: [zz]}}\n"),
+    )
+    .expect("write");
+    let (ok, _, err) = baton(&dev, &["workflows", "create", bad.to_str().expect("path")]);
+    assert!(!ok && err.contains("zz"), "{err}");
     stop(dev);
 }

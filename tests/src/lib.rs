@@ -11,6 +11,7 @@ pub mod protocol;
 pub mod receivers;
 pub mod schedules;
 pub mod worker;
+pub mod workflows;
 
 use std::sync::OnceLock;
 use std::time::Duration;

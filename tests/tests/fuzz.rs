@@ -74,6 +74,17 @@ async fn openapi_fuzzing_finds_no_server_error_and_no_undocumented_status() {
     .await;
     assert!(status.is_success(), "{body}");
 
+    // A workflow with a run (queued: no worker), for the workflow routes' path parameters.
+    let workflow = baton_tests::workflows::create_workflow(
+        &app,
+        &json!({"name": "fuzz-seed", "steps": [
+            {"id": "a", "event_id": event_id},
+            {"id": "b", "event_id": event_id, "needs": ["a"], "if": "steps.a.status == 'succeeded'"}
+        ]}),
+    )
+    .await;
+    baton_tests::workflows::run_workflow(&app, &workflow, &json!({"n": 1})).await;
+
     let out_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fuzz");
     std::fs::create_dir_all(&out_dir).expect("report dir");
     // Revoking a token is fuzzed last, on its own: earlier, the stateful phase would revoke

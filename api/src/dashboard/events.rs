@@ -408,6 +408,7 @@ pub async fn page_view(
         session.caller.clone(),
         Ok(Query(schedules::ListSchedulesQuery {
             event_id: Some(id.clone()),
+            workflow_id: None,
             limit: Some("100".into()),
             cursor: None,
         })),

@@ -26,7 +26,7 @@ pub async fn page_view(
     session.caller.require(Role::Viewer)?;
     let now = Utc::now();
     let window = Duration::hours(24);
-    let rows = schedules::list_schedules(&state.pool, None, None, 500).await?;
+    let rows = schedules::list_schedules(&state.pool, None, None, None, 500).await?;
     let names: std::collections::HashMap<_, _> = events::list_events(&state.pool, None, 1000)
         .await?
         .into_iter()
@@ -80,7 +80,8 @@ pub async fn page_view(
         items.push(json!({
             "id": row.id,
             "event_id": row.event_id,
-            "event_name": names.get(&row.event_id),
+            "event_name": row.event_id.and_then(|id| names.get(&id)),
+            "workflow_id": row.workflow_id,
             "what": spec.cron.clone().map(|c| format!("cron {c}")).or(spec.interval_seconds.map(|s| format!("every {s}s"))),
             "timezone": spec.timezone,
             "missed_policy": row.missed,

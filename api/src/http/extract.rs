@@ -30,6 +30,54 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
+/// A body in JSON, or in YAML when the request says `Content-Type: application/yaml` (also
+/// `application/x-yaml`, `text/yaml`): the YAML is read into JSON values, then checked and
+/// parsed exactly like a JSON body, so errors name the field the same way.
+#[derive(Debug)]
+pub struct JsonOrYamlBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonOrYamlBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let yaml = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|v| v.trim().to_ascii_lowercase())
+            .is_some_and(|v| {
+                matches!(
+                    v.as_str(),
+                    "application/yaml" | "application/x-yaml" | "text/yaml" | "text/x-yaml"
+                )
+            });
+        let bytes =
+            Bytes::from_request(req, state)
+                .await
+                .map_err(|rejection| ApiError::BadBody {
+                    status: rejection.status(),
+                    message: rejection.body_text(),
+                    field: None,
+                })?;
+        if !yaml {
+            return parse_json(&bytes).map(JsonOrYamlBody);
+        }
+        let value: serde_json::Value =
+            serde_norway::from_slice(&bytes).map_err(|e| ApiError::BadBody {
+                status: StatusCode::BAD_REQUEST,
+                message: format!("invalid YAML body: {e}"),
+                field: None,
+            })?;
+        let json = serde_json::to_vec(&value).map_err(|e| ApiError::BadBody {
+            status: StatusCode::BAD_REQUEST,
+            message: format!("the YAML body has no JSON form: {e}"),
+            field: None,
+        })?;
+        parse_json(&json).map(JsonOrYamlBody)
+    }
+}
+
 /// Parses `bytes` as `T`; an empty body parses as JSON `null` (so `Option<T>` bodies may be
 /// omitted). A NUL character anywhere (`\u0000` in a string or a key) is refused with 422
 /// naming the field: PostgreSQL stores neither in `text` nor in `jsonb`.

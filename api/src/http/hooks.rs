@@ -10,7 +10,6 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use serde_json::{Map, Value, json};
 
-use super::events::RunAccepted;
 use super::extract::parse_json;
 use super::rate_limit::AuthVerified;
 use crate::AppState;
@@ -19,8 +18,10 @@ use crate::error::{ApiError, ErrorBody};
 use crate::model::FieldError;
 use crate::storage::audit::{self, AuditEntry};
 use crate::storage::webhooks::{self as store, HookTarget};
-use crate::storage::{events, queue};
+use crate::storage::{events, queue, workflows};
 use crate::webhooks::{SIGNATURE_HEADER, secret_identity, verify};
+use crate::workflow::engine;
+use uuid::Uuid;
 
 /// Longest `Idempotency-Key` a delivery may carry (the stored key is prefixed with the
 /// webhook's id, and stored keys are at most 200 characters).
@@ -31,7 +32,7 @@ pub const MAX_IDEMPOTENCY_KEY: usize = 150;
            ("Idempotency-Key" = Option<String>, Header, description = "deliveries with the same key (per webhook) start one run; a repeat answers the first job"),
            ("X-Baton-Signature" = Option<String>, Header, description = "`sha256=<hex HMAC-SHA256 of the raw body>`; required when the webhook has a signing secret")),
     request_body(content = Object, description = "any JSON value (an object when the webhook passes headers): the run's input, with the listed headers in `_headers`"),
-    responses((status = 202, body = RunAccepted, description = "a run was queued (or, for a repeated Idempotency-Key, the first one is returned)"),
+    responses((status = 202, body = DeliveryAccepted, description = "a run was queued (`job_id`; `run_id` for a workflow's webhook), or, for a repeated Idempotency-Key, the first one is returned"),
               (status = 400, body = ErrorBody, description = "the body is missing or not JSON"),
               (status = 401, body = ErrorBody, description = "the signature is missing, malformed or does not match the body"),
               (status = 404, body = ErrorBody, description = "no live webhook has this key (unknown or revoked)"),
@@ -44,7 +45,7 @@ pub async fn deliver(
     Path(key): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, axum::Json<RunAccepted>), ApiError> {
+) -> Result<(StatusCode, axum::Json<DeliveryAccepted>), ApiError> {
     // Unknown and revoked keys take the same lookup and get the same answer.
     let target = store::find_live_by_hash(&state.pool, &hash_token(&key))
         .await?
@@ -72,7 +73,39 @@ pub async fn deliver(
     let idempotency_key = idempotency_key(&target, &headers)?;
 
     let mut tx = state.pool.begin().await?;
-    let event = events::get_event(&mut *tx, target.event_id).await?;
+    let actor = format!("webhook {}", target.name);
+    if let Some(workflow_id) = target.workflow_id {
+        let workflow = workflows::get_workflow(&mut *tx, workflow_id).await?;
+        let (run, created) =
+            engine::start_run(&mut tx, &workflow, &input, None, idempotency_key.as_deref()).await?;
+        if created {
+            audit::record(
+                &mut *tx,
+                &AuditEntry {
+                    token_id: None,
+                    actor: &actor,
+                    action: "webhook.deliver",
+                    target_type: "workflow_run",
+                    target_id: Some(run.id.to_string()),
+                    detail: json!({"webhook_id": target.id, "workflow_id": workflow_id}),
+                },
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        return Ok((
+            StatusCode::ACCEPTED,
+            axum::Json(DeliveryAccepted {
+                job_id: None,
+                run_id: Some(run.id),
+                created,
+            }),
+        ));
+    }
+    let event_id = target
+        .event_id
+        .ok_or_else(|| ApiError::NotFound("the webhook's target no longer exists".into()))?;
+    let event = events::get_event(&mut *tx, event_id).await?;
     let job = queue::NewJob {
         event: &event,
         input,
@@ -94,7 +127,6 @@ pub async fn deliver(
         .await?;
     }
     if enqueued.created {
-        let actor = format!("webhook {}", target.name);
         audit::record(
             &mut *tx,
             &AuditEntry {
@@ -103,7 +135,7 @@ pub async fn deliver(
                 action: "webhook.deliver",
                 target_type: "job",
                 target_id: Some(enqueued.job_id.to_string()),
-                detail: json!({"webhook_id": target.id, "event_id": target.event_id}),
+                detail: json!({"webhook_id": target.id, "event_id": event_id}),
             },
         )
         .await?;
@@ -111,11 +143,25 @@ pub async fn deliver(
     tx.commit().await?;
     Ok((
         StatusCode::ACCEPTED,
-        axum::Json(RunAccepted {
-            job_id: enqueued.job_id,
+        axum::Json(DeliveryAccepted {
+            job_id: Some(enqueued.job_id),
+            run_id: None,
             created: enqueued.created,
         }),
     ))
+}
+
+/// The answer to a delivery: the event's job, or the workflow's run.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct DeliveryAccepted {
+    /// The job queued (a webhook of an event).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<Uuid>,
+    /// The run started (a webhook of a workflow).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<Uuid>,
+    /// False when the Idempotency-Key matched an earlier delivery (its job or run is returned).
+    pub created: bool,
 }
 
 /// The run's input: the body, with the webhook's headers in `_headers` (lower-cased names;

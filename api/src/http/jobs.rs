@@ -44,6 +44,8 @@ pub struct ListJobsQuery {
     /// Only jobs flagged stuck (true) or only jobs not flagged (false): see the event's
     /// `stuck_after_seconds`.
     pub stuck: Option<String>,
+    /// Only the jobs of this workflow run.
+    pub workflow_run_id: Option<String>,
     /// Page size, 1-500 (default 100).
     pub limit: Option<String>,
     /// `next_cursor` of the previous page.
@@ -69,6 +71,7 @@ impl ListJobsQuery {
             dead: parse_param::<bool>("dead", text(&self.dead))?,
             schedule_id: uuid("schedule_id", &self.schedule_id)?,
             worker_id: uuid("worker_id", &self.worker_id)?,
+            workflow_run_id: uuid("workflow_run_id", &self.workflow_run_id)?,
             stuck: parse_param::<bool>("stuck", text(&self.stuck))?,
             active: false,
             before: uuid("cursor", &self.cursor)?,

@@ -18,6 +18,7 @@ mod uri_guard;
 pub(crate) mod variables;
 mod webhooks;
 pub(crate) mod workers;
+mod workflows;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -73,8 +74,14 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(actions::delete_action))
         .routes(routes!(webhooks::create_webhook, webhooks::list_webhooks))
         .routes(routes!(webhooks::revoke_webhook))
+        .routes(routes!(
+            webhooks::create_workflow_webhook,
+            webhooks::list_workflow_webhooks
+        ))
+        .routes(routes!(webhooks::revoke_workflow_webhook))
         .routes(routes!(hooks::deliver))
         .routes(routes!(schedules::create_schedule))
+        .routes(routes!(schedules::create_workflow_schedule))
         .routes(routes!(schedules::list_schedules))
         .routes(routes!(
             schedules::get_schedule,
@@ -96,6 +103,16 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(jobs::get_logs))
         .routes(routes!(jobs::get_logs_text))
         .routes(routes!(stream::stream_logs))
+        .routes(routes!(
+            workflows::create_workflow,
+            workflows::list_workflows
+        ))
+        .routes(routes!(workflows::get_workflow, workflows::delete_workflow))
+        .routes(routes!(workflows::run_workflow))
+        .routes(routes!(workflows::list_runs))
+        .routes(routes!(workflows::get_run))
+        .routes(routes!(workflows::cancel_run))
+        .routes(routes!(workflows::retry_run))
         .routes(routes!(workers::list_workers))
         .routes(routes!(servers::create_server, servers::list_servers))
         .routes(routes!(servers::get_server, servers::delete_server))

@@ -16,7 +16,7 @@ use crate::error::{ApiError, ErrorBody};
 use crate::model::Role;
 use crate::model::schedule::{NewSchedule, Schedule, SchedulePatch};
 use crate::schedule::ScheduleSpec;
-use crate::storage::schedules::{self, NextSlot, ScheduleRow};
+use crate::storage::schedules::{self, NextSlot, ScheduleRow, Target};
 
 /// How many upcoming fire times a schedule shows.
 const NEXT_RUNS: usize = 5;
@@ -41,6 +41,7 @@ fn view(row: ScheduleRow) -> Schedule {
     Schedule {
         id: row.id,
         event_id: row.event_id,
+        workflow_id: row.workflow_id,
         spec,
         next_fire_at: row.next_fire_at,
         next_runs,
@@ -69,8 +70,32 @@ pub async fn create_schedule(
     Path(event_id): Path<String>,
     JsonBody(fields): JsonBody<NewSchedule>,
 ) -> Result<(StatusCode, axum::Json<Schedule>), ApiError> {
+    let target = Target::Event(parse_uuid("id", &event_id)?);
+    create(state, caller, target, fields).await
+}
+
+#[utoipa::path(post, path = "/api/v1/workflows/{id}/schedules", tag = "schedules",
+    params(("id" = Uuid, Path)), request_body = NewSchedule,
+    responses((status = 201, body = Schedule, description = "each fire time starts one run of the workflow"),
+        (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody, description = "a field is invalid (named in `field`): cron, interval_seconds, timezone, end_at…")))]
+pub async fn create_workflow_schedule(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(workflow_id): Path<String>,
+    JsonBody(fields): JsonBody<NewSchedule>,
+) -> Result<(StatusCode, axum::Json<Schedule>), ApiError> {
+    let target = Target::Workflow(parse_uuid("id", &workflow_id)?);
+    create(state, caller, target, fields).await
+}
+
+async fn create(
+    state: AppState,
+    caller: Caller,
+    target: Target,
+    fields: NewSchedule,
+) -> Result<(StatusCode, axum::Json<Schedule>), ApiError> {
     caller.require(Role::Admin)?;
-    let event_id = parse_uuid("id", &event_id)?;
     let now = state.clock.now();
     let id = Uuid::now_v7();
     let spec = ScheduleSpec::compile(&fields, id, now)?;
@@ -79,7 +104,7 @@ pub async fn create_schedule(
     let row = schedules::insert_schedule(
         &mut *tx,
         id,
-        event_id,
+        target,
         &fields,
         now,
         next,
@@ -92,7 +117,7 @@ pub async fn create_schedule(
         "schedule.create",
         "schedule",
         id,
-        json!({"event_id": event_id}),
+        json!({"event_id": target.event_id(), "workflow_id": target.workflow_id()}),
     )
     .await?;
     schedules::notify_changed(&mut *tx).await?;
@@ -106,6 +131,8 @@ pub async fn create_schedule(
 pub struct ListSchedulesQuery {
     /// Only this event's schedules.
     pub event_id: Option<String>,
+    /// Only this workflow's schedules.
+    pub workflow_id: Option<String>,
     /// Page size, 1-500 (default 100).
     pub limit: Option<String>,
     /// `next_cursor` of the previous page.
@@ -132,7 +159,12 @@ pub async fn list_schedules(
         .map(|r| parse_uuid("cursor", r))
         .transpose()?;
     let limit = page_limit(q.limit.as_deref(), 100, 500)?;
-    let rows = schedules::list_schedules(&state.pool, event_id, after, limit).await?;
+    let workflow_id = q
+        .workflow_id
+        .as_deref()
+        .map(|r| parse_uuid("workflow_id", r))
+        .transpose()?;
+    let rows = schedules::list_schedules(&state.pool, event_id, workflow_id, after, limit).await?;
     let next_cursor = (rows.len() as i64 == limit)
         .then(|| rows.last().map(|r| r.id.to_string()))
         .flatten();
@@ -200,7 +232,7 @@ pub async fn patch_schedule(
         "schedule.update",
         "schedule",
         id,
-        json!({"event_id": row.event_id}),
+        json!({"event_id": row.event_id, "workflow_id": row.workflow_id}),
     )
     .await?;
     schedules::notify_changed(&mut *tx).await?;

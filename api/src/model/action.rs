@@ -66,12 +66,48 @@ pub struct NewAction {
     pub trigger: Trigger,
     #[serde(default)]
     pub delay_seconds: i32,
+    /// A CEL expression over the finished run — `status`, `output`, `condition`,
+    /// `exit_code`, `error`, `input`, `job`, `event` — e.g. `status == 'succeeded' &&
+    /// output.rows > 100 || status == 'timed_out'`: the action fires only when its trigger
+    /// holds and this is true.
+    #[serde(default, rename = "if")]
+    pub if_: Option<String>,
     pub action: ActionSpec,
 }
+
+/// The variables an action's `if` may use.
+pub const ACTION_IF_VARIABLES: &[&str] = &[
+    "status",
+    "output",
+    "condition",
+    "exit_code",
+    "error",
+    "input",
+    "job",
+    "event",
+];
 
 impl NewAction {
     pub fn validate(&self) -> Result<(), FieldError> {
         super::event::check_range("delay_seconds", self.delay_seconds, 0, 2_592_000)?;
+        if let Some(source) = &self.if_ {
+            let compiled =
+                crate::workflow::expr::compile(source).map_err(|e| FieldError::new("if", e))?;
+            if let Some(unknown) = compiled
+                .references
+                .variables
+                .iter()
+                .find(|v| !ACTION_IF_VARIABLES.contains(&v.as_str()))
+            {
+                return Err(FieldError::new(
+                    "if",
+                    format!(
+                        "unknown variable {unknown:?} (available: {})",
+                        ACTION_IF_VARIABLES.join(", ")
+                    ),
+                ));
+            }
+        }
         if let ActionSpec::SendMessage {
             channel,
             target,
@@ -143,6 +179,9 @@ pub struct Action {
     pub event_id: Uuid,
     pub trigger: Trigger,
     pub delay_seconds: i32,
+    /// The action's CEL condition, if any.
+    #[serde(rename = "if")]
+    pub if_: Option<String>,
     pub action: ActionSpec,
     pub created_at: DateTime<Utc>,
 }

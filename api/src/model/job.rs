@@ -124,6 +124,12 @@ pub struct Job {
     /// Running with no log line, progress or start for the event's `stuck_after_seconds`
     /// (cleared when it moves again).
     pub stuck: bool,
+    /// The workflow run this job is a step of (`GET /workflow-runs/{id}`).
+    pub workflow_run_id: Option<Uuid>,
+    /// The step of that run (`_on_failure` for the run's on_failure job).
+    pub step_id: Option<String>,
+    /// The element of a `for_each` step.
+    pub step_item: Option<i32>,
 }
 
 /// A job in a list (`GET /api/v1/jobs`): everything [`Job`] has except the run's `input` and
@@ -161,6 +167,12 @@ pub struct JobSummary {
     pub scheduled_for: Option<DateTime<Utc>>,
     pub concurrency_key: Option<String>,
     pub stuck: bool,
+    /// The workflow run this job is a step of (`GET /workflow-runs/{id}`).
+    pub workflow_run_id: Option<Uuid>,
+    /// The step of that run (`_on_failure` for the run's on_failure job).
+    pub step_id: Option<String>,
+    /// The element of a `for_each` step.
+    pub step_item: Option<i32>,
 }
 
 impl From<Job> for JobSummary {
@@ -197,6 +209,9 @@ impl From<Job> for JobSummary {
             scheduled_for: j.scheduled_for,
             concurrency_key: j.concurrency_key,
             stuck: j.stuck,
+            workflow_run_id: j.workflow_run_id,
+            step_id: j.step_id,
+            step_item: j.step_item,
         }
     }
 }

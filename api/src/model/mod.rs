@@ -11,6 +11,7 @@ pub mod server;
 pub mod token;
 pub mod variable;
 pub mod webhook;
+pub mod workflow;
 
 pub use event::{Event, EventPatch, Executor, HttpRequestSpec, NewEvent, Runtime};
 pub use job::{Job, JobError, JobStatus, JobSummary, LogLine, LogPage, RunRequest};

@@ -11,7 +11,10 @@ pub use crate::schedule::ScheduleFields as NewSchedule;
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Schedule {
     pub id: Uuid,
-    pub event_id: Uuid,
+    /// The event the schedule runs (null when it runs a workflow).
+    pub event_id: Option<Uuid>,
+    /// The workflow the schedule runs (null when it runs an event).
+    pub workflow_id: Option<Uuid>,
     #[serde(flatten)]
     pub spec: NewSchedule,
     /// The next nominal fire time not yet fired (null once the schedule has ended).

@@ -72,7 +72,10 @@ impl NewWebhook {
 #[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
 pub struct Webhook {
     pub id: Uuid,
-    pub event_id: Uuid,
+    /// The event whose runs it starts (null for a workflow's webhook).
+    pub event_id: Option<Uuid>,
+    /// The workflow whose runs it starts (null for an event's webhook).
+    pub workflow_id: Option<Uuid>,
     pub name: String,
     /// The first characters of the key, to recognise it.
     pub key_prefix: String,

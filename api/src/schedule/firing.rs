@@ -56,7 +56,7 @@ impl Clock for SystemClock {
 pub struct FireReport {
     /// Schedules evaluated (locked and advanced).
     pub schedules: u64,
-    /// Jobs inserted.
+    /// Jobs (or workflow runs) inserted.
     pub jobs: u64,
     /// Slots whose job already existed (never a second job).
     pub duplicates: u64,
@@ -110,9 +110,26 @@ async fn fire_one(
         tracing::info!(schedule = %row.id, passed_over = slots.passed_over, missed = %row.missed,
             "slots passed while the schedule was not fired");
     }
-    if !slots.fire.is_empty() {
+    if let (Some(workflow_id), false) = (row.workflow_id, slots.fire.is_empty()) {
+        // Deleting the workflow deletes its schedules (in the same transaction).
+        let workflow = crate::storage::workflows::get_workflow(&mut *tx, workflow_id).await?;
+        for slot in &slots.fire {
+            let started = crate::workflow::engine::start_scheduled_run(
+                tx,
+                &workflow,
+                &row.input.0,
+                row.created_by,
+                (row.id, *slot),
+            )
+            .await?;
+            match started {
+                Some(_) => report.jobs += 1,
+                None => report.duplicates += 1,
+            }
+        }
+    } else if let (Some(event_id), false) = (row.event_id, slots.fire.is_empty()) {
         // Deleting the event deletes its schedules (in the same transaction as the event).
-        let event = events::get_event(&mut *tx, row.event_id).await?;
+        let event = events::get_event(&mut *tx, event_id).await?;
         for slot in &slots.fire {
             let job = queue::NewJob {
                 event: &event,

@@ -15,6 +15,7 @@ struct ActionRow {
     #[sqlx(try_from = "String")]
     trigger: Trigger,
     delay_seconds: i32,
+    if_expr: Option<String>,
     action: Json<ActionSpec>,
     created_at: DateTime<Utc>,
 }
@@ -26,6 +27,7 @@ impl From<ActionRow> for Action {
             event_id: r.event_id,
             trigger: r.trigger,
             delay_seconds: r.delay_seconds,
+            if_: r.if_expr,
             action: r.action.0,
             created_at: r.created_at,
         }
@@ -42,9 +44,9 @@ pub async fn insert_action(
         ActionSpec::SendMessage { .. } => None,
     };
     let row: ActionRow = sqlx::query_as(
-        "INSERT INTO event_actions (id, event_id, trigger, delay_seconds, action, target_event_id)
-         VALUES ($1, $2, $3, $4, $5, $6)
-         RETURNING id, event_id, trigger, delay_seconds, action, created_at",
+        "INSERT INTO event_actions (id, event_id, trigger, delay_seconds, action, target_event_id, if_expr)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         RETURNING id, event_id, trigger, delay_seconds, if_expr, action, created_at",
     )
     .bind(Uuid::now_v7())
     .bind(event_id)
@@ -52,6 +54,7 @@ pub async fn insert_action(
     .bind(new.delay_seconds)
     .bind(Json(&new.action))
     .bind(target)
+    .bind(new.if_.as_deref())
     .fetch_one(db)
     .await
     .map_err(|e| match &e {
@@ -71,7 +74,7 @@ pub async fn insert_action(
 
 pub async fn list_actions(db: impl PgExecutor<'_>, event_id: Uuid) -> Result<Vec<Action>> {
     let rows: Vec<ActionRow> = sqlx::query_as(
-        "SELECT id, event_id, trigger, delay_seconds, action, created_at FROM event_actions
+        "SELECT id, event_id, trigger, delay_seconds, if_expr, action, created_at FROM event_actions
          WHERE event_id = $1 ORDER BY created_at, id",
     )
     .bind(event_id)

@@ -20,6 +20,7 @@ pub mod tokens;
 pub mod variables;
 pub mod webhooks;
 pub mod workers;
+pub mod workflows;
 
 use uuid::Uuid;
 
@@ -75,11 +76,56 @@ pub enum StorageError {
     JobNotFinished { job_id: Uuid, status: String },
     #[error("job {job_id} already finished with status {status}")]
     JobFinished { job_id: Uuid, status: String },
+    #[error("workflow {0} not found")]
+    WorkflowNotFound(Uuid),
+    #[error("a workflow named {0:?} already exists")]
+    WorkflowNameTaken(String),
+    #[error("workflow {0} has running runs; cancel them first")]
+    WorkflowBusy(Uuid),
+    #[error("workflow run {0} not found")]
+    WorkflowRunNotFound(Uuid),
+    /// Cancel of a run that already ended.
+    #[error("workflow run {run_id} already ended with status {status}")]
+    WorkflowRunFinished { run_id: Uuid, status: String },
+    /// Retry of a run that is running or succeeded.
+    #[error("workflow run {run_id} is {status}; only failed or cancelled runs can be retried")]
+    WorkflowRunNotRetryable { run_id: Uuid, status: String },
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 }
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// What a schedule (or a webhook) starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Event(Uuid),
+    Workflow(Uuid),
+}
+
+impl Target {
+    pub fn event_id(self) -> Option<Uuid> {
+        match self {
+            Target::Event(id) => Some(id),
+            Target::Workflow(_) => None,
+        }
+    }
+
+    pub fn workflow_id(self) -> Option<Uuid> {
+        match self {
+            Target::Workflow(id) => Some(id),
+            Target::Event(_) => None,
+        }
+    }
+
+    /// The error for a target that does not exist.
+    pub fn not_found(self) -> StorageError {
+        match self {
+            Target::Event(id) => StorageError::EventNotFound(id),
+            Target::Workflow(id) => StorageError::WorkflowNotFound(id),
+        }
+    }
+}
 
 /// True when `err` is a unique-constraint violation on the named constraint.
 pub(crate) fn is_unique_violation(err: &sqlx::Error, constraint: &str) -> bool {

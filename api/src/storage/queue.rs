@@ -494,7 +494,8 @@ pub async fn complete(
              output = $8, condition = $9, start_failure = $11,
              progress = CASE WHEN $2 = 'succeeded' THEN 100 ELSE progress END
          WHERE id = $1
-         RETURNING EXISTS (SELECT 1 FROM event_actions a WHERE a.event_id = jobs.event_id)",
+         RETURNING EXISTS (SELECT 1 FROM event_actions a WHERE a.event_id = jobs.event_id)
+                   OR jobs.workflow_run_id IS NOT NULL",
     )
     .bind(job_id)
     .bind(status.as_str())
@@ -581,9 +582,11 @@ async fn succeed(
                      $7::bigint[]) AS r(id, token, exit_code, exit_signal, output, condition, last_seq)
          WHERE jobs.id = r.id AND jobs.lease_token = r.token AND jobs.lease_expires_at > now()
            AND jobs.status IN ('claimed', 'running') AND jobs.last_log_seq >= r.last_seq
-           AND ($8 OR NOT EXISTS (SELECT 1 FROM event_actions a WHERE a.event_id = jobs.event_id))
+           AND ($8 OR (NOT EXISTS (SELECT 1 FROM event_actions a WHERE a.event_id = jobs.event_id)
+                       AND jobs.workflow_run_id IS NULL))
          RETURNING jobs.id,
-                   $8 AND EXISTS (SELECT 1 FROM event_actions a WHERE a.event_id = jobs.event_id)",
+                   $8 AND (EXISTS (SELECT 1 FROM event_actions a WHERE a.event_id = jobs.event_id)
+                           OR jobs.workflow_run_id IS NOT NULL)",
     )
     .bind(ids)
     .bind(tokens)
@@ -910,7 +913,8 @@ const JOB_COLUMNS: &str = "j.id, j.event_id, coalesce(j.spec->>'name', '') AS ev
     j.max_attempts, j.dead, j.priority, j.run_at, j.exit_code, j.exit_signal, j.error_kind, j.error_message,
     j.input, j.output, j.condition, j.progress, j.cancel_requested, j.parent_job_id, j.root_job_id, j.depth,
     j.idempotency_key, j.worker_id, j.created_at, j.claimed_at, j.started_at, j.finished_at, j.action_notes,
-    j.log_lines_dropped, j.rerun_of, j.schedule_id, j.scheduled_for, j.concurrency_key, j.stuck, j.start_failure";
+    j.log_lines_dropped, j.rerun_of, j.schedule_id, j.scheduled_for, j.concurrency_key, j.stuck, j.start_failure,
+    j.workflow_run_id, j.step_id, j.step_item";
 
 #[derive(Debug, sqlx::FromRow)]
 struct JobRow {
@@ -950,6 +954,9 @@ struct JobRow {
     concurrency_key: Option<String>,
     stuck: bool,
     start_failure: bool,
+    workflow_run_id: Option<Uuid>,
+    step_id: Option<String>,
+    step_item: Option<i32>,
 }
 
 impl From<JobRow> for Job {
@@ -999,6 +1006,9 @@ impl From<JobRow> for Job {
             scheduled_for: r.scheduled_for,
             concurrency_key: r.concurrency_key,
             stuck: r.stuck,
+            workflow_run_id: r.workflow_run_id,
+            step_id: r.step_id,
+            step_item: r.step_item,
         }
     }
 }
@@ -1027,6 +1037,7 @@ pub struct JobFilter {
     pub stuck: Option<bool>,
     /// Only claimed and running jobs.
     pub active: bool,
+    pub workflow_run_id: Option<Uuid>,
     pub before: Option<Uuid>,
     pub limit: i64,
 }
@@ -1061,6 +1072,9 @@ pub async fn list_jobs(db: impl PgExecutor<'_>, filter: &JobFilter) -> Result<Ve
     }
     if filter.worker_id.is_some() {
         next("j.worker_id = ?");
+    }
+    if filter.workflow_run_id.is_some() {
+        next("j.workflow_run_id = ?");
     }
     if filter.before.is_some() {
         next("j.id < ?");
@@ -1097,6 +1111,9 @@ pub async fn list_jobs(db: impl PgExecutor<'_>, filter: &JobFilter) -> Result<Ve
         query = query.bind(v);
     }
     if let Some(v) = filter.worker_id {
+        query = query.bind(v);
+    }
+    if let Some(v) = filter.workflow_run_id {
         query = query.bind(v);
     }
     if let Some(v) = filter.before {

@@ -5,6 +5,7 @@ use serde_json::Value;
 use sqlx::{PgExecutor, types::Json};
 use uuid::Uuid;
 
+pub use super::Target;
 use super::{Result, StorageError};
 use crate::schedule::{Missed, ScheduleFields};
 
@@ -12,7 +13,7 @@ use crate::schedule::{Missed, ScheduleFields};
 /// re-reads its earliest due time.
 pub const SCHEDULES_CHANNEL: &str = "baton_schedules";
 
-const COLUMNS: &str = "id, event_id, cron, interval_seconds, timezone, missed, max_catch_up, jitter_seconds,
+const COLUMNS: &str = "id, event_id, workflow_id, cron, interval_seconds, timezone, missed, max_catch_up, jitter_seconds,
     start_at, end_at, input, paused, anchor_at, next_fire_at, next_due_at, last_fired_at, created_by,
     created_at, updated_at, revision";
 
@@ -20,7 +21,9 @@ const COLUMNS: &str = "id, event_id, cron, interval_seconds, timezone, missed, m
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ScheduleRow {
     pub id: Uuid,
-    pub event_id: Uuid,
+    /// What the schedule runs: an event, or (`workflow_id`) a workflow.
+    pub event_id: Option<Uuid>,
+    pub workflow_id: Option<Uuid>,
     pub cron: Option<String>,
     pub interval_seconds: Option<i64>,
     pub timezone: String,
@@ -72,7 +75,7 @@ pub struct NextSlot {
 pub async fn insert_schedule(
     db: impl PgExecutor<'_>,
     id: Uuid,
-    event_id: Uuid,
+    target: Target,
     fields: &ScheduleFields,
     anchor_at: DateTime<Utc>,
     next: NextSlot,
@@ -80,13 +83,14 @@ pub async fn insert_schedule(
 ) -> Result<ScheduleRow> {
     let sql = format!(
         "INSERT INTO schedules (id, event_id, cron, interval_seconds, timezone, missed, max_catch_up,
-             jitter_seconds, start_at, end_at, input, paused, anchor_at, next_fire_at, next_due_at, created_by)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+             jitter_seconds, start_at, end_at, input, paused, anchor_at, next_fire_at, next_due_at, created_by,
+             workflow_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
          RETURNING {COLUMNS}"
     );
     sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(id)
-        .bind(event_id)
+        .bind(target.event_id())
         .bind(fields.cron.as_deref())
         .bind(fields.interval_seconds)
         .bind(&fields.timezone)
@@ -101,12 +105,11 @@ pub async fn insert_schedule(
         .bind(next.fire_at)
         .bind(next.due_at)
         .bind(created_by)
+        .bind(target.workflow_id())
         .fetch_one(db)
         .await
         .map_err(|e| match e {
-            sqlx::Error::Database(d) if d.is_foreign_key_violation() => {
-                StorageError::EventNotFound(event_id)
-            }
+            sqlx::Error::Database(d) if d.is_foreign_key_violation() => target.not_found(),
             other => other.into(),
         })
 }
@@ -126,22 +129,25 @@ pub async fn get_schedule(
         .ok_or(StorageError::ScheduleNotFound(id))
 }
 
-/// A page of schedules in id order (creation order), optionally of one event.
+/// A page of schedules in id order (creation order), optionally of one event or workflow.
 pub async fn list_schedules(
     db: impl PgExecutor<'_>,
     event_id: Option<Uuid>,
+    workflow_id: Option<Uuid>,
     after: Option<Uuid>,
     limit: i64,
 ) -> Result<Vec<ScheduleRow>> {
     let sql = format!(
         "SELECT {COLUMNS} FROM schedules
          WHERE ($1::uuid IS NULL OR event_id = $1) AND ($2::uuid IS NULL OR id > $2)
+           AND ($4::uuid IS NULL OR workflow_id = $4)
          ORDER BY id LIMIT $3"
     );
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(event_id)
         .bind(after)
         .bind(limit)
+        .bind(workflow_id)
         .fetch_all(db)
         .await?)
 }

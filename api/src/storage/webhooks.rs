@@ -3,17 +3,17 @@
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-use super::{Result, StorageError};
+use super::{Result, StorageError, Target};
 use crate::model::webhook::Webhook;
 
-const WEBHOOK_COLUMNS: &str = "id, event_id, name, key_prefix, signing_secret IS NOT NULL AS signed, \
+const WEBHOOK_COLUMNS: &str = "id, event_id, workflow_id, name, key_prefix, signing_secret IS NOT NULL AS signed, \
                                headers, created_at, revoked_at";
 
 /// A webhook to insert; `id` is chosen by the caller (the signing secret is sealed to it).
 #[derive(Debug)]
 pub struct NewWebhookRow<'a> {
     pub id: Uuid,
-    pub event_id: Uuid,
+    pub target: Target,
     pub name: &'a str,
     pub key_hash: &'a [u8],
     pub key_prefix: &'a str,
@@ -24,52 +24,58 @@ pub struct NewWebhookRow<'a> {
 
 pub async fn insert_webhook(db: impl PgExecutor<'_>, row: &NewWebhookRow<'_>) -> Result<Webhook> {
     let sql = format!(
-        "INSERT INTO webhooks (id, event_id, name, key_hash, key_prefix, signing_secret, headers, created_by)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {WEBHOOK_COLUMNS}"
+        "INSERT INTO webhooks (id, event_id, name, key_hash, key_prefix, signing_secret, headers, created_by,
+                               workflow_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {WEBHOOK_COLUMNS}"
     );
     sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(row.id)
-        .bind(row.event_id)
+        .bind(row.target.event_id())
         .bind(row.name)
         .bind(row.key_hash)
         .bind(row.key_prefix)
         .bind(row.sealed_secret)
         .bind(row.headers)
         .bind(row.created_by)
+        .bind(row.target.workflow_id())
         .fetch_one(db)
         .await
         .map_err(|e| match e {
-            sqlx::Error::Database(d) if d.is_foreign_key_violation() => {
-                StorageError::EventNotFound(row.event_id)
-            }
+            sqlx::Error::Database(d) if d.is_foreign_key_violation() => row.target.not_found(),
             other => other.into(),
         })
 }
 
-/// The webhooks of an event, revoked ones included, oldest first.
-pub async fn list_webhooks(db: impl PgExecutor<'_>, event_id: Uuid) -> Result<Vec<Webhook>> {
+/// The webhooks of an event or workflow, revoked ones included, oldest first.
+pub async fn list_webhooks(db: impl PgExecutor<'_>, target: Target) -> Result<Vec<Webhook>> {
     let sql = format!(
-        "SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE event_id = $1 ORDER BY created_at, id"
+        "SELECT {WEBHOOK_COLUMNS} FROM webhooks
+         WHERE event_id IS NOT DISTINCT FROM $1 AND workflow_id IS NOT DISTINCT FROM $2
+         ORDER BY created_at, id"
     );
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(event_id)
+        .bind(target.event_id())
+        .bind(target.workflow_id())
         .fetch_all(db)
         .await?)
 }
 
-/// Revokes a webhook of an event (revoking twice is fine); its key stops working at once.
+/// Revokes a webhook of an event or workflow (revoking twice is fine); its key stops working
+/// at once.
 pub async fn revoke_webhook(
     db: impl PgExecutor<'_>,
-    event_id: Uuid,
+    target: Target,
     webhook_id: Uuid,
 ) -> Result<Webhook> {
     let sql = format!(
         "UPDATE webhooks SET revoked_at = coalesce(revoked_at, now())
-         WHERE id = $1 AND event_id = $2 RETURNING {WEBHOOK_COLUMNS}"
+         WHERE id = $1 AND event_id IS NOT DISTINCT FROM $2 AND workflow_id IS NOT DISTINCT FROM $3
+         RETURNING {WEBHOOK_COLUMNS}"
     );
     let row: Option<Webhook> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(webhook_id)
-        .bind(event_id)
+        .bind(target.event_id())
+        .bind(target.workflow_id())
         .fetch_optional(db)
         .await?;
     row.ok_or(StorageError::WebhookNotFound(webhook_id))
@@ -79,7 +85,9 @@ pub async fn revoke_webhook(
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct HookTarget {
     pub id: Uuid,
-    pub event_id: Uuid,
+    /// What a delivery starts: an event's run, or (`workflow_id`) a workflow's.
+    pub event_id: Option<Uuid>,
+    pub workflow_id: Option<Uuid>,
     pub name: String,
     pub signing_secret: Option<Vec<u8>>,
     pub headers: Vec<String>,
@@ -89,7 +97,7 @@ pub struct HookTarget {
 /// same `None`, found by the same index lookup.
 pub async fn find_live_by_hash(db: impl PgExecutor<'_>, hash: &[u8]) -> Result<Option<HookTarget>> {
     Ok(sqlx::query_as(
-        "SELECT id, event_id, name, signing_secret, headers FROM webhooks
+        "SELECT id, event_id, workflow_id, name, signing_secret, headers FROM webhooks
          WHERE key_hash = $1 AND revoked_at IS NULL",
     )
     .bind(hash)

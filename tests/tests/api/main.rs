@@ -22,3 +22,4 @@ mod variables;
 mod webhooks;
 mod worker_reports;
 mod worker_tokens;
+mod workflows;

@@ -15,3 +15,5 @@ mod secret_refs;
 mod ssh;
 mod support;
 mod worker_tokens;
+mod workflows;
+mod workflows_chaos;

@@ -3,6 +3,7 @@
 //! chained jobs are queued and messages are put in the outbox. Either all of it commits with
 //! the completion or none of it does, so a crash can neither lose nor duplicate a chain step.
 
+use tracing::Instrument as _;
 use std::collections::HashMap;
 
 use serde_json::{Value, json};
@@ -190,6 +191,10 @@ pub async fn after_finish(
                 }
                 let run_at =
                     chrono::Utc::now() + chrono::Duration::seconds(i64::from(action.delay_seconds));
+                // The chained job continues this trace, as a child of this action's span.
+                let span = tracing::info_span!("action.run_event", action.id = %action.id,
+                                               target.event.id = %target.id);
+                let trace_context = span.in_scope(baton_telemetry::current_traceparent);
                 queue::enqueue(
                     &mut *conn,
                     &NewJob {
@@ -205,9 +210,12 @@ pub async fn after_finish(
                             depth,
                         }),
                         created_by: None,
+                        trace_context,
                     },
                 )
+                .instrument(span)
                 .await?;
+                crate::metrics::job_enqueued();
             }
             ActionSpec::SendMessage {
                 channel,
@@ -239,6 +247,8 @@ pub async fn after_finish(
                     tracing::warn!(job.id = %job.id, %note);
                     actions::add_note(&mut *conn, job.id, &note).await?;
                 }
+                let span = tracing::info_span!("action.send_message", action.id = %action.id,
+                                               channel = channel.as_str());
                 actions::enqueue_message(
                     &mut *conn,
                     &actions::NewMessage {
@@ -252,6 +262,7 @@ pub async fn after_finish(
                         delay_seconds: action.delay_seconds,
                     },
                 )
+                .instrument(span)
                 .await?;
             }
         }

@@ -148,6 +148,8 @@ struct JobEntry {
     /// The completion was replaced by an infrastructure failure after repeated refusals.
     completion_replaced: bool,
     span: tracing::Span,
+    /// The run's trace context, sent back in `Finished.traceparent`.
+    traceparent: Option<String>,
 }
 
 impl JobEntry {
@@ -309,6 +311,7 @@ impl Shared {
             running: st.held(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             hostname: self.hostname.clone(),
+            protocol_version: self.config.protocol_version,
         }
     }
 
@@ -541,7 +544,12 @@ impl Shared {
 
     /// Takes an assignment: starts the run, or finishes it at once when it cannot run here.
     fn accept(self: &Arc<Self>, a: Assignment) {
-        let span = tracing::info_span!("job", job.id = %a.job_id, event.id = %a.event_id, attempt = a.attempt);
+        let span = tracing::info_span!("job", job.id = %a.job_id, event.id = %a.event_id,
+                                       attempt = a.attempt, trace_id = tracing::field::Empty);
+        let traceparent = baton_telemetry::link(
+            &span,
+            Some(a.traceparent.as_str()).filter(|t| !t.is_empty()),
+        );
         let _entered = span.enter();
         let mut st = self.lock();
         if let Some(old_lease) = st.jobs.get(&a.job_id).map(|e| e.lease_token) {
@@ -577,8 +585,10 @@ impl Shared {
             resend_due: false,
             completion_replaced: false,
             span: span.clone(),
+            traceparent: traceparent.clone(),
         };
-        let done = |st: &mut State, mut entry: JobEntry, finished: Finished| {
+        let done = |st: &mut State, mut entry: JobEntry, mut finished: Finished| {
+            finished.traceparent = entry.traceparent.clone().unwrap_or_default();
             entry.finished = Some(finished.clone());
             st.jobs.insert(a.job_id.clone(), entry);
             st.send(Outgoing::Msg(WorkerMsg::Finished(finished)));
@@ -612,6 +622,7 @@ impl Shared {
                 };
                 let (cancel, wake) = (entry.cancel.clone(), entry.wake.clone());
                 plan.spec.kill_now = entry.kill_now.clone();
+                plan.traceparent = traceparent;
                 st.jobs.insert(a.job_id.clone(), entry);
                 st.running += 1;
                 let task = job::run(self.clone(), key, *plan, cancel, wake);
@@ -705,11 +716,12 @@ impl Shared {
     }
 
     /// The run's completion: kept until acknowledged, sent now if connected.
-    pub(crate) fn job_finished(&self, key: &JobKey, finished: Finished) {
+    pub(crate) fn job_finished(&self, key: &JobKey, mut finished: Finished) {
         let mut st = self.lock();
         let Some(entry) = st.entry(key) else {
             return;
         };
+        finished.traceparent = entry.traceparent.clone().unwrap_or_default();
         entry.finished = Some(finished.clone());
         st.send(Outgoing::Msg(WorkerMsg::Finished(finished)));
     }
@@ -850,9 +862,30 @@ impl Worker {
             executors = ?shared.executor_names(),
             "baton-worker starting"
         );
-        let sessions = tokio::spawn(session::run(shared.clone(), stop.clone()));
+        let mut sessions = tokio::spawn(session::run(shared.clone(), stop.clone()));
 
-        shutdown.await;
+        // The sessions end on their own only when the api refuses this worker for good.
+        let refused = tokio::select! {
+            _ = shutdown => None,
+            ended = &mut sessions => Some(match ended {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => anyhow::anyhow!("the api sessions ended"),
+                Err(e) => anyhow::anyhow!("the session task failed: {e}"),
+            }),
+        };
+        if let Some(error) = refused {
+            stop.cancel();
+            shared.cancel_all();
+            if let Some(reaper) = reaper {
+                let _ = reaper.await;
+            }
+            if let Some(container) = &container {
+                container.shutdown().await;
+            }
+            shared.tasks.close();
+            let _ = tokio::time::timeout(FINAL_ACK_WAIT, shared.tasks.wait()).await;
+            return Err(error);
+        }
         let running = shared.lock().running;
         tracing::info!(
             running,
@@ -887,8 +920,10 @@ impl Worker {
             shared.cancel_all();
         }
         stop.cancel();
-        if let Err(e) = sessions.await {
-            tracing::warn!(error = %e, "session task failed");
+        match sessions.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "the api sessions ended with an error"),
+            Err(e) => tracing::warn!(error = %e, "session task failed"),
         }
         if let Some(reaper) = reaper
             && let Err(e) = reaper.await

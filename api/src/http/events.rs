@@ -187,12 +187,15 @@ pub async fn run_event(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
     JsonBody(request): JsonBody<Option<RunRequest>>,
 ) -> Result<(StatusCode, axum::Json<RunAccepted>), ApiError> {
     caller.require(Role::Operator)?;
     let id = parse_uuid("id", &id)?;
     let mut request = request.unwrap_or_default();
     request.validate()?;
+    let (span, trace_context) = super::trace::enqueue_span(&headers);
+    span.record("event.id", tracing::field::display(id));
     // Usually one statement: the event comes from this replica's cache, and the job and its
     // audit row are inserted together, only if the event is still at the cached revision.
     // Otherwise the event is read again and the insert retried once.
@@ -215,6 +218,7 @@ pub async fn run_event(
             idempotency_key: request.idempotency_key.as_deref(),
             parent: None,
             created_by: Some(caller.token_id),
+            trace_context: trace_context.clone(),
         };
         let entry = AuditEntry {
             token_id: Some(caller.token_id),
@@ -241,6 +245,10 @@ pub async fn run_event(
     };
     // A repeat of an idempotent run queued nothing new.
     announce.armed = enqueued.created;
+    span.record("job.id", tracing::field::display(enqueued.job_id));
+    if enqueued.created {
+        crate::metrics::job_enqueued();
+    }
     Ok((
         StatusCode::ACCEPTED,
         axum::Json(RunAccepted {

@@ -126,6 +126,9 @@ pub async fn cancel_job(
     .await?;
     let job = queue::get_job(&mut *tx, id).await?;
     tx.commit().await?;
+    if immediate {
+        crate::metrics::job_finished("cancelled");
+    }
     Ok((axum::http::StatusCode::ACCEPTED, axum::Json(job)))
 }
 
@@ -144,11 +147,13 @@ pub async fn rerun_job(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
 ) -> Result<(axum::http::StatusCode, axum::Json<RerunAccepted>), ApiError> {
     caller.require(Role::Operator)?;
     let id = parse_uuid("id", &id)?;
+    let (span, trace_context) = super::trace::enqueue_span(&headers);
     let mut tx = state.pool.begin().await?;
-    let job_id = queue::rerun(&mut tx, id, Some(caller.token_id)).await?;
+    let job_id = queue::rerun(&mut tx, id, Some(caller.token_id), trace_context.as_deref()).await?;
     audit(
         &mut *tx,
         &caller,
@@ -159,6 +164,8 @@ pub async fn rerun_job(
     )
     .await?;
     tx.commit().await?;
+    span.record("job.id", tracing::field::display(job_id));
+    crate::metrics::job_enqueued();
     Ok((
         axum::http::StatusCode::ACCEPTED,
         axum::Json(RerunAccepted { job_id }),

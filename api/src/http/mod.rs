@@ -14,6 +14,7 @@ mod servers;
 mod stream;
 pub mod stream_slots;
 mod tokens;
+mod trace;
 mod uri_guard;
 mod variables;
 mod webhooks;

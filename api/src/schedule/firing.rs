@@ -118,9 +118,13 @@ async fn fire_one(
                 idempotency_key: None,
                 parent: None,
                 created_by: row.created_by,
+                trace_context: baton_telemetry::current_traceparent(),
             };
             match queue::enqueue_scheduled(&mut *tx, &job, row.id, *slot).await? {
-                Some(_) => report.jobs += 1,
+                Some(_) => {
+                    report.jobs += 1;
+                    crate::metrics::job_enqueued();
+                }
                 None => report.duplicates += 1,
             }
         }

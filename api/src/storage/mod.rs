@@ -8,6 +8,7 @@
 pub mod actions;
 pub mod audit;
 pub mod events;
+pub mod gauges;
 pub mod logs;
 pub mod queue;
 pub mod schedules;

@@ -106,6 +106,14 @@ pub struct ApiConfig {
     #[arg(long, env = "BATON_HTTP_ALLOW_CIDRS", default_value = "",
           value_parser = |s: &str| s.parse::<baton_egress::AddressPolicy>().map_err(|e| e.to_string()))]
     pub http_allow_cidrs: baton_egress::AddressPolicy,
+    /// PEM certificate chain: with `BATON_TLS_KEY`, the REST API and the worker gRPC service
+    /// serve TLS (clients then use `https://`; workers trust it through the system's roots or
+    /// `BATON_API_CA`).
+    #[arg(long, env = "BATON_TLS_CERT")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of `BATON_TLS_CERT` (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "BATON_TLS_KEY")]
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -147,7 +155,16 @@ impl ApiConfig {
             smtp_url: None,
             smtp_from: "baton@localhost".into(),
             http_allow_cidrs: baton_egress::AddressPolicy::default(),
+            tls_cert: None,
+            tls_key: None,
         }
+    }
+
+    /// The TLS settings, read from `BATON_TLS_CERT` / `BATON_TLS_KEY` (`None`: plain TCP).
+    pub fn tls(&self) -> anyhow::Result<Option<crate::tls::TlsSettings>> {
+        crate::tls::files(self.tls_cert.as_deref(), self.tls_key.as_deref())?
+            .map(|files| crate::tls::load(&files))
+            .transpose()
     }
 
     /// Workers heartbeat three times per lease, so one lost heartbeat never costs a lease.

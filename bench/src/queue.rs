@@ -416,6 +416,7 @@ async fn module_client(
         idempotency_key: None,
         parent: None,
         created_by: None,
+        trace_context: None,
     };
     let request = ClaimRequest {
         worker_id: Uuid::now_v7(),

@@ -77,6 +77,7 @@ pub mod config;
 pub mod executor;
 mod job;
 pub mod logbook;
+mod metrics;
 pub mod rundir;
 mod secret_refs;
 mod session;

@@ -7,8 +7,9 @@
 //!   `event.id`, `attempt`, `trace_id`, ...) next to the event's own ([`json`]).
 //! - **Traces** exported over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set
 //!   (`OTEL_EXPORTER_OTLP_PROTOCOL`: `grpc` or `http/protobuf`, the default;
-//!   `OTEL_SERVICE_NAME` names the service). Without an endpoint no OpenTelemetry layer is
-//!   installed at all: a span costs what a `tracing` span costs.
+//!   `OTEL_SERVICE_NAME` names the service; `BATON_TRACE_FILTER` picks the spans, by default
+//!   [`DEFAULT_TRACE_FILTER`], independent of `RUST_LOG`). Without an endpoint no OpenTelemetry
+//!   layer is installed at all: a span costs what a `tracing` span costs.
 //! - **Trace context** in W3C `traceparent` form ([`traceparent`]): what a job carries from its
 //!   enqueue to the worker's run, the script's `TRACEPARENT` and back.
 #![forbid(unsafe_code)]
@@ -82,6 +83,10 @@ impl OtlpSettings {
     }
 }
 
+/// Which spans are exported unless `BATON_TRACE_FILTER` says otherwise.
+pub const DEFAULT_TRACE_FILTER: &str =
+    "info,h2=off,hyper=off,hyper_util=off,tonic=off,tower=off,reqwest=off,sqlx=off,opentelemetry=off";
+
 /// Keeps the trace exporter alive; dropping it flushes the spans not yet sent.
 #[must_use = "dropping the guard stops trace export"]
 #[derive(Debug)]
@@ -137,10 +142,17 @@ pub fn init(default_service: &str, default_filter: &str) -> anyhow::Result<Telem
             .boxed(),
     };
     let provider = otlp.as_ref().map(tracer_provider).transpose()?;
+    // Traces have a filter of their own, so `RUST_LOG=warn` quiets the logs without losing
+    // the spans; the exporter's own transport (tonic, hyper, reqwest) is never traced.
     let traces = provider.as_ref().map(|p| {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("baton"))
-            .with_filter(filter())
+            .with_filter(
+                std::env::var("BATON_TRACE_FILTER")
+                    .ok()
+                    .and_then(|f| EnvFilter::try_new(f).ok())
+                    .unwrap_or_else(|| EnvFilter::new(DEFAULT_TRACE_FILTER)),
+            )
     });
     tracing_subscriber::registry()
         .with(logs.with_filter(filter()))

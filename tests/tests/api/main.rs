@@ -15,6 +15,7 @@ mod queue;
 mod schedules;
 mod servers;
 mod terminal;
+mod upgrades;
 mod variables;
 mod webhooks;
 mod worker_reports;

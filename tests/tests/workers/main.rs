@@ -13,4 +13,6 @@ mod runs;
 mod secret_refs;
 mod ssh;
 mod support;
+mod traces;
+mod upgrade;
 mod worker_tokens;

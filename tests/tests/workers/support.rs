@@ -84,13 +84,28 @@ impl WorkerProcess {
     /// A worker process connecting to `api_url` (one gRPC URL, or several comma-separated),
     /// with a worker token made through `app`, and `extra` flags.
     pub async fn start_on(app: &TestApp, api_url: &str, slots: u32, extra: &[&str]) -> Self {
+        Self::start_with_env(app, api_url, slots, extra, &[], Stdio::inherit()).await
+    }
+
+    /// [`WorkerProcess::start_on`] with `env` set for the process and its stderr (the log)
+    /// going to `stderr`.
+    pub async fn start_with_env(
+        app: &TestApp,
+        api_url: &str,
+        slots: u32,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> Self {
         let token = app.token(Role::Worker).await;
         let child = Command::new(env!("CARGO_BIN_EXE_baton-test-worker"))
             .args(["--api-url", api_url, "--slots", &slots.to_string()])
             .args(extra)
             .env("BATON_WORKER_TOKEN", token)
             .env("BATON_WORKER_DRAIN_TIMEOUT", "20s")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("start the worker process");
         Self { child }

@@ -13,6 +13,7 @@ mod runs;
 mod secret_refs;
 mod ssh;
 mod support;
+mod tls;
 mod traces;
 mod upgrade;
 mod worker_tokens;

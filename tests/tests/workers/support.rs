@@ -283,3 +283,42 @@ fn free_port() -> u16 {
         .expect("a free port")
         .port()
 }
+
+/// The lines a child process writes to a pipe, read by a thread as they come.
+pub struct LogLines(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl LogLines {
+    /// Reads `pipe` (a child's stderr or stdout) until it closes.
+    pub fn read(pipe: impl std::io::Read + Send + 'static) -> Self {
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        });
+        Self(lines)
+    }
+
+    /// Every line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits (up to 120 s) for a line matching `wanted`; returns it.
+    pub async fn wait_for(&self, what: &str, wanted: impl Fn(&str) -> bool) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(line) = self.lines().into_iter().find(|l| wanted(l)) {
+                return line;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no line with {what} in: {:#?}",
+                self.lines()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

@@ -8,6 +8,7 @@ mod container_reaping;
 mod failover;
 mod hostile;
 mod job_controls;
+mod observability;
 mod reports;
 mod runs;
 mod secret_refs;

@@ -223,3 +223,38 @@ async fn without_an_exporter_the_clients_traceparent_reaches_the_script() {
     let done = wait_finished(&app, job["job_id"].as_str().expect("id")).await;
     assert_eq!(done["status"], "succeeded", "{done}");
 }
+
+/// `BATON_LOG_FORMAT=json`: one JSON object per line, with the job's `job.id`, `event.id` and
+/// `trace_id` on every line logged about it.
+#[tokio::test]
+async fn json_logs_carry_the_job_event_and_trace_ids() {
+    let app = spawn_app().await;
+    let mut worker = WorkerProcess::start_with_env(
+        &app,
+        &app.grpc_address,
+        1,
+        &["--allow-local", "--no-container"],
+        &[("BATON_LOG_FORMAT", "json"), ("RUST_LOG", "info")],
+        Stdio::piped(),
+    )
+    .await;
+    let log = crate::support::LogLines::read(worker.child.stderr.take().expect("stderr"));
+    let event = local_event(&app, "logged", "bash", "echo hi").await;
+    let job = run_traced(&app, &event).await;
+    let done = wait_finished(&app, &job).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let line = log
+        .wait_for("the job's completion", |l| l.contains("run succeeded"))
+        .await;
+    let line: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(line["job.id"], job.as_str(), "{line}");
+    assert_eq!(line["event.id"], event.as_str(), "{line}");
+    assert_eq!(line["trace_id"], CLIENT_TRACE, "{line}");
+    assert_eq!(line["level"], "INFO", "{line}");
+    for other in log.lines() {
+        assert!(
+            serde_json::from_str::<Value>(&other).is_ok(),
+            "not a JSON line: {other}"
+        );
+    }
+}

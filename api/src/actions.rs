@@ -3,8 +3,8 @@
 //! chained jobs are queued and messages are put in the outbox. Either all of it commits with
 //! the completion or none of it does, so a crash can neither lose nor duplicate a chain step.
 
-use tracing::Instrument as _;
 use std::collections::HashMap;
+use tracing::Instrument as _;
 
 use serde_json::{Value, json};
 use sqlx::PgConnection;

@@ -229,10 +229,12 @@ impl Dispatcher {
 
     /// The slots of the workers connected to this replica: all, and those holding a job.
     pub fn slots(&self) -> Slots {
-        self.lock_conns().iter().fold(Slots::default(), |acc, c| Slots {
-            total: acc.total + u64::from(c.slots),
-            busy: acc.busy + u64::from(c.held_count().min(c.slots)),
-        })
+        self.lock_conns()
+            .iter()
+            .fold(Slots::default(), |acc, c| Slots {
+                total: acc.total + u64::from(c.slots),
+                busy: acc.busy + u64::from(c.held_count().min(c.slots)),
+            })
     }
 
     pub fn connected_workers(&self) -> usize {

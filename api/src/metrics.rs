@@ -55,8 +55,7 @@ pub fn handle() -> &'static PrometheusHandle {
                 b.set_buckets_for_metric(
                     Matcher::Full(JOB_DURATION.into()),
                     &[
-                        0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
-                        3600.0,
+                        0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
                     ],
                 )
             })
@@ -196,7 +195,10 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
         &[
             ("state=\"total\"", slots.total as i64),
             ("state=\"busy\"", slots.busy as i64),
-            ("state=\"free\"", slots.total.saturating_sub(slots.busy) as i64),
+            (
+                "state=\"free\"",
+                slots.total.saturating_sub(slots.busy) as i64,
+            ),
         ],
     );
     gauge(

@@ -52,8 +52,12 @@ pub fn files(cert: Option<&Path>, key: Option<&Path>) -> anyhow::Result<Option<T
             cert: cert.to_owned(),
             key: key.to_owned(),
         })),
-        (Some(_), None) => anyhow::bail!("BATON_TLS_CERT is set but BATON_TLS_KEY is not: TLS needs both"),
-        (None, Some(_)) => anyhow::bail!("BATON_TLS_KEY is set but BATON_TLS_CERT is not: TLS needs both"),
+        (Some(_), None) => {
+            anyhow::bail!("BATON_TLS_CERT is set but BATON_TLS_KEY is not: TLS needs both")
+        }
+        (None, Some(_)) => {
+            anyhow::bail!("BATON_TLS_KEY is set but BATON_TLS_CERT is not: TLS needs both")
+        }
     }
 }
 
@@ -65,12 +69,24 @@ pub fn load(files: &TlsFiles) -> anyhow::Result<TlsSettings> {
         .with_context(|| format!("BATON_TLS_KEY: cannot read {}", files.key.display()))?;
     let chain = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("BATON_TLS_CERT: {} is not PEM certificates: {e}", files.cert.display()))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "BATON_TLS_CERT: {} is not PEM certificates: {e}",
+                files.cert.display()
+            )
+        })?;
     if chain.is_empty() {
-        anyhow::bail!("BATON_TLS_CERT: {} holds no certificate", files.cert.display());
+        anyhow::bail!(
+            "BATON_TLS_CERT: {} holds no certificate",
+            files.cert.display()
+        );
     }
-    let key = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|e| anyhow::anyhow!("BATON_TLS_KEY: {} holds no usable private key: {e}", files.key.display()))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+        anyhow::anyhow!(
+            "BATON_TLS_KEY: {} holds no usable private key: {e}",
+            files.key.display()
+        )
+    })?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut rest = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -153,9 +169,13 @@ mod tests {
 
     #[test]
     fn a_certificate_needs_its_key() {
-        let e = files(Some(Path::new("/c.pem")), None).unwrap_err().to_string();
+        let e = files(Some(Path::new("/c.pem")), None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("BATON_TLS_KEY"), "{e}");
-        let e = files(None, Some(Path::new("/k.pem"))).unwrap_err().to_string();
+        let e = files(None, Some(Path::new("/k.pem")))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("BATON_TLS_CERT"), "{e}");
         assert_eq!(files(None, None).unwrap(), None);
     }
@@ -168,6 +188,9 @@ mod tests {
         })
         .unwrap_err()
         .to_string();
-        assert!(e.contains("BATON_TLS_CERT") && e.contains("/nonexistent/cert.pem"), "{e}");
+        assert!(
+            e.contains("BATON_TLS_CERT") && e.contains("/nonexistent/cert.pem"),
+            "{e}"
+        );
     }
 }

@@ -39,8 +39,9 @@ impl Client {
         if let Some(path) = &conn.ca {
             let pem = std::fs::read(path)
                 .with_context(|| format!("BATON_CA: cannot read {}", path.display()))?;
-            let ca = reqwest::Certificate::from_pem(&pem)
-                .with_context(|| format!("BATON_CA: {} is not a PEM certificate", path.display()))?;
+            let ca = reqwest::Certificate::from_pem(&pem).with_context(|| {
+                format!("BATON_CA: {} is not a PEM certificate", path.display())
+            })?;
             http = http.add_root_certificate(ca);
         }
         Ok(Self {

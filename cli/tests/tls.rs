@@ -28,7 +28,11 @@ async fn the_cli_talks_to_a_tls_api_when_given_its_ca() {
         })
     };
     let ok = run(Some(pki.ca.clone())).await.expect("baton");
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let refused = run(None).await.expect("baton");
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);

@@ -6,10 +6,10 @@
 //! progress reports (holding back when too much is unacknowledged), collects `out/`, and hands
 //! the `Finished` message to the worker's state, which keeps it until it is acknowledged.
 
-use tracing::Instrument as _;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument as _;
 
 use baton_proto::v1::{Assignment, ErrorKind as WireKind, Finished, Stream as WireStream};
 use serde::Deserialize;

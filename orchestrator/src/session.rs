@@ -108,7 +108,11 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) -> anyhow:
         if stop.is_cancelled() {
             return Ok(());
         }
-        match result.as_ref().err().and_then(|e| e.downcast_ref::<ProtocolRefused>()) {
+        match result
+            .as_ref()
+            .err()
+            .and_then(|e| e.downcast_ref::<ProtocolRefused>())
+        {
             Some(refused) => {
                 refusals += 1;
                 tracing::error!(api = %api.url, reason = %refused.0,

@@ -881,25 +881,26 @@ impl Worker {
         let shared = self.shared;
         let stop = CancellationToken::new();
         let container = self.container;
-        let metrics = match shared.config.metrics_listen {
-            Some(address) => {
-                let listener = tokio::net::TcpListener::bind(address).await.with_context(|| {
+        let metrics =
+            match shared.config.metrics_listen {
+                Some(address) => {
+                    let listener = tokio::net::TcpListener::bind(address).await.with_context(|| {
                     format!("cannot listen for metrics on {address} (BATON_WORKER_METRICS_LISTEN)")
                 })?;
-                tracing::info!(address = ?listener.local_addr().ok(), "serving metrics");
-                let sources = crate::metrics::Sources {
-                    shared: shared.clone(),
-                    container: container.clone(),
-                    ssh: self.ssh.clone(),
-                };
-                Some(tokio::spawn(crate::metrics::serve(
-                    listener,
-                    sources,
-                    stop.child_token(),
-                )))
-            }
-            None => None,
-        };
+                    tracing::info!(address = ?listener.local_addr().ok(), "serving metrics");
+                    let sources = crate::metrics::Sources {
+                        shared: shared.clone(),
+                        container: container.clone(),
+                        ssh: self.ssh.clone(),
+                    };
+                    Some(tokio::spawn(crate::metrics::serve(
+                        listener,
+                        sources,
+                        stop.child_token(),
+                    )))
+                }
+                None => None,
+            };
         let reaper = container.as_ref().map(|c| {
             // Orphans first (a crashed predecessor's containers, spares included), then the
             // spares of the default images.

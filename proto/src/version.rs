@@ -49,7 +49,13 @@ mod tests {
     fn a_newer_worker_is_told_to_upgrade_the_api_first() {
         let e = check_worker_protocol(PROTOCOL_VERSION + 1).unwrap_err();
         assert!(e.starts_with(REFUSAL_PREFIX), "{e}");
-        assert!(e.contains("upgrade the api replicas before the workers"), "{e}");
-        assert!(e.contains(&format!("version {}", PROTOCOL_VERSION + 1)), "{e}");
+        assert!(
+            e.contains("upgrade the api replicas before the workers"),
+            "{e}"
+        );
+        assert!(
+            e.contains(&format!("version {}", PROTOCOL_VERSION + 1)),
+            "{e}"
+        );
     }
 }

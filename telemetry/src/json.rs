@@ -90,7 +90,10 @@ mod tests {
 
     impl std::io::Write for Buffer {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(buf);
             Ok(buf.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
@@ -109,8 +112,13 @@ mod tests {
                 .with_writer(move || writer.clone()),
         );
         tracing::subscriber::with_default(subscriber, || {
-            let span = tracing::info_span!("job", job.id = "j1", event.id = "e1", attempt = 2,
-                                           trace_id = tracing::field::Empty);
+            let span = tracing::info_span!(
+                "job",
+                job.id = "j1",
+                event.id = "e1",
+                attempt = 2,
+                trace_id = tracing::field::Empty
+            );
             span.record("trace_id", "4bf92f3577b34da6a3ce929d0e0e4736");
             let _in = span.enter();
             tracing::info!(exit_code = 0, "job finished");

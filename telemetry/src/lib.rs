@@ -84,8 +84,7 @@ impl OtlpSettings {
 }
 
 /// Which spans are exported unless `BATON_TRACE_FILTER` says otherwise.
-pub const DEFAULT_TRACE_FILTER: &str =
-    "info,h2=off,hyper=off,hyper_util=off,tonic=off,tower=off,reqwest=off,sqlx=off,opentelemetry=off";
+pub const DEFAULT_TRACE_FILTER: &str = "info,h2=off,hyper=off,hyper_util=off,tonic=off,tower=off,reqwest=off,sqlx=off,opentelemetry=off";
 
 /// Keeps the trace exporter alive; dropping it flushes the spans not yet sent.
 #[must_use = "dropping the guard stops trace export"]
@@ -126,9 +125,8 @@ pub fn init(default_service: &str, default_filter: &str) -> anyhow::Result<Telem
         .parse()
         .map_err(anyhow::Error::msg)?;
     let otlp = OtlpSettings::from_env(default_service)?;
-    let filter = || {
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter))
-    };
+    let filter =
+        || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let logs = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()

@@ -34,7 +34,9 @@ impl fmt::Display for InvalidTraceParent {
 impl std::error::Error for InvalidTraceParent {}
 
 fn lower_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 impl FromStr for TraceParent {
@@ -48,7 +50,9 @@ impl FromStr for TraceParent {
         let (Some(version), Some(trace), Some(span), Some(flags)) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err(InvalidTraceParent("expected version-traceid-parentid-flags"));
+            return Err(InvalidTraceParent(
+                "expected version-traceid-parentid-flags",
+            ));
         };
         if !lower_hex(version, 2) || version == "ff" {
             return Err(InvalidTraceParent("bad version"));
@@ -139,7 +143,10 @@ pub fn link(span: &tracing::Span, parent: Option<&str>) -> Option<String> {
     }
     let own = traceparent_of(span);
     let handed_on = own.or_else(|| parent.map(|p| p.to_string()));
-    if let Some(tp) = handed_on.as_deref().and_then(|t| t.parse::<TraceParent>().ok()) {
+    if let Some(tp) = handed_on
+        .as_deref()
+        .and_then(|t| t.parse::<TraceParent>().ok())
+    {
         span.record("trace_id", tracing::field::display(tp.trace_id));
     }
     handed_on

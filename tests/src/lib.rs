@@ -129,7 +129,11 @@ pub async fn spawn_replica_on(
     config.http_db_pool_size = 10;
     adjust(&mut config);
     // With a certificate both services serve TLS (the caller brings a client trusting it).
-    let scheme = if config.tls_cert.is_some() { "https" } else { "http" };
+    let scheme = if config.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let (api, _) = baton_api::Api::start(config).await.expect("start the api");
     let pool = api.state.pool.clone();
     let http_pool = api.http_pool.clone();

@@ -93,7 +93,9 @@ impl TraceService for Grpc {
 impl OtlpReceiver {
     /// A receiver speaking OTLP over gRPC.
     pub async fn grpc() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
         let spans = Store::default();
         let stop = tokio_util::sync::CancellationToken::new();
@@ -104,12 +106,18 @@ impl OtlpReceiver {
                 stop.clone().cancelled_owned(),
             );
         tokio::spawn(server);
-        Self { endpoint, spans, stop }
+        Self {
+            endpoint,
+            spans,
+            stop,
+        }
     }
 
     /// A receiver speaking OTLP over HTTP with protobuf bodies.
     pub async fn http() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
         let spans = Store::default();
         let stop = tokio_util::sync::CancellationToken::new();
@@ -138,11 +146,16 @@ impl OtlpReceiver {
                 }
             }),
         );
-        let server = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
+        let server =
+            axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
         tokio::spawn(async move {
             let _ = server.await;
         });
-        Self { endpoint, spans, stop }
+        Self {
+            endpoint,
+            spans,
+            stop,
+        }
     }
 
     /// Every span received so far.
@@ -151,7 +164,11 @@ impl OtlpReceiver {
     }
 
     /// Waits (up to 120 s) until `done` holds for the spans received; returns them.
-    pub async fn wait_for(&self, what: &str, done: impl Fn(&[ReceivedSpan]) -> bool) -> Vec<ReceivedSpan> {
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        done: impl Fn(&[ReceivedSpan]) -> bool,
+    ) -> Vec<ReceivedSpan> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         loop {
             let spans = self.spans();

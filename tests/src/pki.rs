@@ -35,9 +35,12 @@ impl TestPki {
         let (_, _, other_pem) = ca("Unrelated test CA");
         let issuer = Issuer::new(ca_params, ca_key);
         let key = KeyPair::generate().expect("a server key");
-        let mut params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .expect("server parameters");
-        params.distinguished_name.push(DnType::CommonName, "baton-api");
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .expect("server parameters");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "baton-api");
         let cert = params.signed_by(&key, &issuer).expect("server certificate");
         let write = |name: &str, text: &str| {
             let path = dir.path().join(name);

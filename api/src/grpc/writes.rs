@@ -316,7 +316,8 @@ async fn write_one(
 
 /// The span of a job's completion, a child of the worker's run (`traceparent`).
 fn completion_span(job_id: Uuid, traceparent: Option<&str>) -> tracing::Span {
-    let span = tracing::info_span!("job.complete", job.id = %job_id, trace_id = tracing::field::Empty);
+    let span =
+        tracing::info_span!("job.complete", job.id = %job_id, trace_id = tracing::field::Empty);
     baton_telemetry::link(&span, traceparent);
     span
 }

@@ -8,8 +8,12 @@ use axum::http::HeaderMap;
 /// client's trace still reaches the script's `TRACEPARENT`), else none.
 /// Its `event.id` and `job.id` fields are for the caller to record.
 pub(super) fn enqueue_span(headers: &HeaderMap) -> (tracing::Span, Option<String>) {
-    let span = tracing::info_span!("job.enqueue", event.id = tracing::field::Empty,
-                                   job.id = tracing::field::Empty, trace_id = tracing::field::Empty);
+    let span = tracing::info_span!(
+        "job.enqueue",
+        event.id = tracing::field::Empty,
+        job.id = tracing::field::Empty,
+        trace_id = tracing::field::Empty
+    );
     let incoming = headers.get("traceparent").and_then(|v| v.to_str().ok());
     let context = baton_telemetry::link(&span, incoming);
     (span, context)

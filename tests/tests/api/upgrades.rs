@@ -28,12 +28,18 @@ async fn a_worker_newer_than_the_api_is_refused_with_a_clear_message() {
     };
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
     let message = status.message();
-    assert!(message.starts_with("unsupported worker protocol"), "{message}");
+    assert!(
+        message.starts_with("unsupported worker protocol"),
+        "{message}"
+    );
     assert!(
         message.contains(&format!("version {}", baton_proto::PROTOCOL_VERSION + 1)),
         "{message}"
     );
-    assert!(message.contains("upgrade the api replicas before the workers"), "{message}");
+    assert!(
+        message.contains("upgrade the api replicas before the workers"),
+        "{message}"
+    );
     // Refused before it was recorded: no worker appears.
     let (_, workers) = app.get("/api/v1/workers").await;
     assert_eq!(workers.as_array().map(Vec::len), Some(0), "{workers}");

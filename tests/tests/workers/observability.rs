@@ -19,8 +19,13 @@ fn observability_dir() -> PathBuf {
 
 /// The value of the series `series` (name and labels exactly as rendered), if present.
 fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// Scrapes `url` until every series in `wanted` has exactly its value (120 s at most: the
@@ -95,8 +100,10 @@ async fn metrics_count_runs_and_the_example_dashboard_queries_only_real_metrics(
 
     let ok = local_event(&app, "fine", "bash", "echo fine").await;
     let failing = app
-        .create_event(&json!({"name": "flaky", "runtime": "bash", "content": "exit 3",
-                              "executor": "local", "max_attempts": 2, "retry_backoff_seconds": 0}))
+        .create_event(
+            &json!({"name": "flaky", "runtime": "bash", "content": "exit 3",
+                              "executor": "local", "max_attempts": 2, "retry_backoff_seconds": 0}),
+        )
         .await["id"]
         .as_str()
         .expect("id")
@@ -105,9 +112,15 @@ async fn metrics_count_runs_and_the_example_dashboard_queries_only_real_metrics(
     let delayed = app
         .run_event(&ok, &json!({"priority": 7, "run_at": later}))
         .await;
-    for job in [app.run_event(&ok, &json!({})).await, app.run_event(&failing, &json!({})).await] {
+    for job in [
+        app.run_event(&ok, &json!({})).await,
+        app.run_event(&failing, &json!({})).await,
+    ] {
         let done = wait_finished(&app, &job).await;
-        assert!(matches!(done["status"].as_str(), Some("succeeded" | "failed")), "{done}");
+        assert!(
+            matches!(done["status"].as_str(), Some("succeeded" | "failed")),
+            "{done}"
+        );
     }
 
     let api_text = scrape_until(
@@ -117,7 +130,10 @@ async fn metrics_count_runs_and_the_example_dashboard_queries_only_real_metrics(
             ("baton_jobs_finished_total{status=\"succeeded\"}", 1.0),
             ("baton_jobs_finished_total{status=\"failed\"}", 1.0),
             ("baton_jobs_retried_total", 1.0),
-            ("baton_executor_errors_total{executor=\"local\",kind=\"script\"}", 2.0),
+            (
+                "baton_executor_errors_total{executor=\"local\",kind=\"script\"}",
+                2.0,
+            ),
             ("baton_job_duration_seconds_count{executor=\"local\"}", 3.0),
             ("baton_dispatch_latency_seconds_count", 3.0),
             ("baton_jobs_queued{priority=\"7\"}", 1.0),
@@ -183,7 +199,11 @@ async fn metrics_count_runs_and_the_example_dashboard_queries_only_real_metrics(
             .as_sequence()
             .expect("targets");
         assert!(!targets.is_empty());
-        assert!(targets.iter().all(|t| t.as_str().is_some_and(|t| t.contains(':'))));
+        assert!(
+            targets
+                .iter()
+                .all(|t| t.as_str().is_some_and(|t| t.contains(':')))
+        );
     }
 
     // Grafana provisioning: the data source the dashboard selects, and the dashboards folder.
@@ -195,7 +215,10 @@ async fn metrics_count_runs_and_the_example_dashboard_queries_only_real_metrics(
     )
     .expect("YAML");
     let uid = datasources["datasources"][0]["uid"].as_str().expect("uid");
-    assert_eq!(datasources["datasources"][0]["type"].as_str(), Some("prometheus"));
+    assert_eq!(
+        datasources["datasources"][0]["type"].as_str(),
+        Some("prometheus")
+    );
     assert_eq!(
         dashboard["templating"]["list"][0]["current"]["value"].as_str(),
         Some(uid)
@@ -209,7 +232,9 @@ async fn metrics_count_runs_and_the_example_dashboard_queries_only_real_metrics(
     .expect("YAML");
     assert_eq!(providers["providers"][0]["type"].as_str(), Some("file"));
 
-    let (status, _) = app.post(&format!("/api/v1/jobs/{delayed}/cancel"), &json!({})).await;
+    let (status, _) = app
+        .post(&format!("/api/v1/jobs/{delayed}/cancel"), &json!({}))
+        .await;
     assert!(status.is_success());
     scrape_until(
         &format!("{}/metrics", app.address),

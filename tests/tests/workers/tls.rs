@@ -19,7 +19,11 @@ async fn rest_and_worker_service_serve_tls_and_workers_verify_the_certificate() 
     })
     .await;
     assert!(app.address.starts_with("https://"), "{}", app.address);
-    assert!(app.grpc_address.starts_with("https://"), "{}", app.grpc_address);
+    assert!(
+        app.grpc_address.starts_with("https://"),
+        "{}",
+        app.grpc_address
+    );
     app.client = pki.client();
 
     // REST over TLS, verified against the test CA.
@@ -33,7 +37,10 @@ async fn rest_and_worker_service_serve_tls_and_workers_verify_the_certificate() 
     assert!(untrusted.is_err(), "an untrusted certificate was accepted");
     // ... and plain HTTP on the TLS port gets no answer.
     let plain = reqwest::Client::new()
-        .get(format!("{}/healthz", app.address.replacen("https://", "http://", 1)))
+        .get(format!(
+            "{}/healthz",
+            app.address.replacen("https://", "http://", 1)
+        ))
         .timeout(std::time::Duration::from_secs(10))
         .send()
         .await;
@@ -63,7 +70,9 @@ async fn rest_and_worker_service_serve_tls_and_workers_verify_the_certificate() 
     .await;
     let log = LogLines::read(refused.child.stderr.take().expect("stderr"));
     let line = log
-        .wait_for("a refused session", |l| l.contains("cannot open a session with the api"))
+        .wait_for("a refused session", |l| {
+            l.contains("cannot open a session with the api")
+        })
         .await;
     assert!(
         line.to_lowercase().contains("certificate") || line.contains("UnknownIssuer"),

@@ -11,7 +11,9 @@ use baton_tests::{TestApp, spawn_app, test_database};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::support::{ApiProcess, InProcessWorker, WorkerProcess, all_lines, local_event, wait_finished, wait_job};
+use crate::support::{
+    ApiProcess, InProcessWorker, WorkerProcess, all_lines, local_event, wait_finished, wait_job,
+};
 
 const CLIENT_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 const CLIENT_SPAN: &str = "b7ad6b7169203331";
@@ -98,9 +100,7 @@ async fn a_job_and_its_chain_form_one_trace_across_api_worker_and_script() {
     let job = run_traced(&app, &first).await;
     let done = wait_finished(&app, &job).await;
     assert_eq!(done["status"], "succeeded", "{done}");
-    let (_, chained) = app
-        .get(&format!("/api/v1/jobs?root_job_id={job}"))
-        .await;
+    let (_, chained) = app.get(&format!("/api/v1/jobs?root_job_id={job}")).await;
     let chained_id = chained["items"]
         .as_array()
         .into_iter()
@@ -123,7 +123,10 @@ async fn a_job_and_its_chain_form_one_trace_across_api_worker_and_script() {
     let (trace, script_parent) = script_traceparent(&app, &job).await;
     assert_eq!(trace, CLIENT_TRACE);
     let (chained_trace, chained_parent) = script_traceparent(&app, &chained_id).await;
-    assert_eq!(chained_trace, CLIENT_TRACE, "the chained job left the trace");
+    assert_eq!(
+        chained_trace, CLIENT_TRACE,
+        "the chained job left the trace"
+    );
 
     let api_spans = api_receiver
         .wait_for("the api's spans of both jobs", |s| {
@@ -139,7 +142,10 @@ async fn a_job_and_its_chain_form_one_trace_across_api_worker_and_script() {
         })
         .await;
     for span in named(&api_spans, "job.enqueue") {
-        assert_eq!(span.parent_span_id, CLIENT_SPAN, "the client's span is the parent");
+        assert_eq!(
+            span.parent_span_id, CLIENT_SPAN,
+            "the client's span is the parent"
+        );
         assert_eq!(span.service, "api-under-test");
         assert_eq!(span.protocol, "grpc");
     }
@@ -149,7 +155,9 @@ async fn a_job_and_its_chain_form_one_trace_across_api_worker_and_script() {
     }
     // Parent links: enqueue → dispatch → worker run → executor run (the script's parent) →
     // completion → action → the chained job's dispatch.
-    let id_of = |spans: &[&ReceivedSpan]| -> Vec<String> { spans.iter().map(|s| s.span_id.clone()).collect() };
+    let id_of = |spans: &[&ReceivedSpan]| -> Vec<String> {
+        spans.iter().map(|s| s.span_id.clone()).collect()
+    };
     let enqueue = id_of(&named(&api_spans, "job.enqueue"));
     let dispatches = named(&api_spans, "job.dispatch");
     let runs = named(&worker_spans, "job");
@@ -168,9 +176,14 @@ async fn a_job_and_its_chain_form_one_trace_across_api_worker_and_script() {
         .iter()
         .find(|e| e.parent_span_id == first_run.span_id)
         .expect("the executor's run under the worker's run");
-    assert_eq!(script_parent, first_exec.span_id, "the script's TRACEPARENT names the executor's span");
+    assert_eq!(
+        script_parent, first_exec.span_id,
+        "the script's TRACEPARENT names the executor's span"
+    );
     assert!(
-        completes.iter().any(|c| c.parent_span_id == first_run.span_id),
+        completes
+            .iter()
+            .any(|c| c.parent_span_id == first_run.span_id),
         "the completion is a child of the worker's run: {completes:#?}"
     );
     let second_dispatch = dispatches
@@ -203,11 +216,12 @@ async fn without_an_exporter_the_clients_traceparent_reaches_the_script() {
         script_traceparent(&app, &job).await,
         (CLIENT_TRACE.to_owned(), CLIENT_SPAN.to_owned())
     );
-    let stored: Option<String> = sqlx::query_scalar("SELECT trace_context FROM jobs WHERE id = $1::uuid")
-        .bind(&job)
-        .fetch_one(&app.pool)
-        .await
-        .expect("the job row");
+    let stored: Option<String> =
+        sqlx::query_scalar("SELECT trace_context FROM jobs WHERE id = $1::uuid")
+            .bind(&job)
+            .fetch_one(&app.pool)
+            .await
+            .expect("the job row");
     assert_eq!(stored, Some(format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01")));
 
     // An invalid header is ignored (W3C): the job runs, with no trace.

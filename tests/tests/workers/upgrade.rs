@@ -17,7 +17,12 @@ async fn a_worker_with_an_unsupported_protocol_logs_the_refusal_and_exits_78() {
         &app,
         &app.grpc_address,
         1,
-        &["--allow-local", "--no-container", "--protocol-version", &unsupported],
+        &[
+            "--allow-local",
+            "--no-container",
+            "--protocol-version",
+            &unsupported,
+        ],
         &[("RUST_LOG", "info")],
         Stdio::piped(),
     )
@@ -41,7 +46,11 @@ async fn a_worker_with_an_unsupported_protocol_logs_the_refusal_and_exits_78() {
         .expect("stderr")
         .read_to_string(&mut log)
         .expect("read the log");
-    assert_eq!(status.code(), Some(i32::from(baton_worker::EXIT_REFUSED)), "{log}");
+    assert_eq!(
+        status.code(),
+        Some(i32::from(baton_worker::EXIT_REFUSED)),
+        "{log}"
+    );
     assert!(
         log.contains("the api refused this worker's protocol version"),
         "{log}"

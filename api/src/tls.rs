@@ -164,6 +164,7 @@ impl axum::serve::Listener for TlsListener {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test reports a failure
 mod tests {
     use super::*;
 

@@ -36,6 +36,7 @@ pub fn check_worker_protocol(announced: u32) -> Result<(), String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test reports a failure
 mod tests {
     use super::*;
 

@@ -80,6 +80,7 @@ impl Visit for Fields<'_> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test reports a failure
 mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};

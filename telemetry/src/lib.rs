@@ -189,6 +189,7 @@ pub fn tracer_provider(settings: &OtlpSettings) -> anyhow::Result<SdkTracerProvi
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test reports a failure
 mod tests {
     use super::*;
 

@@ -153,6 +153,7 @@ pub fn link(span: &tracing::Span, parent: Option<&str>) -> Option<String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test reports a failure
 mod tests {
     use super::*;
 

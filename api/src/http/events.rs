@@ -178,7 +178,8 @@ pub struct RunAccepted {
     pub created: bool,
 }
 
-#[utoipa::path(post, path = "/api/v1/events/{id}/run", tag = "events", params(("id" = Uuid, Path)),
+#[utoipa::path(post, path = "/api/v1/events/{id}/run", tag = "events", params(("id" = Uuid, Path),
+        ("traceparent" = Option<String>, Header, description = "W3C trace context: the job's trace becomes a child of it (an invalid value is ignored)")),
     request_body(content = Option<RunRequest>, description = "optional"),
     responses((status = 202, body = RunAccepted), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody, description = "event_changed: the event changed twice while the run was being queued; try again"),

@@ -139,7 +139,8 @@ pub struct RerunAccepted {
     pub job_id: Uuid,
 }
 
-#[utoipa::path(post, path = "/api/v1/jobs/{id}/rerun", tag = "jobs", params(("id" = Uuid, Path)),
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/rerun", tag = "jobs", params(("id" = Uuid, Path),
+        ("traceparent" = Option<String>, Header, description = "W3C trace context: the new job's trace becomes a child of it (an invalid value is ignored)")),
     responses((status = 202, body = RerunAccepted, description = "a new job with the same event snapshot and input was queued"),
               (status = 404, body = ErrorBody),
               (status = 409, body = ErrorBody, description = "job_not_finished: the job is still queued or running")))]

@@ -4,6 +4,7 @@
 //! the completion or none of it does, so a crash can neither lose nor duplicate a chain step.
 
 use std::collections::HashMap;
+use tracing::Instrument as _;
 
 use serde_json::{Value, json};
 use sqlx::PgConnection;
@@ -303,6 +304,10 @@ async fn evaluate(
                 }
                 let run_at =
                     chrono::Utc::now() + chrono::Duration::seconds(i64::from(action.delay_seconds));
+                // The chained job continues this trace, as a child of this action's span.
+                let span = tracing::info_span!("action.run_event", action.id = %action.id,
+                                               target.event.id = %target.id);
+                let trace_context = span.in_scope(baton_telemetry::current_traceparent);
                 let enqueued = queue::enqueue(
                     &mut *conn,
                     &NewJob {
@@ -318,13 +323,16 @@ async fn evaluate(
                             depth,
                         }),
                         created_by: None,
+                        trace_context,
                     },
                 )
+                .instrument(span)
                 .await?;
                 if crate::admission::needed(&target) {
                     crate::admission::admit(conn, vault, chain_depth_limit, enqueued.job_id)
                         .await?;
                 }
+                crate::metrics::job_enqueued();
             }
             ActionSpec::SendMessage {
                 channel,
@@ -356,6 +364,8 @@ async fn evaluate(
                     tracing::warn!(job.id = %job.id, %note);
                     actions::add_note(&mut *conn, job.id, &note).await?;
                 }
+                let span = tracing::info_span!("action.send_message", action.id = %action.id,
+                                               channel = channel.as_str());
                 actions::enqueue_message(
                     &mut *conn,
                     &actions::NewMessage {
@@ -369,6 +379,7 @@ async fn evaluate(
                         delay_seconds: action.delay_seconds,
                     },
                 )
+                .instrument(span)
                 .await?;
             }
         }

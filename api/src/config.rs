@@ -121,6 +121,14 @@ pub struct ApiConfig {
     /// small batches (unset: keep everything).
     #[arg(long, env = "BATON_RETENTION_DAYS", value_parser = clap::value_parser!(u32).range(1..=36500))]
     pub retention_days: Option<u32>,
+    /// PEM certificate chain: with `BATON_TLS_KEY`, the REST API and the worker gRPC service
+    /// serve TLS (clients then use `https://`; workers trust it through the system's roots or
+    /// `BATON_API_CA`).
+    #[arg(long, env = "BATON_TLS_CERT")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of `BATON_TLS_CERT` (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "BATON_TLS_KEY")]
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -165,7 +173,16 @@ impl ApiConfig {
             http_allow_cidrs: baton_egress::AddressPolicy::default(),
             secure_cookies: false,
             retention_days: None,
+            tls_cert: None,
+            tls_key: None,
         }
+    }
+
+    /// The TLS settings, read from `BATON_TLS_CERT` / `BATON_TLS_KEY` (`None`: plain TCP).
+    pub fn tls(&self) -> anyhow::Result<Option<crate::tls::TlsSettings>> {
+        crate::tls::files(self.tls_cert.as_deref(), self.tls_key.as_deref())?
+            .map(|files| crate::tls::load(&files))
+            .transpose()
     }
 
     /// Workers heartbeat three times per lease, so one lost heartbeat never costs a lease.

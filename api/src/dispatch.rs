@@ -44,6 +44,8 @@ pub struct WorkerConn {
     /// The secret values in the assignment of each job dispatched through this connection (what
     /// its script can print), so the session masks its reports without a query.
     secrets: Mutex<HashMap<Uuid, Arc<Vec<String>>>>,
+    /// What the metrics need of each job dispatched through this connection.
+    runs: Mutex<HashMap<Uuid, RunInfo>>,
     draining: AtomicBool,
     pub tx: WorkerTx,
 }
@@ -69,7 +71,14 @@ impl WorkerConn {
     /// Forgets a job (finished or lost); returns whether it was held.
     pub fn release(&self, job_id: Uuid) -> bool {
         self.lock_secrets().remove(&job_id);
+        lock(&self.runs).remove(&job_id);
         self.lock_held().remove(&job_id).is_some()
+    }
+
+    /// The executor and assignment time of a job dispatched through this connection (none
+    /// for a job resumed after a reconnect).
+    pub fn run_of(&self, job_id: Uuid) -> Option<RunInfo> {
+        lock(&self.runs).get(&job_id).cloned()
     }
 
     /// The secret values job `job_id` was dispatched with through this connection (none for a
@@ -101,6 +110,24 @@ impl WorkerConn {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// A dispatched job, as the metrics see it.
+#[derive(Debug, Clone)]
+pub struct RunInfo {
+    pub executor: String,
+    pub assigned: std::time::Instant,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Job slots of the workers connected to one replica.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Slots {
+    pub total: u64,
+    pub busy: u64,
 }
 
 #[derive(Debug)]
@@ -168,6 +195,7 @@ impl Dispatcher {
             slots,
             held: Mutex::new(held),
             secrets: Mutex::new(HashMap::new()),
+            runs: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
             tx,
         });
@@ -197,6 +225,16 @@ impl Dispatcher {
             }
         }
         false
+    }
+
+    /// The slots of the workers connected to this replica: all, and those holding a job.
+    pub fn slots(&self) -> Slots {
+        self.lock_conns()
+            .iter()
+            .fold(Slots::default(), |acc, c| Slots {
+                total: acc.total + u64::from(c.slots),
+                busy: acc.busy + u64::from(c.held_count().min(c.slots)),
+            })
     }
 
     pub fn connected_workers(&self) -> usize {
@@ -344,7 +382,12 @@ impl Dispatcher {
             }
         };
         let secrets = secrets.clone();
+        let span = tracing::info_span!("job.dispatch", job.id = %job.id, event.id = %job.event_id,
+                                       attempt = job.attempt, worker.id = %conn.worker_id,
+                                       trace_id = tracing::field::Empty);
+        let traceparent = baton_telemetry::link(&span, job.trace_context.as_deref());
         let mut assignment = assignment(job, vars);
+        assignment.traceparent = traceparent.unwrap_or_default();
         match self.server_for(job).await {
             Ok(server) => {
                 assignment.server_json = server.map(|s| s.to_string()).unwrap_or_default()
@@ -355,6 +398,19 @@ impl Dispatcher {
             }
         }
         conn.lock_secrets().insert(job.id, secrets);
+        lock(&conn.runs).insert(
+            job.id,
+            RunInfo {
+                executor: job
+                    .spec
+                    .0
+                    .get("executor")
+                    .and_then(Value::as_str)
+                    .unwrap_or("container")
+                    .to_owned(),
+                assigned: std::time::Instant::now(),
+            },
+        );
         conn.hold(job.id, job.lease_token);
         let msg = ServerMessage {
             msg: Some(ServerMsg::Assignment(assignment)),
@@ -475,6 +531,7 @@ impl Dispatcher {
                 .await?;
         }
         tx.commit().await?;
+        crate::metrics::run_ended(None, done, &outcome);
         Ok(())
     }
 }
@@ -508,5 +565,6 @@ fn assignment(job: &ClaimedJob, variables: &Value) -> Assignment {
         lease_expires_at_ms: job.lease_expires_at.timestamp_millis(),
         server_json: String::new(),
         log_seq_base: job.last_log_seq,
+        traceparent: String::new(),
     }
 }

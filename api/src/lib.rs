@@ -52,6 +52,7 @@ pub mod secret_refs;
 pub mod secrets;
 pub mod server;
 pub mod storage;
+pub mod tls;
 pub mod token_cache;
 pub mod webhooks;
 pub mod workflow;

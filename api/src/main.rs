@@ -15,11 +15,8 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .init();
-    baton_api::process::run(Cli::parse().config).await
+    let telemetry = baton_telemetry::init("baton-api", "info,sqlx=warn")?;
+    let result = baton_api::process::run(Cli::parse().config).await;
+    drop(telemetry);
+    result
 }

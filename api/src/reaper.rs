@@ -116,6 +116,7 @@ impl Reaper {
         crate::actions::after_terminal(&mut tx, &self.vault, self.chain_depth_limit, job.id)
             .await?;
         tx.commit().await?;
+        crate::metrics::job_finished(job.status.as_str());
         Ok(Some(job))
     }
 }

@@ -67,8 +67,9 @@ impl Api {
     /// Connects, migrates and makes sure an admin token exists. Returns the api and a token
     /// that was generated now (print it: it is never shown again).
     pub async fn start(config: ApiConfig) -> anyhow::Result<(Self, Option<String>)> {
-        // Refuse a weak key before touching anything.
+        // Refuse a weak key or unusable TLS files before touching anything.
         crate::crypto::Vault::new(config.master_key.as_deref())?;
+        config.tls()?;
         let pool = connect(&config).await?;
         let generated = crate::auth::bootstrap_admin(&pool, config.admin_token.as_deref()).await?;
         if let Some(token) = config.worker_token.as_deref() {
@@ -125,6 +126,13 @@ impl Api {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let state = self.state;
+        let tls = state.config.tls()?;
+        let mut grpc_builder = tonic::transport::Server::builder();
+        if let Some(tls) = &tls {
+            grpc_builder = grpc_builder
+                .tls_config(tls.grpc.clone())
+                .context("BATON_TLS_CERT / BATON_TLS_KEY for the worker service")?;
+        }
         let http_state = AppState {
             pool: self.http_pool,
             ..state.clone()
@@ -184,7 +192,8 @@ impl Api {
                 .run(stop.clone()),
             ),
         ];
-        tracing::info!(http = ?http.local_addr().ok(), grpc = ?grpc.local_addr().ok(), "api listening");
+        tracing::info!(http = ?http.local_addr().ok(), grpc = ?grpc.local_addr().ok(),
+                       tls = tls.is_some(), "api listening");
 
         let trigger = stop.clone();
         tokio::spawn(async move {
@@ -192,7 +201,7 @@ impl Api {
             trigger.cancel();
         });
         let grpc_stop = stop.clone();
-        let grpc_server = tonic::transport::Server::builder()
+        let grpc_server = grpc_builder
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
             .add_service(crate::grpc::WorkerGrpc::server(state.clone()))
@@ -203,12 +212,31 @@ impl Api {
             );
         let http_stop = stop.clone();
         let http_pool = http_state.pool.clone();
-        let http_server = axum::serve(
-            http,
-            crate::http::router(http_state)
-                .into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { http_stop.cancelled().await });
+        let router = crate::http::router(http_state);
+        let http_shutdown = async move { http_stop.cancelled().await };
+        let http_server = async move {
+            use axum::serve::ListenerExt as _;
+            match &tls {
+                // `tap_io` lends the listener the connect-info support axum gives TcpListener.
+                Some(tls) => {
+                    let listener = crate::tls::TlsListener::new(http, tls.rest.clone())?;
+                    axum::serve(
+                        listener.tap_io(|_| {}),
+                        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+                    )
+                    .with_graceful_shutdown(http_shutdown)
+                    .await
+                }
+                None => {
+                    axum::serve(
+                        http,
+                        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+                    )
+                    .with_graceful_shutdown(http_shutdown)
+                    .await
+                }
+            }
+        };
         let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
         stop.cancel();
         announcer_stop.cancel();

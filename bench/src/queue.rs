@@ -416,6 +416,7 @@ async fn module_client(
         idempotency_key: None,
         parent: None,
         created_by: None,
+        trace_context: None,
     };
     let request = ClaimRequest {
         worker_id: Uuid::now_v7(),
@@ -550,7 +551,7 @@ const INSERT_SQL: &str = "INSERT INTO jobs (id, event_id, status, priority, run_
 /// [`queue::claim_batch`].
 const CLAIM_SQL: &str =
     "SELECT id, event_id, attempt, priority, run_at, lease_token, lease_expires_at, spec, input,
-                parent_job_id, root_job_id, last_log_seq
+                parent_job_id, root_job_id, last_log_seq, trace_context
          FROM claim_jobs($1, $2, $3, $4, $5)";
 
 /// A success's completion as one plain autocommitted `UPDATE` (the module sets the same

@@ -357,6 +357,7 @@ async fn enqueue_all(
                         idempotency_key: None,
                         parent: None,
                         created_by: None,
+                        trace_context: None,
                     };
                     while take(&budget) {
                         jobs_queue::enqueue(&mut *conn, &job).await?;

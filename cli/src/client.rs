@@ -17,6 +17,10 @@ pub struct Connection {
     /// API token (`baton dev` prints one).
     #[arg(long, env = "BATON_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
+    /// PEM file of the certificate authority that signed the api's TLS certificate (for an
+    /// `https://` URL whose certificate the system does not trust).
+    #[arg(long, env = "BATON_CA", global = true)]
+    pub ca: Option<std::path::PathBuf>,
 }
 
 pub struct Client {
@@ -31,8 +35,17 @@ impl Client {
             .token
             .clone()
             .context("no API token: set BATON_TOKEN or pass --token (baton dev prints one)")?;
+        let mut http = reqwest::Client::builder();
+        if let Some(path) = &conn.ca {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("BATON_CA: cannot read {}", path.display()))?;
+            let ca = reqwest::Certificate::from_pem(&pem).with_context(|| {
+                format!("BATON_CA: {} is not a PEM certificate", path.display())
+            })?;
+            http = http.add_root_certificate(ca);
+        }
         Ok(Self {
-            http: reqwest::Client::new(),
+            http: http.build().context("cannot set up the HTTP client")?,
             base: conn.url.trim_end_matches('/').to_owned(),
             token,
         })

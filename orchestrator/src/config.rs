@@ -114,6 +114,21 @@ pub struct WorkerConfig {
     #[arg(long, env = "BATON_WORKER_NO_NETWORK",
           value_parser = clap::builder::BoolishValueParser::new())]
     pub no_network: bool,
+
+    /// PEM file of the certificate authority that signed the api's TLS certificate (for
+    /// `https://` api URLs whose certificate is not signed by a system-trusted authority).
+    /// Without it, the system's trusted roots are used.
+    #[arg(long, env = "BATON_API_CA")]
+    pub api_ca: Option<std::path::PathBuf>,
+
+    /// Address of this worker's Prometheus metrics (`GET /metrics`: slots, runs, spare
+    /// containers, ssh connections, circuit breakers), e.g. `0.0.0.0:9101`. Off by default.
+    #[arg(long, env = "BATON_WORKER_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+
+    /// The worker protocol version announced in `Hello` (for upgrade tests only).
+    #[arg(long, hide = true, default_value_t = baton_proto::PROTOCOL_VERSION)]
+    pub protocol_version: u32,
 }
 
 impl WorkerConfig {
@@ -138,6 +153,9 @@ impl WorkerConfig {
             scratch_dir: None,
             http_allow_cidrs: baton_egress::AddressPolicy::default(),
             no_network: false,
+            api_ca: None,
+            metrics_listen: None,
+            protocol_version: baton_proto::PROTOCOL_VERSION,
         }
     }
 }
@@ -161,6 +179,9 @@ impl fmt::Debug for WorkerConfig {
             .field("scratch_dir", &self.scratch_dir)
             .field("http_allow_cidrs", &self.http_allow_cidrs)
             .field("no_network", &self.no_network)
+            .field("api_ca", &self.api_ca)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("protocol_version", &self.protocol_version)
             .finish()
     }
 }

@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument as _;
 
 use baton_proto::v1::{Assignment, ErrorKind as WireKind, Finished, Stream as WireStream};
 use serde::Deserialize;
@@ -78,6 +79,9 @@ pub(crate) struct Plan {
     /// The job's last stored log line (earlier attempts'): this run's lines follow it.
     pub log_seq_base: i64,
     pub attempt: i32,
+    /// The job's trace context as the worker hands it on (its run span's, or the
+    /// assignment's when no traces are exported): the script's `TRACEPARENT` falls back to it.
+    pub traceparent: Option<String>,
 }
 
 /// The part of the event snapshot (`Assignment.spec_json`) the worker uses; other fields are
@@ -266,6 +270,7 @@ pub(crate) fn plan(
             variables,
         },
         log_seq_base: a.log_seq_base.max(0),
+        traceparent: None,
         attempt: a.attempt,
     })))
 }
@@ -422,6 +427,8 @@ pub(crate) fn finished_message(
         condition: collected.condition,
         variables: collected.variables.into_iter().collect(),
         start_failure: outcome.start_failure(),
+        // Set from the job's entry when sent (`Shared::job_finished`).
+        traceparent: String::new(),
     }
 }
 
@@ -485,6 +492,7 @@ pub(crate) async fn run(
         files,
         log_seq_base,
         attempt,
+        traceparent,
     } = plan;
     let dir = shared
         .files
@@ -493,7 +501,9 @@ pub(crate) async fn run(
 
     let prepared = {
         let dir = dir.clone();
-        tokio::task::spawn_blocking(move || rundir::prepare(&dir, &files)).await
+        tokio::task::spawn_blocking(move || rundir::prepare(&dir, &files))
+            .instrument(tracing::info_span!("run.prepare"))
+            .await
     };
     let prepared = match prepared {
         Ok(Ok(skipped)) => Ok(skipped),
@@ -556,7 +566,16 @@ pub(crate) async fn run(
     spec.helpers_dir = Some(shared.files.helpers_dir());
     let stop_at = Instant::now().checked_add(spec.timeout);
     let (events_tx, mut events) = mpsc::channel(EVENTS_CAPACITY);
-    let run = executor.run(spec, events_tx, cancel.clone());
+    // The executor's run is a span of its own; the script's `TRACEPARENT` names it (or the
+    // job's context when no traces are exported) so the script's own spans join the trace.
+    let run_span = tracing::info_span!("executor.run", executor = executor.name(),
+                                       runtime = %spec.runtime);
+    if let Some(tp) = baton_telemetry::traceparent_of(&run_span).or(traceparent) {
+        spec.env.insert("TRACEPARENT".into(), tp);
+    }
+    let run = executor
+        .run(spec, events_tx, cancel.clone())
+        .instrument(run_span);
     tokio::pin!(run);
 
     let mut outcome: Option<RunOutcome> = None;

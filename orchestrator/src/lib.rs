@@ -77,11 +77,32 @@ pub mod config;
 pub mod executor;
 mod job;
 pub mod logbook;
+mod metrics;
 pub mod rundir;
 mod secret_refs;
 mod session;
 mod worker;
 
 pub use config::{Labels, WorkerConfig};
-pub use session::{BACKOFF_BASE, BACKOFF_CAP, backoff_delay};
+pub use session::{BACKOFF_BASE, BACKOFF_CAP, ProtocolRefused, backoff_delay};
 pub use worker::{Worker, executors_for, run};
+
+/// Exit status of a worker process whose api refused its protocol version (`EX_CONFIG`):
+/// restarting cannot help until one side is upgraded (systemd: `RestartPreventExitStatus=78`).
+pub const EXIT_REFUSED: u8 = 78;
+
+/// The exit status for how [`run`] ended, after printing the error (if any) on stderr:
+/// success, [`EXIT_REFUSED`] when the api refused this worker's protocol version, else 1.
+pub fn exit_status(program: &str, result: &anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<ProtocolRefused>().is_some() => {
+            eprintln!("{program}: refused by the api: {e:#}");
+            std::process::ExitCode::from(EXIT_REFUSED)
+        }
+        Err(e) => {
+            eprintln!("{program}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

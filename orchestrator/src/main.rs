@@ -7,7 +7,6 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,20 +22,16 @@ struct Cli {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match baton_worker::run(cli.config, shutdown_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
+    let telemetry = match baton_telemetry::init("baton-worker", "info") {
+        Ok(t) => t,
         Err(e) => {
             eprintln!("baton-worker: {e:#}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
-    }
+    };
+    let result = baton_worker::run(cli.config, shutdown_signal()).await;
+    drop(telemetry);
+    baton_worker::exit_status("baton-worker", &result)
 }
 
 /// Resolves on the first SIGTERM or SIGINT (Ctrl-C).

@@ -87,17 +87,41 @@ impl Rotation {
     }
 }
 
-/// Holds sessions until `stop` fires.
-pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
+/// The api refused this worker's protocol version (`Hello.protocol_version`): retrying the
+/// same api cannot help, only upgrading one side can.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ProtocolRefused(pub String);
+
+/// Holds sessions until `stop` fires. Ends early with [`ProtocolRefused`] when every api URL
+/// in a row refused this worker's protocol version (one URL: the first refusal), so a
+/// supervisor sees the worker exit with the reason instead of retrying forever.
+pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Result<()> {
     let mut rotation = Rotation::new(shared.apis.len());
+    let mut refusals = 0;
     loop {
         let api = &shared.apis[rotation.current()];
         let (established, result) = tokio::select! {
             r = session(&shared, api, &stop) => r,
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => return Ok(()),
         };
         if stop.is_cancelled() {
-            return;
+            return Ok(());
+        }
+        match result
+            .as_ref()
+            .err()
+            .and_then(|e| e.downcast_ref::<ProtocolRefused>())
+        {
+            Some(refused) => {
+                refusals += 1;
+                tracing::error!(api = %api.url, reason = %refused.0,
+                                "the api refused this worker's protocol version");
+                if refusals >= shared.apis.len() {
+                    return Err(anyhow::Error::new(refused.clone()));
+                }
+            }
+            None => refusals = 0,
         }
         let failures = rotation.session_ended(established);
         let delay = backoff_delay(failures);
@@ -126,7 +150,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => return Ok(()),
         }
     }
 }
@@ -219,6 +243,13 @@ async fn session(
 
 fn status_error(status: tonic::Status) -> anyhow::Error {
     let code = status.code();
+    if code == tonic::Code::FailedPrecondition
+        && status
+            .message()
+            .starts_with(baton_proto::version::REFUSAL_PREFIX)
+    {
+        return anyhow::Error::new(ProtocolRefused(status.message().to_owned()));
+    }
     let mut text = format!("{code:?}");
     if !status.message().is_empty() {
         text.push_str(": ");

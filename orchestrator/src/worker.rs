@@ -52,17 +52,19 @@ pub async fn executors_for(
     config: &WorkerConfig,
     worker_id: Uuid,
 ) -> HashMap<&'static str, Arc<dyn Executor>> {
-    offered_executors(config, worker_id).await.0
+    offered_executors(config, worker_id).await.executors
+}
+
+/// What [`offered_executors`] made: the executors by name, and the container and ssh
+/// executors themselves (for the reaper and the worker's metrics).
+struct Offered {
+    executors: HashMap<&'static str, Arc<dyn Executor>>,
+    container: Option<Arc<ContainerExecutor>>,
+    ssh: Option<Arc<SshExecutor>>,
 }
 
 /// [`executors_for`], plus the container executor itself (for its reaper).
-async fn offered_executors(
-    config: &WorkerConfig,
-    worker_id: Uuid,
-) -> (
-    HashMap<&'static str, Arc<dyn Executor>>,
-    Option<Arc<ContainerExecutor>>,
-) {
+async fn offered_executors(config: &WorkerConfig, worker_id: Uuid) -> Offered {
     let mut executors: HashMap<&'static str, Arc<dyn Executor>> = HashMap::new();
     let mut offer = |executor: Arc<dyn Executor>| {
         executors.insert(executor.name(), executor);
@@ -75,7 +77,8 @@ async fn offered_executors(
             ..Default::default()
         })));
     }
-    offer(Arc::new(SshExecutor::new(SshConfig::default())));
+    let ssh = Arc::new(SshExecutor::new(SshConfig::default()));
+    offer(ssh.clone());
     let mut container = None;
     if config.no_container {
         tracing::info!("the container executor is disabled (--no-container)");
@@ -97,7 +100,11 @@ async fn offered_executors(
             ),
         }
     }
-    (executors, container)
+    Offered {
+        executors,
+        container,
+        ssh: Some(ssh),
+    }
 }
 
 /// A message for the api, as queued on a session's outbound queue. Log batches are shared with
@@ -148,6 +155,8 @@ struct JobEntry {
     /// The completion was replaced by an infrastructure failure after repeated refusals.
     completion_replaced: bool,
     span: tracing::Span,
+    /// The run's trace context, sent back in `Finished.traceparent`.
+    traceparent: Option<String>,
 }
 
 impl JobEntry {
@@ -198,7 +207,7 @@ struct SessionLink {
 pub(crate) struct State {
     jobs: HashMap<String, JobEntry>,
     /// Jobs whose process has not ended yet (they hold a slot).
-    running: u32,
+    pub(crate) running: u32,
     /// The current session, once its `Welcome` was handled.
     session: Option<SessionLink>,
     draining: bool,
@@ -206,6 +215,16 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// Jobs held (running, or finished and not yet acknowledged).
+    pub(crate) fn jobs_held(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Whether a session with an api replica is open.
+    pub(crate) fn connected(&self) -> bool {
+        self.session.is_some()
+    }
+
     /// Queues `msg` on the current session; without one it is dropped (what must survive a
     /// disconnection is kept in the job entries and re-sent on resume).
     fn send(&mut self, msg: Outgoing) {
@@ -265,10 +284,12 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     /// Bumped whenever `running` or the set of held jobs changes (for the drain's waits).
     changes: watch::Sender<u64>,
+    /// Runs reported, by result (for the worker's metrics).
+    pub(crate) runs: crate::metrics::RunCounts,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -309,6 +330,7 @@ impl Shared {
             running: st.held(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             hostname: self.hostname.clone(),
+            protocol_version: self.config.protocol_version,
         }
     }
 
@@ -541,7 +563,12 @@ impl Shared {
 
     /// Takes an assignment: starts the run, or finishes it at once when it cannot run here.
     fn accept(self: &Arc<Self>, a: Assignment) {
-        let span = tracing::info_span!("job", job.id = %a.job_id, event.id = %a.event_id, attempt = a.attempt);
+        let span = tracing::info_span!("job", job.id = %a.job_id, event.id = %a.event_id,
+                                       attempt = a.attempt, trace_id = tracing::field::Empty);
+        let traceparent = baton_telemetry::link(
+            &span,
+            Some(a.traceparent.as_str()).filter(|t| !t.is_empty()),
+        );
         let _entered = span.enter();
         let mut st = self.lock();
         if let Some(old_lease) = st.jobs.get(&a.job_id).map(|e| e.lease_token) {
@@ -577,8 +604,10 @@ impl Shared {
             resend_due: false,
             completion_replaced: false,
             span: span.clone(),
+            traceparent: traceparent.clone(),
         };
-        let done = |st: &mut State, mut entry: JobEntry, finished: Finished| {
+        let done = |st: &mut State, mut entry: JobEntry, mut finished: Finished| {
+            finished.traceparent = entry.traceparent.clone().unwrap_or_default();
             entry.finished = Some(finished.clone());
             st.jobs.insert(a.job_id.clone(), entry);
             st.send(Outgoing::Msg(WorkerMsg::Finished(finished)));
@@ -612,6 +641,7 @@ impl Shared {
                 };
                 let (cancel, wake) = (entry.cancel.clone(), entry.wake.clone());
                 plan.spec.kill_now = entry.kill_now.clone();
+                plan.traceparent = traceparent;
                 st.jobs.insert(a.job_id.clone(), entry);
                 st.running += 1;
                 let task = job::run(self.clone(), key, *plan, cancel, wake);
@@ -705,11 +735,13 @@ impl Shared {
     }
 
     /// The run's completion: kept until acknowledged, sent now if connected.
-    pub(crate) fn job_finished(&self, key: &JobKey, finished: Finished) {
+    pub(crate) fn job_finished(&self, key: &JobKey, mut finished: Finished) {
         let mut st = self.lock();
         let Some(entry) = st.entry(key) else {
             return;
         };
+        crate::metrics::run_finished(&self.runs, finished.error_kind);
+        finished.traceparent = entry.traceparent.clone().unwrap_or_default();
         entry.finished = Some(finished.clone());
         st.send(Outgoing::Msg(WorkerMsg::Finished(finished)));
     }
@@ -729,6 +761,8 @@ pub struct Worker {
     shared: Arc<Shared>,
     /// The container executor, when offered by [`Worker::new`]: its reaper runs with the worker.
     container: Option<Arc<ContainerExecutor>>,
+    /// The ssh executor, when offered by [`Worker::new`] (for the metrics).
+    ssh: Option<Arc<SshExecutor>>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -747,9 +781,10 @@ impl Worker {
     /// containers at start and then every 5 minutes.
     pub async fn new(config: WorkerConfig) -> anyhow::Result<Self> {
         let worker_id = config.worker_id.unwrap_or_else(Uuid::now_v7);
-        let (executors, container) = offered_executors(&config, worker_id).await;
-        let mut worker = Self::build(config, worker_id, executors)?;
-        worker.container = container;
+        let offered = offered_executors(&config, worker_id).await;
+        let mut worker = Self::build(config, worker_id, offered.executors)?;
+        worker.container = offered.container;
+        worker.ssh = offered.ssh;
         Ok(worker)
     }
 
@@ -773,12 +808,21 @@ impl Worker {
         if executors.is_empty() {
             bail!("this worker offers no executor, so it could never run a job");
         }
+        let ca = config
+            .api_ca
+            .as_ref()
+            .map(|path| {
+                std::fs::read(path)
+                    .map(tonic::transport::Certificate::from_pem)
+                    .with_context(|| format!("BATON_API_CA: cannot read {}", path.display()))
+            })
+            .transpose()?;
         let apis = parse_api_urls(&config.api_url)
             .map_err(|e| anyhow::anyhow!(e))?
             .into_iter()
             .map(|url| {
                 Ok(ApiEndpoint {
-                    endpoint: endpoint(&url)?,
+                    endpoint: endpoint(&url, ca.as_ref())?,
                     url,
                 })
             })
@@ -817,8 +861,10 @@ impl Worker {
                 tasks: TaskTracker::new(),
                 state: Mutex::new(State::default()),
                 changes,
+                runs: crate::metrics::RunCounts::default(),
             }),
             container: None,
+            ssh: None,
         })
     }
 
@@ -835,6 +881,26 @@ impl Worker {
         let shared = self.shared;
         let stop = CancellationToken::new();
         let container = self.container;
+        let metrics =
+            match shared.config.metrics_listen {
+                Some(address) => {
+                    let listener = tokio::net::TcpListener::bind(address).await.with_context(|| {
+                    format!("cannot listen for metrics on {address} (BATON_WORKER_METRICS_LISTEN)")
+                })?;
+                    tracing::info!(address = ?listener.local_addr().ok(), "serving metrics");
+                    let sources = crate::metrics::Sources {
+                        shared: shared.clone(),
+                        container: container.clone(),
+                        ssh: self.ssh.clone(),
+                    };
+                    Some(tokio::spawn(crate::metrics::serve(
+                        listener,
+                        sources,
+                        stop.child_token(),
+                    )))
+                }
+                None => None,
+            };
         let reaper = container.as_ref().map(|c| {
             // Orphans first (a crashed predecessor's containers, spares included), then the
             // spares of the default images.
@@ -850,9 +916,30 @@ impl Worker {
             executors = ?shared.executor_names(),
             "baton-worker starting"
         );
-        let sessions = tokio::spawn(session::run(shared.clone(), stop.clone()));
+        let mut sessions = tokio::spawn(session::run(shared.clone(), stop.clone()));
 
-        shutdown.await;
+        // The sessions end on their own only when the api refuses this worker for good.
+        let refused = tokio::select! {
+            _ = shutdown => None,
+            ended = &mut sessions => Some(match ended {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => anyhow::anyhow!("the api sessions ended"),
+                Err(e) => anyhow::anyhow!("the session task failed: {e}"),
+            }),
+        };
+        if let Some(error) = refused {
+            stop.cancel();
+            shared.cancel_all();
+            if let Some(reaper) = reaper {
+                let _ = reaper.await;
+            }
+            if let Some(container) = &container {
+                container.shutdown().await;
+            }
+            shared.tasks.close();
+            let _ = tokio::time::timeout(FINAL_ACK_WAIT, shared.tasks.wait()).await;
+            return Err(error);
+        }
         let running = shared.lock().running;
         tracing::info!(
             running,
@@ -887,8 +974,10 @@ impl Worker {
             shared.cancel_all();
         }
         stop.cancel();
-        if let Err(e) = sessions.await {
-            tracing::warn!(error = %e, "session task failed");
+        match sessions.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "the api sessions ended with an error"),
+            Err(e) => tracing::warn!(error = %e, "session task failed"),
         }
         if let Some(reaper) = reaper
             && let Err(e) = reaper.await
@@ -904,6 +993,9 @@ impl Worker {
             .is_err()
         {
             tracing::warn!("some job tasks did not end in time");
+        }
+        if let Some(metrics) = metrics {
+            let _ = metrics.await;
         }
         tracing::info!("baton-worker stopped");
         Ok(())
@@ -922,13 +1014,18 @@ pub(crate) struct ApiEndpoint {
     pub(crate) endpoint: Endpoint,
 }
 
-fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
+/// The endpoint of one api URL; `https://` verifies the api's certificate against `ca`
+/// (`BATON_API_CA`) when given, else against the system's trusted roots.
+fn endpoint(url: &str, ca: Option<&tonic::transport::Certificate>) -> anyhow::Result<Endpoint> {
     let endpoint = Endpoint::from_shared(url.to_owned())
         .with_context(|| format!("invalid api URL `{url}`"))?;
     let endpoint = match endpoint.uri().scheme_str() {
         Some("http") => endpoint,
         Some("https") => endpoint
-            .tls_config(ClientTlsConfig::new().with_native_roots())
+            .tls_config(match ca {
+                Some(ca) => ClientTlsConfig::new().ca_certificate(ca.clone()),
+                None => ClientTlsConfig::new().with_native_roots(),
+            })
             .with_context(|| format!("cannot set up TLS for `{url}`"))?,
         _ => bail!("invalid api URL `{url}`: expected http://HOST:PORT or https://HOST:PORT"),
     };

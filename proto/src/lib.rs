@@ -16,3 +16,6 @@ pub use v1::worker_message::Msg as WorkerMsg;
 
 pub mod logchunk;
 pub mod secret_ref;
+
+pub mod version;
+pub use version::{MIN_WORKER_PROTOCOL, PROTOCOL_VERSION, check_worker_protocol};

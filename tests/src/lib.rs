@@ -7,6 +7,8 @@
 #![forbid(unsafe_code)]
 
 pub mod faults;
+pub mod otlp;
+pub mod pki;
 pub mod protocol;
 pub mod receivers;
 pub mod schedules;
@@ -128,13 +130,19 @@ pub async fn spawn_replica_on(
     config.db_pool_size = 10;
     config.http_db_pool_size = 10;
     adjust(&mut config);
+    // With a certificate both services serve TLS (the caller brings a client trusting it).
+    let scheme = if config.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let (api, _) = baton_api::Api::start(config).await.expect("start the api");
     let pool = api.state.pool.clone();
     let http_pool = api.http_pool.clone();
     let listener = bind_retrying(http_port).await;
-    let address = format!("http://{}", listener.local_addr().expect("local addr"));
+    let address = format!("{scheme}://{}", listener.local_addr().expect("local addr"));
     let grpc = bind_retrying(grpc_port).await;
-    let grpc_address = format!("http://{}", grpc.local_addr().expect("local addr"));
+    let grpc_address = format!("{scheme}://{}", grpc.local_addr().expect("local addr"));
     let (tx, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(api.serve(listener, grpc, async move {
         let _ = rx.await;

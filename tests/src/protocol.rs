@@ -33,6 +33,7 @@ pub fn hello(worker_id: Uuid, slots: u32) -> Hello {
         running: vec![],
         version: "test".into(),
         hostname: "localhost".into(),
+        protocol_version: baton_proto::PROTOCOL_VERSION,
     }
 }
 

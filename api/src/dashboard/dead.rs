@@ -68,6 +68,7 @@ pub async fn rerun(
             State(state.clone()),
             session.caller.clone(),
             Path((*id).to_owned()),
+            axum::http::HeaderMap::new(),
         )
         .await?;
         last = Some(accepted.job_id);

@@ -473,6 +473,7 @@ pub async fn run(
             State(state.clone()),
             session.caller.clone(),
             Path(id.clone()),
+            axum::http::HeaderMap::new(),
             JsonBody(request),
         )
         .await

@@ -66,6 +66,12 @@ pub(super) async fn open(
     else {
         return Err(Status::invalid_argument("the first message must be Hello"));
     };
+    // Before anything else: a worker this api cannot talk to is told which side to upgrade.
+    if let Err(refusal) = baton_proto::check_worker_protocol(hello.protocol_version) {
+        tracing::warn!(worker.name = %hello.name, worker.version = %hello.version,
+                       protocol_version = hello.protocol_version, "{refusal}");
+        return Err(Status::failed_precondition(refusal));
+    }
     let mut hello = ValidHello::parse(hello)?;
     // A token bound by an admin limits what its workers may declare (and so which jobs they
     // get): labels beyond it are refused, executors clipped to it.
@@ -704,6 +710,7 @@ impl Session {
         let job_id = self.held(&f.job_id, f.lease_token).await?;
         let mut outcome = outcome_of(&f);
         let mut variables = f.variables;
+        let traceparent = Some(f.traceparent).filter(|t| !t.is_empty());
         make_storable(&mut outcome, &mut variables);
         if outcome.output.is_none() && outcome.error.is_none() {
             // Nothing a secret could be in: no need to load them.
@@ -712,6 +719,7 @@ impl Session {
                 token: f.lease_token,
                 outcome,
                 variables,
+                traceparent,
             });
         }
         let secrets = self
@@ -730,6 +738,7 @@ impl Session {
             token: f.lease_token,
             outcome,
             variables,
+            traceparent,
         })
     }
 
@@ -805,14 +814,7 @@ impl Session {
     /// A completion is recorded: count it, free the slot, acknowledge it.
     async fn finished(&self, job_id: Uuid, done: queue::Completion, outcome: &Outcome) {
         tracing::debug!(job.id = %job_id, ?done, "job completion recorded");
-        let status = match done {
-            queue::Completion::Finished { status, .. } => status.as_str(),
-            queue::Completion::Retrying { .. } => "retrying",
-        };
-        metrics::counter!(crate::metrics::JOBS_COMPLETED, "status" => status).increment(1);
-        if let Some(err) = &outcome.error {
-            metrics::counter!(crate::metrics::JOB_ERRORS, "kind" => err.kind.as_str()).increment(1);
-        }
+        crate::metrics::run_ended(self.conn.run_of(job_id).as_ref(), done, outcome);
         self.conn.release(job_id);
         self.forget(job_id).await;
         self.send(ServerMsg::FinishedAck(FinishedAck {

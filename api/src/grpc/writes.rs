@@ -14,6 +14,7 @@
 use std::collections::{HashMap, HashSet};
 
 use sqlx::PgConnection;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::AppState;
@@ -45,6 +46,8 @@ pub(super) enum JobWrite {
         token: i64,
         outcome: Outcome,
         variables: HashMap<String, String>,
+        /// The worker's run span (`Finished.traceparent`): the completion's parent.
+        traceparent: Option<String>,
     },
 }
 
@@ -57,6 +60,7 @@ impl JobWrite {
                 token,
                 outcome,
                 variables,
+                ..
             } if outcome.error.is_none() && variables.is_empty() => {
                 Some((*job_id, *token, outcome))
             }
@@ -127,6 +131,18 @@ pub(super) async fn apply(state: &AppState, writes: Vec<JobWrite>) -> Vec<Applie
 /// refused one apart.
 async fn apply_successes(state: &AppState, writes: Vec<JobWrite>) -> Vec<Applied> {
     let runs: Vec<_> = writes.iter().filter_map(JobWrite::plain_success).collect();
+    // A completion span per traced job, over the one statement completing them all.
+    let _spans: Vec<tracing::Span> = writes
+        .iter()
+        .filter_map(|w| match w {
+            JobWrite::Finished {
+                job_id,
+                traceparent: Some(tp),
+                ..
+            } => Some(completion_span(*job_id, Some(tp))),
+            _ => None,
+        })
+        .collect();
     let mut completed: HashSet<Uuid> = match queue::complete_successes(&state.pool, &runs).await {
         Ok(ids) => ids.into_iter().collect(),
         Err(e) => {
@@ -263,30 +279,45 @@ async fn write_one(
             token,
             outcome,
             variables,
+            traceparent,
             ..
         } => {
-            let done = match queue::complete(conn, job_id, *token, outcome).await {
-                Ok(done) => done,
-                Err(e) => return refused(e),
-            };
-            if let Completion::Finished { has_actions, .. } = done
-                && (has_actions || !variables.is_empty())
-            {
-                // Past the completion's write: whatever fails here aborts the transaction.
-                crate::actions::after_finish(
-                    conn,
-                    &state.vault,
-                    state.config.chain_depth_limit,
+            // The completion and the actions it fires (chained jobs continue this trace).
+            let span = completion_span(job_id, traceparent.as_deref());
+            async {
+                let done = match queue::complete(conn, job_id, *token, outcome).await {
+                    Ok(done) => done,
+                    Err(e) => return refused(e),
+                };
+                if let Completion::Finished { has_actions, .. } = done
+                    && (has_actions || !variables.is_empty())
+                {
+                    // Past the completion's write: whatever fails here aborts the transaction.
+                    crate::actions::after_finish(
+                        conn,
+                        &state.vault,
+                        state.config.chain_depth_limit,
+                        job_id,
+                        variables,
+                    )
+                    .await?;
+                }
+                Ok(Applied::Finished {
                     job_id,
-                    variables,
-                )
-                .await?;
+                    done,
+                    outcome: outcome.clone(),
+                })
             }
-            Ok(Applied::Finished {
-                job_id,
-                done,
-                outcome: outcome.clone(),
-            })
+            .instrument(span)
+            .await
         }
     }
+}
+
+/// The span of a job's completion, a child of the worker's run (`traceparent`).
+fn completion_span(job_id: Uuid, traceparent: Option<&str>) -> tracing::Span {
+    let span =
+        tracing::info_span!("job.complete", job.id = %job_id, trace_id = tracing::field::Empty);
+    baton_telemetry::link(&span, traceparent);
+    span
 }

@@ -178,7 +178,8 @@ pub struct RunAccepted {
     pub created: bool,
 }
 
-#[utoipa::path(post, path = "/api/v1/events/{id}/run", tag = "events", params(("id" = Uuid, Path)),
+#[utoipa::path(post, path = "/api/v1/events/{id}/run", tag = "events", params(("id" = Uuid, Path),
+        ("traceparent" = Option<String>, Header, description = "W3C trace context: the job's trace becomes a child of it (an invalid value is ignored)")),
     request_body(content = Option<RunRequest>, description = "optional"),
     responses((status = 202, body = RunAccepted), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody, description = "event_changed: the event changed twice while the run was being queued; try again"),
@@ -187,12 +188,15 @@ pub async fn run_event(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
     JsonBody(request): JsonBody<Option<RunRequest>>,
 ) -> Result<(StatusCode, axum::Json<RunAccepted>), ApiError> {
     caller.require(Role::Operator)?;
     let id = parse_uuid("id", &id)?;
     let mut request = request.unwrap_or_default();
     request.validate()?;
+    let (span, trace_context) = super::trace::enqueue_span(&headers);
+    span.record("event.id", tracing::field::display(id));
     // Usually one statement: the event comes from this replica's cache, and the job and its
     // audit row are inserted together, only if the event is still at the cached revision.
     // Otherwise the event is read again and the insert retried once.
@@ -209,7 +213,12 @@ pub async fn run_event(
         // `skip` and `cancel_previous` decide under the group's lock, in a transaction (the
         // row trigger notifies the dispatchers on commit).
         announce.armed = false;
-        let enqueued = run_admitted(&state, &caller, id, request, input).await?;
+        let enqueued =
+            run_admitted(&state, &caller, id, request, input, trace_context.clone()).await?;
+        span.record("job.id", tracing::field::display(enqueued.job_id));
+        if enqueued.created {
+            crate::metrics::job_enqueued();
+        }
         return Ok((StatusCode::ACCEPTED, axum::Json(enqueued)));
     }
     let mut second_try = false;
@@ -222,6 +231,7 @@ pub async fn run_event(
             idempotency_key: request.idempotency_key.as_deref(),
             parent: None,
             created_by: Some(caller.token_id),
+            trace_context: trace_context.clone(),
         };
         let entry = AuditEntry {
             token_id: Some(caller.token_id),
@@ -248,6 +258,10 @@ pub async fn run_event(
     };
     // A repeat of an idempotent run queued nothing new.
     announce.armed = enqueued.created;
+    span.record("job.id", tracing::field::display(enqueued.job_id));
+    if enqueued.created {
+        crate::metrics::job_enqueued();
+    }
     Ok((
         StatusCode::ACCEPTED,
         axum::Json(RunAccepted {
@@ -266,6 +280,7 @@ async fn run_admitted(
     id: Uuid,
     request: RunRequest,
     input: serde_json::Value,
+    trace_context: Option<String>,
 ) -> Result<RunAccepted, ApiError> {
     let mut tx = state.pool.begin().await?;
     let event = events::get_event(&mut *tx, id).await?;
@@ -277,6 +292,7 @@ async fn run_admitted(
         idempotency_key: request.idempotency_key.as_deref(),
         parent: None,
         created_by: Some(caller.token_id),
+        trace_context,
     };
     let enqueued = queue::enqueue(&mut *tx, &job).await?;
     if enqueued.created {

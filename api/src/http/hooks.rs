@@ -114,6 +114,7 @@ pub async fn deliver(
         idempotency_key: idempotency_key.as_deref(),
         parent: None,
         created_by: None,
+        trace_context: baton_telemetry::current_traceparent(),
     };
     // The row trigger notifies the dispatchers on commit.
     let enqueued = queue::enqueue(&mut *tx, &job).await?;
@@ -141,6 +142,9 @@ pub async fn deliver(
         .await?;
     }
     tx.commit().await?;
+    if enqueued.created {
+        crate::metrics::job_enqueued();
+    }
     Ok((
         StatusCode::ACCEPTED,
         axum::Json(DeliveryAccepted {

@@ -158,6 +158,9 @@ pub async fn cancel_job(
     .await?;
     let job = queue::get_job(&mut *tx, id).await?;
     tx.commit().await?;
+    if immediate {
+        crate::metrics::job_finished("cancelled");
+    }
     Ok((axum::http::StatusCode::ACCEPTED, axum::Json(job)))
 }
 
@@ -168,7 +171,8 @@ pub struct RerunAccepted {
     pub job_id: Uuid,
 }
 
-#[utoipa::path(post, path = "/api/v1/jobs/{id}/rerun", tag = "jobs", params(("id" = Uuid, Path)),
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/rerun", tag = "jobs", params(("id" = Uuid, Path),
+        ("traceparent" = Option<String>, Header, description = "W3C trace context: the new job's trace becomes a child of it (an invalid value is ignored)")),
     responses((status = 202, body = RerunAccepted, description = "a new job with the same event snapshot and input was queued"),
               (status = 404, body = ErrorBody),
               (status = 409, body = ErrorBody, description = "job_not_finished: the job is still queued or running")))]
@@ -176,11 +180,13 @@ pub async fn rerun_job(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
 ) -> Result<(axum::http::StatusCode, axum::Json<RerunAccepted>), ApiError> {
     caller.require(Role::Operator)?;
     let id = parse_uuid("id", &id)?;
+    let (span, trace_context) = super::trace::enqueue_span(&headers);
     let mut tx = state.pool.begin().await?;
-    let job_id = queue::rerun(&mut tx, id, Some(caller.token_id)).await?;
+    let job_id = queue::rerun(&mut tx, id, Some(caller.token_id), trace_context.as_deref()).await?;
     // A rerun enters its concurrency group like any new run (`skip` may end it at once).
     crate::admission::admit(
         &mut tx,
@@ -199,6 +205,8 @@ pub async fn rerun_job(
     )
     .await?;
     tx.commit().await?;
+    span.record("job.id", tracing::field::display(job_id));
+    crate::metrics::job_enqueued();
     Ok((
         axum::http::StatusCode::ACCEPTED,
         axum::Json(RerunAccepted { job_id }),

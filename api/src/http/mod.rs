@@ -14,6 +14,7 @@ pub(crate) mod servers;
 pub(crate) mod stream;
 pub mod stream_slots;
 mod tokens;
+mod trace;
 mod uri_guard;
 pub(crate) mod variables;
 mod webhooks;

@@ -139,10 +139,12 @@ async fn fire_one(
                 idempotency_key: None,
                 parent: None,
                 created_by: row.created_by,
+                trace_context: baton_telemetry::current_traceparent(),
             };
             match queue::enqueue_scheduled(&mut *tx, &job, row.id, *slot).await? {
                 Some(job_id) => {
                     report.jobs += 1;
+                    crate::metrics::job_enqueued();
                     // How late the slot fires after its due time (nominal + jitter): the
                     // firing loop's own lateness, plus any catch-up after downtime or a pause.
                     let lag = (now - spec.due_at(*slot)).to_std().unwrap_or_default();

@@ -9,6 +9,7 @@ pub mod actions;
 pub mod audit;
 pub mod concurrency;
 pub mod events;
+pub mod gauges;
 pub mod logs;
 pub mod queue;
 pub mod retention;

@@ -41,6 +41,8 @@ pub struct NewJob<'a> {
     /// The job whose completion created this one (chains).
     pub parent: Option<ChainLink>,
     pub created_by: Option<Uuid>,
+    /// The W3C `traceparent` the job's trace continues (see migration 0021).
+    pub trace_context: Option<String>,
 }
 
 /// Where a chained job sits in its chain.
@@ -104,9 +106,11 @@ async fn insert_job(
          ), job AS (
              INSERT INTO jobs (id, event_id, status, priority, run_at, max_attempts, idempotency_key,
                                executor, labels, spec, input, parent_job_id, root_job_id, depth, created_by,
-                               concurrency_key, concurrency_max)
+                               concurrency_key, concurrency_max, trace_context)
              SELECT $1, e.id, 'queued', $3, coalesce($4, now()), $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
-                    $20, $21
+                    $20, $21,
+                    -- A chained job without a trace of its own continues its parent's.
+                    coalesce($22, (SELECT p.trace_context FROM jobs p WHERE p.id = $11))
              FROM events e CROSS JOIN quiet
              WHERE e.id = $2 AND ($19::bigint IS NULL OR e.revision = $19)
              ON CONFLICT (event_id, idempotency_key) DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key
@@ -138,6 +142,7 @@ async fn insert_job(
     .bind(audit.map(|_| job.event.revision))
     .bind(group.as_ref().map(|g| g.0.as_str()))
     .bind(group.as_ref().map(|g| g.1))
+    .bind(job.trace_context.as_deref())
     .fetch_optional(db)
     .await
     .map_err(|e| match e {
@@ -184,8 +189,8 @@ pub async fn enqueue_scheduled(
     let row: Option<Uuid> = sqlx::query_scalar(
         "INSERT INTO jobs (id, event_id, status, priority, run_at, max_attempts, executor, labels, spec,
                            input, root_job_id, depth, created_by, schedule_id, scheduled_for,
-                           concurrency_key, concurrency_max)
-         VALUES ($1, $2, 'queued', $3, coalesce($4, now()), $5, $6, $7, $8, $9, $1, 0, $10, $11, $12, $13, $14)
+                           concurrency_key, concurrency_max, trace_context)
+         VALUES ($1, $2, 'queued', $3, coalesce($4, now()), $5, $6, $7, $8, $9, $1, 0, $10, $11, $12, $13, $14, $15)
          ON CONFLICT (schedule_id, scheduled_for) DO NOTHING
          RETURNING id",
     )
@@ -203,6 +208,7 @@ pub async fn enqueue_scheduled(
     .bind(scheduled_for)
     .bind(group.as_ref().map(|g| g.0.as_str()))
     .bind(group.as_ref().map(|g| g.1))
+    .bind(job.trace_context.as_deref())
     .fetch_optional(db)
     .await?;
     Ok(row)
@@ -234,6 +240,8 @@ pub struct ClaimedJob {
     pub root_job_id: Uuid,
     /// The last log line stored for the job (by earlier attempts): this run's lines follow.
     pub last_log_seq: i64,
+    /// The job's W3C `traceparent`, set when it was queued.
+    pub trace_context: Option<String>,
 }
 
 /// Claims up to `limit` due jobs that the worker can run, highest priority first, each under
@@ -246,7 +254,7 @@ pub async fn claim_batch(
     // index's order.
     let mut jobs: Vec<ClaimedJob> = sqlx::query_as(
         "SELECT id, event_id, attempt, priority, run_at, lease_token, lease_expires_at, spec, input,
-                parent_job_id, root_job_id, last_log_seq
+                parent_job_id, root_job_id, last_log_seq, trace_context
          FROM claim_jobs($1, $2, $3, $4, $5)",
     )
     .bind(req.worker_id)
@@ -878,14 +886,15 @@ pub async fn rerun(
     conn: &mut PgConnection,
     job_id: Uuid,
     created_by: Option<Uuid>,
+    trace_context: Option<&str>,
 ) -> Result<Uuid> {
     let id = Uuid::now_v7();
     let created: Option<Uuid> = sqlx::query_scalar(
         "INSERT INTO jobs (id, event_id, status, priority, run_at, max_attempts, executor, labels,
                            spec, input, root_job_id, depth, created_by, rerun_of, concurrency_key,
-                           concurrency_max)
+                           concurrency_max, trace_context)
          SELECT $1, j.event_id, 'queued', j.priority, now(), j.max_attempts, j.executor, j.labels,
-                j.spec, j.input, $1, 0, $2, j.id, j.concurrency_key, j.concurrency_max
+                j.spec, j.input, $1, 0, $2, j.id, j.concurrency_key, j.concurrency_max, $4
          FROM jobs j
          WHERE j.id = $3 AND j.status IN ('succeeded', 'failed', 'timed_out', 'cancelled')
          RETURNING id",
@@ -893,6 +902,7 @@ pub async fn rerun(
     .bind(id)
     .bind(created_by)
     .bind(job_id)
+    .bind(trace_context)
     .fetch_optional(&mut *conn)
     .await?;
     if let Some(id) = created {
@@ -1154,15 +1164,6 @@ pub async fn count_dead(db: impl PgExecutor<'_>, cap: i64) -> Result<i64> {
             .fetch_one(db)
             .await?,
     )
-}
-
-/// How many jobs are queued, claimed and running (for the metrics).
-pub async fn depth_by_status(db: impl PgExecutor<'_>) -> Result<Vec<(String, i64)>> {
-    Ok(sqlx::query_as(
-        "SELECT status, count(*) FROM jobs WHERE status IN ('queued', 'claimed', 'running') GROUP BY status",
-    )
-    .fetch_all(db)
-    .await?)
 }
 
 /// Whether a job has reached a terminal status (used by log readers to know when to stop).

@@ -11,11 +11,8 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    baton_api::process::run(Cli::parse().config).await
+    let telemetry = baton_telemetry::init("baton-api", "warn")?;
+    let result = baton_api::process::run(Cli::parse().config).await;
+    drop(telemetry);
+    result
 }

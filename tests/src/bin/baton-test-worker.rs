@@ -10,15 +10,16 @@ struct Cli {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+async fn main() -> std::process::ExitCode {
+    let telemetry = match baton_telemetry::init("baton-worker", "warn") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("baton-test-worker: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let cli = Cli::parse();
-    baton_worker::run(cli.config, async {
+    let result = baton_worker::run(cli.config, async {
         use tokio::signal::unix::{SignalKind, signal};
         match signal(SignalKind::terminate()) {
             Ok(mut term) => {
@@ -32,5 +33,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     })
-    .await
+    .await;
+    drop(telemetry);
+    baton_worker::exit_status("baton-test-worker", &result)
 }

@@ -18,6 +18,7 @@ mod retention;
 mod schedules;
 mod servers;
 mod terminal;
+mod upgrades;
 mod variables;
 mod webhooks;
 mod worker_reports;

@@ -170,6 +170,7 @@ async fn racing_claimers_never_exceed_a_groups_max() {
                 idempotency_key: None,
                 parent: None,
                 created_by: None,
+                trace_context: None,
             },
         )
         .await

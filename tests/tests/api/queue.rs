@@ -35,6 +35,7 @@ fn new_job(event: &Event) -> NewJob<'_> {
         idempotency_key: None,
         parent: None,
         created_by: None,
+        trace_context: None,
     }
 }
 

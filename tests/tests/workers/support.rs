@@ -30,13 +30,28 @@ impl WorkerProcess {
     /// A worker process connecting to `api_url` (one gRPC URL, or several comma-separated),
     /// with a worker token made through `app`, and `extra` flags.
     pub async fn start_on(app: &TestApp, api_url: &str, slots: u32, extra: &[&str]) -> Self {
+        Self::start_with_env(app, api_url, slots, extra, &[], Stdio::inherit()).await
+    }
+
+    /// [`WorkerProcess::start_on`] with `env` set for the process and its stderr (the log)
+    /// going to `stderr`.
+    pub async fn start_with_env(
+        app: &TestApp,
+        api_url: &str,
+        slots: u32,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> Self {
         let token = app.token(Role::Worker).await;
         let child = Command::new(env!("CARGO_BIN_EXE_baton-test-worker"))
             .args(["--api-url", api_url, "--slots", &slots.to_string()])
             .args(extra)
             .env("BATON_WORKER_TOKEN", token)
             .env("BATON_WORKER_DRAIN_TIMEOUT", "20s")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("start the worker process");
         Self { child }
@@ -185,4 +200,43 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port()
+}
+
+/// The lines a child process writes to a pipe, read by a thread as they come.
+pub struct LogLines(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl LogLines {
+    /// Reads `pipe` (a child's stderr or stdout) until it closes.
+    pub fn read(pipe: impl std::io::Read + Send + 'static) -> Self {
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        });
+        Self(lines)
+    }
+
+    /// Every line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits (up to 120 s) for a line matching `wanted`; returns it.
+    pub async fn wait_for(&self, what: &str, wanted: impl Fn(&str) -> bool) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(line) = self.lines().into_iter().find(|l| wanted(l)) {
+                return line;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no line with {what} in: {:#?}",
+                self.lines()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }

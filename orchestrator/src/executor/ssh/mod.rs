@@ -228,6 +228,11 @@ impl SshExecutor {
         self.pool.stats(server_id)
     }
 
+    /// [`SshExecutor::server_stats`] of every server this executor has run on.
+    pub fn all_server_stats(&self) -> Vec<ServerStats> {
+        self.pool.all_stats()
+    }
+
     /// Closes every idle pooled connection now (running ones are not affected).
     pub fn close_idle(&self) {
         self.pool.close_idle();

@@ -376,6 +376,18 @@ impl Pool {
         })
     }
 
+    /// Counters of every server this pool has seen.
+    pub(crate) fn all_stats(&self) -> Vec<ServerStats> {
+        let ids: Vec<Uuid> = self
+            .servers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .copied()
+            .collect();
+        ids.into_iter().filter_map(|id| self.stats(id)).collect()
+    }
+
     /// Closes every idle connection.
     pub(crate) fn close_idle(&self) {
         let servers: Vec<Arc<ServerState>> = self

@@ -168,14 +168,13 @@ pub async fn rerun(
     form: Form,
 ) -> Result<Response, DashError> {
     session.check_csrf(&form)?;
-    let (_, axum::Json(accepted)) =
-        jobs::rerun_job(
-            State(state),
-            session.caller.clone(),
-            Path(id),
-            axum::http::HeaderMap::new(),
-        )
-        .await?;
+    let (_, axum::Json(accepted)) = jobs::rerun_job(
+        State(state),
+        session.caller.clone(),
+        Path(id),
+        axum::http::HeaderMap::new(),
+    )
+    .await?;
     Ok(Redirect::to(&format!("/runs/{}", accepted.job_id)).into_response())
 }
 

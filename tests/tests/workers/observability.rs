@@ -193,18 +193,41 @@ async fn metrics_count_runs_and_the_example_dashboard_queries_only_real_metrics(
         .expect("scrape_configs");
     let names: Vec<&str> = jobs.iter().filter_map(|j| j["job_name"].as_str()).collect();
     assert_eq!(names, ["baton-api", "baton-worker"]);
+    // Its targets are the compose file's services and ports.
+    let compose: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(observability_dir().join("../../docker-compose.yml"))
+            .expect("read docker-compose.yml"),
+    )
+    .expect("docker-compose.yml is YAML");
+    let services = &compose["services"];
     for job in jobs {
         assert_eq!(job["metrics_path"].as_str(), Some("/metrics"));
-        let targets = job["static_configs"][0]["targets"]
-            .as_sequence()
-            .expect("targets");
-        assert!(!targets.is_empty());
-        assert!(
-            targets
-                .iter()
-                .all(|t| t.as_str().is_some_and(|t| t.contains(':')))
-        );
     }
+    let api_targets = jobs[0]["static_configs"][0]["targets"]
+        .as_sequence()
+        .expect("api targets");
+    assert!(!api_targets.is_empty());
+    for target in api_targets {
+        let (host, port) = target
+            .as_str()
+            .and_then(|t| t.split_once(':'))
+            .expect("host:port");
+        assert!(
+            services[host].is_mapping(),
+            "{host} is not a compose service"
+        );
+        assert_eq!(port, "8080", "the api's HTTP port in the compose file");
+    }
+    let workers = &jobs[1]["dns_sd_configs"][0];
+    let worker_service = workers["names"][0].as_str().expect("worker DNS name");
+    let listen = services[worker_service]["environment"]["BATON_WORKER_METRICS_LISTEN"]
+        .as_str()
+        .expect("the compose workers serve their metrics");
+    assert_eq!(
+        Some(listen.rsplit(':').next().expect("port")),
+        workers["port"].as_u64().map(|p| p.to_string()).as_deref(),
+        "Prometheus scrapes the workers' metrics port"
+    );
 
     // Grafana provisioning: the data source the dashboard selects, and the dashboards folder.
     let datasources: serde_yaml::Value = serde_yaml::from_str(

@@ -26,6 +26,7 @@ mod schedules;
 pub mod session;
 mod settings;
 mod workers;
+mod workflows;
 
 use axum::Router;
 use axum::routing::{get, post};
@@ -58,6 +59,8 @@ pub fn router() -> Router<AppState> {
         )
         .route("/schedules", get(schedules::page_view))
         .route("/workers", get(workers::page_view))
+        .route("/workflows", get(workflows::list_view))
+        .route("/workflow-runs/{id}", get(workflows::run_view))
         .route("/dead", get(dead::page_view))
         .route("/dead/rerun", post(dead::rerun))
         .route("/variables", get(settings::variables))

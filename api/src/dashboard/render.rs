@@ -42,6 +42,11 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("dead.html", include_str!("templates/dead.html")),
     ("variables.html", include_str!("templates/variables.html")),
     ("servers.html", include_str!("templates/servers.html")),
+    ("workflows.html", include_str!("templates/workflows.html")),
+    (
+        "workflow_run.html",
+        include_str!("templates/workflow_run.html"),
+    ),
 ];
 
 fn env() -> &'static Environment<'static> {

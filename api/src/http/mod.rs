@@ -19,7 +19,7 @@ mod uri_guard;
 pub(crate) mod variables;
 mod webhooks;
 pub(crate) mod workers;
-mod workflows;
+pub(crate) mod workflows;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;

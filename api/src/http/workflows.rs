@@ -92,6 +92,16 @@ pub struct ListWorkflowsQuery {
     cursor: Option<String>,
 }
 
+impl ListWorkflowsQuery {
+    /// The first page of `limit` (the dashboard's list).
+    pub fn first(limit: Option<&str>) -> Self {
+        Self {
+            limit: limit.map(str::to_owned),
+            cursor: None,
+        }
+    }
+}
+
 #[utoipa::path(get, path = "/api/v1/workflows", tag = "workflows", params(ListWorkflowsQuery),
     responses((status = 200, body = Page<Workflow>), (status = 422, body = ErrorBody)))]
 pub async fn list_workflows(
@@ -204,6 +214,18 @@ pub struct ListRunsQuery {
     limit: Option<String>,
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
+}
+
+impl ListRunsQuery {
+    /// The newest `limit` runs of every workflow (the dashboard's list).
+    pub fn first(limit: Option<&str>) -> Self {
+        Self {
+            workflow_id: None,
+            status: None,
+            limit: limit.map(str::to_owned),
+            cursor: None,
+        }
+    }
 }
 
 #[utoipa::path(get, path = "/api/v1/workflow-runs", tag = "workflows", params(ListRunsQuery),

@@ -400,3 +400,50 @@ async fn everything_a_run_writes_is_escaped() {
         "{page}"
     );
 }
+
+#[tokio::test]
+async fn a_workflow_run_page_draws_its_steps_as_a_graph() {
+    let app = spawn_app().await;
+    let _worker = InProcessWorker::start(&app, 4).await;
+    let event = app
+        .create_event(&json!({"name": "wf-step", "runtime": "noop", "executor": "local"}))
+        .await;
+    let e = event["id"].as_str().expect("id");
+    let workflow = baton_tests::workflows::create_workflow(
+        &app,
+        &json!({"name": "dash-diamond", "steps": [
+            {"id": "a", "event_id": e},
+            {"id": "b", "event_id": e, "needs": ["a"]},
+            {"id": "c", "event_id": e, "needs": ["a"]},
+            {"id": "d", "event_id": e, "needs": ["b", "c"]}]}),
+    )
+    .await;
+    let run_id = baton_tests::workflows::run_workflow(&app, &workflow, &json!({})).await;
+    let run = baton_tests::workflows::wait_run_ended(&app, &run_id).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+
+    let viewer = Browser::sign_in(&app, &app.token(Role::Viewer).await).await;
+    let (status, page) = viewer.get(&format!("/workflow-runs/{run_id}")).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("id=\"workflow-graph\""), "{page}");
+    assert_eq!(page.matches("<g class=\"node").count(), 4, "{page}");
+    // Each step links to its job's page; the edges are the four `needs`.
+    let d_job = baton_tests::workflows::step(&run, "d")["job_ids"][0]
+        .as_str()
+        .expect("d's job")
+        .to_owned();
+    assert!(page.contains(&format!("href=\"/runs/{d_job}\"")), "{page}");
+    let (_, job_page) = viewer.get(&format!("/runs/{d_job}")).await;
+    assert!(
+        job_page.contains(&format!("href=\"/workflow-runs/{run_id}\"")),
+        "the step's run page links back to its workflow run"
+    );
+    let (status, list) = viewer.get("/workflows").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        list.contains("dash-diamond") && list.contains(&run_id),
+        "{list}"
+    );
+    let (status, _) = viewer.get("/workflow-runs/not-a-uuid").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+}

@@ -59,6 +59,15 @@ async fn text_of(client: &Client, css: &str) -> String {
     element(client, css).await.text().await.unwrap_or_default()
 }
 
+/// Waits until the page's `h1` reads `expected` (a click's navigation may still be under way:
+/// the old page, or a stale element, reads otherwise).
+async fn heading_becomes(client: &Client, expected: &str) {
+    eventually(&format!("the heading reads {expected:?}"), || async {
+        text_of(client, "h1").await == expected
+    })
+    .await;
+}
+
 /// Creates an event through the API and returns its id.
 async fn api_event(app: &TestApp, name: &str, content: &str) -> String {
     let event = app
@@ -95,7 +104,7 @@ async fn the_dashboard_drives_runs_live_in_a_real_browser() {
     assert!(refusal.contains("unknown or revoked token"), "{refusal}");
 
     sign_in(&client, &app, &app.admin_token).await;
-    assert_eq!(text_of(&client, "h1").await, "Runs");
+    heading_becomes(&client, "Runs").await;
     // The session cookie is HttpOnly: the page's scripts cannot read it.
     assert_eq!(js(&client, "return document.cookie").await, json!(""));
 
@@ -125,8 +134,7 @@ async fn the_dashboard_drives_runs_live_in_a_real_browser() {
         .click()
         .await
         .expect("create");
-    let heading = text_of(&client, "h1").await;
-    assert_eq!(heading, "Event long-red");
+    heading_becomes(&client, "Event long-red").await;
     let event_url = client.current_url().await.expect("url");
     let event_id = event_url.path().trim_start_matches("/events/").to_owned();
     let (_, stored) = app.get(&format!("/api/v1/events/{event_id}")).await;
@@ -332,7 +340,7 @@ async fn the_dashboard_drives_runs_live_in_a_real_browser() {
         .goto(&format!("{}/events/new", app.address))
         .await
         .expect("form");
-    assert_eq!(text_of(&client, "h1").await, "403 · Forbidden");
+    heading_becomes(&client, "403 · Forbidden").await;
     let (status, _) = app
         .post(
             &format!("/api/v1/jobs/{second}/cancel?force=true"),

@@ -494,7 +494,12 @@ async fn failures_and_bad_outputs() {
     receive(&mut conn, job, &mut got, true, |g| g.finished.is_some()).await;
     let f = got.finished.clone().unwrap();
     assert_eq!(f.error_kind, ErrorKind::Script as i32);
-    assert_eq!(f.error_message, "exit code 3");
+    // It exits at once: within the event's startup window (5 s by default), a start failure.
+    assert_eq!(
+        f.error_message,
+        "failed to start: the run ended with exit code 3 within its startup window of 5 s"
+    );
+    assert!(f.start_failure);
     assert_eq!(f.exit_code, Some(3));
     assert!(f.retryable);
     assert!(f.output_json.is_empty());
